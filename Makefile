@@ -1,0 +1,46 @@
+# Two commands do all the set-up: `make run` (the main job) and `make test` (the test suite).
+# The virtual environment lives in .venv and is created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= data/synthetic-imagenet
+RUNS ?= runs
+# GPUs on this machine (0 without a working NVIDIA driver)
+NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+
+ifeq ($(NGPU),0)
+  # No GPU: DDP over gloo with two processes, DALI's CPU operators, small images
+  NPROC ?= 2
+  RUN_FLAGS ?= --loader dali-cpu --image-size 64 --batch-size 16 --dali-threads 1
+  RUN_ENV := OMP_NUM_THREADS=1
+else
+  # Every local GPU, the DALI GPU pipeline (nvJPEG + hardware decoder), NCCL
+  NPROC ?= $(NGPU)
+  RUN_FLAGS ?= --loader dali --image-size 224 --batch-size 128
+  RUN_ENV :=
+endif
+
+.PHONY: run test data venv clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DATA)/train: | $(VENV)/.installed
+	$(PY) -m tools.make_dataset --out $(DATA) --classes 10 --train-per-class 100 --val-per-class 20 --seed 0
+
+data: $(DATA)/train
+
+run: $(VENV)/.installed $(DATA)/train
+	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m rn50.train \
+	    --data $(DATA) --out $(RUNS)/make-run-$$(date +%Y%m%d-%H%M%S) --preset smoke $(RUN_FLAGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) $(DATA) *.egg-info

@@ -1,0 +1,51 @@
+"""Every input pipeline behind one interface (DESIGN.md, Loader).
+
+`build_loader(kind, split, data_dir, ...)` returns an iterable of (images, labels): images float16
+[N, 3, H, W] in channels_last on `device` (float32 where asked, as CPU training does), labels int64 [N].
+It has len() = steps per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `set_epoch(e)`,
+`state_dict()` and `load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.errors import UserError
+
+KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
+
+
+def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
+                 world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
+                 **options):
+    """options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch (DALI);
+    workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    common = dict(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
+                  seed=seed, device=device, dtype=dtype)
+    if kind in ("dali", "dali-cpu"):
+        from pipelines.dali import DaliLoader
+
+        options = _dali_options(split, options)
+        return DaliLoader(split, data_dir, **common, local_rank=local_rank, gpu=kind == "dali", **options)
+    if kind == "torchvision":
+        from pipelines.baseline import TorchvisionLoader
+
+        return TorchvisionLoader(split, data_dir, **common, **options)
+    if kind == "synthetic":
+        from pipelines.synthetic import SyntheticLoader
+
+        return SyntheticLoader(split, data_dir, **common, **options)
+    raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _dali_options(split: str, options: dict) -> dict:
+    """Keep the options the DALI pipeline for this split takes (the baseline's `workers` is not one)."""
+    kept = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
+            "hw_decoder_load": options.get("hw_decoder_load", 0.65)}
+    if split == "train":
+        kept.update({k: options[k] for k in ("fused_decode", "color_jitter") if k in options})
+    elif "resize_ratio" in options:
+        kept["resize_ratio"] = options["resize_ratio"]
+    return kept

@@ -1,0 +1,119 @@
+"""The torchvision/PIL baseline: the same augmentation semantics as the DALI pipelines, the classic way.
+
+Decoding and augmentation in DataLoader worker processes (PIL), DistributedSampler for sharding, pinned
+memory; the batch is cast to the training dtype and channels_last on the device, like DALI's output.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from pipelines.errors import UserError
+from pipelines.folder import list_split
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def training_transform(image_size: int, color_jitter: float) -> v2.Compose:
+    steps = [
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+    ]
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def validation_transform(image_size: int, resize_ratio: float) -> v2.Compose:
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(int(image_size / resize_ratio), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class JpegFolder(Dataset):
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        with Image.open(self.files[index]) as image:
+            return self.transform(image.convert("RGB")), self.labels[index]
+
+
+class _Shard(torch.utils.data.Sampler):
+    """Validation sharding without padding: rank r takes every world-th image, so summed over ranks
+    each image is counted once (DistributedSampler pads with repeated images)."""
+
+    def __init__(self, size, rank, world_size):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+class TorchvisionLoader:
+    """Training: DistributedSampler(drop_last) + DataLoader(drop_last): floor(floor(N/world)/batch) steps
+    on every rank. set_epoch reseeds the global shuffle."""
+
+    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, seed, device, dtype,
+                 workers=8, color_jitter=0.4, resize_ratio=0.875, **_unused):
+        self.training = split == "train"
+        image_list = list_split(str(data_dir), split)
+        self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
+        self.device, self.dtype = torch.device(device), dtype
+        self.epoch = 0
+        if self.training:
+            if self.num_samples // world_size < batch_size:
+                raise UserError(
+                    f"batch size {batch_size} is larger than this rank's share of {split} "
+                    f"({self.num_samples} images over {world_size} ranks); lower --batch-size"
+                )
+            transform = training_transform(image_size, color_jitter)
+            self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=seed, drop_last=True)
+        else:
+            transform = validation_transform(image_size, resize_ratio)
+            self.sampler = _Shard(self.num_samples, rank, world_size)
+        self._loader = DataLoader(
+            JpegFolder(image_list.files, image_list.labels, transform),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.training,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        for images, labels in self._loader:
+            images = images.to(self.device, non_blocking=True).to(self.dtype)
+            yield images.contiguous(memory_format=torch.channels_last), labels.to(self.device, non_blocking=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.training:
+            self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])

@@ -1,0 +1,218 @@
+"""DALI input pipelines: one definition per split, a `device` switch between GPU and CPU operators.
+
+GPU ("dali"):      readers.file -> nvJPEG decode fused with RandomResizedCrop (mixed, HW decoder) -> resize
+                   -> colour jitter -> flip + normalise -> fp16 NHWC on the GPU, never through the host.
+CPU ("dali-cpu"):  the same operators on the CPU (tests, CI, machines without CUDA).
+
+The NHWC batch reaches torch as `permute(0, 3, 1, 2)`: an NCHW tensor in channels_last, no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.errors import UserError
+from pipelines.folder import list_split
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
+    fn = None
+
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+RRC_AREA = [0.08, 1.0]
+RRC_RATIO = [3 / 4, 4 / 3]
+# nvJPEG scratch buffers sized for ImageNet, as in NVIDIA's reference pipeline: no re-allocation mid-run
+_DEVICE_PADDING = 211_025_920
+_HOST_PADDING = 140_544_512
+_READER = "Reader"
+
+
+def _require_dali() -> None:
+    if fn is None:
+        raise UserError(
+            "NVIDIA DALI is not installed; install it with `pip install nvidia-dali-cuda120` "
+            "(nvidia-dali-cuda130 on CUDA 13 drivers), or choose --loader torchvision"
+        )
+
+
+def _decoder_args(gpu: bool, hw_decoder_load: float) -> dict:
+    if not gpu:
+        return {"device": "cpu"}
+    return {
+        "device": "mixed",
+        "hw_decoder_load": hw_decoder_load,
+        "device_memory_padding": _DEVICE_PADDING,
+        "host_memory_padding": _HOST_PADDING,
+    }
+
+
+def _normalize(images, dtype, mirror=None):
+    """ImageNet mean/std, HWC kept (channels_last for torch), optional horizontal flip."""
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+        output_layout="HWC",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        mirror=mirror if mirror is not None else 0,
+    )
+
+
+def _reader(files, labels, shard_id, num_shards, training):
+    # Training: `shuffle_after_epoch` is a real global reshuffle every epoch, identical on every shard
+    # (so the shards partition the data). `random_shuffle` would only shuffle within a buffer.
+    # Validation: in order, padded so the iterator can drop the padding and count every image once.
+    return fn.readers.file(
+        files=list(files),
+        labels=list(labels),
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=training,
+        pad_last_batch=not training,
+        name=_READER,
+    )
+
+
+def _labels(labels, gpu):
+    return labels.gpu() if gpu else labels
+
+
+def training_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, dtype,
+                      hw_decoder_load=0.65, fused_decode=True, color_jitter=0.4):
+    jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
+    decoder = _decoder_args(gpu, hw_decoder_load)
+    if fused_decode:
+        # Decodes only the crop's region: less work than decoding the whole JPEG, then cropping.
+        images = fn.decoders.image_random_crop(
+            jpegs, **decoder, output_type=types.RGB,
+            random_area=RRC_AREA, random_aspect_ratio=RRC_RATIO, num_attempts=100,
+        )
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+    else:
+        # Fallback for nvImageCodec versions whose fused mixed crop misbehaves (see FACTS.md).
+        images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
+        images = fn.random_resized_crop(images, size=[image_size, image_size],
+                                        random_area=RRC_AREA, random_aspect_ratio=RRC_RATIO)
+    if color_jitter > 0:
+        strength = [1.0 - color_jitter, 1.0 + color_jitter]
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=strength),
+            contrast=fn.random.uniform(range=strength),
+            saturation=fn.random.uniform(range=strength),
+        )
+    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=0.5))
+    return images, _labels(labels, gpu)
+
+
+def _round_half_even(x):
+    """Python's round() on a DALI node holding values k/2 (k integer), as torchvision's centre crop uses."""
+    half = dmath.floor(x)
+    is_half = (x - half) * 2  # 1 where x = k + 0.5, else 0
+    half_is_odd = half - 2 * dmath.floor(half / 2)
+    return half + is_half * half_is_odd
+
+
+def validation_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, dtype,
+                        resize_ratio=0.875, hw_decoder_load=0.65):
+    """Resize the shorter side to image_size / resize_ratio (256 for 224), centre crop image_size.
+
+    Sizes and the crop anchor are computed as torchvision's Resize + CenterCrop compute them (longer side
+    truncated, anchor rounded half to even): DALI's own rounding differs by up to one pixel, which moves
+    accuracies and breaks comparison with torchvision-trained weights (FACTS.md).
+    """
+    jpegs, labels = _reader(files, labels, shard_id, num_shards, training=False)
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    target = float(int(image_size / resize_ratio))
+    new_h = dmath.floor(target * height / short)
+    new_w = dmath.floor(target * width / short)
+    images = fn.decoders.image(jpegs, **_decoder_args(gpu, hw_decoder_load), output_type=types.RGB)
+    images = fn.resize(images, resize_x=new_w, resize_y=new_h)
+    anchor = fn.stack(_round_half_even((new_h - image_size) / 2), _round_half_even((new_w - image_size) / 2))
+    images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), [image_size, image_size],
+                      axes=[0, 1], out_of_bounds_policy="pad")
+    return _normalize(images, dtype), _labels(labels, gpu)
+
+
+class DaliLoader:
+    """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator.
+
+    Training uses LastBatchPolicy.DROP with the reader's name: every rank gets floor(N / world) samples
+    and the same number of full batches. Validation uses PARTIAL over a padded reader: the padding is
+    dropped, so summed over ranks every validation image is counted exactly once.
+    """
+
+    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, local_rank, seed,
+                 device, dtype, gpu, threads=4, prefetch=2, **pipeline_options):
+        _require_dali()
+        if gpu and not torch.cuda.is_available():
+            raise UserError("the dali loader decodes on the GPU but CUDA is not available here; "
+                            "use --loader dali-cpu (DALI's CPU operators) on this machine")
+        self.split = split
+        self.training = split == "train"
+        self._list = list_split(str(data_dir), split)
+        self.num_samples = len(self._list)
+        self.num_classes = len(self._list.classes)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.epoch = 0
+        shard_size = self.num_samples // world_size
+        if self.training and shard_size < batch_size:
+            raise UserError(
+                f"batch size {batch_size} is larger than this rank's share of {split} "
+                f"({self.num_samples} images over {world_size} ranks = {shard_size}); lower --batch-size"
+            )
+        define = training_pipeline if self.training else validation_pipeline
+        self._build_args = dict(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=local_rank if gpu else None,
+            # a different augmentation stream per rank; the reader's epoch shuffle is shared by all ranks
+            seed=seed * 1000 + rank,
+            prefetch_queue_depth=prefetch,
+            enable_checkpointing=True,
+        )
+        self._define = lambda: define(
+            self._list.files, self._list.labels, shard_id=rank, num_shards=world_size,
+            image_size=image_size, gpu=gpu, dtype=dtype, **pipeline_options,
+        )
+        self._build(checkpoint=None)
+
+    def _build(self, checkpoint):
+        pipe = pipeline_def(self._define, **self._build_args, checkpoint=checkpoint)()
+        self._iterator = DALIGenericIterator(
+            [pipe],
+            ["images", "labels"],
+            reader_name=_READER,
+            last_batch_policy=LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self):
+        for outputs in self._iterator:
+            images = outputs[0]["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels_last, no copy
+            labels = outputs[0]["labels"].view(-1).long()
+            if images.device != self.device:  # the CPU pipeline feeding a GPU
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+            yield images, labels
+
+    def set_epoch(self, epoch: int) -> None:
+        # DALI advances its own epoch (and reshuffle) at every iterator reset; keep the count for resume.
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "dali": self._iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self._build(checkpoint=state["dali"])

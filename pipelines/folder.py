@@ -1,0 +1,82 @@
+"""The dataset on disk: `DIR/train/<class>/*.JPEG` and `DIR/val/<class>/*.JPEG` (ImageNet layout).
+
+Class indices come from the sorted class folder names of the training split, for every split, so a
+validation folder lists its labels in the training order; a validation class that training lacks is an
+error, never a silently shifted label. Every loader (DALI and torchvision) reads the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pipelines.errors import UserError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg")
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    root: Path  # the split folder
+    classes: tuple[str, ...]  # training class names; index = label
+    files: tuple[str, ...]  # absolute paths
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir())
+
+
+def _images_in(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _split_dir(data_dir: Path, split: str) -> Path:
+    if not data_dir.is_dir():
+        raise UserError(
+            f"data folder {data_dir} does not exist; pass --data DIR with DIR/train/<class>/*.JPEG "
+            "(make one with `python -m tools.make_dataset --out DIR`)"
+        )
+    split_dir = data_dir / split
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is missing; the data folder needs train/ and val/, each with one folder per class")
+    return split_dir
+
+
+@lru_cache(maxsize=8)
+def class_names(data_dir: str) -> tuple[str, ...]:
+    """Sorted class folder names of the training split."""
+    names = tuple(p.name for p in _class_dirs(_split_dir(Path(data_dir), "train")))
+    if not names:
+        raise UserError(f"{Path(data_dir) / 'train'} has no class folders; put each class's JPEGs in train/<class>/")
+    return names
+
+
+@lru_cache(maxsize=8)
+def list_split(data_dir: str, split: str) -> ImageList:
+    """All JPEG files of one split with their labels; validates the layout once per process."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    classes = class_names(data_dir)
+    split_dir = _split_dir(Path(data_dir), split)
+    index = {name: i for i, name in enumerate(classes)}
+    files, labels = [], []
+    for class_dir in _class_dirs(split_dir):
+        if class_dir.name not in index:
+            raise UserError(
+                f"{class_dir} is a class that {Path(data_dir) / 'train'} does not have; "
+                "validation classes must be a subset of the training classes (rename or remove it)"
+            )
+        images = _images_in(class_dir)
+        if not images and split == "train":
+            raise UserError(f"class folder {class_dir} holds no .JPEG files; add images or remove the folder")
+        files += [str(p) for p in images]
+        labels += [index[class_dir.name]] * len(images)
+    if not files:
+        raise UserError(f"{split_dir} holds no .JPEG files; put images in {split_dir}/<class>/")
+    return ImageList(split_dir, classes, tuple(files), tuple(labels))

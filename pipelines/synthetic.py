@@ -1,0 +1,51 @@
+"""Synthetic data: one device-resident batch served every step. The GPU ceiling, and a fast test double.
+
+No decoding, no host-to-device copies: whatever end-to-end training loses against this loader is what
+the input pipeline costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.folder import list_split
+
+
+class SyntheticLoader:
+    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, seed, device, dtype,
+                 num_classes=1000, num_samples=None, **_unused):
+        # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.
+        if data_dir is not None:
+            image_list = list_split(str(data_dir), split)
+            num_samples, num_classes = len(image_list), len(image_list.classes)
+        self.num_samples = num_samples if num_samples is not None else batch_size * world_size
+        self.num_classes = num_classes
+        self.training = split == "train"
+        # Training: floor(N / world) full batches on every rank. Validation: this rank's exact share
+        # (rank r takes images r, r + world, ...), the last batch partial, as the real loaders count.
+        if self.training:
+            self._sizes = [batch_size] * (self.num_samples // world_size // batch_size)
+        else:
+            share = len(range(rank, self.num_samples, world_size))
+            self._sizes = [min(batch_size, share - start) for start in range(0, share, batch_size)]
+        generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+        self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __iter__(self):
+        for size in self._sizes:
+            yield self.images[:size], self.labels[:size]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]

@@ -1,0 +1,34 @@
+"""Validation: exact top-1/top-5 over the whole validation set, counts summed over ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rn50.dist import all_reduce_sum
+from rn50.metrics import topk_correct
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None) -> dict:
+    """`model` must be the unwrapped model (not DDP): ranks may hold different numbers of batches.
+
+    Every rank sums loss, correct counts and images; one all-reduce adds them up, so val/count is
+    the validation set's size and the percentages are exact, never averages of per-rank averages.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        top1, top5 = topk_correct(logits, labels)
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(len(labels))])
+    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    model.train(was_training)
+    if count == 0:
+        raise RuntimeError("validation saw no images")
+    return {"val/loss": loss / count, "val/top1": 100.0 * top1 / count, "val/top5": 100.0 * top5 / count,
+            "val/count": int(count)}

@@ -1,0 +1,171 @@
+"""The one recipe: a typed dataclass whose defaults are the 90-epoch ResNet-50 recipe.
+
+Layers, lowest first: the defaults here, a preset file (TOML, `rn50/presets/<name>.toml`), then single CLI
+flags. Every field is a flag (`batch_size` is `--batch-size`); an unknown key or flag is an error that
+suggests the closest name. The resolved recipe is saved as `recipe.json` in every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from rn50.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+LOADERS = ("dali", "dali-cpu", "torchvision", "synthetic")
+
+
+@dataclass
+class Recipe:
+    # Model
+    arch: str = "resnet50"  # any torchvision resnet: resnet18/34/50/101/152
+    zero_init_residual: bool = True  # gamma=0 in the last BN of every residual block (+0.2% top-1)
+    sync_bn: bool = False  # SyncBatchNorm: only worth it below ~32 images per GPU
+    # Batch and schedule. batch_size is per GPU (per process); the LR scales with the global batch.
+    epochs: int = 90
+    batch_size: int = 256
+    base_lr: float = 0.1  # peak LR = base_lr * global_batch / base_batch (linear scaling rule)
+    base_batch: int = 256
+    warmup_epochs: float = 5.0  # linear from 0 to the peak, updated every step
+    lr_milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs where the LR is multiplied by lr_decay
+    lr_decay: float = 0.1
+    # Optimizer: SGD with Nesterov momentum; no weight decay on BN parameters and biases
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    # Precision and memory layout
+    amp: bool = True  # autocast + GradScaler on CUDA; CPU runs stay fp32
+    amp_dtype: str = "float16"  # float16 or bfloat16
+    channels_last: bool = True
+    # Input pipeline
+    loader: str = "dali"  # dali (GPU) | dali-cpu | torchvision | synthetic
+    image_size: int = 224
+    val_resize_ratio: float = 0.875  # validation: resize shorter side to image_size / ratio, centre crop
+    color_jitter: float = 0.4  # brightness, contrast and saturation strength; 0 switches it off
+    dali_threads: int = 4
+    hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder
+    fused_decode: bool = True  # decode fused with RandomResizedCrop (decodes only the crop's region)
+    prefetch: int = 2  # DALI prefetch queue depth
+    workers: int = 8  # torchvision loader processes per GPU
+    # Bookkeeping
+    seed: int = 0
+    log_every: int = 50  # steps between host syncs for logging
+
+    def peak_lr(self, world_size: int) -> float:
+        return self.base_lr * self.batch_size * world_size / self.base_batch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path, **extra) -> None:
+        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+
+    def validate(self) -> "Recipe":
+        if self.loader not in LOADERS:
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise UserError(f"amp_dtype must be float16 or bfloat16, not {self.amp_dtype!r}")
+        for name in ("epochs", "batch_size", "image_size", "base_batch", "dali_threads", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
+        return self
+
+
+_TYPES = typing.get_type_hints(Recipe)
+
+
+def _closest(name: str, candidates) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(name: str, value):
+    """Bring a TOML or JSON value to the field's type (tuples arrive as lists)."""
+    kind = _TYPES[name]
+    if typing.get_origin(kind) is tuple:
+        return tuple(float(v) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"recipe field {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(values: dict, base: Recipe | None = None) -> Recipe:
+    """Layer a mapping (a preset or a saved recipe.json) on `base`; unknown keys are errors."""
+    known = {f.name for f in fields(Recipe)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"unknown recipe key {key!r}{_closest(key, known)}")
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    return dataclasses.replace(base or Recipe(), **coerced)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str, base: Recipe | None = None) -> Recipe:
+    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        presets = available_presets()
+        raise UserError(
+            f"no preset {name!r}{_closest(name, presets)}; presets are {', '.join(presets)} "
+            "or a path to a .toml file"
+        )
+    with path.open("rb") as handle:
+        return from_mapping(tomllib.load(handle), base)
+
+
+def _flag_type(kind):
+    if typing.get_origin(kind) is tuple:
+        return lambda text: tuple(float(v) for v in text.split(",") if v.strip())
+    return kind
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, defaulting to None so that only flags the user gave override a preset."""
+    group = parser.add_argument_group("recipe (defaults: the 90-epoch recipe)")
+    group.add_argument("--preset", default=None, help=f"recipe preset: {', '.join(available_presets())}")
+    defaults = Recipe()
+    for f in fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _TYPES[f.name]
+        shown = getattr(defaults, f.name)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default {shown})")
+        else:
+            metavar = "A,B,..." if typing.get_origin(kind) is tuple else kind.__name__.upper()
+            group.add_argument(flag, type=_flag_type(kind), default=None, metavar=metavar,
+                               help=f"(default {shown})")
+
+
+def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
+    recipe = base or Recipe()
+    if args.preset:
+        recipe = load_preset(args.preset, recipe)
+    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None}
+    return dataclasses.replace(recipe, **given).validate()
+
+
+def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, but an unknown flag is a UserError naming the closest known flag."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [o for a in parser._actions for o in a.option_strings]
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise UserError(f"unknown argument {bad!r}{_closest(bad.split('=')[0], flags)}")
+    return args

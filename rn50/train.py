@@ -1,0 +1,246 @@
+"""Train ResNet-50 with the 90-epoch recipe: `torchrun --nproc-per-node N -m rn50.train --data DIR --out RUN`.
+
+Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
+modules. Writes recipe.json, metrics.jsonl, summary.json and checkpoint_<epoch>.pt into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines import build_loader
+from rn50.checkpoint import load_checkpoint, save_checkpoint
+from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shutdown
+from rn50.errors import UserError
+from rn50.evaluate import evaluate
+from rn50.metrics import MetricsLog
+from rn50.provenance import environment
+from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
+from rn50.schedule import lr_at, set_lr
+from rn50.step import TrainingParts, build_training, train_step
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rn50.train", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
+    parser.add_argument("--out", required=True, type=Path, help="run folder for metrics, summary, checkpoints")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    add_recipe_flags(parser)
+    return parse_strict(parser, argv)
+
+
+def loader_options(recipe: Recipe) -> dict:
+    return dict(
+        dali_threads=recipe.dali_threads, hw_decoder_load=recipe.hw_decoder_load,
+        fused_decode=recipe.fused_decode, color_jitter=recipe.color_jitter, prefetch=recipe.prefetch,
+        workers=recipe.workers, resize_ratio=recipe.val_resize_ratio,
+    )
+
+
+def build_loaders(recipe: Recipe, data: Path, env: DistEnv):
+    common = dict(batch_size=recipe.batch_size, image_size=recipe.image_size, rank=env.rank,
+                  world_size=env.world_size, local_rank=env.local_rank, seed=recipe.seed, device=env.device,
+                  **loader_options(recipe))
+    return (build_loader(recipe.loader, "train", data, **common),
+            build_loader(recipe.loader, "val", data, **common))
+
+
+def prepare_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
+    except OSError as exc:
+        raise UserError(f"cannot write to the run folder {out} ({exc.strerror}); pass a writable --out") from None
+
+
+class Trainer:
+    """One run: the loop over epochs, with logging, validation and a checkpoint after each epoch."""
+
+    def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path):
+        self.recipe, self.parts, self.env, self.out = recipe, parts, env, out
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.steps_per_epoch = len(train_loader)
+        self.log = MetricsLog(out / "metrics.jsonl", env.is_main)
+        self.start_epoch = 0
+        self.started = time.perf_counter()
+        self.history: list[dict] = []
+
+    def say(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _sync(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+
+    def train_epoch(self, epoch: int) -> dict:
+        recipe, parts = self.recipe, self.parts
+        self.train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.env.device)
+        host_wait = 0.0
+        self._sync()
+        begin = waited_from = time.perf_counter()
+        for i, (images, labels) in enumerate(self.train_loader):
+            host_wait += time.perf_counter() - waited_from
+            step = epoch * self.steps_per_epoch + i
+            lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size)
+            set_lr(parts.optimizer, lr)
+            loss = train_step(parts, images, labels)
+            loss_sum += loss
+            if (i + 1) % recipe.log_every == 0:  # the only per-step host sync, at log intervals
+                record = {"epoch": epoch, "step": step + 1, "time_s": self.elapsed(), "lr": lr,
+                          "train/loss": loss.item()}
+                self.log.write(record)
+                self.say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch} lr {lr:.4g} "
+                         f"loss {record['train/loss']:.4f}")
+            waited_from = time.perf_counter()
+        self._sync()
+        seconds = time.perf_counter() - begin
+        images_seen = self.steps_per_epoch * recipe.batch_size * self.env.world_size
+        mean_loss = all_reduce_sum(loss_sum.double()).item() / (self.steps_per_epoch * self.env.world_size)
+        if not math.isfinite(mean_loss):
+            self.say(f"warning: the mean training loss of epoch {epoch + 1} is {mean_loss}")
+        return {
+            "lr": lr,
+            "train/loss": mean_loss,
+            "train/img_per_s": images_seen / seconds,
+            "train/img_per_s_per_gpu": images_seen / seconds / self.env.world_size,
+            "train/epoch_s": seconds,
+            # host-side time waiting in next(): input stall on CPU runs; on an asynchronous GPU it is
+            # not stall (the benchmark harness measures that on the GPU timeline)
+            "train/host_wait_frac": host_wait / seconds,
+        }
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def run(self) -> dict:
+        recipe = self.recipe
+        self.say(f"training {recipe.arch} on {self.train_loader.num_samples} images "
+                 f"({self.steps_per_epoch} steps/epoch x {self.env.world_size} ranks x {recipe.batch_size}), "
+                 f"validating on {self.val_loader.num_samples}; loader {recipe.loader}, device {self.env.device}, "
+                 f"peak LR {recipe.peak_lr(self.env.world_size):.4g}")
+        for epoch in range(self.start_epoch, recipe.epochs):
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
+            record.update(self.train_epoch(epoch))
+            record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype))
+            record["time_s"] = self.elapsed()
+            self.log.write(record)
+            self.history.append(record)
+            self.say(f"epoch {epoch + 1}/{recipe.epochs}: train loss {record['train/loss']:.4f}, "
+                     f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
+                     f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
+                     f"on {record['val/count']} images")
+            self.save(epoch + 1)
+        return self.summary()
+
+    def save(self, epochs_done: int) -> None:
+        # every rank's loader state is its own (its shard, its augmentation stream): rank 0 stores them all
+        loader_states = all_gather_objects(self.train_loader.state_dict())
+        if not self.env.is_main:
+            return
+        parts = self.parts
+        save_checkpoint(self.out / f"checkpoint_{epochs_done:04d}.pt", {
+            "epoch": epochs_done,
+            "model": parts.raw_model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "loader": loader_states,
+            "recipe": self.recipe.to_dict(),
+            "world_size": self.env.world_size,
+        })
+
+    def restore(self, checkpoint: dict) -> None:
+        if checkpoint["world_size"] != self.env.world_size:
+            raise UserError(
+                f"the checkpoint was written by {checkpoint['world_size']} processes but this run has "
+                f"{self.env.world_size}; resume with --nproc-per-node/--nnodes giving "
+                f"{checkpoint['world_size']} processes in all"
+            )
+        self.parts.raw_model.load_state_dict(checkpoint["model"])
+        self.parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.parts.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = checkpoint["epoch"]
+        self.say(f"resumed after epoch {self.start_epoch}")
+
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        # the first epoch carries start-up costs (allocator, cuDNN autotuning, pipeline warm-up)
+        steady = self.history[1:] or self.history
+        return {
+            "epochs": self.recipe.epochs,
+            "epochs_run": len(self.history),
+            "final": {k: v for k, v in last.items() if k.startswith("val/")},
+            "best/val_top1": max((h["val/top1"] for h in self.history), default=None),
+            "train/img_per_s": sum(h["train/img_per_s"] for h in steady) / len(steady) if steady else None,
+            "wall_s": self.elapsed(),
+            "world_size": self.env.world_size,
+            "global_batch": self.recipe.batch_size * self.env.world_size,
+            "peak_lr": self.recipe.peak_lr(self.env.world_size),
+            "dataset": {"train_images": self.train_loader.num_samples,
+                        "val_images": self.val_loader.num_samples},
+            "recipe": self.recipe.to_dict(),
+            "environment": environment(),
+        }
+
+
+def run(args: argparse.Namespace) -> dict:
+    env = init_distributed()
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    # a resumed run continues the saved recipe; flags given now still override single fields
+    base = from_mapping(checkpoint["recipe"]) if checkpoint else None
+    recipe = recipe_from_args(args, base)
+    prepare_out_dir(args.out)
+    train_loader, val_loader = build_loaders(recipe, args.data, env)
+    parts = build_training(recipe, train_loader.num_classes, env)
+    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out)
+    if checkpoint:
+        trainer.restore(checkpoint)
+        train_loader.load_state_dict(checkpoint["loader"][env.rank])
+    if env.is_main:
+        recipe.save(args.out / "recipe.json", world_size=env.world_size,
+                    global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size))
+    summary = trainer.run()
+    summary["data"] = str(args.data.resolve())
+    if env.is_main:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_report(summary, args.out)
+    return summary
+
+
+def print_report(summary: dict, out: Path) -> None:
+    final = summary["final"]
+    lines = [
+        "",
+        f"run folder        {out}",
+        f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g})",
+        f"throughput        {summary['train/img_per_s']:.1f} img/s in all, "
+        f"{summary['train/img_per_s'] / summary['world_size']:.1f} per process",
+        f"validation        top-1 {final.get('val/top1', float('nan')):.2f}%  top-5 {final.get('val/top5', float('nan')):.2f}%"
+        f"  on {final.get('val/count')} of {summary['dataset']['val_images']} images",
+        f"wall time         {summary['wall_s']:.1f} s",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
