@@ -8,8 +8,6 @@ It has len() = steps per epoch for this rank (equal on every rank), `num_samples
 
 from __future__ import annotations
 
-import torch
-
 from pipelines.errors import UserError
 
 KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
@@ -20,6 +18,8 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                  **options):
     """options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch (DALI);
     workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
+    import torch  # here, not at import time: tools that only need UserError stay light
+
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     common = dict(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,

@@ -140,13 +140,21 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu,
     return _normalize(images, dtype), _labels(labels, gpu)
 
 
-class DaliLoader:
-    """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator.
+def make_iterator(pipe, training: bool) -> "DALIGenericIterator":
+    """Training: DROP with the reader's name, so every rank gets floor(N / world) samples and the same
+    number of full batches. Validation: PARTIAL over the padded reader, so the padding is dropped and,
+    summed over ranks, every validation image is counted exactly once."""
+    return DALIGenericIterator(
+        [pipe],
+        ["images", "labels"],
+        reader_name=_READER,
+        last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL,
+        auto_reset=True,
+    )
 
-    Training uses LastBatchPolicy.DROP with the reader's name: every rank gets floor(N / world) samples
-    and the same number of full batches. Validation uses PARTIAL over a padded reader: the padding is
-    dropped, so summed over ranks every validation image is counted exactly once.
-    """
+
+class DaliLoader:
+    """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator."""
 
     def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, local_rank, seed,
                  device, dtype, gpu, threads=4, prefetch=2, **pipeline_options):
@@ -186,13 +194,7 @@ class DaliLoader:
 
     def _build(self, checkpoint):
         pipe = pipeline_def(self._define, **self._build_args, checkpoint=checkpoint)()
-        self._iterator = DALIGenericIterator(
-            [pipe],
-            ["images", "labels"],
-            reader_name=_READER,
-            last_batch_policy=LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL,
-            auto_reset=True,
-        )
+        self._iterator = make_iterator(pipe, self.training)
 
     def __len__(self) -> int:
         return len(self._iterator)

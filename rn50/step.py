@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,14 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     return TrainingParts(model, build_optimizer(model, recipe), scaler, criterion, amp_dtype)
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """A hash of every parameter's bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rn50.metrics import MetricsLog
 from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import lr_at, set_lr
-from rn50.step import TrainingParts, build_training, train_step
+from rn50.step import TrainingParts, build_training, parameter_digest, train_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +54,10 @@ def build_loaders(recipe: Recipe, data: Path, env: DistEnv):
             build_loader(recipe.loader, "val", data, **common))
 
 
-def prepare_out_dir(out: Path) -> None:
+def prepare_out_dir(out: Path, resuming: bool) -> None:
+    if not resuming and (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
+                        "checkpoints to continue it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
@@ -141,7 +144,16 @@ class Trainer:
                      f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
                      f"on {record['val/count']} images")
             self.save(epoch + 1)
-        return self.summary()
+        summary = self.summary()
+        summary["ddp/replicas_identical"] = self.replicas_identical()
+        return summary
+
+    def replicas_identical(self) -> bool:
+        """DDP keeps every rank's weights equal; check it bit for bit once per run (a digest per rank)."""
+        digests = all_gather_objects(parameter_digest(self.parts.raw_model))
+        if len(set(digests)) != 1:
+            self.say("warning: the ranks' weights differ at the end of the run (DDP replicas out of sync)")
+        return len(set(digests)) == 1
 
     def save(self, epochs_done: int) -> None:
         # every rank's loader state is its own (its shard, its augmentation stream): rank 0 stores them all
@@ -199,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     # a resumed run continues the saved recipe; flags given now still override single fields
     base = from_mapping(checkpoint["recipe"]) if checkpoint else None
     recipe = recipe_from_args(args, base)
-    prepare_out_dir(args.out)
+    prepare_out_dir(args.out, resuming=checkpoint is not None)
     train_loader, val_loader = build_loaders(recipe, args.data, env)
     parts = build_training(recipe, train_loader.num_classes, env)
     trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out)

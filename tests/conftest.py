@@ -1,0 +1,45 @@
+"""Shared fixtures: one small generated dataset per session, real DALI CPU operators, no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.make_dataset import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 classes; 48 training images; 44 validation images: not divisible by 2 ranks x batch 8
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 12, 11
+N_TRAIN_IMAGES, N_VAL_IMAGES = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "imagenet-like"
+    make_dataset(out, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, seed=7, min_side=48, max_side=64)
+    return out
+
+
+def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run a command of ours (`-m module ...` or torchrun) from the project root, one thread per process
+    so that two processes share two cores without oversubscription."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]

@@ -1,0 +1,82 @@
+"""The recipe's numbers: LR at chosen steps, linear scaling, parameter groups, zero-init, size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from rn50.model import build_model, count_parameters
+from rn50.optim import build_optimizer, parameter_groups
+from rn50.recipe import Recipe
+from rn50.schedule import lr_at
+
+SPE = 100  # steps per epoch
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.0),                # warmup starts from 0
+    (1, 0.1 * 1 / 500),      # one step of a 500-step ramp
+    (250, 0.05),             # half-way through the 5-epoch warmup
+    (499, 0.1 * 499 / 500),  # last warmup step
+    (500, 0.1),              # warmup ends at the peak
+    (2999, 0.1),             # last step before the epoch-30 boundary
+    (3000, 0.01),            # x0.1 at epoch 30
+    (5999, 0.01),
+    (6000, 0.001),           # epoch 60
+    (8000, 0.0001),          # epoch 80
+    (8999, 0.0001),          # last step of epoch 90
+])
+def test_lr_at_chosen_steps(step, expected):
+    assert lr_at(Recipe(), step, SPE, world_size=1) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_peak_lr_scales_linearly_with_global_batch():
+    assert Recipe(batch_size=256).peak_lr(world_size=4) == pytest.approx(0.4)  # B = 1024
+    assert Recipe(batch_size=128).peak_lr(world_size=8) == pytest.approx(0.4)
+    assert Recipe(batch_size=256).peak_lr(world_size=8) == pytest.approx(0.8)
+    assert lr_at(Recipe(batch_size=256), 5 * SPE, SPE, world_size=4) == pytest.approx(0.4)
+
+
+def test_resnet50_has_torchvisions_parameter_count():
+    assert count_parameters(build_model("resnet50", 1000)) == 25_557_032
+
+
+@pytest.mark.parametrize("arch, block, last_bn", [("resnet50", Bottleneck, "bn3"), ("resnet18", BasicBlock, "bn2")])
+def test_zero_init_of_last_bn_in_every_block(arch, block, last_bn):
+    model = build_model(arch, 10)
+    blocks = [m for m in model.modules() if isinstance(m, block)]
+    assert blocks
+    for b in blocks:
+        assert torch.count_nonzero(getattr(b, last_bn).weight) == 0
+        assert torch.count_nonzero(b.bn1.weight) > 0  # only the last BN of the block
+    plain = build_model(arch, 10, zero_init_residual=False)
+    assert all(torch.count_nonzero(getattr(b, last_bn).weight) > 0 for b in plain.modules() if isinstance(b, block))
+
+
+def test_parameter_groups_no_decay_on_bn_and_bias():
+    model = build_model("resnet50", 1000)
+    decay, no_decay = parameter_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    decay_ids = {id(p) for p in decay["params"]}
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert not decay_ids & no_decay_ids
+    assert decay_ids | no_decay_ids == {id(p) for p in model.parameters()}
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert id(module.weight) in no_decay_ids and id(module.bias) in no_decay_ids
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            assert id(module.weight) in decay_ids
+            if module.bias is not None:
+                assert id(module.bias) in no_decay_ids
+    # ResNet-50: 53 conv weights + fc weight decay; 53 BNs x 2 + fc bias do not
+    assert len(decay["params"]) == 54 and len(no_decay["params"]) == 107
+
+
+def test_optimizer_is_sgd_nesterov_with_the_groups():
+    model = build_model("resnet18", 10)
+    optimizer = build_optimizer(model, Recipe())
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
