@@ -32,6 +32,8 @@ class TrainingParts:
 
 def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingParts:
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed (DROP): pick the fastest kernels once
     model = build_model(recipe.arch, num_classes, recipe.zero_init_residual)
     if recipe.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

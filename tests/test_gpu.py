@@ -1,0 +1,84 @@
+"""The GPU path: mixed (nvJPEG) decode, fp16 channels_last on the device, NCCL DDP, AMP.
+
+Skipped without CUDA; run on a GPU machine with `pytest -m gpu`. The same behaviour is covered on the
+CPU path by test_pipelines.py and test_train_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipelines import build_loader
+from rn50.dist import DistEnv
+from rn50.recipe import Recipe
+from rn50.step import build_training, train_step
+
+from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, run_cli, torchrun
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_loader(split, data_dir, **kw):
+    return build_loader("dali", split, data_dir, **{"batch_size": 8, "image_size": 64, "device": "cuda:0", **kw})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 0.65])
+def test_dali_gpu_training_batches_are_fp16_channels_last_on_the_gpu(data_dir, fused, hw_decoder_load):
+    loader = gpu_loader("train", data_dir, fused_decode=fused, hw_decoder_load=hw_decoder_load)
+    assert len(loader) == N_TRAIN_IMAGES // 8
+    for images, labels in loader:
+        assert images.is_cuda and labels.is_cuda
+        assert images.dtype == torch.float16 and labels.dtype == torch.int64
+        assert images.shape == (8, 3, 64, 64)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(images).all() and -2.2 <= images.min() and images.max() <= 2.7
+        assert 0 <= labels.min() and labels.max() < CLASSES
+
+
+def test_nchw_view_of_dali_output_is_zero_copy(data_dir):
+    loader = gpu_loader("train", data_dir)
+    outputs = next(iter(loader._iterator))
+    nhwc = outputs[0]["images"]
+    nchw = nhwc.permute(0, 3, 1, 2)
+    assert nchw.data_ptr() == nhwc.data_ptr() and nchw.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dali_gpu_validation_matches_the_cpu_pipeline(data_dir):
+    gpu = torch.cat([x.float().cpu() for x, _ in gpu_loader("val", data_dir)])
+    cpu = torch.cat([x.float() for x, _ in build_loader("dali-cpu", "val", data_dir, batch_size=8, image_size=64)])
+    assert gpu.shape == cpu.shape == (N_VAL_IMAGES, 3, 64, 64)
+    # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): close, not identical
+    assert (gpu - cpu).abs().mean() < 0.05
+
+
+def test_amp_fp16_channels_last_step_on_the_gpu(data_dir):
+    env = DistEnv(0, 1, 0, torch.device("cuda", 0))
+    parts = build_training(Recipe(arch="resnet50", batch_size=8), CLASSES, env)
+    assert parts.amp_dtype == torch.float16 and parts.scaler.is_enabled()
+    conv = parts.raw_model.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    losses = []
+    for images, labels in gpu_loader("train", data_dir):
+        for group in parts.optimizer.param_groups:
+            group["lr"] = 0.01
+        losses.append(train_step(parts, images, labels))
+    losses = torch.stack(losses).float()
+    assert torch.isfinite(losses).all()
+
+
+@pytest.mark.slow
+def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path):
+    nproc = torch.cuda.device_count()
+    out = tmp_path / "run"
+    done = run_cli(torchrun(nproc, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out),
+                            "--loader", "dali", "--epochs", "2", "--batch-size", "8", "--image-size", "64",
+                            "--arch", "resnet18"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["val/count"] == N_VAL_IMAGES
+    assert summary["ddp/replicas_identical"] is True
+    assert summary["environment"]["gpu"]
