@@ -40,7 +40,8 @@ def _split_dir(data_dir: Path, split: str) -> Path:
     if not data_dir.is_dir():
         raise UserError(
             f"data folder {data_dir} does not exist; pass --data DIR with DIR/train/<class>/*.JPEG "
-            "(make one with `python -m tools.make_dataset --out DIR`)"
+            "(make a small one with `python -m tools.make_dataset --out DIR --classes 10 "
+            "--train-per-class 100 --val-per-class 20 --seed 0`)"
         )
     split_dir = data_dir / split
     if not split_dir.is_dir():

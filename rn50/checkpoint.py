@@ -16,6 +16,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are shared artefacts
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()

@@ -21,6 +21,8 @@ def _dali_version() -> str | None:
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("RN50_GIT_COMMIT"):  # set where the source has no .git (containers)
+        return os.environ["RN50_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)

@@ -75,7 +75,8 @@ class Trainer:
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main)
         self.start_epoch = 0
         self.started = time.perf_counter()
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one record per epoch, carried through checkpoints
+        self.elapsed_before = 0.0  # run time before a resume
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -100,8 +101,9 @@ class Trainer:
             loss = train_step(parts, images, labels)
             loss_sum += loss
             if (i + 1) % recipe.log_every == 0:  # the only per-step host sync, at log intervals
-                record = {"epoch": epoch, "step": step + 1, "time_s": self.elapsed(), "lr": lr,
-                          "train/loss": loss.item()}
+                # epoch counts epochs completed (fractional mid-epoch); train/loss is rank 0's step loss
+                record = {"epoch": epoch + (i + 1) / self.steps_per_epoch, "step": step + 1,
+                          "time_s": self.elapsed(), "lr": lr, "train/loss": loss.item()}
                 self.log.write(record)
                 self.say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch} lr {lr:.4g} "
                          f"loss {record['train/loss']:.4f}")
@@ -124,7 +126,7 @@ class Trainer:
         }
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def run(self) -> dict:
         recipe = self.recipe
@@ -169,6 +171,8 @@ class Trainer:
             "loader": loader_states,
             "recipe": self.recipe.to_dict(),
             "world_size": self.env.world_size,
+            "history": self.history,
+            "elapsed_s": self.elapsed(),
         })
 
     def restore(self, checkpoint: dict) -> None:
@@ -182,6 +186,8 @@ class Trainer:
         self.parts.optimizer.load_state_dict(checkpoint["optimizer"])
         self.parts.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"]
+        self.history = list(checkpoint["history"])
+        self.elapsed_before = checkpoint["elapsed_s"]
         self.say(f"resumed after epoch {self.start_epoch}")
 
     def summary(self) -> dict:
@@ -220,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
         train_loader.load_state_dict(checkpoint["loader"][env.rank])
     if env.is_main:
         recipe.save(args.out / "recipe.json", world_size=env.world_size,
-                    global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size))
+                    global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size),
+                    amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
     summary = trainer.run()
     summary["data"] = str(args.data.resolve())
     if env.is_main:
