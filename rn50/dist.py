@@ -50,6 +50,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics). DDP broadcasts them before each training
+    forward, but each rank then updates its own copy; syncing before validation makes every rank
+    evaluate, and rank 0 checkpoint, the same model."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a one-element list in a single process)."""
     if not dist.is_initialized():

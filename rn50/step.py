@@ -50,11 +50,11 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     return TrainingParts(model, build_optimizer(model, recipe), scaler, criterion, amp_dtype)
 
 
-def parameter_digest(model: nn.Module) -> str:
-    """A hash of every parameter's bytes: equal digests mean bit-identical weights."""
+def state_digest(model: nn.Module) -> str:
+    """A hash of every parameter's and buffer's bytes: equal digests mean bit-identical models."""
     digest = hashlib.sha256()
-    for param in model.parameters():
-        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -18,14 +18,14 @@ import torch
 
 from pipelines import build_loader
 from rn50.checkpoint import load_checkpoint, save_checkpoint
-from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shutdown
+from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
 from rn50.metrics import MetricsLog
 from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import lr_at, set_lr
-from rn50.step import TrainingParts, build_training, parameter_digest, train_step
+from rn50.step import TrainingParts, build_training, state_digest, train_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,6 +137,7 @@ class Trainer:
         for epoch in range(self.start_epoch, recipe.epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
             record.update(self.train_epoch(epoch))
+            broadcast_buffers(self.parts.raw_model)
             record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype))
             record["time_s"] = self.elapsed()
             self.log.write(record)
@@ -151,8 +152,9 @@ class Trainer:
         return summary
 
     def replicas_identical(self) -> bool:
-        """DDP keeps every rank's weights equal; check it bit for bit once per run (a digest per rank)."""
-        digests = all_gather_objects(parameter_digest(self.parts.raw_model))
+        """DDP keeps every rank's weights equal (and validation syncs the BN statistics); check it bit for
+        bit once per run, a digest per rank."""
+        digests = all_gather_objects(state_digest(self.parts.raw_model))
         if len(set(digests)) != 1:
             self.say("warning: the ranks' weights differ at the end of the run (DDP replicas out of sync)")
         return len(set(digests)) == 1
