@@ -68,6 +68,11 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

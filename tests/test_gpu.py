@@ -82,3 +82,32 @@ def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path):
     assert summary["final"]["val/count"] == N_VAL_IMAGES
     assert summary["ddp/replicas_identical"] is True
     assert summary["environment"]["gpu"]
+
+
+def test_gpu_timeline_stall_of_a_loader_that_sleeps():
+    """A 20 ms input wait against ~8 ms of GPU work per step: the GPU idles ~12 of every ~20 ms."""
+    from benchmarks.run import Bench, Plan
+    from test_benchmarks import SleepyLoader
+
+    matrix = torch.randn(2048, 2048, device="cuda")
+
+    def work(images, labels):
+        for _ in range(repeats):
+            matrix @ matrix
+
+    # calibrate the GPU work to about 8 ms on this GPU
+    repeats = 1
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    work(None, None)
+    start.record(); work(None, None); end.record(); torch.cuda.synchronize()
+    repeats = max(1, round(8.0 / start.elapsed_time(end)))
+    start.record(); work(None, None); end.record(); torch.cuda.synchronize()
+    busy_s = start.elapsed_time(end) / 1e3
+
+    bench = Bench(Recipe(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cuda", 0)), Plan((), (), 3, 20, 1))
+    windows, telemetry = bench.windows(SleepyLoader(0.020, steps=100), work)
+    window = windows[0]
+    assert window.stall_basis == "gpu_timeline"
+    expected = (0.020 - busy_s) / 0.020
+    assert window.stall_fraction == pytest.approx(expected, abs=0.1)
+    assert telemetry[0]["available"] in (True, False)  # NVML may be absent in a container: reported, no error

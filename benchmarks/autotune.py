@@ -1,0 +1,56 @@
+"""--autotune: sweep DALI threads, hw_decoder_load and prefetch depth in loader mode; keep the best.
+
+The best setting is saved as a recipe preset, `OUT/autotuned.toml`, which rn50.train (and this harness)
+read with `--preset OUT/autotuned.toml`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+
+from rn50.dist import all_gather_objects
+
+HW_DECODER_LOADS = (0.0, 0.5, 0.65, 0.8, 0.9, 1.0)  # only the GPU pipeline has a hardware decoder
+PREFETCH_DEPTHS = (1, 2, 3)
+
+
+def thread_counts(world_size: int) -> list[int]:
+    """Powers of two up to the cores each process can have (the local processes share the cores)."""
+    cores = max(1, (os.cpu_count() or 1) // max(1, world_size))
+    counts = [1]
+    while counts[-1] * 2 <= cores:
+        counts.append(counts[-1] * 2)
+    return counts if counts[-1] == cores else counts + [cores]
+
+
+def grid(loader: str, world_size: int) -> list[dict]:
+    loads = HW_DECODER_LOADS if loader == "dali" else (None,)
+    return [{"dali_threads": t, "prefetch": p, **({"hw_decoder_load": h} if h is not None else {})}
+            for t, h, p in itertools.product(thread_counts(world_size), loads, PREFETCH_DEPTHS)]
+
+
+def sweep(bench, plan, out) -> dict | None:
+    """Loader-mode img/s (all ranks together) for every setting of every DALI loader in the plan."""
+    results = {}
+    for loader in (name for name in plan.loaders if name in ("dali", "dali-cpu")):
+        rows = []
+        for setting in grid(loader, bench.env.world_size):
+            windows, _ = bench.windows(bench.loader(loader, **setting), None)
+            mine = statistics.fmean(w.img_per_s for w in windows)
+            rows.append({**setting, "img_per_s": sum(all_gather_objects(mine))})
+            if bench.env.is_main:
+                print(f"  autotune {loader} {setting}: {rows[-1]['img_per_s']:.1f} img/s", flush=True)
+        best = max(rows, key=lambda row: row["img_per_s"])
+        results[loader] = {"sweep": rows, "best": best}
+    if not results:
+        return None
+    if out is not None:
+        lines = ["# Written by `python -m benchmarks.run --autotune`: the fastest loader-mode setting.",
+                 "# Use it with: python -m rn50.train --preset THIS_FILE ..."]
+        chosen = results.get("dali", results.get("dali-cpu"))["best"]
+        lines += [f"{key} = {value}" for key, value in chosen.items() if key != "img_per_s"]
+        (out / "autotuned.toml").write_text("\n".join(lines) + "\n")
+        results["preset"] = str(out / "autotuned.toml")
+    return results

@@ -1,0 +1,141 @@
+"""The harness's outputs: report.json, report.md (tables) and PNG plots (throughput, step timeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+NA = "n/a"
+
+
+def _num(value, fmt="{:,.1f}") -> str:
+    return NA if value is None else fmt.format(value)
+
+
+def _pct(value) -> str:
+    return _num(None if value is None else 100 * value, "{:.1f}%")
+
+
+def markdown(report: dict) -> str:
+    env, config, flops = report["environment"], report["config"], report["flops"]
+    lines = [
+        "# Benchmark report",
+        "",
+        f"{config['arch']} at {config['image_size']} px, batch {config['batch_size']} per GPU "
+        f"x {env['world_size']} = {config['global_batch']}; {config['warmup_steps']} warm-up steps excluded, "
+        f"{config['timed_steps']} timed steps x {config['repeats']} window(s). Created {report['created']}.",
+        "",
+        "## Throughput",
+        "",
+        "| mode | loader | img/s (all GPUs) | img/s per GPU | std | step mean / p50 / p95 (ms) | stall | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        step = r["step_time"]
+        stall = NA if r["stall"] is None else f"{_pct(r['stall']['fraction'])} ({r['stall']['basis']})"
+        lines.append(
+            f"| {r['mode']} | {r['loader']} | {_num(r['img_per_s'])} | {_num(r['img_per_s_per_gpu'])} | "
+            f"{_num(r['img_per_s_std'])} | {step['mean_s'] * 1e3:.1f} / {step['p50_s'] * 1e3:.1f} / "
+            f"{step['p95_s'] * 1e3:.1f} | {stall} | {_pct(r['mfu'])} |"
+        )
+    lines += ["", f"MFU: {flops['per_image_train'] / 1e9:.2f} GFLOPs per image (forward+backward, "
+              f"{flops['counted_with']}) over a peak of {_num(flops['peak_tflops'], '{:g}')} TFLOP/s "
+              f"({flops['peak_source']}).", ""]
+    if report["ratios"]:
+        lines += ["## Loader ratios", ""]
+        for pair, modes in report["ratios"].items():
+            lines += [f"- {pair}: " + ", ".join(f"{mode} mode {value:.2f}x" for mode, value in modes.items())]
+        lines.append("")
+    lines += ["## Verdicts", ""]
+    for name, v in report["verdicts"].items():
+        lines += [f"### {name}: {v['verdict']}", ""] + [f"- {e}" for e in v["evidence"]]
+        if v["next_steps"]:
+            lines += ["", "Next steps:"] + [f"1. {step}" for step in v["next_steps"]]
+        lines.append("")
+    if report["time_to_train_90_epochs"]:
+        lines += ["## A 90-epoch ImageNet run at these speeds", "",
+                  "| loader | training h | validation h (estimated) | total h |", "|---|---|---|---|"]
+        for name, t in report["time_to_train_90_epochs"].items():
+            lines.append(f"| {name} | {t['train_hours']:.1f} | {t['validation_hours_estimated']:.1f} | "
+                         f"{t['total_hours']:.1f} |")
+        lines += ["", f"At the measured throughput, so at {config['image_size']} px and batch {config['global_batch']}; "
+                  "1,281,167 training and 50,000 validation images per epoch; validation assumed 3x faster "
+                  "than training (forward pass only).", ""]
+    if report["scaling"]:
+        s = report["scaling"]
+        lines += ["## Scaling", "", f"Synthetic data: {s['aggregate_img_per_s']:,.1f} img/s on {s['world_size']} "
+                  f"GPUs vs {s['single_gpu_img_per_s']:,.1f} on one: {s['efficiency']:.1%} efficiency.", ""]
+    if report["autotune"]:
+        lines += ["## Autotune (loader mode)", ""]
+        for name, tuned in report["autotune"].items():
+            if name != "preset":
+                lines.append(f"- {name}: best {tuned['best']}")
+        if "preset" in report["autotune"]:
+            lines.append(f"- saved as `{report['autotune']['preset']}` (use with `--preset`)")
+        lines.append("")
+    telemetry = [(r["mode"], r["loader"], r["telemetry"]) for r in report["results"]]
+    lines += ["## GPU telemetry (NVML, rank 0)", ""]
+    if any(t["available"] for _, _, t in telemetry):
+        lines += ["| mode | loader | GPU util | SM MHz | power W | memory GiB | PCIe RX MB/s | J per image |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for mode, loader, t in telemetry:
+            if t["available"]:
+                lines.append(f"| {mode} | {loader} | {_num(t['gpu_util_pct'], '{:.0f}%')} | "
+                             f"{_num(t['sm_clock_mhz'], '{:.0f}')} | {_num(t['power_w'])} | "
+                             f"{_num(t['memory_used_gib'])} | {_num(t['pcie_rx_mb_s'])} | "
+                             f"{_num(t['energy_j_per_image'], '{:.3f}')} |")
+    else:
+        lines.append(f"Not available: {telemetry[0][2]['reason'] if telemetry else 'nothing measured'}.")
+    lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in env.items()]
+    lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
+              f"{config['dataset']['classes']} classes)", ""]
+    return "\n".join(lines)
+
+
+def plot_throughput(report: dict, path: Path) -> None:
+    results = report["results"]
+    labels = [f"{r['mode']}\n{r['loader']}" for r in results]
+    colours = {"synthetic": "tab:grey", "loader": "tab:blue", "train": "tab:green"}
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(results)), 4))
+    bars = ax.bar(labels, [r["img_per_s"] for r in results], color=[colours[r["mode"]] for r in results])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("images / s (all GPUs)")
+    ax.set_title(f"{report['config']['arch']} {report['config']['image_size']} px, "
+                 f"batch {report['config']['global_batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(report: dict, path: Path) -> None:
+    """Each timed step of each end-to-end window as a bar: the input wait (red) atop the rest."""
+    runs = [r for r in report["results"] if r["mode"] != "loader"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.8 * len(runs) + 0.6), squeeze=False, sharex=True)
+    for ax, r in zip(axes[:, 0], runs):
+        step_ms = [s * 1e3 for s in r["timeline"]["step_s"]]
+        wait_ms = [min(w * 1e3, s) for w, s in zip(r["timeline"]["wait_s"], step_ms)]
+        x = range(1, len(step_ms) + 1)
+        ax.bar(x, [s - w for s, w in zip(step_ms, wait_ms)], color="tab:green", label="compute")
+        ax.bar(x, wait_ms, bottom=[s - w for s, w in zip(step_ms, wait_ms)], color="tab:red", label="input wait")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{r['mode']} / {r['loader']}: stall {r['stall']['fraction']:.1%} ({r['stall']['basis']})",
+                     fontsize=9)
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("timed step (rank 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot_throughput(report, out / "throughput.png")
+    if any(r["mode"] != "loader" for r in report["results"]):
+        plot_timeline(report, out / "timeline.png")

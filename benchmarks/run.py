@@ -1,0 +1,326 @@
+"""Benchmark harness: `python -m benchmarks.run --data DIR --out DIR` (also under torchrun).
+
+Measures, on the same data, batch, resolution and training step (rn50.step.train_step, the one training
+uses):
+  synthetic  the training step on a device-resident batch: the GPU ceiling
+  loader     each input pipeline alone: the img/s it can deliver
+  train      each input pipeline feeding the training step: end to end
+and derives MFU, input stall, a bottleneck verdict per loader and the time a 90-epoch ImageNet run would
+take. Writes report.json (schema in docs/benchmark-report.md), report.md and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import autotune as autotuning
+from benchmarks.flops import flops_per_image, mfu, peak_tflops
+from benchmarks.report import write_reports
+from benchmarks.stall import StepTimer, Window
+from benchmarks.telemetry import Telemetry
+from benchmarks.verdict import verdict
+from pipelines import build_loader
+from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
+from rn50.errors import UserError
+from rn50.provenance import environment
+from rn50.recipe import Recipe, add_recipe_flags, parse_strict, recipe_from_args
+from rn50.step import build_training, train_step
+from rn50.train import loader_options
+
+MODES = ("synthetic", "loader", "train")
+IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
+
+
+@dataclasses.dataclass
+class Plan:
+    modes: tuple[str, ...]
+    loaders: tuple[str, ...]
+    warmup_steps: int
+    steps: int
+    repeats: int
+
+
+def default_loaders() -> str:
+    return ",".join((["dali"] if torch.cuda.is_available() else []) + ["dali-cpu", "torchvision"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/*.JPEG")
+    parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train")
+    parser.add_argument("--loaders", default=default_loaders(),
+                        help="subset of dali,dali-cpu,torchvision (default: what this machine can run)")
+    parser.add_argument("--warmup-steps", type=int, default=20 if gpu else 2, help="excluded from timing")
+    parser.add_argument("--steps", type=int, default=100 if gpu else 6, help="timed steps per window")
+    parser.add_argument("--repeats", type=int, default=3 if gpu else 2, help="timed windows per measurement (mean +- std)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table")
+    parser.add_argument("--autotune", action="store_true",
+                        help="sweep DALI threads, hw_decoder_load and prefetch in loader mode; save the best")
+    add_recipe_flags(parser)
+    args = parse_strict(parser, argv)
+    if not gpu:  # CPU defaults: the recipe's are sized for GPU machines
+        args.batch_size = args.batch_size or 32  # 256 would be minutes per step
+        # the same cores for both CPU loaders, so their comparison is fair
+        cores = os.cpu_count() or 1
+        args.dali_threads = args.dali_threads or cores
+        args.workers = args.workers if args.workers is not None else cores
+    return args
+
+
+def make_plan(args) -> Plan:
+    modes = tuple(m for m in args.modes.split(",") if m)
+    loaders = tuple(name for name in args.loaders.split(",") if name)
+    for mode in modes:
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    for name in loaders:
+        if name not in ("dali", "dali-cpu", "torchvision"):
+            raise UserError(f"unknown loader {name!r}; choose from dali, dali-cpu, torchvision "
+                            "(synthetic data is the 'synthetic' mode)")
+    if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
+        raise UserError("a timed window needs --steps >= 2 after --warmup-steps >= 1, and --repeats >= 1")
+    return Plan(modes, loaders, args.warmup_steps, args.steps, args.repeats)
+
+
+def endless(loader):
+    """Batches across epoch boundaries, so a window may be longer than one epoch of a small dataset."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class Bench:
+    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan):
+        self.recipe, self.data, self.env, self.plan = recipe, data, env, plan
+        self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+
+    def loader(self, kind: str, **overrides):
+        options = {**loader_options(self.recipe), **overrides}
+        return build_loader(kind, "train", self.data, batch_size=self.recipe.batch_size,
+                            image_size=self.recipe.image_size, rank=self.env.rank, world_size=self.env.world_size,
+                            local_rank=self.env.local_rank, seed=self.recipe.seed, device=self.env.device, **options)
+
+    def windows(self, loader, work) -> tuple[list[Window], list[dict]]:
+        """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
+        timer = StepTimer(self.env.device)
+        batches, steps = endless(loader), self.plan.steps
+
+        def step():
+            images, labels = next(batches)  # the input wait happens here, between the marks
+            timer.before()
+            if work is not None:
+                work(images, labels)
+            timer.after()
+
+        for _ in range(self.plan.warmup_steps):
+            step()
+        windows, telemetry = [], []
+        for _ in range(self.plan.repeats):
+            first = len(timer.host_after)
+            self.telemetry.start()
+            for _ in range(steps):
+                step()
+            windows.append(timer.window(first, self.recipe.batch_size))
+            telemetry.append(self.telemetry.stop(images=steps * self.recipe.batch_size))
+        return windows, telemetry
+
+    def train_windows(self, loader, env: DistEnv | None = None):
+        parts = build_training(self.recipe, loader.num_classes, env or self.env)
+        return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
+
+    def measure(self, mode: str, loader_name: str) -> dict:
+        if mode == "synthetic":
+            windows, telemetry = self.train_windows(self.loader("synthetic"))
+        elif mode == "loader":
+            windows, telemetry = self.windows(self.loader(loader_name), None)
+        else:
+            windows, telemetry = self.train_windows(self.loader(loader_name))
+        return summarise(mode, loader_name, windows, telemetry, self.plan, self.env)
+
+    def single_gpu_ceiling(self) -> float | None:
+        """Synthetic img/s of rank 0 alone (no DDP), for the scaling efficiency of a multi-GPU run."""
+        result = None
+        if self.env.is_main:
+            alone = DistEnv(0, 1, self.env.local_rank, self.env.device)
+            loader = build_loader("synthetic", "train", self.data, batch_size=self.recipe.batch_size,
+                                  image_size=self.recipe.image_size, seed=self.recipe.seed, device=self.env.device)
+            windows, _ = self.train_windows(loader, alone)
+            result = statistics.fmean(w.img_per_s for w in windows)
+        barrier()
+        return result
+
+
+def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: list[dict], plan: Plan,
+              env: DistEnv) -> dict:
+    """Gather every rank's windows; figures per rank and in total (sum over ranks)."""
+    mine = {
+        "rank": env.rank,
+        "img_per_s": statistics.fmean(w.img_per_s for w in windows),
+        "step_time": windows[-1].step_stats(),
+        "stall_fraction": statistics.fmean(w.stall_fraction for w in windows),
+        "windows_img_per_s": [w.img_per_s for w in windows],
+        "timeline": {"step_s": windows[-1].step_s, "wait_s": windows[-1].wait_s},
+        "telemetry": telemetry[-1],
+    }
+    ranks = all_gather_objects(mine)
+    per_repeat_total = [sum(r["windows_img_per_s"][i] for r in ranks) for i in range(plan.repeats)]
+    total = statistics.fmean(per_repeat_total)
+    return {
+        "img_per_s": total,  # all ranks together (first key: readers look for it first)
+        "mode": mode,
+        "loader": loader_name,
+        "img_per_s_per_gpu": total / env.world_size,
+        "img_per_s_std": statistics.stdev(per_repeat_total) if plan.repeats > 1 else None,
+        "step_time": ranks[0]["step_time"],
+        "warmup_steps": plan.warmup_steps,
+        "timed_steps": plan.steps,
+        "repeats": plan.repeats,
+        "stall": {"fraction": max(r["stall_fraction"] for r in ranks), "basis": windows[-1].stall_basis}
+        if mode != "loader" else None,
+        "telemetry": ranks[0]["telemetry"],
+        "per_rank": [{k: r[k] for k in ("rank", "img_per_s", "step_time", "stall_fraction")} for r in ranks],
+        "timeline": ranks[0]["timeline"],
+    }
+
+
+def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_type: str) -> dict:
+    """MFU per measurement; stall, ratio to the ceiling, verdict and 90-epoch time per loader."""
+    by = {(r["mode"], r["loader"]): r for r in results}
+    for r in results:
+        r["mfu"] = mfu(r["img_per_s_per_gpu"], flops["per_image_train"], flops["peak_tflops"]) \
+            if r["mode"] != "loader" else None
+    ceiling = by.get(("synthetic", "synthetic"))
+    verdicts, estimates = {}, {}
+    for name in plan.loaders:
+        train, alone = by.get(("train", name)), by.get(("loader", name))
+        stall = train["stall"]["fraction"] if train else None
+        ratio = train["img_per_s"] / ceiling["img_per_s"] if train and ceiling else None
+        headroom = alone["img_per_s"] / ceiling["img_per_s"] if alone and ceiling else None
+        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom), "stall_fraction": stall,
+                          "stall_basis": train["stall"]["basis"] if train else None,
+                          "ratio_to_synthetic": ratio, "stall_cross_check": 1 - ratio if ratio is not None else None,
+                          "loader_headroom": headroom}
+        if train:
+            estimates[name] = time_to_train(train["img_per_s"])
+    if ceiling:
+        estimates["synthetic"] = time_to_train(ceiling["img_per_s"])
+    ratios = {}
+    if "dali-cpu" in plan.loaders and "torchvision" in plan.loaders:
+        ratios["dali-cpu/torchvision"] = {
+            mode: by[(mode, "dali-cpu")]["img_per_s"] / by[(mode, "torchvision")]["img_per_s"]
+            for mode in ("loader", "train") if (mode, "dali-cpu") in by and (mode, "torchvision") in by
+        }
+    return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios}
+
+
+def time_to_train(img_per_s: float) -> dict:
+    """A 90-epoch ImageNet run at this throughput (so at the benchmark's resolution and batch). Validation
+    is assumed 3x faster than training (forward only: 8.18 of 24.3 GFLOPs), so its hours are an estimate."""
+    train_h = RECIPE_EPOCHS * IMAGENET_TRAIN / img_per_s / 3600
+    val_h = RECIPE_EPOCHS * IMAGENET_VAL / (3 * img_per_s) / 3600
+    return {"train_hours": train_h, "validation_hours_estimated": val_h, "total_hours": train_h + val_h,
+            "epochs": RECIPE_EPOCHS, "train_images": IMAGENET_TRAIN, "val_images": IMAGENET_VAL}
+
+
+def flops_block(recipe: Recipe, num_classes: int, override: float | None) -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    table = peak_tflops(gpu)
+    peak = override or table
+    if override:
+        source = "--peak-tflops"
+    elif table:
+        source = f"table ({gpu})"
+    else:
+        source = "not available: no GPU" if gpu is None else \
+            f"not available: {gpu} is not in the table; pass --peak-tflops"
+    return {"per_image_train": flops_per_image(recipe.arch, recipe.image_size, num_classes),
+            "per_image_forward": flops_per_image(recipe.arch, recipe.image_size, num_classes, training=False),
+            "counted_with": "torch.utils.flop_counter", "peak_tflops": peak, "peak_source": source}
+
+
+def run(args, argv) -> dict:
+    env = init_distributed()
+    plan = make_plan(args)
+    recipe = recipe_from_args(args)
+    if env.device.type != "cuda" and "dali" in plan.loaders:
+        raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(recipe, args.data, env, plan)
+    probe = bench.loader("synthetic")  # validates the data folder and gives its size
+    say = print if env.is_main else (lambda *a, **k: None)
+    say(f"benchmarking {recipe.arch} at {recipe.image_size} px, batch {recipe.batch_size} x {env.world_size} "
+        f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders)}; "
+        f"{plan.warmup_steps} warm-up + {plan.steps} timed steps x {plan.repeats}", flush=True)
+    results = []
+    jobs = [("synthetic", "synthetic")] if "synthetic" in plan.modes else []
+    jobs += [(mode, name) for name in plan.loaders for mode in ("loader", "train") if mode in plan.modes]
+    for mode, name in jobs:
+        result = bench.measure(mode, name)
+        results.append(result)
+        say(f"  {mode:9s} {name:11s} {result['img_per_s']:10.1f} img/s"
+            + (f"  stall {result['stall']['fraction']:.1%} ({result['stall']['basis']})" if result["stall"] else ""),
+            flush=True)
+    flops = flops_block(recipe, probe.num_classes, args.peak_tflops)
+    report = {
+        "schema": "rn50-bench/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {**environment(), "world_size": env.world_size, "device_type": env.device.type,
+                        "command": " ".join(["python -m benchmarks.run", *argv])},
+        "config": {"arch": recipe.arch, "batch_size": recipe.batch_size, "image_size": recipe.image_size,
+                   "global_batch": recipe.batch_size * env.world_size, "modes": list(plan.modes),
+                   "loaders": list(plan.loaders), "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
+                   "repeats": plan.repeats, "dataset": {"path": str(args.data.resolve()),
+                                                        "train_images": probe.num_samples,
+                                                        "classes": probe.num_classes},
+                   "recipe": recipe.to_dict()},
+        "flops": flops,
+        "results": results,
+        **derive(results, plan, env, flops, env.device.type),
+        "scaling": None,
+        "autotune": None,
+    }
+    if env.distributed and "synthetic" in plan.modes:
+        single = bench.single_gpu_ceiling()
+        if env.is_main and single:
+            aggregate = next(r for r in results if r["mode"] == "synthetic")["img_per_s"]
+            report["scaling"] = {"single_gpu_img_per_s": single, "aggregate_img_per_s": aggregate,
+                                 "world_size": env.world_size, "efficiency": aggregate / (env.world_size * single)}
+    if args.autotune:
+        report["autotune"] = autotuning.sweep(bench, plan, args.out if env.is_main else None)
+    if env.is_main:
+        write_reports(report, args.out)
+        for pair, modes in report["ratios"].items():
+            for mode, value in modes.items():
+                print(f"{pair} {mode}-mode ratio: {value:.2f}x", flush=True)
+        for name, v in report["verdicts"].items():
+            print(f"verdict for {name}: {v['verdict']} ({'; '.join(v['evidence'])})", flush=True)
+        print(f"wrote {args.out / 'report.json'}, report.md and plots", flush=True)
+    return report
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(parse_args(argv), argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

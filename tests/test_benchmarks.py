@@ -1,0 +1,159 @@
+"""The benchmark harness: MFU arithmetic, stall against a loader that sleeps a known time, the verdict
+logic, and the report schema from a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from benchmarks.flops import flops_per_image, mfu, peak_tflops
+from benchmarks.run import Bench, Plan, main, time_to_train
+from benchmarks.stall import percentile
+from benchmarks.verdict import verdict
+from rn50.dist import DistEnv
+from rn50.recipe import Recipe
+
+from conftest import N_TRAIN_IMAGES
+
+
+def test_flops_per_image_counted_on_the_real_model():
+    assert flops_per_image("resnet50", 224) == pytest.approx(24.3e9, rel=0.01)  # forward + backward
+    assert flops_per_image("resnet50", 224, training=False) == pytest.approx(8.18e9, rel=0.01)
+    # convolutions scale with the pixel count: 448 px is four times the work (the fc layer aside)
+    assert flops_per_image("resnet50", 448) == pytest.approx(4 * 24.3e9, rel=0.01)
+
+
+def test_mfu_arithmetic():
+    # 4,912 img/s x 24.3 GFLOPs on an H100 (989 TFLOP/s): 12.07%
+    assert mfu(4912, 24.3e9, 989.0) == pytest.approx(4912 * 24.3e9 / 989e12)
+    assert mfu(4912, 24.3e9, 989.0) == pytest.approx(0.1207, abs=1e-4)
+    assert mfu(1000, 24.3e9, None) is None  # unknown peak: no figure, no guess
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA GeForce RTX 3090", 71.0),
+    ("Tesla T4", None), (None, None),
+])
+def test_peak_table_lookup(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_percentile_matches_numpy_linear():
+    import numpy as np
+
+    values = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2]
+    for q in (0, 50, 95, 100):
+        assert percentile(sorted(values), q) == pytest.approx(float(np.percentile(values, q)))
+
+
+class SleepyLoader:
+    """Yields a batch after sleeping `delay` seconds: an input pipeline of known cost."""
+
+    def __init__(self, delay, batch=4, steps=50):
+        self.delay, self.batch, self.steps = delay, batch, steps
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            time.sleep(self.delay)
+            yield torch.zeros(self.batch, 3, 2, 2), torch.zeros(self.batch, dtype=torch.long)
+
+
+def test_host_side_stall_of_a_loader_that_sleeps():
+    # 20 ms input wait + 30 ms of "step" per batch: 40% stall, 80 img/s at batch 4
+    bench = Bench(Recipe(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cpu")), Plan((), (), 2, 10, 2))
+    windows, telemetry = bench.windows(SleepyLoader(0.020), lambda images, labels: time.sleep(0.030))
+    assert len(windows) == 2 and all(w.steps == 10 for w in windows)
+    for w in windows:
+        assert w.stall_basis == "host_side"
+        assert w.stall_fraction == pytest.approx(0.4, abs=0.05)
+        assert w.img_per_s == pytest.approx(80, rel=0.1)
+        assert w.step_stats()["p50_s"] == pytest.approx(0.050, abs=0.006)
+    assert telemetry[0] == {"available": False, "reason": "no GPU"}
+
+
+@pytest.mark.parametrize("stall, ratio, headroom, expected", [
+    (0.30, 0.65, 0.8, "input-bound"),   # waits, far below the ceiling, loader slower than the GPU
+    (0.20, None, None, "input-bound"),  # stall alone is enough
+    (0.01, 0.97, 3.0, "GPU-bound"),
+    (0.08, 0.85, 1.5, "balanced"),
+    (0.02, 0.70, 2.0, "input-bound"),   # the cross-check (1 - ratio = 30%) overrules a low stall
+])
+def test_verdict_logic(stall, ratio, headroom, expected):
+    result = verdict("dali", "cuda", stall, ratio, headroom)
+    assert result["verdict"] == expected
+    assert result["evidence"] and (result["next_steps"] or expected == "balanced")
+    if expected == "input-bound":
+        assert any("hw-decoder-load" in step for step in result["next_steps"])
+
+
+def test_verdict_names_cpu_compute_and_missing_data():
+    assert verdict("dali-cpu", "cpu", 0.0, 0.98, 5.0)["verdict"] == "compute-bound"
+    assert verdict("torchvision", "cuda", 0.4, None, None)["next_steps"][0].startswith("switch to DALI")
+    assert verdict("dali", "cuda", None, None, None)["verdict"] == "not available"
+
+
+def test_time_to_train_90_epochs():
+    t = time_to_train(4562.0)  # the H100 DALI probe's end-to-end figure
+    assert t["train_hours"] == pytest.approx(90 * 1_281_167 / 4562 / 3600)
+    assert t["total_hours"] == pytest.approx(t["train_hours"] + 90 * 50_000 / (3 * 4562) / 3600)
+
+
+@pytest.mark.slow
+def test_report_from_a_real_run(data_dir, tmp_path):
+    out = tmp_path / "bench"
+    main(["--data", str(data_dir), "--out", str(out), "--loaders", "dali-cpu,torchvision",
+          "--modes", "synthetic,loader,train", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
+          "--warmup-steps", "1", "--steps", "3", "--repeats", "2"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "rn50-bench/1"
+    assert [(r["mode"], r["loader"]) for r in report["results"]] == [
+        ("synthetic", "synthetic"), ("loader", "dali-cpu"), ("train", "dali-cpu"),
+        ("loader", "torchvision"), ("train", "torchvision")]
+    for r in report["results"]:
+        assert r["img_per_s"] > 0 and r["img_per_s_std"] is not None
+        assert (r["warmup_steps"], r["timed_steps"], r["repeats"]) == (1, 3, 2)
+        assert r["step_time"]["p50_s"] <= r["step_time"]["p95_s"]
+        assert (r["stall"] is None) == (r["mode"] == "loader")
+        assert r["mfu"] is None  # no GPU: no peak, so no MFU figure
+        assert r["telemetry"]["available"] is False
+    assert report["flops"]["peak_source"].startswith("not available")
+    assert set(report["verdicts"]) == {"dali-cpu", "torchvision"}
+    for v in report["verdicts"].values():
+        assert v["verdict"] in ("input-bound", "compute-bound", "balanced")
+        assert v["stall_basis"] == "host_side" and v["stall_cross_check"] == pytest.approx(1 - v["ratio_to_synthetic"])
+    assert set(report["ratios"]["dali-cpu/torchvision"]) == {"loader", "train"}
+    assert set(report["time_to_train_90_epochs"]) == {"dali-cpu", "torchvision", "synthetic"}
+    env = report["environment"]
+    for key in ("python", "torch", "dali", "cpu_cores", "git_commit", "world_size"):
+        assert key in env
+    assert report["config"]["dataset"]["train_images"] == N_TRAIN_IMAGES
+    assert "## Verdicts" in (out / "report.md").read_text()
+    assert (out / "throughput.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
+
+
+def test_autotune_saves_a_preset_train_can_read(data_dir, tmp_path):
+    out = tmp_path / "tune"
+    main(["--data", str(data_dir), "--out", str(out), "--loaders", "dali-cpu", "--modes", "loader",
+          "--image-size", "32", "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--repeats", "1",
+          "--autotune"])
+    report = json.loads((out / "report.json").read_text())
+    tuned = report["autotune"]["dali-cpu"]
+    assert len(tuned["sweep"]) == len({(r["dali_threads"], r["prefetch"]) for r in tuned["sweep"]}) >= 3
+    assert tuned["best"]["img_per_s"] == max(r["img_per_s"] for r in tuned["sweep"])
+    from rn50.recipe import load_preset
+
+    recipe = load_preset(str(out / "autotuned.toml"))
+    assert (recipe.dali_threads, recipe.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
+
+
+def test_harness_user_errors(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path), "--modes", "fast"])
+    assert exit_info.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
