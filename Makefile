@@ -8,17 +8,24 @@ RUNS ?= runs
 # GPUs on this machine (0 without a working NVIDIA driver)
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 
+RUN_DIR := $(RUNS)/make-run-$(shell date +%Y%m%d-%H%M%S)
+
 ifeq ($(NGPU),0)
   # No GPU: DDP over gloo with two processes, DALI's CPU operators, small images
   NPROC ?= 2
   RUN_FLAGS ?= --loader dali-cpu --image-size 64 --batch-size 16 --dali-threads 1
   RUN_ENV := OMP_NUM_THREADS=1
+  # the harness in one process, both CPU loaders on the same cores
+  BENCH_NPROC ?= 1
+  BENCH_FLAGS ?= --loaders dali-cpu,torchvision --image-size 64 --batch-size 16
 else
   # Every local GPU, the DALI GPU pipeline (nvJPEG + hardware decoder), NCCL; batch 32 per GPU keeps
   # 5 steps per epoch on 8 GPUs with the 1,280-image built-in set (the benchmark harness measures speed)
   NPROC ?= $(NGPU)
   RUN_FLAGS ?= --loader dali --image-size 224 --batch-size 32
   RUN_ENV :=
+  BENCH_NPROC ?= $(NGPU)
+  BENCH_FLAGS ?= --image-size 224 --batch-size 32
 endif
 
 .PHONY: run test data venv clean
@@ -36,9 +43,14 @@ $(DATA)/train: | $(VENV)/.installed
 
 data: $(DATA)/train
 
+# The main job: a short DDP training run, then the benchmark harness on the same data (its report
+# says whether the loader or the model is the bottleneck). Both write into one run folder.
 run: $(VENV)/.installed $(DATA)/train
 	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m rn50.train \
-	    --data $(DATA) --out $(RUNS)/make-run-$$(date +%Y%m%d-%H%M%S) --preset smoke $(RUN_FLAGS)
+	    --data $(DATA) --out $(RUN_DIR) --preset smoke $(RUN_FLAGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(BENCH_NPROC) -m benchmarks.run \
+	    --data $(DATA) --out $(RUN_DIR)/bench $(BENCH_FLAGS)
+	@echo "training run and benchmark report in $(RUN_DIR) (report: $(RUN_DIR)/bench/report.md)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q

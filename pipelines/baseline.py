@@ -6,6 +6,8 @@ memory; the batch is cast to the training dtype and channels_last on the device,
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -76,6 +78,7 @@ class TorchvisionLoader:
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.device, self.dtype = torch.device(device), dtype
         self.epoch = 0
+        self.position = 0  # batches of the current epoch already delivered
         if self.training:
             if self.num_samples // world_size < batch_size:
                 raise UserError(
@@ -103,9 +106,13 @@ class TorchvisionLoader:
         return len(self._loader)
 
     def __iter__(self):
-        for images, labels in self._loader:
+        # A resumed epoch skips the batches already trained on. The sampler's order is exact (seeded by
+        # the epoch); the random augmentations of worker processes are not reproduced (DALI's are).
+        batches = itertools.islice(self._loader, self.position, None)
+        for self.position, (images, labels) in enumerate(batches, start=self.position + 1):
             images = images.to(self.device, non_blocking=True).to(self.dtype)
             yield images.contiguous(memory_format=torch.channels_last), labels.to(self.device, non_blocking=True)
+        self.position = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,7 +120,8 @@ class TorchvisionLoader:
             self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
+        self.position = state["position"]

@@ -33,19 +33,21 @@ class SyntheticLoader:
         self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
         self.epoch = 0
+        self.position = 0  # batches of the current epoch already delivered
 
     def __len__(self) -> int:
         return len(self._sizes)
 
     def __iter__(self):
-        for size in self._sizes:
+        for self.position, size in enumerate(self._sizes[self.position:], start=self.position + 1):
             yield self.images[:size], self.labels[:size]
+        self.position = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+        self.epoch, self.position = state["epoch"], state["position"]

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 
 
+_control_group = None  # a gloo group beside NCCL, set by init_distributed
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -40,6 +43,8 @@ def init_distributed() -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        global _control_group  # small host-side agreements (stop signals) without touching the GPU queue
+        _control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -66,6 +71,16 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any. Runs over a gloo group on the CPU, so it never
+    waits for the GPU queue to drain (a CUDA tensor's .item() would)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
 
 
 def barrier() -> None:

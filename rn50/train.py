@@ -1,7 +1,9 @@
 """Train ResNet-50 with the 90-epoch recipe: `torchrun --nproc-per-node N -m rn50.train --data DIR --out RUN`.
 
 Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
-modules. Writes recipe.json, metrics.jsonl, summary.json and checkpoint_<epoch>.pt into the run folder.
+modules. Writes recipe.json, metrics.jsonl, summary.json and checkpoints into the run folder.
+Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 75 preempted (a checkpoint
+was saved: run the same command with `--resume auto`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,27 @@ from pathlib import Path
 import torch
 
 from pipelines import build_loader
-from rn50.checkpoint import load_checkpoint, save_checkpoint
-from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
+from rn50.checkpoint import CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint
+from rn50.dist import (DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed,
+                       shutdown)
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
 from rn50.metrics import MetricsLog
+from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import lr_at, set_lr
 from rn50.step import TrainingParts, build_training, state_digest, train_step
+
+EXIT_DIVERGED = 3
+
+
+class Preempted(Exception):
+    pass
+
+
+class Diverged(Exception):
+    pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      allow_abbrev=False)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--out", required=True, type=Path, help="run folder for metrics, summary, checkpoints")
-    parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="folder with train.txt/val.txt from `python -m tools.scan`: train on those files only")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to continue from, or 'auto': the newest valid one in --out (none: start)")
+    parser.add_argument("--reshard", action="store_true",
+                        help="allow resuming with another number of processes (restarts the interrupted epoch)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="also checkpoint every STEPS steps (with the loader state: exact mid-epoch resume)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                        help="keep the last K checkpoints (and the best by top-1); 0 keeps all")
+    parser.add_argument("--max-nonfinite-steps", type=int, default=50, metavar="K",
+                        help="stop when the loss stays NaN/inf for K consecutive steps")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
 
@@ -46,10 +71,10 @@ def loader_options(recipe: Recipe) -> dict:
     )
 
 
-def build_loaders(recipe: Recipe, data: Path, env: DistEnv):
+def build_loaders(recipe: Recipe, data: Path, env: DistEnv, manifest: Path | None = None):
     common = dict(batch_size=recipe.batch_size, image_size=recipe.image_size, rank=env.rank,
                   world_size=env.world_size, local_rank=env.local_rank, seed=recipe.seed, device=env.device,
-                  **loader_options(recipe))
+                  manifest=manifest, **loader_options(recipe))
     return (build_loader(recipe.loader, "train", data, **common),
             build_loader(recipe.loader, "val", data, **common))
 
@@ -57,7 +82,7 @@ def build_loaders(recipe: Recipe, data: Path, env: DistEnv):
 def prepare_out_dir(out: Path, resuming: bool) -> None:
     if not resuming and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
-                        "checkpoints to continue it")
+                        "checkpoints (or --resume auto) to continue it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
@@ -66,14 +91,20 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
 
 
 class Trainer:
-    """One run: the loop over epochs, with logging, validation and a checkpoint after each epoch."""
+    """One run: the loop over epochs, with logging, validation and checkpoints."""
 
-    def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path):
+    def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path,
+                 args: argparse.Namespace):
         self.recipe, self.parts, self.env, self.out = recipe, parts, env, out
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main)
-        self.start_epoch = 0
+        self.store = CheckpointStore(out, args.keep_checkpoints)
+        self.checkpoint_every = args.checkpoint_every
+        self.max_nonfinite = args.max_nonfinite_steps
+        # one process: check for a stop signal every step; several: every 10 (a tiny gloo all-reduce)
+        self.stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
+        self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
@@ -86,34 +117,50 @@ class Trainer:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, first: int) -> dict:
+        """Steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch)."""
         recipe, parts = self.recipe, self.parts
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.env.device)
+        # consecutive non-finite losses, counted on the device (read only where the host syncs anyway)
+        streak = torch.zeros((), device=self.env.device)
+        worst = torch.zeros((), device=self.env.device)
         host_wait = 0.0
         self._sync()
         begin = waited_from = time.perf_counter()
-        for i, (images, labels) in enumerate(self.train_loader):
+        for i, (images, labels) in enumerate(self.train_loader, start=first):
             host_wait += time.perf_counter() - waited_from
             step = epoch * self.steps_per_epoch + i
             lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size)
             set_lr(parts.optimizer, lr)
             loss = train_step(parts, images, labels)
-            loss_sum += loss
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            streak = (streak + 1) * ~finite
+            worst = torch.maximum(worst, streak)
             if (i + 1) % recipe.log_every == 0:  # the only per-step host sync, at log intervals
+                self.check_divergence(worst)
                 # epoch counts epochs completed (fractional mid-epoch); train/loss is rank 0's step loss
                 record = {"epoch": epoch + (i + 1) / self.steps_per_epoch, "step": step + 1,
                           "time_s": self.elapsed(), "lr": lr, "train/loss": loss.item()}
                 self.log.write(record)
                 self.say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch} lr {lr:.4g} "
                          f"loss {record['train/loss']:.4f}")
+            last_step = i + 1 == self.steps_per_epoch
+            if not last_step and self.stop.agreed(step):  # at an epoch's end, run() stops after validation
+                self.check_divergence(worst)
+                self.save(epoch, i + 1, epoch_end=False)
+                raise Preempted(self.stop.signal_name)
+            if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and not last_step:
+                self.check_divergence(worst)
+                self.save(epoch, i + 1, epoch_end=False)
             waited_from = time.perf_counter()
+        self.check_divergence(worst)
         self._sync()
         seconds = time.perf_counter() - begin
-        images_seen = self.steps_per_epoch * recipe.batch_size * self.env.world_size
-        mean_loss = all_reduce_sum(loss_sum.double()).item() / (self.steps_per_epoch * self.env.world_size)
-        if not math.isfinite(mean_loss):
-            self.say(f"warning: the mean training loss of epoch {epoch + 1} is {mean_loss}")
+        steps = self.steps_per_epoch - first
+        images_seen = steps * recipe.batch_size * self.env.world_size
+        mean_loss = all_reduce_sum(loss_sum.double()).item() / (steps * self.env.world_size)
         return {
             "lr": lr,
             "train/loss": mean_loss,
@@ -124,6 +171,12 @@ class Trainer:
             # not stall (the benchmark harness measures that on the GPU timeline)
             "train/host_wait_frac": host_wait / seconds,
         }
+
+    def check_divergence(self, worst: torch.Tensor) -> None:
+        """Stop when the loss stayed non-finite for max_nonfinite steps in a row on any rank. GradScaler
+        skips the odd overflowing fp16 step on its own; a long streak means the weights are gone."""
+        if any_rank(worst.item() >= self.max_nonfinite):
+            raise Diverged(f"the training loss was NaN or inf for {self.max_nonfinite} steps in a row")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -136,7 +189,7 @@ class Trainer:
                  f"peak LR {recipe.peak_lr(self.env.world_size):.4g}")
         for epoch in range(self.start_epoch, recipe.epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
-            record.update(self.train_epoch(epoch))
+            record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
             broadcast_buffers(self.parts.raw_model)
             record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype))
             record["time_s"] = self.elapsed()
@@ -146,7 +199,9 @@ class Trainer:
                      f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
                      f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
                      f"on {record['val/count']} images")
-            self.save(epoch + 1)
+            self.save(epoch, self.steps_per_epoch, epoch_end=True)
+            if self.stop.agreed(0, force=True):
+                raise Preempted(self.stop.signal_name)
         summary = self.summary()
         summary["ddp/replicas_identical"] = self.replicas_identical()
         return summary
@@ -159,15 +214,27 @@ class Trainer:
             self.say("warning: the ranks' weights differ at the end of the run (DDP replicas out of sync)")
         return len(set(digests)) == 1
 
-    def save(self, epochs_done: int) -> None:
-        # every rank's loader state is its own (its shard, its augmentation stream): rank 0 stores them all
+    def save(self, epoch: int, steps_done: int, epoch_end: bool) -> None:
+        """A checkpoint after `steps_done` steps of epoch `epoch` (0-based). Every rank takes part: each
+        rank's loader state is its own (its shard, its augmentation stream) and rank 0 stores them all."""
         loader_states = all_gather_objects(self.train_loader.state_dict())
         if not self.env.is_main:
             return
         parts = self.parts
-        save_checkpoint(self.out / f"checkpoint_{epochs_done:04d}.pt", {
+        epochs_done = epoch + 1 if epoch_end else epoch
+        step = epoch * self.steps_per_epoch + steps_done
+        weights = parts.raw_model.state_dict()
+        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+            # the kept checkpoints must stay good ones, whatever happens next
+            self.say(f"not checkpointing at step {step}: the weights hold NaN or inf")
+            return
+        top1 = [h["val/top1"] for h in self.history]
+        is_best = epoch_end and bool(top1) and top1[-1] == max(top1) and self.history[-1]["epoch"] == epoch + 1
+        self.store.save(checkpoint_name(epochs_done, step, epoch_end), {
             "epoch": epochs_done,
-            "model": parts.raw_model.state_dict(),
+            "step": step,  # optimizer steps done in all
+            "steps_per_epoch": self.steps_per_epoch,
+            "model": weights,
             "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.scaler.state_dict(),
             "loader": loader_states,
@@ -175,22 +242,28 @@ class Trainer:
             "world_size": self.env.world_size,
             "history": self.history,
             "elapsed_s": self.elapsed(),
-        })
+        }, best=is_best)
 
-    def restore(self, checkpoint: dict) -> None:
-        if checkpoint["world_size"] != self.env.world_size:
+    def restore(self, checkpoint: dict, reshard: bool) -> None:
+        """Weights, optimizer, scaler and position; the loader state too unless resharding."""
+        same_world = checkpoint["world_size"] == self.env.world_size
+        if not same_world and not reshard:
             raise UserError(
                 f"the checkpoint was written by {checkpoint['world_size']} processes but this run has "
-                f"{self.env.world_size}; resume with --nproc-per-node/--nnodes giving "
-                f"{checkpoint['world_size']} processes in all"
+                f"{self.env.world_size}; resume with {checkpoint['world_size']} processes in all, or pass "
+                "--reshard to continue with the new count (the interrupted epoch restarts)"
             )
         self.parts.raw_model.load_state_dict(checkpoint["model"])
         self.parts.optimizer.load_state_dict(checkpoint["optimizer"])
         self.parts.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = checkpoint["epoch"]
         self.history = list(checkpoint["history"])
         self.elapsed_before = checkpoint["elapsed_s"]
-        self.say(f"resumed after epoch {self.start_epoch}")
+        self.start_epoch = checkpoint["epoch"]
+        if same_world:
+            self.start_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
+            self.train_loader.load_state_dict(checkpoint["loader"][self.env.rank])
+        self.say(f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
+                 + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)"))
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
@@ -213,19 +286,31 @@ class Trainer:
         }
 
 
+def find_resume(args: argparse.Namespace) -> dict | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        found = latest_checkpoint(args.out) if args.out.is_dir() else None
+        if found is None:
+            print(f"--resume auto: no checkpoint in {args.out}; starting from the beginning", flush=True)
+            return None
+        print(f"--resume auto: continuing from {found[0]}", flush=True)
+        return found[1]
+    return load_checkpoint(Path(args.resume))
+
+
 def run(args: argparse.Namespace) -> dict:
     env = init_distributed()
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    checkpoint = find_resume(args)
     # a resumed run continues the saved recipe; flags given now still override single fields
     base = from_mapping(checkpoint["recipe"]) if checkpoint else None
     recipe = recipe_from_args(args, base)
-    prepare_out_dir(args.out, resuming=checkpoint is not None)
-    train_loader, val_loader = build_loaders(recipe, args.data, env)
+    prepare_out_dir(args.out, resuming=args.resume is not None)
+    train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
     parts = build_training(recipe, train_loader.num_classes, env)
-    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out)
+    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args)
     if checkpoint:
-        trainer.restore(checkpoint)
-        train_loader.load_state_dict(checkpoint["loader"][env.rank])
+        trainer.restore(checkpoint, args.reshard)
     if env.is_main:
         recipe.save(args.out / "recipe.json", world_size=env.world_size,
                     global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size),
@@ -246,7 +331,7 @@ def print_report(summary: dict, out: Path) -> None:
         f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g})",
         f"throughput        {summary['train/img_per_s']:.1f} img/s in all, "
         f"{summary['train/img_per_s'] / summary['world_size']:.1f} per process",
-        f"validation        top-1 {final.get('val/top1', float('nan')):.2f}%  top-5 {final.get('val/top5', float('nan')):.2f}%"
+        f"validation        top-1 {final.get('val/top1', math.nan):.2f}%  top-5 {final.get('val/top5', math.nan):.2f}%"
         f"  on {final.get('val/count')} of {summary['dataset']['val_images']} images",
         f"wall time         {summary['wall_s']:.1f} s",
     ]
@@ -254,13 +339,24 @@ def print_report(summary: dict, out: Path) -> None:
 
 
 def main(argv=None) -> None:
+    code = 0
     try:
         run(parse_args(argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    except Preempted as stop:
+        print(f"stopped by {stop}: checkpoint saved; run the same command with --resume auto to continue",
+              file=sys.stderr, flush=True)
+        code = EXIT_PREEMPTED
+    except Diverged as err:
+        print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "
+              "(--base-lr) or check the data", file=sys.stderr, flush=True)
+        code = EXIT_DIVERGED
     finally:
         shutdown()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

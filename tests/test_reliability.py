@@ -1,0 +1,133 @@
+"""Surviving preemption, crashes and divergence: exact mid-epoch resume after SIGTERM, checkpoint
+retention, --resume auto, world-size checks and the divergence guard."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rn50.checkpoint import BEST, load_checkpoint, regular_checkpoints
+from rn50.preemption import EXIT_PREEMPTED
+from rn50.train import EXIT_DIVERGED
+
+from conftest import ROOT, run_cli, torchrun
+
+SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
+         "--dali-threads", "1", "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
+
+
+def step_losses(run_dir):
+    """train/loss of every logged step; a resumed run's later lines win (they are the ones kept)."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/count" not in record:
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def final_weights(run_dir):
+    return load_checkpoint(regular_checkpoints(run_dir)[-1])["model"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def kill_when_checkpointed(command, run_dir, **env):
+    """Start a run, send SIGTERM once its first checkpoint exists, return its exit code."""
+    process = subprocess.Popen(command, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*.pt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output
+
+
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2",
+            *SMALL]
+    done = run_cli([*args, "--out", str(tmp_path / "a")])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b")
+    assert code == EXIT_PREEMPTED, output[-2000:]
+    assert "stopped by SIGTERM" in output
+    interrupted_at = max(step_losses(tmp_path / "b"))
+    assert interrupted_at < 12  # it really stopped early (2 epochs x 6 steps)
+
+    resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "--resume auto: continuing from" in resumed.stdout
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")  # every step, bit for bit
+    assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(data_dir, tmp_path):
+    args = ["-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2", *SMALL]
+    done = run_cli(torchrun(2, *args, "--out", str(tmp_path / "a")))
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, output = kill_when_checkpointed(torchrun(2, *args, "--out", str(tmp_path / "b")), tmp_path / "b")
+    assert code != 0 and "stopped by SIGTERM" in output, output[-3000:]
+    resumed = run_cli(torchrun(2, *args, "--out", str(tmp_path / "b"), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "3",
+                    "--checkpoint-every", "2", "--keep-checkpoints", "2", *SMALL])
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = [p.name for p in regular_checkpoints(out)]
+    assert names == ["checkpoint_0002_step00000016.pt", "checkpoint_0003.pt"]
+    top1 = [r["val/top1"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/top1" in r]
+    best = load_checkpoint(out / BEST)
+    latest_best_epoch = len(top1) - top1[::-1].index(max(top1))  # ties: the later epoch is kept
+    assert best["epoch"] == latest_best_epoch and best["history"][-1]["val/top1"] == max(top1)
+    assert not list(out.glob(".*tmp"))  # no temporary files left
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                    "--epochs", "1", "--resume", "auto", *SMALL])
+    assert done.returncode == 0 and "no checkpoint" in done.stdout
+
+
+def test_world_size_change_needs_reshard(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "1",
+                    *SMALL]).returncode == 0
+    checkpoint = load_checkpoint(out / "checkpoint_0001.pt")
+    checkpoint["world_size"] = 2  # as if two processes had written it
+    torch.save(checkpoint, tmp_path / "two.pt")
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--resume",
+            str(tmp_path / "two.pt"), *SMALL]
+    refused = run_cli([*args, "--out", str(tmp_path / "again")])
+    assert refused.returncode == 2 and "written by 2 processes" in refused.stderr and "--reshard" in refused.stderr
+    resharded = run_cli([*args, "--out", str(tmp_path / "again2"), "--reshard"])
+    assert resharded.returncode == 0, resharded.stderr[-2000:]
+    assert "resharded from 2 processes" in resharded.stdout
+
+
+def test_divergence_stops_and_keeps_only_good_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "2",
+                    *SMALL, "--warmup-epochs", "0", "--base-lr", "1e12", "--checkpoint-every", "1",
+                    "--max-nonfinite-steps", "3"])
+    assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
+    assert "NaN or inf for 3 steps in a row" in done.stderr and "Traceback" not in done.stderr
+    kept = regular_checkpoints(out)
+    assert kept, "the good checkpoints before the divergence are kept"
+    for path in kept:
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
