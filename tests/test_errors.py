@@ -1,0 +1,91 @@
+"""Every user-caused failure: one sentence naming the cause and the fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import pipelines.dali
+from pipelines.folder import list_split
+from rn50.checkpoint import load_checkpoint
+from rn50.train import main
+
+SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
+         "--dali-threads", "1", "--epochs", "1"]
+
+
+def copy_of(data_dir, tmp_path):
+    target = tmp_path / "data"
+    shutil.copytree(data_dir, target)
+    list_split.cache_clear()
+    return target
+
+
+def empty_class(data_dir, tmp_path):
+    data = copy_of(data_dir, tmp_path)
+    (data / "train" / "n99999999").mkdir()
+    return ["--data", str(data)]
+
+
+def empty_folder(data_dir, tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    return ["--data", str(tmp_path / "empty")]
+
+
+def other_world_size(data_dir, tmp_path):
+    assert main(["--data", str(data_dir), "--out", str(tmp_path / "first"), *SMALL]) is None
+    checkpoint = load_checkpoint(tmp_path / "first" / "checkpoint_0001.pt")
+    checkpoint["world_size"] = 4
+    torch.save(checkpoint, tmp_path / "four.pt")
+    return ["--data", str(data_dir), "--resume", str(tmp_path / "four.pt")]
+
+
+def corrupt_checkpoint(data_dir, tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    return ["--data", str(data_dir), "--resume", str(tmp_path / "bad.pt")]
+
+
+def unwritable_out(data_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    return ["--data", str(data_dir), "--out", str(tmp_path / "a_file" / "run")]
+
+
+def no_dali(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipelines.dali, "fn", None)  # what a failed `import nvidia.dali` leaves
+    return ["--data", str(data_dir)]
+
+
+CASES = {
+    "missing data folder": (lambda d, t: ["--data", str(t / "nowhere")], "does not exist", "--data"),
+    "empty data folder": (empty_folder, "has no class folders", "train/<class>"),
+    "empty class folder": (empty_class, "holds no .JPEG files", "remove the folder"),
+    "batch larger than the shard": (lambda d, t: ["--data", str(d), "--batch-size", "1000"], "larger than",
+                                    "lower --batch-size"),
+    "gpu loader without cuda": (lambda d, t: ["--data", str(d), "--loader", "dali"], "CUDA is not available",
+                                "--loader dali-cpu"),
+    "dali not installed": (no_dali, "DALI is not installed", "pip install nvidia-dali"),
+    "resume with another world size": (other_world_size, "written by 4 processes", "--reshard"),
+    "corrupt checkpoint": (corrupt_checkpoint, "cannot be read", "earlier checkpoint"),
+    "unwritable output folder": (unwritable_out, "cannot write to the run folder", "writable --out"),
+    "unknown flag": (lambda d, t: ["--data", str(d), "--epoch", "3"], "unknown argument", "did you mean"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_error_is_one_line_with_cause_and_fix(case, data_dir, tmp_path, capsys, monkeypatch):
+    if case == "gpu loader without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_args, cause, fix = CASES[case]
+    args = make_args(data_dir, tmp_path, monkeypatch) if case == "dali not installed" else make_args(data_dir, tmp_path)
+    capsys.readouterr()
+    argv = [*SMALL, "--out", str(tmp_path / "run"), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert cause in lines[0] and fix in lines[0], lines[0]
+    assert "Traceback" not in err
