@@ -9,34 +9,41 @@ It has len() = steps per epoch for this rank (equal on every rank), `num_samples
 from __future__ import annotations
 
 from pipelines.errors import UserError
+from pipelines.folder import check_files, list_split
 
 KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
 
 
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
-                 **options):
-    """options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch (DALI);
+                 manifest=None, preflight: bool = True, **options):
+    """manifest: a `tools.scan` output folder whose <split>.txt lists the files to use (already checked);
+    preflight: without a manifest, check every file's header before the first batch.
+    options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch (DALI);
     workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
+        if data_dir is not None else None
+    if image_list is not None and kind != "synthetic" and manifest is None and preflight:
+        check_files(image_list, rank, world_size)
     common = dict(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
-                  seed=seed, device=device, dtype=dtype)
+                  seed=seed, device=device, dtype=dtype, image_list=image_list)
     if kind in ("dali", "dali-cpu"):
         from pipelines.dali import DaliLoader
 
         options = _dali_options(split, options)
-        return DaliLoader(split, data_dir, **common, local_rank=local_rank, gpu=kind == "dali", **options)
+        return DaliLoader(split, **common, local_rank=local_rank, gpu=kind == "dali", **options)
     if kind == "torchvision":
         from pipelines.baseline import TorchvisionLoader
 
-        return TorchvisionLoader(split, data_dir, **common, **options)
+        return TorchvisionLoader(split, **common, **options)
     if kind == "synthetic":
         from pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(split, data_dir, **common, **options)
+        return SyntheticLoader(split, **common, **options)
     raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
 
 

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from pipelines.errors import UserError
-from pipelines.folder import list_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,10 +70,9 @@ class TorchvisionLoader:
     """Training: DistributedSampler(drop_last) + DataLoader(drop_last): floor(floor(N/world)/batch) steps
     on every rank. set_epoch reseeds the global shuffle."""
 
-    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, seed, device, dtype,
+    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, seed, device, dtype,
                  workers=8, color_jitter=0.4, resize_ratio=0.875, **_unused):
         self.training = split == "train"
-        image_list = list_split(str(data_dir), split)
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.device, self.dtype = torch.device(device), dtype
         self.epoch = 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from pipelines.errors import UserError
-from pipelines.folder import list_split
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -156,7 +155,7 @@ def make_iterator(pipe, training: bool) -> "DALIGenericIterator":
 class DaliLoader:
     """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator."""
 
-    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, local_rank, seed,
+    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, local_rank, seed,
                  device, dtype, gpu, threads=4, prefetch=2, **pipeline_options):
         _require_dali()
         if gpu and not torch.cuda.is_available():
@@ -164,7 +163,7 @@ class DaliLoader:
                             "use --loader dali-cpu (DALI's CPU operators) on this machine")
         self.split = split
         self.training = split == "train"
-        self._list = list_split(str(data_dir), split)
+        self._list = image_list
         self.num_samples = len(self._list)
         self.num_classes = len(self._list.classes)
         self.batch_size = batch_size

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.folder import list_split
 
 
 class SyntheticLoader:
-    def __init__(self, split, data_dir, *, batch_size, image_size, rank, world_size, seed, device, dtype,
-                 num_classes=1000, num_samples=None, **_unused):
+    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, seed, device,
+                 dtype, num_classes=1000, num_samples=None, **_unused):
         # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.
-        if data_dir is not None:
-            image_list = list_split(str(data_dir), split)
+        if image_list is not None:
             num_samples, num_classes = len(image_list), len(image_list.classes)
         self.num_samples = num_samples if num_samples is not None else batch_size * world_size
         self.num_classes = num_classes

@@ -10,7 +10,7 @@ from rn50.metrics import topk_correct
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None, on_batch=None) -> dict:
     """`model` must be the unwrapped model (not DDP): ranks may hold different numbers of batches.
 
     Every rank sums loss, correct counts and images; one all-reduce adds them up, so val/count is
@@ -20,7 +20,9 @@ def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = Non
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader):
+        if on_batch is not None:
+            on_batch(batch)  # progress for the hang watchdog
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")

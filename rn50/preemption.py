@@ -19,8 +19,12 @@ class StopRequest:
     def __init__(self, check_every: int):
         self.check_every = check_every  # steps between checks (a tiny collective when distributed)
         self.signal_name: str | None = None
-        for signum in SIGNALS:
-            signal.signal(signum, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
+
+    def close(self) -> None:
+        """Give the signals back (a run inside a longer-lived process, such as a test, ends cleanly)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name

@@ -2,8 +2,8 @@
 
 Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
 modules. Writes recipe.json, metrics.jsonl, summary.json and checkpoints into the run folder.
-Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 75 preempted (a checkpoint
-was saved: run the same command with `--resume auto`).
+Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 4 a rank hung (the watchdog
+names it), 75 preempted (a checkpoint was saved: run the same command with `--resume auto`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import lr_at, set_lr
 from rn50.step import TrainingParts, build_training, state_digest, train_step
+from rn50.watchdog import Watchdog
 
 EXIT_DIVERGED = 3
 
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the last K checkpoints (and the best by top-1); 0 keeps all")
     parser.add_argument("--max-nonfinite-steps", type=int, default=50, metavar="K",
                         help="stop when the loss stays NaN/inf for K consecutive steps")
+    parser.add_argument("--hang-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="end the job when a rank makes no progress for this long, naming the stalled "
+                             "rank and what it was doing (0: off)")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
 
@@ -94,8 +98,8 @@ class Trainer:
     """One run: the loop over epochs, with logging, validation and checkpoints."""
 
     def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path,
-                 args: argparse.Namespace):
-        self.recipe, self.parts, self.env, self.out = recipe, parts, env, out
+                 args: argparse.Namespace, watchdog: Watchdog):
+        self.recipe, self.parts, self.env, self.out, self.watchdog = recipe, parts, env, out, watchdog
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main)
@@ -130,6 +134,7 @@ class Trainer:
         begin = waited_from = time.perf_counter()
         for i, (images, labels) in enumerate(self.train_loader, start=first):
             host_wait += time.perf_counter() - waited_from
+            self.watchdog.progress(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch}: training step")
             step = epoch * self.steps_per_epoch + i
             lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size)
             set_lr(parts.optimizer, lr)
@@ -154,6 +159,7 @@ class Trainer:
             if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and not last_step:
                 self.check_divergence(worst)
                 self.save(epoch, i + 1, epoch_end=False)
+            self.watchdog.progress(f"epoch {epoch + 1} after step {i + 1}: waiting for the next batch")
             waited_from = time.perf_counter()
         self.check_divergence(worst)
         self._sync()
@@ -191,7 +197,8 @@ class Trainer:
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
             record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
             broadcast_buffers(self.parts.raw_model)
-            record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype))
+            record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype,
+                                   on_batch=lambda b: self.watchdog.progress(f"epoch {epoch + 1}: validation batch {b}")))
             record["time_s"] = self.elapsed()
             self.log.write(record)
             self.history.append(record)
@@ -217,6 +224,7 @@ class Trainer:
     def save(self, epoch: int, steps_done: int, epoch_end: bool) -> None:
         """A checkpoint after `steps_done` steps of epoch `epoch` (0-based). Every rank takes part: each
         rank's loader state is its own (its shard, its augmentation stream) and rank 0 stores them all."""
+        self.watchdog.progress(f"saving a checkpoint at epoch {epoch + 1} step {steps_done}")
         loader_states = all_gather_objects(self.train_loader.state_dict())
         if not self.env.is_main:
             return
@@ -301,6 +309,20 @@ def find_resume(args: argparse.Namespace) -> dict | None:
 
 def run(args: argparse.Namespace) -> dict:
     env = init_distributed()
+    watchdog = Watchdog(env.rank, env.world_size, args.hang_timeout)
+    try:
+        return run_with(args, env, watchdog)
+    except (UserError, Preempted, Diverged):
+        raise
+    except Exception:
+        if env.distributed:  # the traceback follows; first say which rank and where, for the job log
+            print(f"failed: {watchdog.describe()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        watchdog.close()
+
+
+def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog) -> dict:
     checkpoint = find_resume(args)
     # a resumed run continues the saved recipe; flags given now still override single fields
     base = from_mapping(checkpoint["recipe"]) if checkpoint else None
@@ -308,14 +330,17 @@ def run(args: argparse.Namespace) -> dict:
     prepare_out_dir(args.out, resuming=args.resume is not None)
     train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
     parts = build_training(recipe, train_loader.num_classes, env)
-    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args)
+    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog)
     if checkpoint:
         trainer.restore(checkpoint, args.reshard)
     if env.is_main:
         recipe.save(args.out / "recipe.json", world_size=env.world_size,
                     global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size),
                     amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.stop.close()
     summary["data"] = str(args.data.resolve())
     if env.is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

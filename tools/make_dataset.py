@@ -208,7 +208,8 @@ def make_dataset(out, classes: int, train_per_class: int, val_per_class: int, se
     if workers == 1:
         sizes = [make_one(t) for t in tasks]  # no pool start-up cost for tiny runs
     else:
-        with multiprocessing.Pool(workers) as pool:
+        # forkserver, not fork: a caller with threads (torch, DALI) must not hand their locked state to workers
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             sizes = pool.map(make_one, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
     return {"classes": classes, "train": classes * train_per_class,
             "val": classes * val_per_class, "bytes": int(sum(sizes))}
