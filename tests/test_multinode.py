@@ -108,4 +108,5 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(data_dir, tmp_
     assert launcher.returncode != 0
     assert time.time() - stopped_at < 8 + 30 + 30  # the timeout, torchrun's 30 s grace, margin
     assert "watchdog: no progress" in output, output[-3000:]
-    assert re.search(r"rank 1 on .* while epoch \d+.*<- stalest", output), output[-3000:]
+    # rank 1 is named as the stalled one, with what it was doing at its last heartbeat
+    assert re.search(r"rank 1 on .* while (epoch|saving).*<- stalest", output), output[-3000:]
