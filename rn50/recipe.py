@@ -169,3 +169,32 @@ def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
         raise UserError(f"unknown argument {bad!r}{_closest(bad.split('=')[0], flags)}")
     return args
+
+
+def format_recipe(recipe: Recipe) -> str:
+    """The resolved recipe, one `field = value` line each (TOML, so it can be saved as a preset)."""
+    def toml(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return "[" + ", ".join(repr(v) for v in value) + "]"
+        return f'"{value}"' if isinstance(value, str) else repr(value)
+
+    return "\n".join(f"{name} = {toml(value)}" for name, value in recipe.to_dict().items())
+
+
+def main(argv=None) -> None:
+    """`python -m rn50.recipe [--preset NAME] [--field value ...]`: print the resolved recipe."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="rn50.recipe", description=main.__doc__, allow_abbrev=False)
+    add_recipe_flags(parser)
+    try:
+        print(format_recipe(recipe_from_args(parse_strict(parser, argv))))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

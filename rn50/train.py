@@ -27,7 +27,7 @@ from rn50.evaluate import evaluate
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
-from rn50.recipe import Recipe, add_recipe_flags, from_mapping, parse_strict, recipe_from_args
+from rn50.recipe import Recipe, add_recipe_flags, format_recipe, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import lr_at, set_lr
 from rn50.step import TrainingParts, build_training, state_digest, train_step
 from rn50.watchdog import Watchdog
@@ -328,6 +328,8 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog) -> dict
     base = from_mapping(checkpoint["recipe"]) if checkpoint else None
     recipe = recipe_from_args(args, base)
     prepare_out_dir(args.out, resuming=args.resume is not None)
+    if env.is_main:
+        print(f"recipe{f' (preset {args.preset})' if args.preset else ''}:\n" + format_recipe(recipe), flush=True)
     train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
     parts = build_training(recipe, train_loader.num_classes, env)
     trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog)

@@ -69,3 +69,12 @@ def test_saved_recipe_round_trips(tmp_path):
     assert saved["world_size"] == 2
     saved.pop("world_size")
     assert from_mapping(saved) == r
+
+
+def test_printed_recipe_reads_back_as_a_preset(tmp_path, capsys):
+    from rn50.recipe import main
+
+    main(["--preset", "smoke", "--batch-size", "16", "--lr-milestones", "2,3"])
+    (tmp_path / "resolved.toml").write_text(capsys.readouterr().out)
+    assert load_preset(str(tmp_path / "resolved.toml")) == parse(["--preset", "smoke", "--batch-size", "16",
+                                                                  "--lr-milestones", "2,3"])
