@@ -16,14 +16,42 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class MetricsLog:
     """Appends one flat JSON object per line to metrics.jsonl; names are slash-separated
-    (`train/loss`, `val/top1`) and double as TensorBoard tags. Only the main rank writes."""
+    (`train/loss`, `val/top1`) and are the TensorBoard tags too, when `tensorboard_dir` is given (every
+    numeric value of a record becomes a scalar at the record's step). Only the main rank writes."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
         self.path, self.enabled = Path(path), enabled
+        self.writer = None
+        if enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch"):
+                    self.writer.add_scalar(name, value, record["step"])
+            self.writer.flush()
+
+    def images(self, tag: str, images: torch.Tensor, step: int, count: int = 16) -> None:
+        """A grid of (augmented, normalised) input images, brought back to 0-1 for display."""
+        if self.writer is None:
+            return
+        import torchvision
+
+        batch = images[:count].detach().float().cpu()
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        grid = torchvision.utils.make_grid((batch * std + mean).clamp(0, 1), nrow=8)
+        self.writer.add_image(tag, grid, step)

@@ -21,3 +21,31 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = True) ->
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_weights(model: torch.nn.Module, path: str, replace_classifier: bool) -> list[str]:
+    """Load a torchvision state dict or one of our checkpoints into `model`.
+
+    With replace_classifier, a classifier (fc) of another shape is left as initialised (fine-tuning for
+    C classes); everything else must match. Returns the names left as initialised."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
+                        "state dict (.pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"weights file {path} cannot be read ({type(exc).__name__}); pass a .pt/.pth state dict") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from a DDP wrapper
+    own = model.state_dict()
+    kept = [k for k in ("fc.weight", "fc.bias")
+            if replace_classifier and k in state and state[k].shape != own[k].shape]
+    for key in kept:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - set(kept) or unexpected:
+        raise UserError(f"{path} does not fit this {type(model).__name__}: missing {sorted(set(missing) - set(kept))[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}; check --arch / --kd-teacher-arch")
+    return kept

@@ -10,31 +10,37 @@ from rn50.recipe import Recipe
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decay (conv/linear weights) and no_decay (every norm parameter and every bias).
+def parameter_groups(model: nn.Module, weight_decay: float, head: nn.Module | None = None) -> list[dict]:
+    """Groups by decay: conv/linear weights decay, every norm parameter and every bias does not.
 
     Decided by module type and parameter name, not by tensor rank, so a future 1-d weight of a
-    non-norm layer still gets its decay.
+    non-norm layer still gets its decay. With `head` (the classifier), its parameters get groups of their
+    own marked "head", so fine-tuning can freeze the backbone by LR alone (rn50.schedule.set_lr).
     """
-    decay, no_decay = [], []
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    groups = {}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            (no_decay if isinstance(module, _NORMS) or name == "bias" else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+            decays = not (isinstance(module, _NORMS) or name == "bias")
+            in_head = id(param) in head_params
+            key = ("decay" if decays else "no_decay") + ("_head" if in_head else "")
+            groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decays else 0.0, "name": key,
+                                    "head": in_head})["params"].append(param)
+    order = ("decay", "no_decay", "decay_head", "no_decay_head")
+    return [groups[key] for key in order if key in groups]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    # The LR is set every step by rn50.schedule; fused kernels where CUDA has them.
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.SGD(
-        parameter_groups(model, recipe.weight_decay),
-        lr=0.0,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov,
-        fused=fused or None,
-    )
+def build_optimizer(model: nn.Module, recipe: Recipe, head: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the recipe's), AdamW (torch) or LAMB (timm's, a well-kept
+    implementation). The LR is set every step by rn50.schedule; fused kernels where CUDA has them."""
+    groups = parameter_groups(model, recipe.weight_decay, head)
+    fused = next(model.parameters()).is_cuda or None
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, fused=fused)
+    if recipe.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=0.0)
+    return torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)

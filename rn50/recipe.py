@@ -41,6 +41,25 @@ class Recipe:
     nesterov: bool = True
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw (torch) | lamb (timm's)
+    schedule: str = "step"  # step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)
+    min_lr: float = 0.0  # cosine: the LR at the end of the cosine phase and through the cooldown
+    cooldown_epochs: float = 0.0  # cosine: epochs held at min_lr at the end
+    plateau_factor: float = 0.1  # plateau: LR multiplier when validation loss stops improving
+    plateau_patience: int = 5  # plateau: epochs without improvement before the LR drops
+    # Regularisation beyond the 90-epoch recipe (all off by default)
+    ema_decay: float = 0.0  # EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off
+    mixup_alpha: float = 0.0  # Mixup on the GPU batch (Beta(alpha, alpha)); 0: off
+    cutmix_alpha: float = 0.0  # CutMix; with both on, each batch takes one of the two at random
+    kd_teacher: str = ""  # distillation: teacher weights (our checkpoint or a torchvision state dict)
+    kd_teacher_arch: str = "resnet152"
+    kd_alpha: float = 0.8  # loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE
+    kd_temperature: float = 1.0
+    # Fine-tuning and stopping rules
+    finetune_from: str = ""  # start from these weights; a classifier of another size is replaced
+    freeze_backbone_epochs: float = 0.0  # train only the classifier for the first epochs
+    early_stop_patience: int = 0  # stop after this many epochs without a better val top-1; 0: off
+    target_top1: float = 0.0  # stop once val top-1 reaches this (time-to-accuracy); 0: off
     # Precision and memory layout
     amp: bool = True  # autocast + GradScaler on CUDA; CPU runs stay fp32
     amp_dtype: str = "float16"  # float16 or bfloat16
@@ -78,6 +97,14 @@ class Recipe:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
+        for name, allowed in (("optimizer", ("sgd", "adamw", "lamb")), ("schedule", ("step", "cosine", "plateau"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.schedule == "cosine" and self.warmup_epochs + self.cooldown_epochs >= self.epochs:
+            raise UserError(f"cosine needs epochs ({self.epochs}) > warmup_epochs + cooldown_epochs "
+                            f"({self.warmup_epochs} + {self.cooldown_epochs}); lengthen --epochs")
+        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
+            raise UserError("kd_alpha must lie in [0, 1] and kd_temperature be positive")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
         return self

@@ -1,6 +1,14 @@
-"""The learning rate as a pure function of (recipe, step): linear warmup from 0, then step decay."""
+"""The learning rate as a pure function of (recipe, step): linear warmup from 0, then step decay or cosine.
+
+The plateau schedule is the one exception: it scales this function by a multiplier that
+ReduceLROnPlateau derives from the validation loss (see PlateauMultiplier).
+"""
 
 from __future__ import annotations
+
+import math
+
+import torch
 
 from rn50.recipe import Recipe
 
@@ -8,17 +16,50 @@ from rn50.recipe import Recipe
 def lr_at(recipe: Recipe, step: int, steps_per_epoch: int, world_size: int) -> float:
     """LR for optimizer step `step` (0-based, counted over the whole run).
 
-    Updated every step, not every epoch: the warmup is a ramp over 5 * steps_per_epoch steps
+    Updated every step, not every epoch: the warmup is a ramp over warmup_epochs * steps_per_epoch steps
     (step 0 has LR 0), and a milestone at epoch 30 takes effect at exactly step 30 * steps_per_epoch.
     """
     peak = recipe.peak_lr(world_size)
     epoch = step / steps_per_epoch  # fractional epoch
     if epoch < recipe.warmup_epochs:
         return peak * epoch / recipe.warmup_epochs
+    if recipe.schedule == "cosine":
+        # cosine from the peak to min_lr over the epochs between warmup and cooldown, then min_lr
+        span = recipe.epochs - recipe.cooldown_epochs - recipe.warmup_epochs
+        progress = min(1.0, (epoch - recipe.warmup_epochs) / span)
+        return recipe.min_lr + 0.5 * (peak - recipe.min_lr) * (1 + math.cos(math.pi * progress))
+    if recipe.schedule == "plateau":
+        return peak
     passed = sum(1 for milestone in recipe.lr_milestones if epoch >= milestone)
     return peak * recipe.lr_decay**passed
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float, frozen: bool = False) -> None:
+    """`frozen`: the backbone's groups get LR 0 (fine-tuning trains only the classifier at first; a zero
+    LR rather than requires_grad=False, which DDP does not allow to change after wrapping)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = 0.0 if frozen and not group.get("head") else lr
+
+
+class PlateauMultiplier:
+    """torch's ReduceLROnPlateau logic (patience, threshold) driving a multiplier of lr_at, stepped once
+    per validation. It runs on a one-parameter stand-in optimizer, so it never fights set_lr."""
+
+    def __init__(self, recipe: Recipe):
+        self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        self._scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._optimizer, mode="min", factor=recipe.plateau_factor, patience=recipe.plateau_patience)
+
+    @property
+    def value(self) -> float:
+        return self._optimizer.param_groups[0]["lr"]
+
+    def step(self, val_loss: float) -> None:
+        self._scheduler.step(val_loss)
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self._scheduler.state_dict(), "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._scheduler.load_state_dict(state["scheduler"])
+        self._optimizer.param_groups[0]["lr"] = state["value"]

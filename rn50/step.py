@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rn50.dist import DistEnv
-from rn50.model import build_model
+from rn50.losses import batch_mixing, distillation_loss
+from rn50.model import build_model, load_weights
 from rn50.optim import build_optimizer
 from rn50.recipe import Recipe
 
@@ -22,6 +24,11 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     amp_dtype: torch.dtype | None  # None: full fp32 (CPU runs)
+    mix: object = None  # MixUp/CutMix on the batch (rn50.losses.batch_mixing), or None
+    teacher: nn.Module | None = None  # distillation teacher, eval mode, frozen
+    kd_alpha: float = 0.8
+    kd_temperature: float = 1.0
+    ema: AveragedModel | None = None  # EMA of the weights (and BN buffers)
 
     @property
     def raw_model(self) -> nn.Module:
@@ -30,15 +37,30 @@ class TrainingParts:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
 
+def _teacher(recipe: Recipe, num_classes: int, env: DistEnv, memory_format) -> nn.Module:
+    teacher = build_model(recipe.kd_teacher_arch, num_classes, zero_init_residual=False)
+    load_weights(teacher, recipe.kd_teacher, replace_classifier=False)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(env.device, memory_format=memory_format)
+
+
 def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingParts:
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # training shapes are fixed (DROP): pick the fastest kernels once
     model = build_model(recipe.arch, num_classes, recipe.zero_init_residual)
+    if recipe.finetune_from:
+        replaced = load_weights(model, recipe.finetune_from, replace_classifier=True)
+        if env.is_main:
+            print(f"fine-tuning from {recipe.finetune_from}" + (f"; new classifier for {num_classes} classes"
+                                                                if replaced else ""), flush=True)
     if recipe.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
+    head = model.fc
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
+        if recipe.ema_decay > 0 else None
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -47,7 +69,12 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     amp_dtype = getattr(torch, recipe.amp_dtype) if use_amp else None
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    return TrainingParts(model, build_optimizer(model, recipe), scaler, criterion, amp_dtype)
+    return TrainingParts(
+        model, build_optimizer(model, recipe, head), scaler, criterion, amp_dtype,
+        mix=batch_mixing(recipe.mixup_alpha, recipe.cutmix_alpha, num_classes),
+        teacher=_teacher(recipe, num_classes, env, memory_format) if recipe.kd_teacher else None,
+        kd_alpha=recipe.kd_alpha, kd_temperature=recipe.kd_temperature, ema=ema,
+    )
 
 
 def state_digest(model: nn.Module) -> str:
@@ -65,9 +92,18 @@ def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor)
     .item() only at log intervals.
     """
     parts.optimizer.zero_grad(set_to_none=True)
+    if parts.mix is not None:
+        images, labels = parts.mix(images, labels)  # labels become class probabilities
     with torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
-        loss = parts.criterion(parts.model(images), labels)
+        logits = parts.model(images)
+        loss = parts.criterion(logits, labels)
+        if parts.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = parts.teacher(images)
+            loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
     parts.scaler.scale(loss).backward()
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
+    if parts.ema is not None:
+        parts.ema.update_parameters(parts.raw_model)
     return loss.detach()

@@ -28,7 +28,7 @@ from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, format_recipe, from_mapping, parse_strict, recipe_from_args
-from rn50.schedule import lr_at, set_lr
+from rn50.schedule import PlateauMultiplier, lr_at, set_lr
 from rn50.step import TrainingParts, build_training, state_digest, train_step
 from rn50.watchdog import Watchdog
 
@@ -102,13 +102,15 @@ class Trainer:
         self.recipe, self.parts, self.env, self.out, self.watchdog = recipe, parts, env, out, watchdog
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
-        self.log = MetricsLog(out / "metrics.jsonl", env.is_main)
+        self.log = MetricsLog(out / "metrics.jsonl", env.is_main, tensorboard_dir=out / "tensorboard")
         self.store = CheckpointStore(out, args.keep_checkpoints)
         self.checkpoint_every = args.checkpoint_every
         self.max_nonfinite = args.max_nonfinite_steps
         # one process: check for a stop signal every step; several: every 10 (a tiny gloo all-reduce)
         self.stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
+        self.plateau = PlateauMultiplier(recipe)  # 1.0 unless the plateau schedule lowered it
+        self.reached_target = False
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
@@ -136,8 +138,10 @@ class Trainer:
             host_wait += time.perf_counter() - waited_from
             self.watchdog.progress(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch}: training step")
             step = epoch * self.steps_per_epoch + i
-            lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size)
-            set_lr(parts.optimizer, lr)
+            lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size) * self.plateau.value
+            set_lr(parts.optimizer, lr, frozen=step < recipe.freeze_backbone_epochs * self.steps_per_epoch)
+            if i == first:
+                self.log.images("train/inputs", images, step)  # what the model sees, once an epoch
             loss = train_step(parts, images, labels)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)
@@ -196,22 +200,58 @@ class Trainer:
         for epoch in range(self.start_epoch, recipe.epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
             record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
-            broadcast_buffers(self.parts.raw_model)
-            record.update(evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype,
-                                   on_batch=lambda b: self.watchdog.progress(f"epoch {epoch + 1}: validation batch {b}")))
+            record.update(self.validate(epoch))
             record["time_s"] = self.elapsed()
+            record.update(self.judge(record))
             self.log.write(record)
             self.history.append(record)
             self.say(f"epoch {epoch + 1}/{recipe.epochs}: train loss {record['train/loss']:.4f}, "
                      f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
                      f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
-                     f"on {record['val/count']} images")
+                     f"on {record['val/count']} images"
+                     + (f"; EMA top-1 {record['val_ema/top1']:.2f}%" if "val_ema/top1" in record else ""))
+            if recipe.schedule == "plateau":
+                self.plateau.step(record["val/loss"])
             self.save(epoch, self.steps_per_epoch, epoch_end=True)
             if self.stop.agreed(0, force=True):
                 raise Preempted(self.stop.signal_name)
+            if record.get("stop"):
+                self.say(f"stopping after epoch {epoch + 1}: {record['stop']}")
+                break
         summary = self.summary()
         summary["ddp/replicas_identical"] = self.replicas_identical()
         return summary
+
+    def validate(self, epoch: int) -> dict:
+        """The raw model, and the EMA weights beside it when the recipe keeps them (val_ema/*)."""
+        broadcast_buffers(self.parts.raw_model)
+        progress = lambda b: self.watchdog.progress(f"epoch {epoch + 1}: validation batch {b}")  # noqa: E731
+        result = evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype, on_batch=progress)
+        if self.parts.ema is not None:
+            ema = evaluate(self.parts.ema.module, self.val_loader, self.parts.amp_dtype, on_batch=progress)
+            result.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
+        return result
+
+    def judge(self, record: dict) -> dict:
+        """Stopping rules and warnings after an epoch: target top-1 reached (time-to-accuracy), no better
+        top-1 for early_stop_patience epochs, and a growing gap between validation and training loss."""
+        recipe, verdict = self.recipe, {}
+        history = self.history + [record]
+        top1 = [h["val/top1"] for h in history]
+        if recipe.target_top1 and record["val/top1"] >= recipe.target_top1 and not self.reached_target:
+            self.reached_target = True
+            verdict["stop"] = f"validation top-1 reached the target {recipe.target_top1}%"
+            verdict["target/time_s"], verdict["target/epochs"] = record["time_s"], record["epoch"]
+        best_at = len(top1) - 1 - top1[::-1].index(max(top1))
+        if recipe.early_stop_patience and len(top1) - 1 - best_at >= recipe.early_stop_patience:
+            verdict.setdefault("stop", f"no better validation top-1 for {recipe.early_stop_patience} epochs "
+                                       f"(best {max(top1):.2f}% at epoch {history[best_at]['epoch']})")
+        gaps = [h["val/loss"] - h["train/loss"] for h in history[-4:]]
+        if len(gaps) == 4 and all(b > a for a, b in zip(gaps, gaps[1:])):
+            verdict["warn/overfitting"] = True
+            self.say(f"warning: the gap between validation and training loss grew for 3 epochs "
+                     f"({gaps[0]:.3f} -> {gaps[-1]:.3f}): the model may be overfitting")
+        return verdict
 
     def replicas_identical(self) -> bool:
         """DDP keeps every rank's weights equal (and validation syncs the BN statistics); check it bit for
@@ -245,6 +285,8 @@ class Trainer:
             "model": weights,
             "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.scaler.state_dict(),
+            "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "plateau": self.plateau.state_dict(),
             "loader": loader_states,
             "recipe": self.recipe.to_dict(),
             "world_size": self.env.world_size,
@@ -264,6 +306,11 @@ class Trainer:
         self.parts.raw_model.load_state_dict(checkpoint["model"])
         self.parts.optimizer.load_state_dict(checkpoint["optimizer"])
         self.parts.scaler.load_state_dict(checkpoint["scaler"])
+        if self.parts.ema is not None and checkpoint.get("ema") is not None:
+            self.parts.ema.load_state_dict(checkpoint["ema"])
+        if checkpoint.get("plateau"):
+            self.plateau.load_state_dict(checkpoint["plateau"])
+        self.reached_target = any(h.get("target/epochs") for h in checkpoint["history"])
         self.history = list(checkpoint["history"])
         self.elapsed_before = checkpoint["elapsed_s"]
         self.start_epoch = checkpoint["epoch"]
@@ -282,6 +329,11 @@ class Trainer:
             "epochs_run": len(self.history),
             "final": {k: v for k, v in last.items() if k.startswith("val/")},
             "best/val_top1": max((h["val/top1"] for h in self.history), default=None),
+            "best/val_ema_top1": max((h["val_ema/top1"] for h in self.history if "val_ema/top1" in h), default=None),
+            # time-to-accuracy (DAWNBench style): run time and epochs to reach --target-top1
+            "target": next(({"top1": self.recipe.target_top1, "time_s": h["target/time_s"],
+                             "epochs": h["target/epochs"]} for h in self.history if "target/time_s" in h), None),
+            "stopped_early": next((h["stop"] for h in self.history if "stop" in h), None),
             "train/img_per_s": sum(h["train/img_per_s"] for h in steady) / len(steady) if steady else None,
             "wall_s": self.elapsed(),
             "world_size": self.env.world_size,

@@ -1,0 +1,191 @@
+"""Beyond the 90-epoch recipe: cosine schedule, AdamW/LAMB, plateau, EMA, Mixup/CutMix, distillation,
+fine-tuning with a replaced head, early stopping, time-to-accuracy and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rn50.dist import DistEnv
+from rn50.losses import batch_mixing, distillation_loss
+from rn50.recipe import Recipe
+from rn50.schedule import PlateauMultiplier, lr_at
+from rn50.step import build_training, train_step
+from rn50.train import main
+
+from conftest import CLASSES, run_cli
+
+SPE = 100
+CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
+         "--warmup-epochs", "0", "--log-every", "3"]
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.0),                                   # warmup from 0
+    (500, 0.1),                                 # the peak after 5 warmup epochs
+    (500 + 2500, 0.001 + 0.5 * (0.1 - 0.001)),  # half-way through the 50-epoch cosine: the mean of peak and floor
+    (500 + 1250, 0.001 + 0.5 * (0.1 - 0.001) * (1 + math.cos(math.pi / 4))),
+    (5500, 0.001),                              # end of the cosine phase
+    (5999, 0.001),                              # the cooldown holds min_lr
+])
+def test_cosine_with_warmup_and_cooldown(step, expected):
+    recipe = Recipe(schedule="cosine", epochs=60, warmup_epochs=5, cooldown_epochs=5, min_lr=0.001)
+    assert lr_at(recipe, step, SPE, world_size=1) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_plateau_multiplier_drops_after_patience():
+    plateau = PlateauMultiplier(Recipe(schedule="plateau", plateau_factor=0.5, plateau_patience=1))
+    for loss, expected in [(1.0, 1.0), (0.9, 1.0), (0.95, 1.0), (0.95, 0.5), (0.95, 0.5), (0.95, 0.25)]:
+        plateau.step(loss)
+        assert plateau.value == pytest.approx(expected)
+    state = plateau.state_dict()
+    again = PlateauMultiplier(Recipe(schedule="plateau", plateau_factor=0.5, plateau_patience=1))
+    again.load_state_dict(state)
+    assert again.value == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("lamb", None), ("sgd", torch.optim.SGD)])
+def test_optimizers_keep_the_no_decay_groups(name, kind):
+    parts = build_training(Recipe(arch="resnet18", optimizer=name, batch_size=4), CLASSES, CPU)
+    if kind is not None:
+        assert isinstance(parts.optimizer, kind)
+    else:
+        from timm.optim import Lamb
+
+        assert isinstance(parts.optimizer, Lamb)
+    decays = {g["name"]: g["weight_decay"] for g in parts.optimizer.param_groups}
+    assert decays == {"decay": 1e-4, "no_decay": 0.0, "decay_head": 1e-4, "no_decay_head": 0.0}
+
+
+def test_ema_update_follows_its_formula():
+    parts = build_training(Recipe(arch="resnet18", ema_decay=0.9, batch_size=4), CLASSES, CPU)
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4) % CLASSES
+    for group in parts.optimizer.param_groups:
+        group["lr"] = 0.1
+    train_step(parts, images, labels)
+    first = {k: v.clone() for k, v in parts.raw_model.state_dict().items()}
+    assert all(torch.equal(parts.ema.module.state_dict()[k], v) for k, v in first.items())  # first update: copy
+    train_step(parts, images, labels)
+    second = parts.raw_model.state_dict()
+    ema = parts.ema.module.state_dict()
+    name = "layer1.0.conv1.weight"
+    assert torch.allclose(ema[name], 0.9 * first[name] + 0.1 * second[name], atol=1e-6)
+    assert not torch.equal(ema[name], second[name])
+
+
+def test_mixup_and_cutmix_targets_sum_to_one_and_cutmix_area_matches():
+    torch.manual_seed(0)
+    labels = torch.arange(8) % CLASSES
+    mixup = batch_mixing(0.2, 0.0, CLASSES)
+    _, targets = mixup(torch.randn(8, 3, 32, 32), labels)
+    assert targets.shape == (8, CLASSES) and torch.allclose(targets.sum(1), torch.ones(8))
+    cutmix = batch_mixing(0.0, 1.0, CLASSES)
+    # every image a different constant: the pasted box is recognisable pixel by pixel
+    images = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
+    for _ in range(5):
+        mixed, targets = cutmix(images.clone(), labels)
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        for i in range(8):
+            kept = (mixed[i] == i).float().mean().item()  # share of image i still its own
+            own = targets[i, labels[i]].item()
+            partner = targets[i].clone()
+            partner[labels[i]] = 0
+            if partner.sum() > 0:  # the partner has another class: its weight is the pasted area
+                assert partner.sum().item() == pytest.approx(1 - kept, abs=1e-6)
+            assert own == pytest.approx(kept, abs=1e-6) or partner.sum() == 0
+
+
+def test_distillation_loss_matches_its_formula():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, CLASSES), torch.randn(6, CLASSES)
+    labels = torch.arange(6) % CLASSES
+    hard = F.cross_entropy(student, labels)
+    t = 2.0
+    p_teacher = F.softmax(teacher / t, dim=1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
+    expected = 0.8 * t * t * kl + 0.2 * hard
+    assert distillation_loss(student, teacher, hard, 0.8, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(student, student, hard, 1.0, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distillation_run_with_a_teacher_checkpoint(data_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    main(["--data", str(data_dir), "--out", str(teacher), "--epochs", "1", *SMALL])
+    student = tmp_path / "student"
+    main(["--data", str(data_dir), "--out", str(student), "--epochs", "1", *SMALL, "--kd-teacher",
+          str(teacher / "checkpoint_0001.pt"), "--kd-teacher-arch", "resnet18", "--kd-temperature", "2",
+          "--ema-decay", "0.9", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"])
+    last = records(student)[-1]
+    assert last["val/count"] == 44 and "val_ema/top1" in last and math.isfinite(last["train/loss"])
+
+
+def test_finetune_replaces_the_head_and_freezes_the_backbone_first(data_dir, tmp_path):
+    from tools.make_dataset import make_dataset
+
+    source = tmp_path / "source"
+    main(["--data", str(data_dir), "--out", str(source), "--epochs", "1", *SMALL])
+    new_data = tmp_path / "new-data"  # a new task: 3 classes instead of 4
+    make_dataset(new_data, 3, 8, 4, seed=11, min_side=40, max_side=48)
+    tuned = tmp_path / "tuned"
+    main(["--data", str(new_data), "--out", str(tuned), "--epochs", "2", *SMALL, "--finetune-from",
+          str(source / "checkpoint_0001.pt"), "--freeze-backbone-epochs", "1"])
+    before = torch.load(source / "checkpoint_0001.pt")["model"]
+    after_1 = torch.load(tuned / "checkpoint_0001.pt")["model"]
+    after_2 = torch.load(tuned / "checkpoint_0002.pt")["model"]
+    assert after_1["fc.weight"].shape == (3, 512)
+    assert torch.equal(before["layer1.0.conv1.weight"], after_1["layer1.0.conv1.weight"])  # frozen in epoch 1
+    assert not torch.equal(after_1["layer1.0.conv1.weight"], after_2["layer1.0.conv1.weight"])  # trained in 2
+    assert records(tuned)[-1]["val/count"] == 12
+
+
+def test_early_stopping_and_target_top1(data_dir, tmp_path):
+    stopped = tmp_path / "early"
+    main(["--data", str(data_dir), "--out", str(stopped), "--epochs", "8", *SMALL, "--base-lr", "0",
+          "--early-stop-patience", "2"])  # LR 0: only the BN statistics move, top-1 soon stops improving
+    epochs = [r for r in records(stopped) if "val/top1" in r]
+    top1 = [r["val/top1"] for r in epochs]
+
+    def should_stop(n):  # the rule after n epochs: the (latest) best top-1 is at least 2 epochs old
+        epochs_since_best = top1[:n][::-1].index(max(top1[:n]))
+        return epochs_since_best >= 2
+
+    expected = next(n for n in range(1, 9) if n == 8 or should_stop(n))
+    assert len(epochs) == expected < 8
+    assert "no better validation top-1 for 2 epochs" in epochs[-1]["stop"]
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["epochs_run"] == expected
+    target = tmp_path / "target"
+    main(["--data", str(data_dir), "--out", str(target), "--epochs", "5", *SMALL, "--target-top1", "1"])
+    summary = json.loads((target / "summary.json").read_text())
+    assert summary["target"]["epochs"] == 1 and summary["target"]["time_s"] > 0 and summary["epochs_run"] == 1
+
+
+def test_tensorboard_event_files_read_back_with_tensorboards_reader(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    main(["--data", str(data_dir), "--out", str(run), "--epochs", "2", *SMALL])
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("lr", "train/loss", "train/img_per_s", "train/host_wait_frac", "val/top1", "val/top5", "val/count"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("val/top1")] == [6, 12]
+    assert [e.value for e in events.Scalars("val/count")] == [44, 44]
+    assert "train/inputs" in tags["images"] and len(events.Images("train/inputs")) == 2
+
+
+def test_unknown_choices_are_user_errors(data_dir, tmp_path):
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                    *SMALL, "--optimizer", "adam"])
+    assert done.returncode == 2 and "optimizer must be one of sgd, adamw, lamb" in done.stderr

@@ -1,0 +1,151 @@
+"""tools.sweep: a base-LR x batch-size grid of real rn50.train runs on the generated data, one table
+(sweep.md, sweep.json) and one plot, resuming, failed runs recorded, one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tools.sweep import best_per_batch, error_line, main, parse_grid
+
+from conftest import run_cli
+
+TINY = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--dali-threads", "1",
+        "--warmup-epochs", "1", "--lr-milestones", "2"]
+
+
+def sweep(data_dir, out, lrs, batch_sizes, *extra):
+    return run_cli([sys.executable, "-m", "tools.sweep", "--data", str(data_dir), "--out", str(out),
+                    "--lrs", lrs, "--batch-sizes", batch_sizes, "--", *TINY, *extra])
+
+
+def runs_by_name(out):
+    return {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
+
+
+@pytest.mark.slow
+def test_sweep_writes_one_table_and_one_plot_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    done = sweep(data_dir, out, "0.1,0.4", "16,32", "--epochs", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    result = json.loads((out / "sweep.json").read_text())
+    runs = result["runs"]
+    assert [r["name"] for r in runs] == ["lr0.1_bs16", "lr0.4_bs16", "lr0.1_bs32", "lr0.4_bs32"]
+    for r in runs:
+        assert r["status"] == "ok" and r["ran"] == "now" and r["error"] is None
+        assert r["epochs_run"] == 2 and [e for e, _ in r["val_top1_by_epoch"]] == [1, 2]
+        assert r["global_batch"] == r["batch_size"]
+        # the linear scaling rule, as the run itself resolved it (recipe.json)
+        assert r["peak_lr"] == pytest.approx(r["base_lr"] * r["batch_size"] / 256)
+        assert r["final_val_top1"] == r["val_top1_by_epoch"][-1][1]
+        assert r["best_val_top1"] == max(t for _, t in r["val_top1_by_epoch"])
+        assert r["final_val_loss"] > 0 and r["img_per_s"] > 0 and r["wall_s"] > 0
+
+    # best LR per batch size: highest best top-1, ties to the lower final val loss
+    best = {b["batch_size"]: b for b in result["best_lr_per_batch"]}
+    assert sorted(best) == [16, 32]
+    for bs, entry in best.items():
+        same = [r for r in runs if r["batch_size"] == bs]
+        top = max(r["best_val_top1"] for r in same)
+        tied = [r for r in same if r["best_val_top1"] == top]
+        winner = min(tied, key=lambda r: r["final_val_loss"])
+        assert (entry["run"], entry["base_lr"], entry["best_val_top1"]) == (winner["name"], winner["base_lr"], top)
+
+    table = (out / "sweep.md").read_text()
+    for r in runs:
+        assert f"| {r['name']} | {r['base_lr']:g} | {r['batch_size']} |" in table
+    for bs, entry in best.items():
+        assert f"| {bs} | {entry['base_lr']:g} |" in table
+    assert "Best base LR per batch size" in done.stdout and "lr0.4_bs32" in done.stdout  # printed too
+
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1024
+
+    # the same command again: every run is finished, nothing trains, the table is rewritten
+    before = {r["name"]: (out / r["name"] / "metrics.jsonl").stat().st_mtime_ns for r in runs}
+    again = sweep(data_dir, out, "0.1,0.4", "16,32", "--epochs", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped, finished earlier") == 4 and "training in" not in again.stdout
+    assert {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in before} == before
+    rerun = runs_by_name(out)
+    assert all(r["status"] == "ok" and r["ran"] == "earlier" for r in rerun.values())
+    assert {n: r["val_top1_by_epoch"] for n, r in rerun.items()} == {r["name"]: r["val_top1_by_epoch"] for r in runs}
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    done = sweep(data_dir, out, "0.1", "1000,16", "--epochs", "1")  # 1000 > the 48 training images
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = runs_by_name(out)
+    failed, ok = runs["lr0.1_bs1000"], runs["lr0.1_bs16"]
+    assert failed["status"] == "failed" and "exit code 2: error:" in failed["error"]
+    assert "lower --batch-size" in failed["error"] and failed["val_top1_by_epoch"] == []
+    assert ok["status"] == "ok" and ok["epochs_run"] == 1  # ran after the failure
+    assert "failed: exit code 2" in (out / "sweep.md").read_text()
+    best = {b["batch_size"]: b for b in json.loads((out / "sweep.json").read_text())["best_lr_per_batch"]}
+    assert best[1000]["run"] is None and best[16]["run"] == "lr0.1_bs16"
+    assert (out / "sweep.png").stat().st_size > 1024
+    assert "1 of 2 runs failed: lr0.1_bs1000" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lrs", ",", "--batch-sizes", "16"], "--lrs is empty"),
+    (["--lrs", "0.1", "--batch-sizes", ""], "--batch-sizes is empty"),
+    (["--lrs", "0.1,abc", "--batch-sizes", "16"], "'abc' is not a number"),
+    (["--lrs", "0.1", "--batch-sizes", "16.5"], "'16.5' is not a whole number"),
+    (["--lrs", "-0.1", "--batch-sizes", "16"], "must be a positive number"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--epochs", "2"], "flags for rn50.train go after `--`"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--batch-size", "8"], "set by the sweep (--batch-sizes)"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--base-lr=0.2"], "set by the sweep (--lrs)"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--epoch", "2"], "did you mean '--epochs'"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--epochs", "two"], "bad rn50.train flag after --"),
+])
+def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "sweep"), *args])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "sweep").exists()  # nothing ran, nothing written
+
+
+def test_missing_data_is_a_user_error(tmp_path, capsys):
+    for argv, message in [(["--out", str(tmp_path), "--lrs", "0.1", "--batch-sizes", "16"], "--data"),
+                          (["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"), "--lrs", "0.1",
+                            "--batch-sizes", "16"], "is not a folder")]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_grid_order_names_and_duplicates():
+    grid = parse_grid("0.05, 0.1,0.10,1e-1", "32,64")
+    assert [p.name for p in grid] == ["lr0.05_bs32", "lr0.1_bs32", "lr0.05_bs64", "lr0.1_bs64"]
+    assert grid[0].label == "lr=0.05 bs=32"
+
+
+def test_best_lr_breaks_ties_by_final_val_loss_then_lower_lr():
+    def row(lr, bs, best, loss, status="ok"):
+        return {"name": f"lr{lr:g}_bs{bs}", "base_lr": lr, "batch_size": bs, "peak_lr": lr * bs / 256,
+                "best_val_top1": best, "final_val_loss": loss, "status": status}
+
+    rows = [row(0.1, 32, 75.0, 0.9), row(0.2, 32, 75.0, 0.7), row(0.4, 32, 70.0, 0.5),
+            row(0.1, 64, 50.0, 1.0), row(0.2, 64, 50.0, 1.0), row(0.4, 64, 90.0, 0.1, status="failed")]
+    best = {b["batch_size"]: b for b in best_per_batch(rows)}
+    assert best[32]["base_lr"] == 0.2  # tie on top-1, lower final loss wins
+    assert best[64]["base_lr"] == 0.1  # full tie: the lower LR; the failed run never counts
+
+
+def test_error_line_skips_the_torchrun_banner():
+    lines = ["error: batch size 1000 is larger than ...; lower --batch-size",
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 60,
+             "rn50.train FAILED", "  exitcode  : 2 (pid: 1)", "=" * 60]
+    assert error_line(lines, 1) == "exit code 1: error: batch size 1000 is larger than ...; lower --batch-size"
+    assert error_line(["Traceback ...", "RuntimeError: boom", ""], 1) == "exit code 1: RuntimeError: boom"
+    assert error_line([], -9) == "killed by signal 9"
