@@ -19,7 +19,8 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                  manifest=None, preflight: bool = True, **options):
     """manifest: a `tools.scan` output folder whose <split>.txt lists the files to use (already checked);
     preflight: without a manifest, check every file's header before the first batch.
-    options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch (DALI);
+    options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch, randaugment_magnitude,
+    randaugment_layers, randaugment_magnitude_std, repeated_aug (DALI);
     workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
@@ -52,7 +53,9 @@ def _dali_options(split: str, options: dict) -> dict:
     kept = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
             "hw_decoder_load": options.get("hw_decoder_load", 0.65)}
     if split == "train":
-        kept.update({k: options[k] for k in ("fused_decode", "color_jitter") if k in options})
+        kept.update({k: options[k] for k in ("fused_decode", "color_jitter", "randaugment_magnitude",
+                                             "randaugment_layers", "randaugment_magnitude_std",
+                                             "repeated_aug") if k in options})
     elif "resize_ratio" in options:
         kept["resize_ratio"] = options["resize_ratio"]
     return kept

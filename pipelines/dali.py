@@ -9,6 +9,9 @@ The NHWC batch reaches torch as `permute(0, 3, 1, 2)`: an NCHW tensor in channel
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from pipelines.errors import UserError
@@ -16,6 +19,7 @@ from pipelines.errors import UserError
 try:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
+    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
     fn = None
@@ -80,8 +84,24 @@ def _labels(labels, gpu):
     return labels.gpu() if gpu else labels
 
 
+def _rand_augment(images, layers: int, magnitude: int, magnitude_std: float):
+    """DALI's RandAugment (nvidia.dali.auto_aug) on uint8 HWC images. With magnitude_std > 0 each image
+    takes a magnitude from a normal around `magnitude` (timm's "mstd"), discretised to the nearest of
+    five values, m-2..m+2: one RandAugment branch each, chosen per sample by a DALI conditional."""
+    if magnitude_std <= 0:
+        return rand_augment.rand_augment(images, n=layers, m=magnitude)
+    choices = [m for m in range(magnitude - 2, magnitude + 3) if 0 <= m <= 30]
+    weights = [math.exp(-0.5 * ((m - magnitude) / magnitude_std) ** 2) for m in choices]
+    picked = fn.random.choice(choices, p=[w / sum(weights) for w in weights])
+    for m in choices:  # unrolled at build time; each `if` becomes a DALI conditional branch
+        if picked == m:
+            images = rand_augment.rand_augment(images, n=layers, m=m)
+    return images
+
+
 def training_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, dtype,
-                      hw_decoder_load=0.65, fused_decode=True, color_jitter=0.4):
+                      hw_decoder_load=0.65, fused_decode=True, color_jitter=0.4,
+                      randaugment_magnitude=0, randaugment_layers=2, randaugment_magnitude_std=0.0):
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
     decoder = _decoder_args(gpu, hw_decoder_load)
     if fused_decode:
@@ -96,6 +116,8 @@ def training_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, d
         images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
         images = fn.random_resized_crop(images, size=[image_size, image_size],
                                         random_area=RRC_AREA, random_aspect_ratio=RRC_RATIO)
+    if randaugment_magnitude > 0:
+        images = _rand_augment(images, randaugment_layers, randaugment_magnitude, randaugment_magnitude_std)
     if color_jitter > 0:
         strength = [1.0 - color_jitter, 1.0 + color_jitter]
         images = fn.color_twist(
@@ -139,24 +161,30 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu,
     return _normalize(images, dtype), _labels(labels, gpu)
 
 
-def make_iterator(pipe, training: bool) -> "DALIGenericIterator":
+def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIGenericIterator":
     """Training: DROP with the reader's name, so every rank gets floor(N / world) samples and the same
     number of full batches. Validation: PARTIAL over the padded reader, so the padding is dropped and,
-    summed over ranks, every validation image is counted exactly once."""
-    return DALIGenericIterator(
-        [pipe],
-        ["images", "labels"],
-        reader_name=_READER,
-        last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL,
-        auto_reset=True,
-    )
+    summed over ranks, every validation image is counted exactly once.
+
+    `epoch_size` (samples per shard): an epoch shorter than the reader's own, as repeated augmentation
+    needs: the reader streams its k-times-longer list on, and each of our epochs takes the next part."""
+    sizing = {"size": epoch_size} if epoch_size else {"reader_name": _READER}
+    with warnings.catch_warnings():  # DALI warns about `size`; a shorter epoch is what we want here
+        warnings.filterwarnings("ignore", message="Please set `reader_name`")
+        return DALIGenericIterator(
+            [pipe],
+            ["images", "labels"],
+            last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+            **sizing,
+        )
 
 
 class DaliLoader:
     """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator."""
 
     def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, local_rank, seed,
-                 device, dtype, gpu, threads=4, prefetch=2, **pipeline_options):
+                 device, dtype, gpu, threads=4, prefetch=2, repeated_aug=1, **pipeline_options):
         _require_dali()
         if gpu and not torch.cuda.is_available():
             raise UserError("the dali loader decodes on the GPU but CUDA is not available here; "
@@ -176,6 +204,15 @@ class DaliLoader:
                 f"({self.num_samples} images over {world_size} ranks = {shard_size}); lower --batch-size"
             )
         define = training_pipeline if self.training else validation_pipeline
+        files, labels = self._list.files, self._list.labels
+        # Repeated augmentation: every image k times in the reader's list, so its k copies, shuffled
+        # apart, are augmented independently (and mostly land on different ranks); an epoch still
+        # delivers N images, N / world per rank.
+        self._epoch_size = None
+        if self.training and repeated_aug > 1:
+            files = tuple(f for f in files for _ in range(repeated_aug))
+            labels = tuple(label for label in labels for _ in range(repeated_aug))
+            self._epoch_size = shard_size
         self._build_args = dict(
             batch_size=batch_size,
             num_threads=threads,
@@ -184,16 +221,17 @@ class DaliLoader:
             seed=seed * 1000 + rank,
             prefetch_queue_depth=prefetch,
             enable_checkpointing=True,
+            enable_conditionals=pipeline_options.get("randaugment_magnitude", 0) > 0,  # RandAugment needs them
         )
         self._define = lambda: define(
-            self._list.files, self._list.labels, shard_id=rank, num_shards=world_size,
+            files, labels, shard_id=rank, num_shards=world_size,
             image_size=image_size, gpu=gpu, dtype=dtype, **pipeline_options,
         )
         self._build(checkpoint=None)
 
     def _build(self, checkpoint):
         pipe = pipeline_def(self._define, **self._build_args, checkpoint=checkpoint)()
-        self._iterator = make_iterator(pipe, self.training)
+        self._iterator = make_iterator(pipe, self.training, self._epoch_size)
 
     def __len__(self) -> int:
         return len(self._iterator)

@@ -51,6 +51,10 @@ class Recipe:
     ema_decay: float = 0.0  # EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off
     mixup_alpha: float = 0.0  # Mixup on the GPU batch (Beta(alpha, alpha)); 0: off
     cutmix_alpha: float = 0.0  # CutMix; with both on, each batch takes one of the two at random
+    randaugment_magnitude: int = 0  # RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off
+    randaugment_layers: int = 2  # operations per image
+    randaugment_magnitude_std: float = 0.0  # random spread of the magnitude per image
+    repeated_aug: int = 1  # each image k times per epoch's stream, augmented independently (DALI loaders)
     kd_teacher: str = ""  # distillation: teacher weights (our checkpoint or a torchvision state dict)
     kd_teacher_arch: str = "resnet152"
     kd_alpha: float = 0.8  # loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE

@@ -72,6 +72,8 @@ def loader_options(recipe: Recipe) -> dict:
         dali_threads=recipe.dali_threads, hw_decoder_load=recipe.hw_decoder_load,
         fused_decode=recipe.fused_decode, color_jitter=recipe.color_jitter, prefetch=recipe.prefetch,
         workers=recipe.workers, resize_ratio=recipe.val_resize_ratio,
+        randaugment_magnitude=recipe.randaugment_magnitude, randaugment_layers=recipe.randaugment_layers,
+        randaugment_magnitude_std=recipe.randaugment_magnitude_std, repeated_aug=recipe.repeated_aug,
     )
 
 

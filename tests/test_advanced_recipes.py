@@ -189,3 +189,20 @@ def test_unknown_choices_are_user_errors(data_dir, tmp_path):
     done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
                     *SMALL, "--optimizer", "adam"])
     assert done.returncode == 2 and "optimizer must be one of sgd, adamw, lamb" in done.stderr
+
+
+def test_named_presets_resolve_as_documented():
+    from rn50.recipe import available_presets, format_recipe, load_preset
+
+    assert {"kd_lamb_610", "finetune"} <= set(available_presets())
+    kd = load_preset("kd_lamb_610")
+    assert (kd.optimizer, kd.schedule, kd.epochs, kd.warmup_epochs, kd.cooldown_epochs) == ("lamb", "cosine", 610, 5, 10)
+    assert kd.peak_lr(world_size=8) == pytest.approx(5e-3) and kd.batch_size * 8 == 1536
+    assert (kd.repeated_aug, kd.randaugment_magnitude, kd.randaugment_magnitude_std) == (3, 7, 0.5)
+    assert kd.ema_decay > 0 and kd.mixup_alpha > 0 and kd.cutmix_alpha > 0 and kd.kd_alpha == 0.8
+    # the cosine ends at epoch 600, then 10 epochs at the floor
+    assert lr_at(kd, 600 * SPE, SPE, 8) == pytest.approx(kd.min_lr)
+    assert lr_at(kd, 300 * SPE, SPE, 8) > lr_at(kd, 500 * SPE, SPE, 8) > kd.min_lr
+    tune = load_preset("finetune")
+    assert (tune.optimizer, tune.schedule, tune.freeze_backbone_epochs, tune.early_stop_patience) == ("adamw", "plateau", 1, 5)
+    assert "optimizer = \"lamb\"" in format_recipe(kd)  # printed in full when chosen

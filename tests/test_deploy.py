@@ -272,7 +272,7 @@ FAKES = {
     "srun": '#!/bin/bash\necho "srun $*" >> "$FAKE_LOG"\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n',
     # torchrun: note the arguments, run until SIGTERM, then exit 1 as torchrun does after a forwarded SIGTERM
     "torchrun": ('#!/bin/bash\necho "torchrun $*" >> "$FAKE_LOG"\necho $$ > "$FAKE_DIR/torchrun.pid"\n'
-                 'trap \'echo "torchrun got TERM" >> "$FAKE_LOG"; exit 1\' TERM\n'
+                 'trap \'echo "torchrun got TERM" >> "$FAKE_LOG"; sleep "${FAKE_SAVE_S:-0}"; exit 1\' TERM\n'
                  'if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi\n'
                  'while true; do sleep 0.05 & wait $!; done\n'),
     # scancel --signal=TERM JOBID: SIGTERM to every job step (here: the one torchrun)
@@ -317,8 +317,9 @@ def run_sbatch(tmp_path: Path, usr1: bool, **env) -> tuple[int, list[str]]:
 
 
 @needs_bash
-def test_sbatch_usr1_stops_training_with_sigterm_and_requeues(tmp_path):
-    code, lines = run_sbatch(tmp_path, usr1=True)
+@pytest.mark.parametrize("save_s", ["0", "0.5"])  # workers exit at once, or after writing a checkpoint
+def test_sbatch_usr1_stops_training_with_sigterm_and_requeues(tmp_path, save_s):
+    code, lines = run_sbatch(tmp_path, usr1=True, FAKE_SAVE_S=save_s)
     text = "\n".join(lines)
     torchrun = next(line for line in lines if line.startswith("torchrun "))
     for part in ("--nnodes 2", "--nproc-per-node 8", "--rdzv-backend c10d", "--rdzv-endpoint gpu-a:29500",

@@ -175,3 +175,46 @@ def test_bad_input_is_one_clear_error(data_dir, tmp_path):
     shutil.copy(list_split(str(data_dir), "train").files[0], tmp_path / "d" / "train" / "b" / "x.JPEG")
     with pytest.raises(UserError, match="does not have"):
         loader("torchvision", "val", tmp_path / "d")
+
+
+@pytest.mark.parametrize("magnitude_std", [0.0, 0.5])
+def test_randaugment_runs_inside_the_dali_cpu_pipeline(one_image_data, magnitude_std):
+    plain = batches(loader("dali-cpu", "train", one_image_data, color_jitter=0.0))[0][0]
+    augmented = loader("dali-cpu", "train", one_image_data, color_jitter=0.0, randaugment_magnitude=9,
+                       randaugment_magnitude_std=magnitude_std)
+    out = batches(augmented)[0][0]
+    assert out.shape == plain.shape and out.dtype == plain.dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(out, plain)  # the same seed and crops; RandAugment changed the pixels
+
+
+def test_repeated_augmentation_shards_every_copy_once(data_dir):
+    """k = 3 copies of each of 48 images, 2 shards: each of our epochs gives every rank 24 images
+    (N / world, as without repetition), and 3 epochs together hold every copy exactly once."""
+    from collections import Counter
+
+    files = list_split(str(data_dir), "train").files
+    k = 3
+    repeated = [f for f in files for _ in range(k)]
+    ids = [i for i in range(len(files)) for _ in range(k)]
+    seen, lengths = Counter(), []
+    for shard in (0, 1):
+        def ids_pipeline():
+            _, labels = _reader(repeated, ids, shard, 2, training=True)
+            return labels, labels
+
+        pipe = pipeline_def(ids_pipeline, batch_size=4, num_threads=1, device_id=None, seed=shard)()
+        iterator = make_iterator(pipe, training=True, epoch_size=len(files) // 2)
+        for _ in range(k):
+            epoch = [int(i) for out in iterator for i in out[0]["labels"].view(-1)]
+            lengths.append(len(epoch))
+            seen.update(epoch)
+    assert lengths == [24] * 6
+    assert seen == Counter({i: k for i in range(len(files))})
+
+
+def test_repeated_augmentation_loader_keeps_the_epoch_length(data_dir):
+    plain = loader("dali-cpu", "train", data_dir, rank=0, world_size=2)
+    repeated = loader("dali-cpu", "train", data_dir, rank=0, world_size=2, repeated_aug=3)
+    assert len(plain) == len(repeated) == N_TRAIN // 2 // 8
+    assert sum(len(y) for _, y in repeated) == len(repeated) * 8
