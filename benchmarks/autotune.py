@@ -46,11 +46,13 @@ def sweep(bench, plan, out) -> dict | None:
         results[loader] = {"sweep": rows, "best": best}
     if not results:
         return None
+    # the GPU pipeline's best when it was swept (it is the one to train with), else the CPU pipeline's
+    loader = "dali" if "dali" in results else "dali-cpu"
+    preset = None
     if out is not None:
         lines = ["# Written by `python -m benchmarks.run --autotune`: the fastest loader-mode setting.",
-                 "# Use it with: python -m rn50.train --preset THIS_FILE ..."]
-        chosen = results.get("dali", results.get("dali-cpu"))["best"]
-        lines += [f"{key} = {value}" for key, value in chosen.items() if key != "img_per_s"]
+                 "# Use it with: python -m rn50.train --preset THIS_FILE ...", f'loader = "{loader}"']
+        lines += [f"{key} = {value}" for key, value in results[loader]["best"].items() if key != "img_per_s"]
         (out / "autotuned.toml").write_text("\n".join(lines) + "\n")
-        results["preset"] = str(out / "autotuned.toml")
-    return results
+        preset = str(out / "autotuned.toml")
+    return {"loaders": results, "preset": preset, "preset_loader": loader}

@@ -66,16 +66,24 @@ def markdown(report: dict) -> str:
         lines += ["", f"At the measured throughput, so at {config['image_size']} px and batch {config['global_batch']}; "
                   "1,281,167 training and 50,000 validation images per epoch; validation assumed 3x faster "
                   "than training (forward pass only).", ""]
+    if report.get("time_to_accuracy"):
+        lines += ["## Time to accuracy (training runs)", "",
+                  "| run | target top-1 | reached | wall time | epochs | best top-1 | img/s | GPUs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in report["time_to_accuracy"]:
+            lines.append(f"| {t['run']} | {_num(t['target_top1'], '{:g}%')} | {'yes' if t['reached'] else 'no'} | "
+                         f"{_num(t['time_s'], '{:,.0f} s')} | {_num(t['epochs'], '{:g}')} | "
+                         f"{_num(t['best_top1'], '{:.2f}%')} | {_num(t['img_per_s'])} | {t['world_size']} |")
+        lines.append("")
     if report["scaling"]:
         s = report["scaling"]
         lines += ["## Scaling", "", f"Synthetic data: {s['aggregate_img_per_s']:,.1f} img/s on {s['world_size']} "
                   f"GPUs vs {s['single_gpu_img_per_s']:,.1f} on one: {s['efficiency']:.1%} efficiency.", ""]
     if report["autotune"]:
         lines += ["## Autotune (loader mode)", ""]
-        for name, tuned in report["autotune"].items():
-            if name != "preset":
-                lines.append(f"- {name}: best {tuned['best']}")
-        if "preset" in report["autotune"]:
+        for name, tuned in report["autotune"]["loaders"].items():
+            lines.append(f"- {name}: best {tuned['best']}")
+        if report["autotune"]["preset"]:
             lines.append(f"- saved as `{report['autotune']['preset']}` (use with `--preset`)")
         lines.append("")
     telemetry = [(r["mode"], r["loader"], r["telemetry"]) for r in report["results"]]

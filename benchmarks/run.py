@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -60,13 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train")
     parser.add_argument("--loaders", default=default_loaders(),
                         help="subset of dali,dali-cpu,torchvision (default: what this machine can run)")
-    parser.add_argument("--warmup-steps", type=int, default=20 if gpu else 2, help="excluded from timing")
+    parser.add_argument("--warmup-steps", type=int, default=20 if gpu else 3, help="excluded from timing")
     parser.add_argument("--steps", type=int, default=100 if gpu else 6, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=3 if gpu else 2, help="timed windows per measurement (mean +- std)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table")
     parser.add_argument("--autotune", action="store_true",
                         help="sweep DALI threads, hw_decoder_load and prefetch in loader mode; save the best")
+    parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
+                        help="rn50.train run folders whose time-to-accuracy (--target-top1) the report lists")
     add_recipe_flags(parser)
     args = parse_strict(parser, argv)
     if not gpu:  # CPU defaults: the recipe's are sized for GPU machines
@@ -81,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_plan(args) -> Plan:
     modes = tuple(m for m in args.modes.split(",") if m)
     loaders = tuple(name for name in args.loaders.split(",") if name)
+    if not modes:
+        raise UserError("no modes to measure; pass --modes with some of synthetic,loader,train")
+    if args.loader is not None:
+        raise UserError("the harness measures the loaders named by --loaders (e.g. --loaders dali,torchvision), "
+                        "not --loader")
     for mode in modes:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -129,8 +137,9 @@ class Bench:
             step()
         windows, telemetry = [], []
         for _ in range(self.plan.repeats):
-            first = len(timer.host_after)
             self.telemetry.start()
+            step()  # untimed: the previous window's synchronisation and the telemetry start end here
+            first = len(timer.host_after)
             for _ in range(steps):
                 step()
             windows.append(timer.window(first, self.recipe.batch_size))
@@ -170,7 +179,7 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "rank": env.rank,
         "img_per_s": statistics.fmean(w.img_per_s for w in windows),
         "step_time": windows[-1].step_stats(),
-        "stall_fraction": statistics.fmean(w.stall_fraction for w in windows),
+        "stall_fraction": statistics.fmean(w.stall_fraction for w in windows) if mode != "loader" else None,
         "windows_img_per_s": [w.img_per_s for w in windows],
         "timeline": {"step_s": windows[-1].step_s, "wait_s": windows[-1].wait_s},
         "telemetry": telemetry[-1],
@@ -188,6 +197,7 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.steps,
         "repeats": plan.repeats,
+        # the worst rank's stall: one waiting rank holds every other at the next all-reduce
         "stall": {"fraction": max(r["stall_fraction"] for r in ranks), "basis": windows[-1].stall_basis}
         if mode != "loader" else None,
         "telemetry": ranks[0]["telemetry"],
@@ -218,11 +228,11 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
     if ceiling:
         estimates["synthetic"] = time_to_train(ceiling["img_per_s"])
     ratios = {}
-    if "dali-cpu" in plan.loaders and "torchvision" in plan.loaders:
-        ratios["dali-cpu/torchvision"] = {
-            mode: by[(mode, "dali-cpu")]["img_per_s"] / by[(mode, "torchvision")]["img_per_s"]
-            for mode in ("loader", "train") if (mode, "dali-cpu") in by and (mode, "torchvision") in by
-        }
+    for faster in ("dali", "dali-cpu"):
+        pair = {mode: by[(mode, faster)]["img_per_s"] / by[(mode, "torchvision")]["img_per_s"]
+                for mode in ("loader", "train") if (mode, faster) in by and (mode, "torchvision") in by}
+        if pair:
+            ratios[f"{faster}/torchvision"] = pair
     return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios}
 
 
@@ -233,6 +243,24 @@ def time_to_train(img_per_s: float) -> dict:
     val_h = RECIPE_EPOCHS * IMAGENET_VAL / (3 * img_per_s) / 3600
     return {"train_hours": train_h, "validation_hours_estimated": val_h, "total_hours": train_h + val_h,
             "epochs": RECIPE_EPOCHS, "train_images": IMAGENET_TRAIN, "val_images": IMAGENET_VAL}
+
+
+def time_to_accuracy(run_dirs: list[Path]) -> list[dict]:
+    """DAWNBench style: for each training run that reached its --target-top1, the wall time and epochs
+    it took, beside its throughput and hardware (from its summary.json)."""
+    rows = []
+    for run_dir in run_dirs:
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            raise UserError(f"{run_dir} has no summary.json; pass finished rn50.train run folders to --training-runs")
+        summary = json.loads(summary_path.read_text())
+        target = summary.get("target")
+        rows.append({"run": str(run_dir), "target_top1": summary["recipe"]["target_top1"] or None,
+                     "reached": target is not None, "time_s": target["time_s"] if target else None,
+                     "epochs": target["epochs"] if target else None, "best_top1": summary["best/val_top1"],
+                     "img_per_s": summary["train/img_per_s"], "world_size": summary["world_size"],
+                     "gpu": summary["environment"]["gpu"]})
+    return rows
 
 
 def flops_block(recipe: Recipe, num_classes: int, override: float | None) -> dict:
@@ -278,19 +306,22 @@ def run(args, argv) -> dict:
         "schema": "rn50-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": {**environment(), "world_size": env.world_size, "device_type": env.device.type,
-                        "command": " ".join(["python -m benchmarks.run", *argv])},
+                        "command": " ".join(["python -m benchmarks.run", *argv]),
+                        "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"},
         "config": {"arch": recipe.arch, "batch_size": recipe.batch_size, "image_size": recipe.image_size,
                    "global_batch": recipe.batch_size * env.world_size, "modes": list(plan.modes),
                    "loaders": list(plan.loaders), "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
                    "repeats": plan.repeats, "dataset": {"path": str(args.data.resolve()),
                                                         "train_images": probe.num_samples,
                                                         "classes": probe.num_classes},
-                   "recipe": recipe.to_dict()},
+                   # the recipe's own `loader` field is not used here: --loaders names the loaders
+                   "recipe": {k: v for k, v in recipe.to_dict().items() if k != "loader"}},
         "flops": flops,
         "results": results,
         **derive(results, plan, env, flops, env.device.type),
         "scaling": None,
         "autotune": None,
+        "time_to_accuracy": time_to_accuracy(args.training_runs),
     }
     if env.distributed and "synthetic" in plan.modes:
         single = bench.single_gpu_ceiling()

@@ -31,6 +31,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether the source differs from the commit (results from uncommitted code say so)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _driver_version() -> str | None:
     try:
         import pynvml
@@ -58,4 +68,5 @@ def environment() -> dict:
         "cpu_cores": os.cpu_count(),
         "hostname": platform.node(),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }

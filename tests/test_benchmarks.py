@@ -144,16 +144,34 @@ def test_autotune_saves_a_preset_train_can_read(data_dir, tmp_path):
           "--image-size", "32", "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--repeats", "1",
           "--autotune"])
     report = json.loads((out / "report.json").read_text())
-    tuned = report["autotune"]["dali-cpu"]
+    tuned = report["autotune"]["loaders"]["dali-cpu"]
+    assert report["autotune"]["preset_loader"] == "dali-cpu"
     assert len(tuned["sweep"]) == len({(r["dali_threads"], r["prefetch"]) for r in tuned["sweep"]}) >= 3
     assert tuned["best"]["img_per_s"] == max(r["img_per_s"] for r in tuned["sweep"])
     from rn50.recipe import load_preset
 
     recipe = load_preset(str(out / "autotuned.toml"))
     assert (recipe.dali_threads, recipe.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
+    assert recipe.loader == "dali-cpu"
 
 
 def test_harness_user_errors(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(data_dir), "--out", str(tmp_path), "--modes", "fast"])
     assert exit_info.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
+
+
+def test_time_to_accuracy_of_training_runs_in_the_report(data_dir, tmp_path):
+    from rn50.train import main as train
+
+    run = tmp_path / "run"
+    train(["--data", str(data_dir), "--out", str(run), "--loader", "dali-cpu", "--arch", "resnet18",
+           "--image-size", "32", "--batch-size", "8", "--dali-threads", "1", "--epochs", "3", "--target-top1", "1"])
+    out = tmp_path / "bench"
+    main(["--data", str(data_dir), "--out", str(out), "--modes", "synthetic", "--loaders", "", "--arch", "resnet18",
+          "--image-size", "32", "--batch-size", "8", "--warmup-steps", "1", "--steps", "2", "--training-runs", str(run)])
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["time_to_accuracy"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert row["reached"] and row["epochs"] == 1 and row["time_s"] == summary["target"]["time_s"]
+    assert "## Time to accuracy" in (out / "report.md").read_text()
