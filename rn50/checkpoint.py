@@ -92,11 +92,11 @@ class CheckpointStore:
                 old.unlink(missing_ok=True)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
     """The newest checkpoint in the run folder that loads; unreadable ones are skipped with a note."""
     for path in reversed(regular_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except UserError as err:
-            print(f"skipping {path}: {err}", flush=True)
+            say(f"skipping {path}: {err}")
     return None

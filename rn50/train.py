@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -348,15 +349,15 @@ class Trainer:
         }
 
 
-def find_resume(args: argparse.Namespace) -> dict | None:
+def find_resume(args: argparse.Namespace, say) -> dict | None:
     if args.resume is None:
         return None
     if args.resume == "auto":
-        found = latest_checkpoint(args.out) if args.out.is_dir() else None
+        found = latest_checkpoint(args.out, say) if args.out.is_dir() else None
         if found is None:
-            print(f"--resume auto: no checkpoint in {args.out}; starting from the beginning", flush=True)
+            say(f"--resume auto: no checkpoint in {args.out}; starting from the beginning")
             return None
-        print(f"--resume auto: continuing from {found[0]}", flush=True)
+        say(f"--resume auto: continuing from {found[0]}")
         return found[1]
     return load_checkpoint(Path(args.resume))
 
@@ -377,14 +378,18 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog) -> dict:
-    checkpoint = find_resume(args)
+    say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
+    watchdog.progress("starting: reading the checkpoint")
+    checkpoint = find_resume(args, say)
     # a resumed run continues the saved recipe; flags given now still override single fields
     base = from_mapping(checkpoint["recipe"]) if checkpoint else None
     recipe = recipe_from_args(args, base)
     prepare_out_dir(args.out, resuming=args.resume is not None)
     if env.is_main:
         print(f"recipe{f' (preset {args.preset})' if args.preset else ''}:\n" + format_recipe(recipe), flush=True)
+    watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
+    watchdog.progress("starting: building the model")
     parts = build_training(recipe, train_loader.num_classes, env)
     trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog)
     if checkpoint:
@@ -427,8 +432,9 @@ def main(argv=None) -> None:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
     except Preempted as stop:
-        print(f"stopped by {stop}: checkpoint saved; run the same command with --resume auto to continue",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by {stop}: checkpoint saved; run the same command with --resume auto to continue",
+                  file=sys.stderr, flush=True)
         code = EXIT_PREEMPTED
     except Diverged as err:
         print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "

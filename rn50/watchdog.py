@@ -1,5 +1,5 @@
 """A hang watchdog: a rank that stops making progress ends the job within a bounded time, naming who
-stalled and what they were doing, instead of a silent hang until NCCL's 30-minute timeout.
+stalled and what they were doing, instead of a silent hang until the collective's own timeout (NCCL 10 minutes, gloo 30 by default).
 
 Every rank records its phase ("epoch 3 step 120: training step") at each step. A background thread
 publishes it with a timestamp to the rendezvous store that torchrun already runs (so it works across

@@ -4,6 +4,7 @@ batch script's syntax and its preemption path (with stand-ins for srun, torchrun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,6 +90,12 @@ def load_compose(env: dict[str, str] | None = None) -> dict:
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return load_compose()
+
+
+def test_vendored_schema_is_the_upstream_file():
+    """tests/data/README.md names the upstream commit and the file's sha256: the copy is unmodified."""
+    digest = hashlib.sha256(SCHEMA.read_bytes()).hexdigest()
+    assert digest in (SCHEMA.parent / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +253,9 @@ def test_docs_show_the_resolved_recipe(name):
     resolved = json.loads(json.dumps(load_preset(name).to_dict()))  # tuples as lists, as the table shows
     wrong = {k: (v, resolved.get(k)) for k, v in table.items() if resolved.get(k, object()) != v}
     assert not wrong, f"docs/presets.md differs from load_preset({name!r}) (documented, actual): {wrong}"
+    missing = [k for k in resolved if k not in table]
+    assert not missing, (f"docs/presets.md's table for {name} lacks the recipe fields {missing}; "
+                         f"`python -m rn50.recipe --preset {name}` prints their values")
     with (ROOT / "rn50" / "presets" / f"{name}.toml").open("rb") as handle:
         assert set(tomllib.load(handle)) <= set(table), "every field the preset sets is in its table"
 
@@ -271,8 +281,10 @@ FAKES = {
     # srun: drop srun's own options, run the task (here: one node's torchrun) in this process
     "srun": '#!/bin/bash\necho "srun $*" >> "$FAKE_LOG"\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n',
     # torchrun: note the arguments, run until SIGTERM, then exit 1 as torchrun does after a forwarded SIGTERM
-    "torchrun": ('#!/bin/bash\necho "torchrun $*" >> "$FAKE_LOG"\necho $$ > "$FAKE_DIR/torchrun.pid"\n'
+    # (the trap is set before the pid file appears: the test signals as soon as it sees the file)
+    "torchrun": ('#!/bin/bash\necho "torchrun $*" >> "$FAKE_LOG"\n'
                  'trap \'echo "torchrun got TERM" >> "$FAKE_LOG"; sleep "${FAKE_SAVE_S:-0}"; exit 1\' TERM\n'
+                 'echo $$ > "$FAKE_DIR/torchrun.pid"\n'
                  'if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi\n'
                  'while true; do sleep 0.05 & wait $!; done\n'),
     # scancel --signal=TERM JOBID: SIGTERM to every job step (here: the one torchrun)
