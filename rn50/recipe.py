@@ -13,7 +13,7 @@ import difflib
 import json
 import tomllib
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rn50.errors import UserError
@@ -22,65 +22,71 @@ PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = ("dali", "dali-cpu", "torchvision", "synthetic")
 
 
+def opt(default, help: str = ""):
+    """A recipe field with its help text (shown by --help next to the field's flag)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Recipe:
     # Model
-    arch: str = "resnet50"  # any torchvision resnet: resnet18/34/50/101/152
-    zero_init_residual: bool = True  # gamma=0 in the last BN of every residual block (+0.2% top-1)
-    sync_bn: bool = False  # SyncBatchNorm: only worth it below ~32 images per GPU
+    arch: str = opt("resnet50", "any torchvision resnet: resnet18/34/50/101/152")
+    zero_init_residual: bool = opt(True, "gamma=0 in the last BN of every residual block (+0.2% top-1)")
+    sync_bn: bool = opt(False, "SyncBatchNorm: only worth it below ~32 images per GPU")
     # Batch and schedule. batch_size is per GPU (per process); the LR scales with the global batch.
-    epochs: int = 90
-    batch_size: int = 256
-    base_lr: float = 0.1  # peak LR = base_lr * global_batch / base_batch (linear scaling rule)
-    base_batch: int = 256
-    warmup_epochs: float = 5.0  # linear from 0 to the peak, updated every step
-    lr_milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs where the LR is multiplied by lr_decay
-    lr_decay: float = 0.1
+    epochs: int = opt(90, "training epochs")
+    batch_size: int = opt(256, "images per GPU (per process)")
+    base_lr: float = opt(0.1, "peak LR = base_lr * global_batch / base_batch (linear scaling rule)")
+    base_batch: int = opt(256, "the global batch at which base_lr applies")
+    warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
+    lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
+    lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
     # Optimizer: SGD with Nesterov momentum; no weight decay on BN parameters and biases
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    optimizer: str = "sgd"  # sgd (Nesterov) | adamw (torch) | lamb (timm's)
-    schedule: str = "step"  # step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)
-    min_lr: float = 0.0  # cosine: the LR at the end of the cosine phase and through the cooldown
-    cooldown_epochs: float = 0.0  # cosine: epochs held at min_lr at the end
-    plateau_factor: float = 0.1  # plateau: LR multiplier when validation loss stops improving
-    plateau_patience: int = 5  # plateau: epochs without improvement before the LR drops
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "SGD with Nesterov momentum")
+    weight_decay: float = opt(1e-4, "on conv and linear weights only (none on BN parameters and biases)")
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    optimizer: str = opt("sgd", "sgd (Nesterov) | adamw (torch) | lamb (timm's)")
+    schedule: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)")
+    min_lr: float = opt(0.0, "cosine: the LR at the end of the cosine phase and through the cooldown")
+    cooldown_epochs: float = opt(0.0, "cosine: epochs held at min_lr at the end")
+    plateau_factor: float = opt(0.1, "plateau: LR multiplier when validation loss stops improving")
+    plateau_patience: int = opt(5, "plateau: epochs without improvement before the LR drops")
     # Regularisation beyond the 90-epoch recipe (all off by default)
-    ema_decay: float = 0.0  # EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off
-    mixup_alpha: float = 0.0  # Mixup on the GPU batch (Beta(alpha, alpha)); 0: off
-    cutmix_alpha: float = 0.0  # CutMix; with both on, each batch takes one of the two at random
-    randaugment_magnitude: int = 0  # RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off
-    randaugment_layers: int = 2  # operations per image
-    randaugment_magnitude_std: float = 0.0  # random spread of the magnitude per image
-    repeated_aug: int = 1  # each image k times per epoch's stream, augmented independently (DALI loaders)
-    kd_teacher: str = ""  # distillation: teacher weights (our checkpoint or a torchvision state dict)
-    kd_teacher_arch: str = "resnet152"
-    kd_alpha: float = 0.8  # loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE
-    kd_temperature: float = 1.0
+    ema_decay: float = opt(0.0, "EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off")
+    mixup_alpha: float = opt(0.0, "Mixup on the GPU batch (Beta(alpha, alpha)); 0: off")
+    cutmix_alpha: float = opt(0.0, "CutMix; with both on, each batch takes one of the two at random")
+    randaugment_magnitude: int = opt(0, "RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off")
+    randaugment_layers: int = opt(2, "operations per image")
+    randaugment_magnitude_std: float = opt(0.0, "random spread of the magnitude per image")
+    repeated_aug: int = opt(1, "each image k times per epoch's stream, augmented independently (DALI loaders)")
+    kd_teacher: str = opt("", "distillation: teacher weights (our checkpoint or a torchvision state dict)")
+    kd_teacher_arch: str = opt("resnet152", "distillation: the teacher's torchvision architecture")
+    kd_alpha: float = opt(0.8, "loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE")
+    kd_temperature: float = opt(1.0, "distillation: softmax temperature T")
     # Fine-tuning and stopping rules
-    finetune_from: str = ""  # start from these weights; a classifier of another size is replaced
-    freeze_backbone_epochs: float = 0.0  # train only the classifier for the first epochs
-    early_stop_patience: int = 0  # stop after this many epochs without a better val top-1; 0: off
-    target_top1: float = 0.0  # stop once val top-1 reaches this (time-to-accuracy); 0: off
+    finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
+    freeze_backbone_epochs: float = opt(0.0, "train only the classifier for the first epochs")
+    early_stop_patience: int = opt(0, "stop after this many epochs without a better val top-1; 0: off")
+    target_top1: float = opt(0.0, "stop once val top-1 reaches this (time-to-accuracy); 0: off")
     # Precision and memory layout
-    amp: bool = True  # autocast + GradScaler on CUDA; CPU runs stay fp32
-    amp_dtype: str = "float16"  # float16 or bfloat16
-    channels_last: bool = True
+    amp: bool = opt(True, "autocast + GradScaler on CUDA; CPU runs stay fp32")
+    amp_dtype: str = opt("float16", "float16 or bfloat16")
+    channels_last: bool = opt(True, "NHWC memory layout for the model and the batch")
     # Input pipeline
-    loader: str = "dali"  # dali (GPU) | dali-cpu | torchvision | synthetic
-    image_size: int = 224
-    val_resize_ratio: float = 0.875  # validation: resize shorter side to image_size / ratio, centre crop
-    color_jitter: float = 0.4  # brightness, contrast and saturation strength; 0 switches it off
-    dali_threads: int = 4
-    hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder
-    fused_decode: bool = True  # decode fused with RandomResizedCrop (decodes only the crop's region)
-    prefetch: int = 2  # DALI prefetch queue depth
-    workers: int = 8  # torchvision loader processes per GPU
+    loader: str = opt("dali", "dali (GPU) | dali-cpu | torchvision | synthetic")
+    image_size: int = opt(224, "training crop and validation crop size")
+    val_resize_ratio: float = opt(0.875, "validation: resize shorter side to image_size / ratio, centre crop")
+    color_jitter: float = opt(0.4, "brightness, contrast and saturation strength; 0 switches it off")
+    dali_threads: int = opt(4, "DALI CPU threads per process")
+    hw_decoder_load: float = opt(0.65, "share of JPEG decoding on the A100/H100 hardware decoder")
+    fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region)")
+    prefetch: int = opt(2, "DALI prefetch queue depth")
+    workers: int = opt(8, "torchvision loader processes per GPU")
     # Bookkeeping
-    seed: int = 0
-    log_every: int = 50  # steps between host syncs for logging
+    seed: int = opt(0, "initial weights (the same on every rank) and augmentation streams")
+    log_every: int = opt(50, "steps between host syncs for logging")
+
 
     def peak_lr(self, world_size: int) -> float:
         return self.base_lr * self.batch_size * world_size / self.base_batch
@@ -175,13 +181,12 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _TYPES[f.name]
         shown = getattr(defaults, f.name)
+        text = f"{f.metadata.get('help', '')} (default {shown})".strip().replace("%", "%%")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {shown})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             metavar = "A,B,..." if typing.get_origin(kind) is tuple else kind.__name__.upper()
-            group.add_argument(flag, type=_flag_type(kind), default=None, metavar=metavar,
-                               help=f"(default {shown})")
+            group.add_argument(flag, type=_flag_type(kind), default=None, metavar=metavar, help=text)
 
 
 def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:

@@ -28,7 +28,7 @@ from rn50.evaluate import evaluate
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
-from rn50.recipe import Recipe, add_recipe_flags, format_recipe, from_mapping, parse_strict, recipe_from_args
+from rn50.recipe import Recipe, add_recipe_flags, available_presets, format_recipe, from_mapping, parse_strict, recipe_from_args
 from rn50.schedule import PlateauMultiplier, lr_at, set_lr
 from rn50.step import TrainingParts, build_training, state_digest, train_step
 from rn50.watchdog import Watchdog
@@ -45,8 +45,10 @@ class Diverged(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rn50.train", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="rn50.train", description=__doc__.splitlines()[0], allow_abbrev=False,
+        epilog="The run folder gets recipe.json, metrics.jsonl, summary.json, checkpoints and TensorBoard event "
+               "files (RUN/tensorboard: `tensorboard --logdir RUN`). Presets: " + ", ".join(available_presets()) + ".")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--out", required=True, type=Path, help="run folder for metrics, summary, checkpoints")
     parser.add_argument("--manifest", type=Path, default=None,
