@@ -107,6 +107,7 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
     return ImageList(split_dir, classes, tuple(files), tuple(labels))
 
 
+@lru_cache(maxsize=8)  # once per process and split: the harness builds many loaders over the same files
 def check_files(image_list: ImageList, rank: int, world_size: int) -> None:
     """Pre-flight: one bad file stops a DALI pipeline mid-epoch, hours in. Each rank checks its share
     of the headers (about 15 us a file) and stops before training, naming the file and the fix."""

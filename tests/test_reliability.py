@@ -131,3 +131,29 @@ def test_divergence_stops_and_keeps_only_good_checkpoints(data_dir, tmp_path):
     assert kept, "the good checkpoints before the divergence are kept"
     for path in kept:
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
+
+
+def test_bad_file_stops_before_training_and_the_scan_manifest_trains(data_dir, tmp_path):
+    import shutil
+
+    from pipelines.folder import list_split
+    from tools.scan import scan
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    good = list_split(str(data), "train").files[0]
+    bad = data / "train" / "n00000001" / "broken.JPEG"
+    bad.write_bytes(open(good, "rb").read()[:600])  # truncated mid-scan
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data), "--epochs", "1", *SMALL]
+    refused = run_cli([*args, "--out", str(tmp_path / "refused")])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert str(bad) in refused.stderr and "python -m tools.scan" in refused.stderr and "--manifest" in refused.stderr
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # stopped before training
+
+    report = scan(data, tmp_path / "scan", workers=1, progress=False)
+    assert [b["path"] for b in report["splits"]["train"]["bad"]] == ["n00000001/broken.JPEG"]
+    trained = run_cli([*args, "--out", str(tmp_path / "run"), "--manifest", str(tmp_path / "scan")])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"]["train_images"] == 48  # the good files only
+    assert summary["final"]["val/count"] == 44
