@@ -44,8 +44,13 @@ def load_weights(model: torch.nn.Module, path: str, replace_classifier: bool) ->
             if replace_classifier and k in state and state[k].shape != own[k].shape]
     for key in kept:
         del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    fit = f"check --arch / --kd-teacher-arch (the weights must be a {type(model).__name__} of the same depth)"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensor shapes differ: another depth
+        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"{path} does not fit this model ({detail}); {fit}") from None
     if set(missing) - set(kept) or unexpected:
-        raise UserError(f"{path} does not fit this {type(model).__name__}: missing {sorted(set(missing) - set(kept))[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}; check --arch / --kd-teacher-arch")
+        raise UserError(f"{path} does not fit this model: missing {sorted(set(missing) - set(kept))[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}; {fit}")
     return kept

@@ -185,7 +185,24 @@ class Trainer:
             # host-side time waiting in next(): input stall on CPU runs; on an asynchronous GPU it is
             # not stall (the benchmark harness measures that on the GPU timeline)
             "train/host_wait_frac": host_wait / seconds,
+            **self.gpu_telemetry(),
         }
+
+    def gpu_telemetry(self) -> dict:
+        """This rank's GPU at the epoch's end (torch's NVML readings) and its peak memory in the epoch;
+        nothing on CPU, and nothing where NVML cannot be read."""
+        if self.env.device.type != "cuda":
+            return {}
+        readings = {"gpu/memory_peak_gib": torch.cuda.max_memory_allocated(self.env.device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(self.env.device)
+        for name, read in (("gpu/util_pct", torch.cuda.utilization), ("gpu/power_w", torch.cuda.power_draw),
+                           ("gpu/sm_clock_mhz", torch.cuda.clock_rate)):
+            try:
+                value = read(self.env.device)
+                readings[name] = value / 1000 if name == "gpu/power_w" else value  # power_draw is in mW
+            except Exception:  # no pynvml, no permission: not available, never an error
+                pass
+        return readings
 
     def check_divergence(self, worst: torch.Tensor) -> None:
         """Stop when the loss stayed non-finite for max_nonfinite steps in a row on any rank. GradScaler

@@ -206,3 +206,19 @@ def test_named_presets_resolve_as_documented():
     tune = load_preset("finetune")
     assert (tune.optimizer, tune.schedule, tune.freeze_backbone_epochs, tune.early_stop_patience) == ("adamw", "plateau", 1, 5)
     assert "optimizer = \"lamb\"" in format_recipe(kd)  # printed in full when chosen
+
+
+def test_finetune_from_a_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    from rn50.errors import UserError
+    from rn50.model import build_model, load_weights
+
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")  # torchvision's own format
+    model = build_model("resnet18", CLASSES)
+    replaced = load_weights(model, str(tmp_path / "resnet18.pth"), replace_classifier=True)
+    assert replaced == ["fc.weight", "fc.bias"] and model.fc.out_features == CLASSES
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    with pytest.raises(UserError, match="does not fit"):
+        load_weights(build_model("resnet50", CLASSES), str(tmp_path / "resnet18.pth"), replace_classifier=True)

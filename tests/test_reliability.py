@@ -40,27 +40,28 @@ def same_weights(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def kill_when_checkpointed(command, run_dir, **env):
-    """Start a run, send SIGTERM once its first checkpoint exists, return its exit code."""
+def kill_when_checkpointed(command, run_dir, signum=signal.SIGTERM, **env):
+    """Start a run, send `signum` once its first checkpoint exists, return its exit code."""
     process = subprocess.Popen(command, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list(run_dir.glob("checkpoint_*.pt")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=300)
     return process.returncode, output
 
 
-def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: what SLURM sends first
+def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path, signum):
     args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2",
             *SMALL]
     done = run_cli([*args, "--out", str(tmp_path / "a")])
     assert done.returncode == 0, done.stderr[-2000:]
 
-    code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b")
+    code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b", signum)
     assert code == EXIT_PREEMPTED, output[-2000:]
-    assert "stopped by SIGTERM" in output
+    assert f"stopped by {signal.Signals(signum).name}" in output
     interrupted_at = max(step_losses(tmp_path / "b"))
     assert interrupted_at < 12  # it really stopped early (2 epochs x 6 steps)
 
