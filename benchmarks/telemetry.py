@@ -15,6 +15,17 @@ except ImportError:  # nvidia-ml-py is a dependency, but a stripped environment 
     pynvml = None
 
 
+def _nvml_index(cuda_index: int) -> int:
+    """NVML numbers GPUs by PCI bus; CUDA by CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER. torch knows the
+    mapping (private helper, hence the fallback)."""
+    try:
+        import torch
+
+        return torch.cuda._get_nvml_device_index(cuda_index)
+    except Exception:
+        return cuda_index
+
+
 class Telemetry:
     """Samples one GPU every `interval` seconds in a background thread between start() and stop()."""
 
@@ -29,7 +40,7 @@ class Telemetry:
         else:
             try:
                 pynvml.nvmlInit()
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device_index))
             except Exception as exc:  # NVMLError: no driver, no permission
                 self.reason = f"NVML unavailable: {exc}"
         self._samples: list[dict] = []
