@@ -40,6 +40,10 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     if kind == "torchvision":
         from pipelines.baseline import TorchvisionLoader
 
+        if split == "train" and (options.get("randaugment_magnitude", 0) > 0 or options.get("repeated_aug", 1) > 1):
+            raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali "
+                            "or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
+
         return TorchvisionLoader(split, **common, **options)
     if kind == "synthetic":
         from pipelines.synthetic import SyntheticLoader

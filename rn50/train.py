@@ -103,7 +103,7 @@ class Trainer:
     """One run: the loop over epochs, with logging, validation and checkpoints."""
 
     def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path,
-                 args: argparse.Namespace, watchdog: Watchdog):
+                 args: argparse.Namespace, watchdog: Watchdog, stop: StopRequest):
         self.recipe, self.parts, self.env, self.out, self.watchdog = recipe, parts, env, out, watchdog
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
@@ -111,8 +111,7 @@ class Trainer:
         self.store = CheckpointStore(out, args.keep_checkpoints)
         self.checkpoint_every = args.checkpoint_every
         self.max_nonfinite = args.max_nonfinite_steps
-        # one process: check for a stop signal every step; several: every 10 (a tiny gloo all-reduce)
-        self.stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
+        self.stop = stop
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
         self.plateau = PlateauMultiplier(recipe)  # 1.0 unless the plateau schedule lowered it
         self.reached_target = False
@@ -384,8 +383,11 @@ def find_resume(args: argparse.Namespace, say) -> dict | None:
 def run(args: argparse.Namespace) -> dict:
     env = init_distributed()
     watchdog = Watchdog(env.rank, env.world_size, args.hang_timeout)
+    # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
+    # every step; several: every 10, a tiny gloo all-reduce)
+    stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
     try:
-        return run_with(args, env, watchdog)
+        return run_with(args, env, watchdog, stop)
     except (UserError, Preempted, Diverged):
         raise
     except Exception:
@@ -394,9 +396,10 @@ def run(args: argparse.Namespace) -> dict:
         raise
     finally:
         watchdog.close()
+        stop.close()
 
 
-def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog) -> dict:
+def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: StopRequest) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     watchdog.progress("starting: reading the checkpoint")
     checkpoint = find_resume(args, say)
@@ -410,17 +413,14 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog) -> dict
     train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
     parts = build_training(recipe, train_loader.num_classes, env)
-    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog)
+    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:
         trainer.restore(checkpoint, args.reshard)
     if env.is_main:
         recipe.save(args.out / "recipe.json", world_size=env.world_size,
                     global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size),
                     amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
-    try:
-        summary = trainer.run()
-    finally:
-        trainer.stop.close()
+    summary = trainer.run()
     summary["data"] = str(args.data.resolve())
     if env.is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

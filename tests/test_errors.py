@@ -89,3 +89,10 @@ def test_user_error_is_one_line_with_cause_and_fix(case, data_dir, tmp_path, cap
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert cause in lines[0] and fix in lines[0], lines[0]
     assert "Traceback" not in err
+
+
+def test_dali_only_augmentations_refused_on_the_torchvision_loader(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMALL, "--loader", "torchvision", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+              "--randaugment-magnitude", "7"])
+    assert exit_info.value.code == 2 and "run inside the DALI pipelines" in capsys.readouterr().err

@@ -150,7 +150,9 @@ class Forwarder:
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
+            # always SIGTERM: torchrun forwards it to its workers, while SIGUSR1 would kill torchrun alone
+            # and orphan them (FACTS.md); a single training process treats both alike
+            self.proc.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
