@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rn50.dist import DistEnv
+from rn50.errors import UserError
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.model import build_model, load_weights
 from rn50.optim import build_optimizer
@@ -54,6 +55,9 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
         if env.is_main:
             print(f"fine-tuning from {recipe.finetune_from}" + (f"; new classifier for {num_classes} classes"
                                                                 if replaced else ""), flush=True)
+    if recipe.sync_bn and env.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
+                        "drop --sync-bn on this machine")
     if recipe.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format

@@ -70,12 +70,13 @@ CASES = {
     "corrupt checkpoint": (corrupt_checkpoint, "cannot be read", "earlier checkpoint"),
     "unwritable output folder": (unwritable_out, "cannot write to the run folder", "writable --out"),
     "unknown flag": (lambda d, t: ["--data", str(d), "--epoch", "3"], "unknown argument", "did you mean"),
+    "sync-bn without cuda": (lambda d, t: ["--data", str(d), "--sync-bn"], "needs CUDA GPUs", "drop --sync-bn"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_user_error_is_one_line_with_cause_and_fix(case, data_dir, tmp_path, capsys, monkeypatch):
-    if case == "gpu loader without cuda" and torch.cuda.is_available():
+    if case in ("gpu loader without cuda", "sync-bn without cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     make_args, cause, fix = CASES[case]
     args = make_args(data_dir, tmp_path, monkeypatch) if case == "dali not installed" else make_args(data_dir, tmp_path)

@@ -71,12 +71,13 @@ def test_amp_fp16_channels_last_step_on_the_gpu(data_dir):
 
 
 @pytest.mark.slow
-def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--sync-bn", "--ema-decay", "0.99", "--randaugment-magnitude", "7"]])
+def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path, extra):
     nproc = torch.cuda.device_count()
     out = tmp_path / "run"
     done = run_cli(torchrun(nproc, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out),
                             "--loader", "dali", "--epochs", "2", "--batch-size", "8", "--image-size", "64",
-                            "--arch", "resnet18"))
+                            "--arch", "resnet18", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val/count"] == N_VAL_IMAGES
