@@ -112,3 +112,23 @@ def test_gpu_timeline_stall_of_a_loader_that_sleeps():
     expected = (0.020 - busy_s) / 0.020
     assert window.stall_fraction == pytest.approx(expected, abs=0.1)
     assert telemetry[0]["available"] in (True, False)  # NVML may be absent in a container: reported, no error
+
+
+@pytest.mark.slow
+def test_harness_full_report_on_the_gpu(data_dir, tmp_path):
+    """All three loaders, all modes: MFU from the peak table, stall on the GPU timeline, NVML telemetry."""
+    from benchmarks.run import main as bench
+
+    out = tmp_path / "bench"
+    bench(["--data", str(data_dir), "--out", str(out), "--loaders", "dali,dali-cpu,torchvision",
+           "--image-size", "64", "--batch-size", "8", "--warmup-steps", "3", "--steps", "5", "--repeats", "2",
+           "--workers", "2", "--dali-threads", "2"])
+    report = json.loads((out / "report.json").read_text())
+    assert {(r["mode"], r["loader"]) for r in report["results"]} == {
+        ("synthetic", "synthetic"), *((m, l) for m in ("loader", "train") for l in ("dali", "dali-cpu", "torchvision"))}
+    for row in report["results"]:
+        if row["mode"] != "loader":
+            assert row["stall"]["basis"] == "gpu_timeline"
+            assert (row["mfu"] is None) == (report["flops"]["peak_tflops"] is None)
+    assert set(report["verdicts"]) == {"dali", "dali-cpu", "torchvision"}
+    assert "dali/torchvision" in report["ratios"]
