@@ -24,6 +24,8 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
+    if kind not in KINDS:
+        raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
@@ -43,13 +45,10 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
         if split == "train" and (options.get("randaugment_magnitude", 0) > 0 or options.get("repeated_aug", 1) > 1):
             raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali "
                             "or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
-
         return TorchvisionLoader(split, **common, **options)
-    if kind == "synthetic":
-        from pipelines.synthetic import SyntheticLoader
+    from pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(split, **common, **options)
-    raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
+    return SyntheticLoader(split, **common, **options)
 
 
 def _dali_options(split: str, options: dict) -> dict:
