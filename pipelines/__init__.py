@@ -26,12 +26,22 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
 
     if kind not in KINDS:
         raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "dali" and not torch.cuda.is_available():
+        raise UserError("the dali loader decodes on the GPU but CUDA is not available here; "
+                        "use --loader dali-cpu (DALI's CPU operators) on this machine")
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
         if data_dir is not None else None
-    if image_list is not None and kind != "synthetic" and manifest is None and preflight:
-        check_files(image_list, rank, world_size)
+    if image_list is not None and kind != "synthetic":
+        shard_size = len(image_list) // world_size
+        if split == "train" and shard_size < batch_size:  # the same rule for every loader that reads files
+            raise UserError(
+                f"batch size {batch_size} is larger than this rank's share of {split} "
+                f"({len(image_list)} images over {world_size} ranks = {shard_size}); lower --batch-size"
+            )
+        if manifest is None and preflight:
+            check_files(image_list, rank, world_size)
     common = dict(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
     if kind in ("dali", "dali-cpu"):

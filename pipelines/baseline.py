@@ -13,7 +13,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from pipelines.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,11 +77,6 @@ class TorchvisionLoader:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
         if self.training:
-            if self.num_samples // world_size < batch_size:
-                raise UserError(
-                    f"batch size {batch_size} is larger than this rank's share of {split} "
-                    f"({self.num_samples} images over {world_size} ranks); lower --batch-size"
-                )
             transform = training_transform(image_size, color_jitter)
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)

@@ -186,9 +186,6 @@ class DaliLoader:
     def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, local_rank, seed,
                  device, dtype, gpu, threads=4, prefetch=2, repeated_aug=1, **pipeline_options):
         _require_dali()
-        if gpu and not torch.cuda.is_available():
-            raise UserError("the dali loader decodes on the GPU but CUDA is not available here; "
-                            "use --loader dali-cpu (DALI's CPU operators) on this machine")
         self.split = split
         self.training = split == "train"
         self._list = image_list
@@ -198,11 +195,6 @@ class DaliLoader:
         self.device = torch.device(device)
         self.epoch = 0
         shard_size = self.num_samples // world_size
-        if self.training and shard_size < batch_size:
-            raise UserError(
-                f"batch size {batch_size} is larger than this rank's share of {split} "
-                f"({self.num_samples} images over {world_size} ranks = {shard_size}); lower --batch-size"
-            )
         define = training_pipeline if self.training else validation_pipeline
         files, labels = self._list.files, self._list.labels
         # Repeated augmentation: every image k times in the reader's list, so its k copies, shuffled
