@@ -43,6 +43,8 @@ def markdown(report: dict) -> str:
             f"{_num(r['img_per_s_std'])} | {step['mean_s'] * 1e3:.1f} / {step['p50_s'] * 1e3:.1f} / "
             f"{step['p95_s'] * 1e3:.1f} | {stall} | {_pct(r['mfu'])} |"
         )
+    decode = {r["loader"]: r["decode"] for r in report["results"] if r.get("decode")}
+    lines += ["", "Decode path measured: " + "; ".join(f"{name}: {text}" for name, text in decode.items()) + "."]
     lines += ["", f"MFU: {flops['per_image_train'] / 1e9:.2f} GFLOPs per image (forward+backward, "
               f"{flops['counted_with']}) over a peak of {_num(flops['peak_tflops'], '{:g}')} TFLOP/s "
               f"({flops['peak_source']}).", ""]

@@ -28,13 +28,13 @@ from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
 from benchmarks.telemetry import Telemetry
 from benchmarks.verdict import verdict
-from pipelines import build_loader
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
+from rn50.device import DEVICES
 from rn50.errors import UserError
+from rn50.loaders import build_split
 from rn50.provenance import environment
 from rn50.recipe import Recipe, add_recipe_flags, parse_strict, recipe_from_args
 from rn50.step import build_training, train_step
-from rn50.train import loader_options
 
 MODES = ("synthetic", "loader", "train")
 IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
@@ -49,21 +49,20 @@ class Plan:
     repeats: int
 
 
-def default_loaders() -> str:
-    return ",".join((["dali"] if torch.cuda.is_available() else []) + ["dali-cpu", "torchvision"])
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/*.JPEG")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: the GPU when CUDA works, else the CPU (an error when NVIDIA GPUs are present "
+                             "but CUDA is unusable); cpu: measure on the CPU even on a GPU machine")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train")
-    parser.add_argument("--loaders", default=default_loaders(),
+    parser.add_argument("--loaders", default=None,
                         help="subset of dali,dali-cpu,torchvision (default: what this machine can run)")
-    parser.add_argument("--warmup-steps", type=int, default=20 if gpu else 3, help="excluded from timing")
-    parser.add_argument("--steps", type=int, default=100 if gpu else 6, help="timed steps per window")
-    parser.add_argument("--repeats", type=int, default=3 if gpu else 2, help="timed windows per measurement (mean +- std)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed windows per measurement, mean +- std (default 3 on a GPU, 2 on the CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table")
     parser.add_argument("--autotune", action="store_true",
@@ -71,14 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
                         help="rn50.train run folders whose time-to-accuracy (--target-top1) the report lists")
     add_recipe_flags(parser)
-    args = parse_strict(parser, argv)
+    return parse_strict(parser, argv)
+
+
+def machine_defaults(args, gpu: bool) -> None:
+    """Fill what the user left open with defaults for the device the harness runs on."""
+    args.loaders = args.loaders or ",".join((["dali"] if gpu else []) + ["dali-cpu", "torchvision"])
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (20 if gpu else 3)
+    args.steps = args.steps if args.steps is not None else (100 if gpu else 6)
+    args.repeats = args.repeats if args.repeats is not None else (3 if gpu else 2)
     if not gpu:  # CPU defaults: the recipe's are sized for GPU machines
         args.batch_size = args.batch_size or 32  # 256 would be minutes per step
         # the same cores for both CPU loaders, so their comparison is fair
         cores = os.cpu_count() or 1
         args.dali_threads = args.dali_threads or cores
         args.workers = args.workers if args.workers is not None else cores
-    return args
 
 
 def make_plan(args) -> Plan:
@@ -116,10 +122,7 @@ class Bench:
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
 
     def loader(self, kind: str, **overrides):
-        options = {**loader_options(self.recipe), **overrides}
-        return build_loader(kind, "train", self.data, batch_size=self.recipe.batch_size,
-                            image_size=self.recipe.image_size, rank=self.env.rank, world_size=self.env.world_size,
-                            local_rank=self.env.local_rank, seed=self.recipe.seed, device=self.env.device, **options)
+        return build_split(self.recipe, kind, "train", self.data, self.env, **overrides)
 
     def windows(self, loader, work) -> tuple[list[Window], list[dict]]:
         """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
@@ -151,21 +154,19 @@ class Bench:
         return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
 
     def measure(self, mode: str, loader_name: str) -> dict:
-        if mode == "synthetic":
-            windows, telemetry = self.train_windows(self.loader("synthetic"))
-        elif mode == "loader":
-            windows, telemetry = self.windows(self.loader(loader_name), None)
+        loader = self.loader(loader_name)  # loader_name is "synthetic" in synthetic mode
+        if mode == "loader":
+            windows, telemetry = self.windows(loader, None)
         else:
-            windows, telemetry = self.train_windows(self.loader(loader_name))
-        return summarise(mode, loader_name, windows, telemetry, self.plan, self.env)
+            windows, telemetry = self.train_windows(loader)
+        return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode}
 
     def single_gpu_ceiling(self) -> float | None:
         """Synthetic img/s of rank 0 alone (no DDP), for the scaling efficiency of a multi-GPU run."""
         result = None
         if self.env.is_main:
             alone = DistEnv(0, 1, self.env.local_rank, self.env.device)
-            loader = build_loader("synthetic", "train", self.data, batch_size=self.recipe.batch_size,
-                                  image_size=self.recipe.image_size, seed=self.recipe.seed, device=self.env.device)
+            loader = build_split(self.recipe, "synthetic", "train", self.data, alone)
             windows, _ = self.train_windows(loader, alone)
             result = statistics.fmean(w.img_per_s for w in windows)
         barrier()
@@ -280,7 +281,8 @@ def flops_block(recipe: Recipe, num_classes: int, override: float | None) -> dic
 
 
 def run(args, argv) -> dict:
-    env = init_distributed()
+    env = init_distributed(args.device)
+    machine_defaults(args, env.device.type == "cuda")
     plan = make_plan(args)
     recipe = recipe_from_args(args)
     if env.device.type != "cuda" and "dali" in plan.loaders:

@@ -1,9 +1,10 @@
 """Every input pipeline behind one interface (DESIGN.md, Loader).
 
-`build_loader(kind, split, data_dir, ...)` returns an iterable of (images, labels): images float16
-[N, 3, H, W] in channels_last on `device` (float32 where asked, as CPU training does), labels int64 [N].
-It has len() = steps per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `set_epoch(e)`,
-`state_dict()` and `load_state_dict()`.
+`build_loader(kind, split, data_dir, ...)` returns an iterable of (images, labels): images [N, 3, H, W] in
+channels_last on `device`, in `dtype` (float32 unless asked: callers pass `rn50.precision.batch_dtype`, the
+dtype their training step computes in), labels int64 [N].
+It has len() = steps per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `decode` (the
+decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_state_dict()`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
 
     if kind not in KINDS:
         raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind == "dali" and not torch.cuda.is_available():
-        raise UserError("the dali loader decodes on the GPU but CUDA is not available here; "
-                        "use --loader dali-cpu (DALI's CPU operators) on this machine")
     device = torch.device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if kind == "dali" and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise UserError("the dali loader decodes on the GPU but this run has no CUDA device; "
+                        "use --loader dali-cpu (DALI's CPU operators) here")
+    dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
         if data_dir is not None else None
     if image_list is not None and kind != "synthetic":

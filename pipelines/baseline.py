@@ -74,6 +74,7 @@ class TorchvisionLoader:
         self.training = split == "train"
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.device, self.dtype = torch.device(device), dtype
+        self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms"
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
         if self.training:

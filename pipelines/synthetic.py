@@ -19,6 +19,7 @@ class SyntheticLoader:
         self.num_samples = num_samples if num_samples is not None else batch_size * world_size
         self.num_classes = num_classes
         self.training = split == "train"
+        self.decode = "none: one device-resident batch"
         # Training: floor(N / world) full batches on every rank. Validation: this rank's exact share
         # (rank r takes images r, r + world, ...), the last batch partial, as the real loaders count.
         if self.training:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rn50.device import choose_device
+
 
 _control_group = None  # a gloo group beside NCCL, set by init_distributed
 
@@ -31,15 +33,14 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
+def init_distributed(device_request: str = "auto") -> DistEnv:
+    """device_request: auto | cuda | cpu (rn50.device.choose_device)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = choose_device(device_request, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)

@@ -15,6 +15,7 @@ from rn50.errors import UserError
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.model import build_model, load_weights
 from rn50.optim import build_optimizer
+from rn50.precision import autocast_dtype
 from rn50.recipe import Recipe
 
 
@@ -68,9 +69,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    # AMP where it pays, on CUDA; the CPU path stays fp32 (fp16 convolutions on CPU are slow or missing).
-    use_amp = recipe.amp and env.device.type == "cuda"
-    amp_dtype = getattr(torch, recipe.amp_dtype) if use_amp else None
+    amp_dtype = autocast_dtype(recipe.amp, recipe.amp_dtype, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     return TrainingParts(

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from pipelines import build_loader
 from rn50.checkpoint import CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint
 from rn50.dist import (DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed,
                        shutdown)
+from rn50.device import DEVICES
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
+from rn50.loaders import build_loaders
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                "files (RUN/tensorboard: `tensorboard --logdir RUN`). Presets: " + ", ".join(available_presets()) + ".")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--out", required=True, type=Path, help="run folder for metrics, summary, checkpoints")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
+                             "are present but CUDA is unusable); cpu: the CPU even on a GPU machine")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="folder with train.txt/val.txt from `python -m tools.scan`: train on those files only")
     parser.add_argument("--resume", default=None,
@@ -68,24 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "rank and what it was doing (0: off)")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
-
-
-def loader_options(recipe: Recipe) -> dict:
-    return dict(
-        dali_threads=recipe.dali_threads, hw_decoder_load=recipe.hw_decoder_load,
-        fused_decode=recipe.fused_decode, color_jitter=recipe.color_jitter, prefetch=recipe.prefetch,
-        workers=recipe.workers, resize_ratio=recipe.val_resize_ratio,
-        randaugment_magnitude=recipe.randaugment_magnitude, randaugment_layers=recipe.randaugment_layers,
-        randaugment_magnitude_std=recipe.randaugment_magnitude_std, repeated_aug=recipe.repeated_aug,
-    )
-
-
-def build_loaders(recipe: Recipe, data: Path, env: DistEnv, manifest: Path | None = None):
-    common = dict(batch_size=recipe.batch_size, image_size=recipe.image_size, rank=env.rank,
-                  world_size=env.world_size, local_rank=env.local_rank, seed=recipe.seed, device=env.device,
-                  manifest=manifest, **loader_options(recipe))
-    return (build_loader(recipe.loader, "train", data, **common),
-            build_loader(recipe.loader, "val", data, **common))
 
 
 def prepare_out_dir(out: Path, resuming: bool) -> None:
@@ -381,7 +367,7 @@ def find_resume(args: argparse.Namespace, say) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    env = init_distributed()
+    env = init_distributed(args.device)
     watchdog = Watchdog(env.rank, env.world_size, args.hang_timeout)
     # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
     # every step; several: every 10, a tiny gloo all-reduce)

@@ -43,3 +43,9 @@ def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.Complete
 
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+
+
+def gpu_ddp_processes(gpus: int) -> int:
+    """Processes for the NCCL test: two when there are two GPUs (NCCL across ranks; one process per GPU),
+    never more, so its 48 training images keep a batch of 8 on every rank whatever the GPU count."""
+    return max(1, min(gpus, 2))

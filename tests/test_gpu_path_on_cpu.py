@@ -1,0 +1,139 @@
+"""The GPU path's decisions, checked without a GPU: the batch dtype rule, the device choice (GPUs present but
+CUDA unusable), the GPU pipelines' graphs (decoder flags, where each operator's arguments live), and the
+process count of the NCCL test. What needs a GPU to run is in test_gpu.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from nvidia.dali import pipeline_def
+
+from pipelines.dali import describe_decode, training_pipeline, validation_pipeline
+from rn50.device import CudaProbe, choose_device, cuda_unusable_message
+from rn50.dist import DistEnv
+from rn50.errors import UserError
+from rn50.loaders import build_split, loader_options
+from rn50.precision import autocast_dtype, batch_dtype
+from rn50.recipe import Recipe
+from rn50.step import build_training, train_step
+
+from conftest import N_TRAIN_IMAGES, gpu_ddp_processes
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("amp, amp_dtype, device, expected", [
+    (True, "float16", CUDA, torch.float16),  # AMP fp16: the dtype the first convolution casts to anyway
+    (True, "bfloat16", CUDA, torch.float16),  # DALI has no bf16 output; fp16 holds normalised pixels finer
+    (False, "float16", CUDA, torch.float32),  # --no-amp on a GPU: an fp32 model takes fp32 batches
+    (True, "float16", torch.device("cpu"), torch.float32),  # the CPU path has no autocast
+])
+def test_the_batch_dtype_follows_the_precision_of_the_step(amp, amp_dtype, device, expected):
+    recipe = Recipe(amp=amp, amp_dtype=amp_dtype)
+    assert loader_options(recipe, device)["dtype"] == expected
+    assert batch_dtype(autocast_dtype(amp, amp_dtype, device)) == expected
+
+
+def test_an_fp32_step_refuses_fp16_batches_and_takes_what_the_rule_gives(data_dir):
+    """The bug the rule prevents, reproduced on the CPU: without autocast an fp16 batch meets fp32 weights."""
+    recipe = Recipe(arch="resnet18", batch_size=8, image_size=32, loader="dali-cpu", dali_threads=1)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    parts = build_training(recipe, 4, env)
+    images, labels = next(iter(build_split(recipe, "dali-cpu", "train", data_dir, env)))
+    assert images.dtype == torch.float32
+    assert torch.isfinite(train_step(parts, images, labels))
+    with pytest.raises(RuntimeError, match="should be the same|same dtype|expected scalar type"):
+        train_step(parts, images.half(), labels)
+
+
+# --- the device: GPUs present but CUDA unusable ------------------------------------------------------
+
+CUDA13_ON_CUDA12_DRIVER = CudaProbe(gpus_visible=4, cuda_available=False, torch_cuda="13.0",
+                                    driver="535.104.05", driver_cuda="12.2")
+
+
+def test_gpus_with_unusable_cuda_stop_the_start_naming_both_versions_and_the_fix():
+    with pytest.raises(UserError) as error:
+        choose_device("auto", 0, CUDA13_ON_CUDA12_DRIVER)
+    message = str(error.value)
+    assert "4 NVIDIA GPU(s)" in message and "535.104.05" in message
+    assert "CUDA up to 12.2" in message and "built for CUDA 13.0" in message
+    assert "download.pytorch.org/whl/cu121" in message  # the newest torch wheel whose CUDA <= 12.2
+    assert "--device cpu" in message and "\n" not in message
+
+
+def test_the_cpu_is_used_when_asked_for_or_when_there_is_no_gpu(monkeypatch):
+    assert choose_device("cpu", 0, CUDA13_ON_CUDA12_DRIVER) == torch.device("cpu")
+    no_gpu = CudaProbe(gpus_visible=0, cuda_available=False, torch_cuda="13.0")
+    assert choose_device("auto", 0, no_gpu) == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda"):
+        choose_device("cuda", 0, no_gpu)
+    working = CudaProbe(gpus_visible=2, cuda_available=True, torch_cuda="13.0")
+    assert choose_device("auto", 1, working) == torch.device("cuda", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: the CPU, no error
+    assert choose_device("auto", 0, CUDA13_ON_CUDA12_DRIVER) == torch.device("cpu")
+
+
+def test_an_unusable_cuda_that_is_not_a_version_mismatch_passes_on_torchs_reason():
+    probe = CudaProbe(gpus_visible=1, cuda_available=False, torch_cuda="12.4", driver="550.54", driver_cuda="12.4",
+                      torch_reason="CUDA initialization: CUDA driver initialization failed.")
+    message = cuda_unusable_message(probe)
+    assert "CUDA driver initialization failed" in message and "nvidia-smi" in message
+
+
+# --- the GPU pipelines' graphs, built without a GPU ------------------------------------------------
+
+def gpu_graph(define, **options):
+    """The operators of a GPU ("mixed" decode) pipeline, as DALI builds its graph (no GPU needed)."""
+    pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1, image_size=32,
+                                       gpu=True, dtype=torch.float16, **options),
+                        batch_size=2, num_threads=1, device_id=None)()
+    pipe.serialize()  # builds the graph
+    return pipe._ops
+
+
+GPU_PIPELINES = {"train fused": (training_pipeline, {"fused_decode": True}),
+                 "train unfused": (training_pipeline, {"fused_decode": False}),
+                 "val": (validation_pipeline, {})}
+
+
+@pytest.mark.parametrize("name", GPU_PIPELINES)
+def test_gpu_decoders_upsample_chroma_as_libjpeg_turbo(name):
+    define, options = GPU_PIPELINES[name]
+    decoders = [op for op in gpu_graph(define, **options) if "device: mixed" in repr(op.spec)]
+    assert len(decoders) == 1
+    assert re.search(r"jpeg_fancy_upsampling: True", repr(decoders[0].spec)), repr(decoders[0].spec)
+
+
+@pytest.mark.parametrize("name", GPU_PIPELINES)
+def test_gpu_operators_take_their_arguments_from_the_cpu(name):
+    """A GPU operator whose anchor, shape or random parameters live on the GPU copies them to the host and
+    synchronises every batch; only the images themselves may come from the GPU."""
+    define, options = GPU_PIPELINES[name]
+    ops = gpu_graph(define, **options)
+    on_gpu = [op for op in ops if op.inputs and op.inputs[0].device == "gpu"]
+    assert on_gpu, "no GPU operator found: the graph inspection no longer sees DALI's operators"
+    for op in on_gpu:
+        assert [i.device for i in op.inputs[1:]] == ["cpu"] * (len(op.inputs) - 1), \
+            (op.name, [(i.name, i.device) for i in op.inputs])
+    if name == "val":
+        assert any(op.name.startswith("__Slice") for op in on_gpu)
+
+
+def test_the_decode_path_is_named_for_the_report():
+    assert "fused with RandomResizedCrop" in describe_decode(True, True, True, 0.65)
+    assert "hw_decoder_load 0.65" in describe_decode(True, True, True, 0.65)
+    assert "--no-fused-decode" in describe_decode(True, True, False, 0.65)
+    assert "libjpeg-turbo" in describe_decode(True, False, True, 0.65)
+
+
+# --- the NCCL test's process count --------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 7, 8, 16])
+def test_the_nccl_test_fits_its_data_on_any_gpu_count(gpus):
+    """test_gpu.py's NCCL run: batch 8 per rank must fit each rank's share of the 48 training images."""
+    processes = gpu_ddp_processes(gpus)
+    assert 1 <= processes <= min(gpus, 2)
+    assert N_TRAIN_IMAGES // processes >= 8
