@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rn50.model import build_model
 
-# Peak dense tensor throughput, TFLOP/s, fp16/bf16 inputs (FACTS.md). Matched against the CUDA device
-# name in order: more specific names first ("H100 PCIe" before "H100", "A100" before "A10").
+# Peak dense tensor throughput, TFLOP/s, fp16/bf16 inputs (docs/design.md#peak-tensor-throughput-for-mfu).
+# Matched against the CUDA device name in order: more specific names first ("H100 PCIe" before "H100",
+# "A100" before "A10").
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100", 989.0),

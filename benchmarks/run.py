@@ -26,14 +26,13 @@ from benchmarks import autotune as autotuning
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
 from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
-from benchmarks.telemetry import Telemetry
+from rn50.telemetry import Telemetry
 from benchmarks.verdict import verdict
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
-from rn50.device import DEVICES
 from rn50.errors import UserError
 from rn50.loaders import build_split
 from rn50.provenance import environment
-from rn50.recipe import Recipe, add_recipe_flags, parse_strict, recipe_from_args
+from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
 from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
@@ -53,9 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/*.JPEG")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: the GPU when CUDA works, else the CPU (an error when NVIDIA GPUs are present "
-                             "but CUDA is unusable); cpu: measure on the CPU even on a GPU machine")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train")
     parser.add_argument("--loaders", default=None,
                         help="subset of dali,dali-cpu,torchvision (default: what this machine can run)")
@@ -117,12 +113,14 @@ def endless(loader):
 
 
 class Bench:
-    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan):
+    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan, machine: Machine | None = None):
         self.recipe, self.data, self.env, self.plan = recipe, data, env, plan
+        self.machine = machine or Machine()
+        self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
 
     def loader(self, kind: str, **overrides):
-        return build_split(self.recipe, kind, "train", self.data, self.env, **overrides)
+        return build_split(self.recipe, self.machine, kind, "train", self.data, self.env, **overrides)
 
     def windows(self, loader, work) -> tuple[list[Window], list[dict]]:
         """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
@@ -145,8 +143,8 @@ class Bench:
             first = len(timer.host_after)
             for _ in range(steps):
                 step()
-            windows.append(timer.window(first, self.recipe.batch_size))
-            telemetry.append(self.telemetry.stop(images=steps * self.recipe.batch_size))
+            windows.append(timer.window(first, self.batch_size))
+            telemetry.append(self.telemetry.stop(images=steps * self.batch_size))
         return windows, telemetry
 
     def train_windows(self, loader, env: DistEnv | None = None):
@@ -166,7 +164,7 @@ class Bench:
         result = None
         if self.env.is_main:
             alone = DistEnv(0, 1, self.env.local_rank, self.env.device)
-            loader = build_split(self.recipe, "synthetic", "train", self.data, alone)
+            loader = build_split(self.recipe, self.machine, "synthetic", "train", self.data, alone)
             windows, _ = self.train_windows(loader, alone)
             result = statistics.fmean(w.img_per_s for w in windows)
         barrier()
@@ -256,7 +254,7 @@ def time_to_accuracy(run_dirs: list[Path]) -> list[dict]:
             raise UserError(f"{run_dir} has no summary.json; pass finished rn50.train run folders to --training-runs")
         summary = json.loads(summary_path.read_text())
         target = summary.get("target")
-        rows.append({"run": str(run_dir), "target_top1": summary["recipe"]["target_top1"] or None,
+        rows.append({"run": str(run_dir), "target_top1": recipe_from_mapping(summary["recipe"]).stopping.target_top1 or None,
                      "reached": target is not None, "time_s": target["time_s"] if target else None,
                      "epochs": target["epochs"] if target else None, "best_top1": summary["best/val_top1"],
                      "img_per_s": summary["train/img_per_s"], "world_size": summary["world_size"],
@@ -275,23 +273,26 @@ def flops_block(recipe: Recipe, num_classes: int, override: float | None) -> dic
     else:
         source = "not available: no GPU" if gpu is None else \
             f"not available: {gpu} is not in the table; pass --peak-tflops"
-    return {"per_image_train": flops_per_image(recipe.arch, recipe.image_size, num_classes),
-            "per_image_forward": flops_per_image(recipe.arch, recipe.image_size, num_classes, training=False),
+    arch, size = recipe.model.arch, recipe.augmentation.image_size
+    return {"per_image_train": flops_per_image(arch, size, num_classes),
+            "per_image_forward": flops_per_image(arch, size, num_classes, training=False),
             "counted_with": "torch.utils.flop_counter", "peak_tflops": peak, "peak_source": source}
 
 
 def run(args, argv) -> dict:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device or "auto")
     machine_defaults(args, env.device.type == "cuda")
     plan = make_plan(args)
-    recipe = recipe_from_args(args)
+    resolved = resolve(args)
+    recipe, machine = resolved.recipe, resolved.machine
+    arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     if env.device.type != "cuda" and "dali" in plan.loaders:
         raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(recipe, args.data, env, plan)
+    bench = Bench(recipe, args.data, env, plan, machine)
     probe = bench.loader("synthetic")  # validates the data folder and gives its size
     say = print if env.is_main else (lambda *a, **k: None)
-    say(f"benchmarking {recipe.arch} at {recipe.image_size} px, batch {recipe.batch_size} x {env.world_size} "
+    say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
         f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders)}; "
         f"{plan.warmup_steps} warm-up + {plan.steps} timed steps x {plan.repeats}", flush=True)
     results = []
@@ -310,14 +311,14 @@ def run(args, argv) -> dict:
         "environment": {**environment(), "world_size": env.world_size, "device_type": env.device.type,
                         "command": " ".join(["python -m benchmarks.run", *argv]),
                         "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"},
-        "config": {"arch": recipe.arch, "batch_size": recipe.batch_size, "image_size": recipe.image_size,
-                   "global_batch": recipe.batch_size * env.world_size, "modes": list(plan.modes),
+        "config": {"arch": arch, "batch_size": batch, "image_size": size,
+                   "global_batch": batch * env.world_size, "modes": list(plan.modes),
                    "loaders": list(plan.loaders), "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
                    "repeats": plan.repeats, "dataset": {"path": str(args.data.resolve()),
                                                         "train_images": probe.num_samples,
                                                         "classes": probe.num_classes},
-                   # the recipe's own `loader` field is not used here: --loaders names the loaders
-                   "recipe": {k: v for k, v in recipe.to_dict().items() if k != "loader"}},
+                   # the machine's own `loader` setting is not used here: --loaders names the loaders
+                   "recipe": recipe.to_dict(), "machine": {k: v for k, v in machine.to_dict().items() if k != "loader"}},
         "flops": flops,
         "results": results,
         **derive(results, plan, env, flops, env.device.type),

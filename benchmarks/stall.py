@@ -1,8 +1,8 @@
 """Step timing and input stall.
 
 On a GPU the host runs ahead of the device, so the time the host spends waiting in `next()` says little
-(FACTS.md: 39% host wait in a run at 93% of the GPU ceiling). What matters is whether the GPU sits idle
-waiting for input. Two CUDA events per step answer it on the GPU's own timeline:
+(39% host wait in a run at 93% of the GPU ceiling: docs/design.md#throughput-on-one-h100). What matters is
+whether the GPU sits idle waiting for input. Two CUDA events per step answer it on the GPU's own timeline:
 
     start_i  recorded just before step i's work is enqueued
     end_i    recorded just after it

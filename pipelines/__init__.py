@@ -1,4 +1,4 @@
-"""Every input pipeline behind one interface (DESIGN.md, Loader).
+"""Every input pipeline behind one interface (docs/design.md, The loader interface).
 
 `build_loader(kind, split, data_dir, ...)` returns an iterable of (images, labels): images [N, 3, H, W] in
 channels_last on `device`, in `dtype` (float32 unless asked: callers pass `rn50.precision.batch_dtype`, the
@@ -9,6 +9,9 @@ decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_sta
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
+from pipelines.augmentation import Augmentation
 from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
 
@@ -17,20 +20,27 @@ KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
 
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
-                 manifest=None, preflight: bool = True, **options):
+                 manifest=None, preflight: bool = True, augmentation: Augmentation | None = None, **options):
     """manifest: a `tools.scan` output folder whose <split>.txt lists the files to use (already checked);
     preflight: without a manifest, check every file's header before the first batch.
-    options: dali_threads, hw_decoder_load, fused_decode, color_jitter, prefetch, randaugment_magnitude,
-    randaugment_layers, randaugment_magnitude_std, repeated_aug (DALI);
-    workers, color_jitter (torchvision); resize_ratio (validation); num_classes, num_samples (synthetic)."""
+    augmentation: the spec (pipelines.augmentation); single fields of it may also come as options
+    (color_jitter=0.0), and image_size always sets its image_size.
+    options: dali_threads, hw_decoder_load, fused_decode, prefetch (DALI); workers (torchvision);
+    num_classes, num_samples (synthetic). Options a loader does not take are ignored."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
     if kind not in KINDS:
         raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
     device = torch.device(device)
     if kind == "dali" and (device.type != "cuda" or not torch.cuda.is_available()):
-        raise UserError("the dali loader decodes on the GPU but this run has no CUDA device; "
+        raise UserError("the dali loader decodes on the GPU but CUDA is not available to this run; "
                         "use --loader dali-cpu (DALI's CPU operators) here")
+    spec_fields = {f.name for f in fields(Augmentation)}
+    aug = replace(augmentation or Augmentation(), image_size=image_size,
+                  **{k: options.pop(k) for k in list(options) if k in spec_fields}).validate()
+    if kind == "torchvision" and split == "train" and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
+        raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali "
+                        "or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
         if data_dir is not None else None
@@ -43,33 +53,19 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
             )
         if manifest is None and preflight:
             check_files(image_list, rank, world_size)
-    common = dict(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
+    common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
     if kind in ("dali", "dali-cpu"):
         from pipelines.dali import DaliLoader
 
-        options = _dali_options(split, options)
-        return DaliLoader(split, **common, local_rank=local_rank, gpu=kind == "dali", **options)
+        dali = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
+                "hw_decoder_load": options.get("hw_decoder_load", 0.65),
+                "fused_decode": options.get("fused_decode", True)}
+        return DaliLoader(split, **common, local_rank=local_rank, gpu=kind == "dali", **dali)
     if kind == "torchvision":
         from pipelines.baseline import TorchvisionLoader
 
-        if split == "train" and (options.get("randaugment_magnitude", 0) > 0 or options.get("repeated_aug", 1) > 1):
-            raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali "
-                            "or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
-        return TorchvisionLoader(split, **common, **options)
+        return TorchvisionLoader(split, **common, workers=options.get("workers", 8))
     from pipelines.synthetic import SyntheticLoader
 
     return SyntheticLoader(split, **common, **options)
-
-
-def _dali_options(split: str, options: dict) -> dict:
-    """Keep the options the DALI pipeline for this split takes (the baseline's `workers` is not one)."""
-    kept = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
-            "hw_decoder_load": options.get("hw_decoder_load", 0.65)}
-    if split == "train":
-        kept.update({k: options[k] for k in ("fused_decode", "color_jitter", "randaugment_magnitude",
-                                             "randaugment_layers", "randaugment_magnitude_std",
-                                             "repeated_aug") if k in options})
-    elif "resize_ratio" in options:
-        kept["resize_ratio"] = options["resize_ratio"]
-    return kept

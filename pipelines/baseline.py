@@ -13,29 +13,28 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipelines.augmentation import MEAN, STD, Augmentation
 
 
-def training_transform(image_size: int, color_jitter: float) -> v2.Compose:
+def training_transform(aug: Augmentation) -> v2.Compose:
     steps = [
         v2.PILToTensor(),
-        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomResizedCrop(aug.image_size, scale=aug.crop_area, ratio=aug.crop_ratio, antialias=True),
+        v2.RandomHorizontalFlip(p=aug.hflip),
     ]
-    if color_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if aug.color_jitter > 0:
+        strength = aug.color_jitter
+        steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def validation_transform(image_size: int, resize_ratio: float) -> v2.Compose:
+def validation_transform(aug: Augmentation) -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(int(image_size / resize_ratio), antialias=True),
-        v2.CenterCrop(image_size),
+        v2.Resize(int(aug.image_size / aug.val_resize_ratio), antialias=True),
+        v2.CenterCrop(aug.image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(MEAN, STD),
     ])
 
 
@@ -69,8 +68,8 @@ class TorchvisionLoader:
     """Training: DistributedSampler(drop_last) + DataLoader(drop_last): floor(floor(N/world)/batch) steps
     on every rank. set_epoch reseeds the global shuffle."""
 
-    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, seed, device, dtype,
-                 workers=8, color_jitter=0.4, resize_ratio=0.875, **_unused):
+    def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
+                 workers=8):
         self.training = split == "train"
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.device, self.dtype = torch.device(device), dtype
@@ -78,11 +77,11 @@ class TorchvisionLoader:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
         if self.training:
-            transform = training_transform(image_size, color_jitter)
+            transform = training_transform(aug)
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)
         else:
-            transform = validation_transform(image_size, resize_ratio)
+            transform = validation_transform(aug)
             self.sampler = _Shard(self.num_samples, rank, world_size)
         self._loader = DataLoader(
             JpegFolder(image_list.files, image_list.labels, transform),

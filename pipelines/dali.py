@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.errors import UserError
 
 try:
@@ -25,10 +26,8 @@ try:
 except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
     fn = None
 
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-RRC_AREA = [0.08, 1.0]
-RRC_RATIO = [3 / 4, 4 / 3]
+MEAN_255 = [m * 255 for m in MEAN]  # DALI normalises uint8 pixels
+STD_255 = [s * 255 for s in STD]
 # nvJPEG scratch buffers sized for ImageNet, as in NVIDIA's reference pipeline: no re-allocation mid-run
 _DEVICE_PADDING = 211_025_920
 _HOST_PADDING = 140_544_512
@@ -66,8 +65,8 @@ def _normalize(images, dtype, mirror=None):
         images,
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
         output_layout="HWC",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=MEAN_255,
+        std=STD_255,
         mirror=mirror if mirror is not None else 0,
     )
 
@@ -106,34 +105,35 @@ def _rand_augment(images, layers: int, magnitude: int, magnitude_std: float):
     return images
 
 
-def training_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, dtype,
-                      hw_decoder_load=0.65, fused_decode=True, color_jitter=0.4,
-                      randaugment_magnitude=0, randaugment_layers=2, randaugment_magnitude_std=0.0):
+def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, gpu, dtype,
+                      hw_decoder_load=0.65, fused_decode=True):
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
     decoder = _decoder_args(gpu, hw_decoder_load)
+    size = aug.image_size
     if fused_decode:
         # Decodes only the crop's region: less work than decoding the whole JPEG, then cropping.
         images = fn.decoders.image_random_crop(
             jpegs, **decoder, output_type=types.RGB,
-            random_area=RRC_AREA, random_aspect_ratio=RRC_RATIO, num_attempts=100,
+            random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio), num_attempts=100,
         )
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        images = fn.resize(images, resize_x=size, resize_y=size)
     else:
-        # Fallback for nvImageCodec versions whose fused mixed crop misbehaves (see FACTS.md).
+        # The way out where the fused ROI decode misbehaves (nvImageCodec #55, docs/recipe.md)
         images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
-        images = fn.random_resized_crop(images, size=[image_size, image_size],
-                                        random_area=RRC_AREA, random_aspect_ratio=RRC_RATIO)
-    if randaugment_magnitude > 0:
-        images = _rand_augment(images, randaugment_layers, randaugment_magnitude, randaugment_magnitude_std)
-    if color_jitter > 0:
-        strength = [1.0 - color_jitter, 1.0 + color_jitter]
+        images = fn.random_resized_crop(images, size=[size, size],
+                                        random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio))
+    if aug.randaugment_magnitude > 0:
+        images = _rand_augment(images, aug.randaugment_layers, aug.randaugment_magnitude,
+                               aug.randaugment_magnitude_std)
+    if aug.color_jitter > 0:
+        strength = [1.0 - aug.color_jitter, 1.0 + aug.color_jitter]
         images = fn.color_twist(
             images,
             brightness=fn.random.uniform(range=strength),
             contrast=fn.random.uniform(range=strength),
             saturation=fn.random.uniform(range=strength),
         )
-    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=0.5))
+    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip))
     return images, _labels(labels, gpu)
 
 
@@ -145,19 +145,20 @@ def _round_half_even(x):
     return half + is_half * half_is_odd
 
 
-def validation_pipeline(files, labels, *, shard_id, num_shards, image_size, gpu, dtype,
-                        resize_ratio=0.875, hw_decoder_load=0.65):
-    """Resize the shorter side to image_size / resize_ratio (256 for 224), centre crop image_size.
+def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, gpu, dtype,
+                        hw_decoder_load=0.65):
+    """Resize the shorter side to image_size / val_resize_ratio (256 for 224), centre crop image_size.
 
     Sizes and the crop anchor are computed as torchvision's Resize + CenterCrop compute them (longer side
     truncated, anchor rounded half to even): DALI's own rounding differs by up to one pixel, which moves
-    accuracies and breaks comparison with torchvision-trained weights (FACTS.md).
+    accuracies and breaks comparison with torchvision-trained weights (docs/design.md, Validation transform).
     """
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=False)
     shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
-    target = float(int(image_size / resize_ratio))
+    image_size = aug.image_size
+    target = float(int(image_size / aug.val_resize_ratio))
     new_h = dmath.floor(target * height / short)
     new_w = dmath.floor(target * width / short)
     images = fn.decoders.image(jpegs, **_decoder_args(gpu, hw_decoder_load), output_type=types.RGB)
@@ -201,10 +202,10 @@ def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIG
 
 
 class DaliLoader:
-    """The loader interface (DESIGN.md) over a DALI pipeline and DALIGenericIterator."""
+    """The loader interface (docs/design.md) over a DALI pipeline and DALIGenericIterator."""
 
-    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, local_rank, seed,
-                 device, dtype, gpu, threads=4, prefetch=2, repeated_aug=1, **pipeline_options):
+    def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, local_rank, seed,
+                 device, dtype, gpu, threads=4, prefetch=2, hw_decoder_load=0.65, fused_decode=True):
         _require_dali()
         self.split = split
         self.training = split == "train"
@@ -221,9 +222,9 @@ class DaliLoader:
         # apart, are augmented independently (and mostly land on different ranks); an epoch still
         # delivers N images, N / world per rank.
         self._epoch_size = None
-        if self.training and repeated_aug > 1:
-            files = tuple(f for f in files for _ in range(repeated_aug))
-            labels = tuple(label for label in labels for _ in range(repeated_aug))
+        if self.training and aug.repeated_aug > 1:
+            files = tuple(f for f in files for _ in range(aug.repeated_aug))
+            labels = tuple(label for label in labels for _ in range(aug.repeated_aug))
             self._epoch_size = shard_size
         self._build_args = dict(
             batch_size=batch_size,
@@ -233,15 +234,13 @@ class DaliLoader:
             seed=seed * 1000 + rank,
             prefetch_queue_depth=prefetch,
             enable_checkpointing=True,
-            enable_conditionals=pipeline_options.get("randaugment_magnitude", 0) > 0,  # RandAugment needs them
+            enable_conditionals=self.training and aug.randaugment_magnitude > 0,  # RandAugment needs them
         )
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
-        self.decode = describe_decode(self.training, gpu, pipeline_options.get("fused_decode", True),
-                                      pipeline_options.get("hw_decoder_load", 0.65))
-        self._define = lambda: define(
-            files, labels, shard_id=rank, num_shards=world_size,
-            image_size=image_size, gpu=gpu, dtype=dtype, **pipeline_options,
-        )
+        self.decode = describe_decode(self.training, gpu, fused_decode, hw_decoder_load)
+        options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
+        self._define = lambda: define(files, labels, shard_id=rank, num_shards=world_size, aug=aug, gpu=gpu,
+                                      dtype=dtype, **options)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint):

@@ -1,6 +1,6 @@
 """A fast header check for JPEG files: the pre-flight test a run does before it starts.
 
-One corrupt file stops a DALI pipeline mid-epoch (FACTS.md), so training looks at every file's header
+One corrupt file stops a DALI pipeline mid-epoch (docs/design.md, DALI behaviour), so training looks at every file's header
 first. `header_problem(path)` opens a file, reads its first 4 KB page and its last 64 bytes, and returns
 a short reason or None (about 15 us a file from the page cache, one core):
 

@@ -11,7 +11,7 @@ import torch
 
 
 class SyntheticLoader:
-    def __init__(self, split, *, image_list, batch_size, image_size, rank, world_size, seed, device,
+    def __init__(self, split, *, image_list, batch_size, aug, rank, world_size, seed, device,
                  dtype, num_classes=1000, num_samples=None, **_unused):
         # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.
         if image_list is not None:
@@ -28,7 +28,7 @@ class SyntheticLoader:
             share = len(range(rank, self.num_samples, world_size))
             self._sizes = [min(batch_size, share - start) for start in range(0, share, batch_size)]
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+        images = torch.randn(batch_size, 3, aug.image_size, aug.image_size, generator=generator)
         self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
         self.epoch = 0

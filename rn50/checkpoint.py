@@ -62,6 +62,21 @@ def checkpoint_name(epochs_done: int, step: int, epoch_end: bool) -> str:
     return f"checkpoint_{epochs_done:04d}.pt" if epoch_end else f"checkpoint_{epochs_done:04d}_step{step:08d}.pt"
 
 
+# save_checkpoint's temporary files: mkstemp(prefix=".<checkpoint name>.", suffix=".tmp")
+_TEMPORARY = re.compile(r"^\.checkpoint_(\d{4}(_step\d{8})?|best)\.pt\..+\.tmp$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporary files of checkpoint writes that never finished (a kill mid-write leaves one,
+    as large as a checkpoint). Only our own names; call it when no write is under way (at start-up)."""
+    removed = []
+    for path in Path(run_dir).glob(".checkpoint_*.tmp"):
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
+
+
 def regular_checkpoints(run_dir: Path) -> list[Path]:
     """Every checkpoint of the run but the best-link, oldest first."""
     return sorted(p for p in Path(run_dir).glob("checkpoint_*.pt") if _REGULAR.match(p.name))
@@ -100,3 +115,40 @@ def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
         except UserError as err:
             say(f"skipping {path}: {err}")
     return None
+
+
+# --- what a checkpoint holds ------------------------------------------------------------------------
+
+def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, plateau: dict,
+                   loader_states: list, loader_kind: str, recipe: dict, world_size: int, history: list,
+                   elapsed_s: float) -> dict | None:
+    """Everything an exact resume needs, for a checkpoint; None when the weights hold NaN or inf (a kept
+    checkpoint must stay a good one). `parts` is rn50.step.TrainingParts."""
+    weights = parts.raw_model.state_dict()
+    if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+        return None
+    return {
+        "epoch": epochs_done,  # epochs completed
+        "step": step,  # optimizer steps done in all
+        "steps_per_epoch": steps_per_epoch,
+        "model": weights,
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "plateau": plateau,
+        "loader": loader_states,  # one state per rank: its shard and its augmentation stream
+        "loader_kind": loader_kind,  # another loader cannot take these states: the epoch restarts
+        "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.recipe_from_mapping
+        "world_size": world_size,
+        "history": history,  # one record per finished epoch
+        "elapsed_s": elapsed_s,
+    }
+
+
+def restore_training(parts, state: dict) -> None:
+    """Weights, optimizer, scaler and EMA from a checkpoint into `parts` (rn50.step.TrainingParts)."""
+    parts.raw_model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None and state.get("ema") is not None:
+        parts.ema.load_state_dict(state["ema"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.augmentation import MEAN, STD
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
     """Number of samples whose label is among the top k logits, for each k (counts, not percentages,
@@ -14,10 +16,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top.eq(labels.view(-1, 1))
     return [hits[:, :k].any(dim=1).sum() for k in ks]
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MetricsLog:
@@ -51,7 +49,7 @@ class MetricsLog:
         import torchvision
 
         batch = images[:count].detach().float().cpu()
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(STD).view(1, 3, 1, 1)
         grid = torchvision.utils.make_grid((batch * std + mean).clamp(0, 1), nrow=8)
         self.writer.add_image(tag, grid, step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rn50.recipe import Recipe
+from rn50.recipe import Optimisation
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -32,15 +32,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, head: nn.Module | No
     return [groups[key] for key in order if key in groups]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, head: nn.Module | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optimisation: Optimisation, head: nn.Module | None = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (the recipe's), AdamW (torch) or LAMB (timm's, a well-kept
     implementation). The LR is set every step by rn50.schedule; fused kernels where CUDA has them."""
-    groups = parameter_groups(model, recipe.weight_decay, head)
+    opt = optimisation
+    groups = parameter_groups(model, opt.weight_decay, head)
     fused = next(model.parameters()).is_cuda or None
-    if recipe.optimizer == "adamw":
+    if opt.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, fused=fused)
-    if recipe.optimizer == "lamb":
+    if opt.optimizer == "lamb":
         from timm.optim import Lamb
 
         return Lamb(groups, lr=0.0)
-    return torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
+    return torch.optim.SGD(groups, lr=0.0, momentum=opt.momentum, nesterov=opt.nesterov, fused=fused)

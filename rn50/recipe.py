@@ -1,8 +1,14 @@
-"""The one recipe: a typed dataclass whose defaults are the 90-epoch ResNet-50 recipe.
+"""The one recipe: typed, frozen sections whose defaults are the 90-epoch ResNet-50 recipe, and, kept apart,
+the machine settings (how this machine runs the recipe, not what is trained).
 
-Layers, lowest first: the defaults here, a preset file (TOML, `rn50/presets/<name>.toml`), then single CLI
-flags. Every field is a flag (`batch_size` is `--batch-size`); an unknown key or flag is an error that
-suggests the closest name. The resolved recipe is saved as `recipe.json` in every run and checkpoint.
+Layers, lowest first: the defaults here, presets (TOML, `rn50/presets/<name>.toml`, several applied left to
+right with `--preset a,b`), then single CLI flags. Every field has one flat name, used as its flag
+(`batch_size` is `--batch-size`), its key in presets and in recipe.json; presets may also group keys in
+tables named after the sections. An unknown key or flag is an error that suggests the closest name.
+
+A run saves the resolved recipe as `recipe.json` and the machine settings as `machine.json`. On resume the
+recipe comes from the checkpoint, and a change to a field that alters what a step means is refused unless
+named with `--allow-change` (`changes_on_resume`); machine settings are never inherited from a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,80 +22,96 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipelines.augmentation import Augmentation, opt
 from rn50.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = ("dali", "dali-cpu", "torchvision", "synthetic")
+DEVICES = ("auto", "cuda", "cpu")
 
 
-def opt(default, help: str = ""):
-    """A recipe field with its help text (shown by --help next to the field's flag)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Recipe:
-    # Model
+@dataclass(frozen=True)
+class Model:
     arch: str = opt("resnet50", "any torchvision resnet: resnet18/34/50/101/152")
     zero_init_residual: bool = opt(True, "gamma=0 in the last BN of every residual block (+0.2% top-1)")
     sync_bn: bool = opt(False, "SyncBatchNorm: only worth it below ~32 images per GPU")
-    # Batch and schedule. batch_size is per GPU (per process); the LR scales with the global batch.
-    epochs: int = opt(90, "training epochs")
+    finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
+    freeze_backbone_epochs: float = opt(0.0, "fine-tuning: train only the classifier for the first epochs")
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """batch_size is per GPU (per process); the LR scales with the global batch."""
     batch_size: int = opt(256, "images per GPU (per process)")
+    optimizer: str = opt("sgd", "sgd (Nesterov) | adamw (torch) | lamb (timm's)")
     base_lr: float = opt(0.1, "peak LR = base_lr * global_batch / base_batch (linear scaling rule)")
     base_batch: int = opt(256, "the global batch at which base_lr applies")
-    warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
-    lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
-    lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
-    # Optimizer: SGD with Nesterov momentum; no weight decay on BN parameters and biases
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "SGD with Nesterov momentum")
     weight_decay: float = opt(1e-4, "on conv and linear weights only (none on BN parameters and biases)")
-    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
-    optimizer: str = opt("sgd", "sgd (Nesterov) | adamw (torch) | lamb (timm's)")
-    schedule: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)")
+
+    def peak_lr(self, world_size: int) -> float:
+        return self.base_lr * self.batch_size * world_size / self.base_batch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int = opt(90, "training epochs")
+    warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
+    kind: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)",
+                    flat="schedule")
+    lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
+    lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
     min_lr: float = opt(0.0, "cosine: the LR at the end of the cosine phase and through the cooldown")
     cooldown_epochs: float = opt(0.0, "cosine: epochs held at min_lr at the end")
     plateau_factor: float = opt(0.1, "plateau: LR multiplier when validation loss stops improving")
     plateau_patience: int = opt(5, "plateau: epochs without improvement before the LR drops")
-    # Regularisation beyond the 90-epoch recipe (all off by default)
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
     ema_decay: float = opt(0.0, "EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off")
     mixup_alpha: float = opt(0.0, "Mixup on the GPU batch (Beta(alpha, alpha)); 0: off")
     cutmix_alpha: float = opt(0.0, "CutMix; with both on, each batch takes one of the two at random")
-    randaugment_magnitude: int = opt(0, "RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off")
-    randaugment_layers: int = opt(2, "operations per image")
-    randaugment_magnitude_std: float = opt(0.0, "random spread of the magnitude per image")
-    repeated_aug: int = opt(1, "each image k times per epoch's stream, augmented independently (DALI loaders)")
-    kd_teacher: str = opt("", "distillation: teacher weights (our checkpoint or a torchvision state dict)")
-    kd_teacher_arch: str = opt("resnet152", "distillation: the teacher's torchvision architecture")
-    kd_alpha: float = opt(0.8, "loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE")
-    kd_temperature: float = opt(1.0, "distillation: softmax temperature T")
-    # Fine-tuning and stopping rules
-    finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
-    freeze_backbone_epochs: float = opt(0.0, "train only the classifier for the first epochs")
-    early_stop_patience: int = opt(0, "stop after this many epochs without a better val top-1; 0: off")
-    target_top1: float = opt(0.0, "stop once val top-1 reaches this (time-to-accuracy); 0: off")
-    # Precision and memory layout
+
+
+@dataclass(frozen=True)
+class Distillation:
+    teacher: str = opt("", "distillation: teacher weights (our checkpoint or a torchvision state dict)",
+                       flat="kd_teacher")
+    teacher_arch: str = opt("resnet152", "distillation: the teacher's torchvision architecture",
+                            flat="kd_teacher_arch")
+    alpha: float = opt(0.8, "loss = kd_alpha * T^2 * KL(teacher || student at T) + (1 - kd_alpha) * CE",
+                       flat="kd_alpha")
+    temperature: float = opt(1.0, "distillation: softmax temperature T", flat="kd_temperature")
+
+
+@dataclass(frozen=True)
+class Precision:
     amp: bool = opt(True, "autocast + GradScaler on CUDA; CPU runs stay fp32")
     amp_dtype: str = opt("float16", "float16 or bfloat16")
     channels_last: bool = opt(True, "NHWC memory layout for the model and the batch")
-    # Input pipeline
-    loader: str = opt("dali", "dali (GPU) | dali-cpu | torchvision | synthetic")
-    image_size: int = opt(224, "training crop and validation crop size")
-    val_resize_ratio: float = opt(0.875, "validation: resize shorter side to image_size / ratio, centre crop")
-    color_jitter: float = opt(0.4, "brightness, contrast and saturation strength; 0 switches it off")
-    dali_threads: int = opt(4, "DALI CPU threads per process")
-    hw_decoder_load: float = opt(0.65, "share of JPEG decoding on the A100/H100 hardware decoder")
-    fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region)")
-    prefetch: int = opt(2, "DALI prefetch queue depth")
-    workers: int = opt(8, "torchvision loader processes per GPU")
-    # Bookkeeping
+
+
+@dataclass(frozen=True)
+class Stopping:
+    early_stop_patience: int = opt(0, "stop after this many epochs without a better val top-1; 0: off")
+    target_top1: float = opt(0.0, "stop once val top-1 reaches this (time-to-accuracy); 0: off")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What is trained. Functions take the section they need (rn50.schedule the schedule, ...)."""
+    model: Model = field(default_factory=Model)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    optimisation: Optimisation = field(default_factory=Optimisation)
+    schedule: Schedule = field(default_factory=Schedule)
+    regularisation: Regularisation = field(default_factory=Regularisation)
+    distillation: Distillation = field(default_factory=Distillation)
+    precision: Precision = field(default_factory=Precision)
+    stopping: Stopping = field(default_factory=Stopping)
     seed: int = opt(0, "initial weights (the same on every rank) and augmentation streams")
-    log_every: int = opt(50, "steps between host syncs for logging")
-
-
-    def peak_lr(self, world_size: int) -> float:
-        return self.base_lr * self.batch_size * world_size / self.base_batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,29 +120,94 @@ class Recipe:
         path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
 
     def validate(self) -> "Recipe":
+        checks = (("optimizer", self.optimisation.optimizer, ("sgd", "adamw", "lamb")),
+                  ("schedule", self.schedule.kind, ("step", "cosine", "plateau")),
+                  ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")))
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name in ("epochs", "batch_size", "image_size", "base_batch"):
+            if get(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {get(self, name)}")
+        s = self.schedule
+        if s.kind == "cosine" and s.warmup_epochs + s.cooldown_epochs >= s.epochs:
+            raise UserError(f"cosine needs epochs ({s.epochs}) > warmup_epochs + cooldown_epochs "
+                            f"({s.warmup_epochs} + {s.cooldown_epochs}); lengthen --epochs")
+        if not 0.0 <= self.distillation.alpha <= 1.0 or self.distillation.temperature <= 0:
+            raise UserError("kd_alpha must lie in [0, 1] and kd_temperature be positive")
+        if list(s.lr_milestones) != sorted(s.lr_milestones):
+            raise UserError(f"lr_milestones must be increasing, got {list(s.lr_milestones)}")
+        self.augmentation.validate()
+        return self
+
+
+@dataclass(frozen=True)
+class Machine:
+    """How this machine runs the recipe: not part of what is trained, saved as machine.json in the run folder,
+    free to change on resume and never inherited from a checkpoint."""
+    loader: str = opt("dali", "dali (GPU) | dali-cpu | torchvision | synthetic")
+    device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
+                              "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
+    dali_threads: int = opt(4, "DALI CPU threads per process")
+    hw_decoder_load: float = opt(0.65, "share of JPEG decoding on the A100/H100 hardware decoder")
+    fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region); "
+                                   "--no-fused-decode decodes the whole image, then crops")
+    prefetch: int = opt(2, "DALI prefetch queue depth")
+    workers: int = opt(8, "torchvision loader processes per GPU")
+    log_every: int = opt(50, "steps between host syncs for logging")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Machine":
         if self.loader not in LOADERS:
             raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise UserError(f"amp_dtype must be float16 or bfloat16, not {self.amp_dtype!r}")
-        for name in ("epochs", "batch_size", "image_size", "base_batch", "dali_threads", "log_every"):
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        for name in ("dali_threads", "log_every", "prefetch"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
-        for name, allowed in (("optimizer", ("sgd", "adamw", "lamb")), ("schedule", ("step", "cosine", "plateau"))):
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.schedule == "cosine" and self.warmup_epochs + self.cooldown_epochs >= self.epochs:
-            raise UserError(f"cosine needs epochs ({self.epochs}) > warmup_epochs + cooldown_epochs "
-                            f"({self.warmup_epochs} + {self.cooldown_epochs}); lengthen --epochs")
-        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
-            raise UserError("kd_alpha must lie in [0, 1] and kd_temperature be positive")
-        if list(self.lr_milestones) != sorted(self.lr_milestones):
-            raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
         return self
 
 
-_TYPES = typing.get_type_hints(Recipe)
+# --- flat names -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Field:
+    flat: str  # the flag, the preset key, the key users know
+    section: str | None  # a Recipe section, None for a top-level Recipe field, "machine" for Machine
+    name: str  # the attribute inside its section
+    kind: type
+    help: str
+    default: object
+
+
+def _fields_of(cls, section: str | None) -> list[Field]:
+    hints, defaults = typing.get_type_hints(cls), cls()
+    return [Field(f.metadata.get("flat") or f.name, section, f.name, hints[f.name], f.metadata.get("help", ""),
+                  getattr(defaults, f.name)) for f in fields(cls) if f.metadata.get("help") is not None]
+
+
+SECTIONS = {f.name: f.type for f in fields(Recipe) if f.name != "seed"}
+_RECIPE_HINTS = typing.get_type_hints(Recipe)
+RECIPE_FIELDS = {f.flat: f for f in
+                 [g for name in SECTIONS for g in _fields_of(_RECIPE_HINTS[name], name)]
+                 + [Field("seed", None, "seed", int, fields(Recipe)[-1].metadata["help"], 0)]}
+MACHINE_FIELDS = {f.flat: f for f in _fields_of(Machine, "machine")}
+ALL_FIELDS = {**RECIPE_FIELDS, **MACHINE_FIELDS}
+assert len(ALL_FIELDS) == len(RECIPE_FIELDS) + len(MACHINE_FIELDS), "a flat name is used twice"
+
+
+def get(recipe: Recipe, flat: str):
+    """A recipe field by its flat name."""
+    f = RECIPE_FIELDS[flat]
+    return getattr(recipe if f.section is None else getattr(recipe, f.section), f.name)
+
+
+def flat_items(recipe: Recipe) -> dict:
+    return {flat: get(recipe, flat) for flat in RECIPE_FIELDS}
 
 
 def _closest(name: str, candidates) -> str:
@@ -128,43 +215,161 @@ def _closest(name: str, candidates) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _coerce(name: str, value):
+def _coerce(flat: str, value):
     """Bring a TOML or JSON value to the field's type (tuples arrive as lists)."""
-    kind = _TYPES[name]
+    kind = ALL_FIELDS[flat].kind
     if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"recipe field {flat!r} must be a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"recipe field {name!r} must be {kind.__name__}, got {value!r}")
+        raise UserError(f"recipe field {flat!r} must be {kind.__name__}, got {value!r}")
     return value
 
 
-def from_mapping(values: dict, base: Recipe | None = None) -> Recipe:
-    """Layer a mapping (a preset or a saved recipe.json) on `base`; unknown keys are errors."""
-    known = {f.name for f in fields(Recipe)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"unknown recipe key {key!r}{_closest(key, known)}")
-    coerced = {k: _coerce(k, v) for k, v in values.items()}
-    return dataclasses.replace(base or Recipe(), **coerced)
+def flatten(values: dict) -> dict:
+    """Flat name -> value, from a mapping with flat keys and/or tables named after sections (as presets,
+    recipe.json and checkpoints hold them). Unknown keys are errors; keys that are not settings
+    (recipe.json's world_size, peak_lr, ...) are skipped only where `extra_ok` lists them."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and (key in SECTIONS or key == "machine"):
+            section_cls = Machine if key == "machine" else _RECIPE_HINTS[key]
+            by_name = {f.name: f.flat for f in _fields_of(section_cls, key)}
+            for name, inner in value.items():
+                if name not in by_name and name not in ALL_FIELDS:
+                    raise UserError(f"unknown key {name!r} in [{key}]{_closest(name, by_name)}")
+                flat[by_name.get(name, name)] = inner
+        elif key in ALL_FIELDS:
+            flat[key] = value
+        else:
+            raise UserError(f"unknown recipe key {key!r}{_closest(key, ALL_FIELDS)}")
+    return {k: _coerce(k, v) for k, v in flat.items()}
 
+
+def apply(recipe: Recipe, machine: Machine, values: dict) -> tuple[Recipe, Machine]:
+    """Layer flat values on a recipe and machine settings."""
+    machine = dataclasses.replace(machine, **{k: v for k, v in values.items() if k in MACHINE_FIELDS})
+    by_section: dict[str | None, dict] = {}
+    for flat, value in values.items():
+        if flat in RECIPE_FIELDS:
+            f = RECIPE_FIELDS[flat]
+            by_section.setdefault(f.section, {})[f.name] = value
+    top = by_section.pop(None, {})
+    sections = {name: dataclasses.replace(getattr(recipe, name), **changes) for name, changes in by_section.items()}
+    return dataclasses.replace(recipe, **sections, **top), machine
+
+
+def recipe_from_mapping(values: dict) -> Recipe:
+    """A recipe from a saved recipe.json or a checkpoint's recipe (sectioned, or flat as older runs wrote it).
+    Machine settings and bookkeeping keys in it are ignored: they are not part of what was trained."""
+    known = {k: v for k, v in values.items() if k in SECTIONS or k in RECIPE_FIELDS or k in MACHINE_FIELDS}
+    return apply(Recipe(), Machine(), {k: v for k, v in flatten(known).items() if k in RECIPE_FIELDS})[0]
+
+
+def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
+    """A recipe with some fields changed by flat name: `with_fields(batch_size=8, arch="resnet18")`."""
+    return apply(recipe or Recipe(), Machine(), {k: _coerce(k, v) for k, v in flat.items()})[0]
+
+
+# --- presets ----------------------------------------------------------------------------------------
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_preset(name: str, base: Recipe | None = None) -> Recipe:
+def read_preset(name: str) -> dict:
+    """A preset's values by flat name."""
     path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         presets = available_presets()
-        raise UserError(
-            f"no preset {name!r}{_closest(name, presets)}; presets are {', '.join(presets)} "
-            "or a path to a .toml file"
-        )
+        raise UserError(f"no preset {name!r}{_closest(name, presets)}; presets are {', '.join(presets)} "
+                        "or a path to a .toml file")
     with path.open("rb") as handle:
-        return from_mapping(tomllib.load(handle), base)
+        try:
+            return flatten(tomllib.load(handle))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"preset {path} is not valid TOML ({exc}); fix the file") from None
 
+
+@dataclass
+class Resolved:
+    recipe: Recipe
+    machine: Machine
+    presets: tuple[str, ...] = ()
+    overridden: list[str] = field(default_factory=list)  # "b overrides a: batch_size 192 -> 256"
+
+
+def resolve(args: argparse.Namespace, base: Recipe | None = None) -> Resolved:
+    """Defaults (or `base`, a checkpoint's recipe), then each preset left to right, then the flags given."""
+    recipe, machine = base or Recipe(), Machine()
+    names = tuple(n.strip() for n in (getattr(args, "preset", None) or "").split(",") if n.strip())
+    set_by: dict[str, tuple[str, object]] = {}
+    overridden = []
+    for name in names:
+        values = read_preset(name)
+        for flat, value in values.items():
+            if flat in set_by and set_by[flat][1] != value:
+                overridden.append(f"preset {name} overrides {set_by[flat][0]}: {flat} {set_by[flat][1]!r} -> {value!r}")
+            set_by[flat] = (name, value)
+        recipe, machine = apply(recipe, machine, values)
+    given = {flat: getattr(args, flat) for flat in ALL_FIELDS if getattr(args, flat, None) is not None}
+    recipe, machine = apply(recipe, machine, given)
+    return Resolved(recipe.validate(), machine.validate(), names, overridden)
+
+
+def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
+    return resolve(args, base).recipe
+
+
+def load_presets(names: str) -> Resolved:
+    """The recipe and machine settings that presets give over the defaults (`"h100x8,kd_lamb_610"`)."""
+    return resolve(argparse.Namespace(preset=names))
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+# Changes a resumed run makes without --allow-change: they do not alter what any step already taken, or
+# the next one, means. `epochs` only lengthens a step or plateau schedule (milestones are absolute epochs);
+# the stopping rules only decide when to stop.
+SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
+
+
+def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
+    """Fields that differ between the checkpoint's recipe and this run's, except the safe ones."""
+    changed = []
+    for flat in RECIPE_FIELDS:
+        before, after = get(saved, flat), get(now, flat)
+        if before == after or flat in SAFE_ON_RESUME:
+            continue
+        if flat == "epochs" and after > before and now.schedule.kind in ("step", "plateau"):
+            continue  # a longer step/plateau schedule: the steps so far had the same LR they will keep
+        changed.append((flat, before, after))
+    return changed
+
+
+def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
+    """Refuse a resume that changes the meaning of a step, unless each such field is named in --allow-change.
+    Returns the allowed changes, for the log."""
+    allowed_names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
+    for name in allowed_names:
+        if name not in RECIPE_FIELDS:
+            hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else _closest(name, RECIPE_FIELDS)
+            raise UserError(f"--allow-change names {name!r}, which is not a recipe field{hint}")
+    changed = changes_on_resume(saved, now)
+    refused = [(f, a, b) for f, a, b in changed if f not in allowed_names]
+    if refused:
+        flat, before, after = refused[0]
+        more = f" (and {', '.join(f for f, _, _ in refused[1:])})" if len(refused) > 1 else ""
+        raise UserError(f"the checkpoint was trained with {flat} = {before!r} but this run asks for {after!r}{more}; "
+                        f"resume with the same value, or pass --allow-change {','.join(f for f, _, _ in refused)} "
+                        "to continue with the new one")
+    return [f"{f}: {a!r} -> {b!r}" for f, a, b in changed]
+
+
+# --- the command line -------------------------------------------------------------------------------
 
 def _flag_type(kind):
     if typing.get_origin(kind) is tuple:
@@ -174,62 +379,88 @@ def _flag_type(kind):
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field, defaulting to None so that only flags the user gave override a preset."""
-    group = parser.add_argument_group("recipe (defaults: the 90-epoch recipe)")
-    group.add_argument("--preset", default=None, help=f"recipe preset: {', '.join(available_presets())}")
-    defaults = Recipe()
-    for f in fields(Recipe):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _TYPES[f.name]
-        shown = getattr(defaults, f.name)
-        text = f"{f.metadata.get('help', '')} (default {shown})".strip().replace("%", "%%")
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            metavar = "A,B,..." if typing.get_origin(kind) is tuple else kind.__name__.upper()
-            group.add_argument(flag, type=_flag_type(kind), default=None, metavar=metavar, help=text)
+    for title, table in (("recipe (defaults: the 90-epoch recipe)", RECIPE_FIELDS),
+                         ("machine settings (not part of the recipe; free to change on resume)", MACHINE_FIELDS)):
+        group = parser.add_argument_group(title)
+        if table is RECIPE_FIELDS:
+            group.add_argument("--preset", default=None, metavar="NAME[,NAME...]",
+                               help=f"recipe presets, applied left to right: {', '.join(available_presets())} "
+                                    "or paths to .toml files")
+        for f in table.values():
+            flag = "--" + f.flat.replace("_", "-")
+            text = f"{f.help} (default {f.default})".strip().replace("%", "%%")
+            if f.kind is bool:
+                group.add_argument(flag, dest=f.flat, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                metavar = "A,B,..." if typing.get_origin(f.kind) is tuple else f.kind.__name__.upper()
+                group.add_argument(flag, dest=f.flat, type=_flag_type(f.kind), default=None, metavar=metavar,
+                                   help=text)
 
 
-def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
-    recipe = base or Recipe()
-    if args.preset:
-        recipe = load_preset(args.preset, recipe)
-    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None}
-    return dataclasses.replace(recipe, **given).validate()
+# Flags of torchvision's reference script (references/classification/train.py), which people bring along
+PEER_FLAGS = {
+    "--lr": "use --base-lr: ours is the LR per 256 images, scaled by the global batch (torchvision's --lr is "
+            "the LR of the whole global batch)",
+    "-b": "use --batch-size (per GPU, as torchvision's -b)",
+    "--wd": "use --weight-decay (never applied to BN parameters and biases here)",
+    "-j": "use --workers (torchvision loader) or --dali-threads (DALI loaders)",
+    "--lr-warmup-epochs": "use --warmup-epochs (a linear warmup from 0, updated every step)",
+    "--print-freq": "use --log-every (steps between logged losses)",
+    "--test-only": "there is no evaluation-only mode yet: every epoch ends with a validation (val/* in "
+                   "metrics.jsonl)",
+    "--lr-scheduler": "use --schedule step|cosine|plateau",
+}
 
 
 def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """parse_args, but an unknown flag is a UserError naming the closest known flag."""
+    """parse_args, but an unknown flag is a UserError naming the closest known flag, or, for a flag of
+    torchvision's reference script, ours and how it differs."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = [o for a in parser._actions for o in a.option_strings]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise UserError(f"unknown argument {bad!r}{_closest(bad.split('=')[0], flags)}")
+        name = bad.split("=")[0]
+        if PEER_FLAGS.get(name):
+            raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
+        raise UserError(f"unknown argument {bad!r}{_closest(name, flags)}")
     return args
 
 
-def format_recipe(recipe: Recipe) -> str:
-    """The resolved recipe, one `field = value` line each (TOML, so it can be saved as a preset)."""
-    def toml(value):
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, tuple):
-            return "[" + ", ".join(repr(v) for v in value) + "]"
-        return f'"{value}"' if isinstance(value, str) else repr(value)
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
-    return "\n".join(f"{name} = {toml(value)}" for name, value in recipe.to_dict().items())
+
+def format_recipe(recipe: Recipe, machine: Machine | None = None) -> str:
+    """The resolved recipe (and machine settings) as a TOML preset: `field = value` lines by flat name,
+    one table per section, so it can be saved and loaded with --preset."""
+    lines = [f"seed = {_toml(recipe.seed)}"]
+    tables = [(name, [f for f in RECIPE_FIELDS.values() if f.section == name]) for name in SECTIONS]
+    if machine is not None:
+        tables.append(("machine", list(MACHINE_FIELDS.values())))
+    for name, table in tables:
+        owner = machine if name == "machine" else getattr(recipe, name)
+        lines += ["", f"[{name}]"] + [f"{f.flat} = {_toml(getattr(owner, f.name))}" for f in table]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    """`python -m rn50.recipe [--preset NAME] [--field value ...]`: print the resolved recipe."""
+    """`python -m rn50.recipe [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
     import sys
 
     parser = argparse.ArgumentParser(prog="rn50.recipe", description=main.__doc__, allow_abbrev=False)
     add_recipe_flags(parser)
     try:
-        print(format_recipe(recipe_from_args(parse_strict(parser, argv))))
+        resolved = resolve(parse_strict(parser, argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    for note in resolved.overridden:
+        print(f"# {note}")
+    print(format_recipe(resolved.recipe, resolved.machine))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The learning rate as a pure function of (recipe, step): linear warmup from 0, then step decay or cosine.
+"""The learning rate as a pure function of (schedule, peak LR, step): linear warmup from 0, then step decay or
+cosine.
 
 The plateau schedule is the one exception: it scales this function by a multiplier that
 ReduceLROnPlateau derives from the validation loss (see PlateauMultiplier).
@@ -10,28 +11,29 @@ import math
 
 import torch
 
-from rn50.recipe import Recipe
+from rn50.recipe import Schedule
 
 
-def lr_at(recipe: Recipe, step: int, steps_per_epoch: int, world_size: int) -> float:
-    """LR for optimizer step `step` (0-based, counted over the whole run).
+def lr_at(schedule: Schedule, peak: float, step: int, steps_per_epoch: int) -> float:
+    """LR for optimizer step `step` (0-based, counted over the whole run); `peak` is
+    Optimisation.peak_lr(world_size).
 
     Updated every step, not every epoch: the warmup is a ramp over warmup_epochs * steps_per_epoch steps
     (step 0 has LR 0), and a milestone at epoch 30 takes effect at exactly step 30 * steps_per_epoch.
     """
-    peak = recipe.peak_lr(world_size)
+    s = schedule
     epoch = step / steps_per_epoch  # fractional epoch
-    if epoch < recipe.warmup_epochs:
-        return peak * epoch / recipe.warmup_epochs
-    if recipe.schedule == "cosine":
+    if epoch < s.warmup_epochs:
+        return peak * epoch / s.warmup_epochs
+    if s.kind == "cosine":
         # cosine from the peak to min_lr over the epochs between warmup and cooldown, then min_lr
-        span = recipe.epochs - recipe.cooldown_epochs - recipe.warmup_epochs
-        progress = min(1.0, (epoch - recipe.warmup_epochs) / span)
-        return recipe.min_lr + 0.5 * (peak - recipe.min_lr) * (1 + math.cos(math.pi * progress))
-    if recipe.schedule == "plateau":
+        span = s.epochs - s.cooldown_epochs - s.warmup_epochs
+        progress = min(1.0, (epoch - s.warmup_epochs) / span)
+        return s.min_lr + 0.5 * (peak - s.min_lr) * (1 + math.cos(math.pi * progress))
+    if s.kind == "plateau":
         return peak
-    passed = sum(1 for milestone in recipe.lr_milestones if epoch >= milestone)
-    return peak * recipe.lr_decay**passed
+    passed = sum(1 for milestone in s.lr_milestones if epoch >= milestone)
+    return peak * s.lr_decay**passed
 
 
 def set_lr(optimizer, lr: float, frozen: bool = False) -> None:
@@ -45,10 +47,10 @@ class PlateauMultiplier:
     """torch's ReduceLROnPlateau logic (patience, threshold) driving a multiplier of lr_at, stepped once
     per validation. It runs on a one-parameter stand-in optimizer, so it never fights set_lr."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, schedule: Schedule):
         self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         self._scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self._optimizer, mode="min", factor=recipe.plateau_factor, patience=recipe.plateau_patience)
+            self._optimizer, mode="min", factor=schedule.plateau_factor, patience=schedule.plateau_patience)
 
     @property
     def value(self) -> float:

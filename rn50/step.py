@@ -10,13 +10,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from rn50.dist import DistEnv
+from rn50.dist import DistEnv, all_gather_objects
 from rn50.errors import UserError
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.model import build_model, load_weights
 from rn50.optim import build_optimizer
 from rn50.precision import autocast_dtype
-from rn50.recipe import Recipe
+from rn50.recipe import Distillation, Recipe
 
 
 @dataclass
@@ -39,9 +39,9 @@ class TrainingParts:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
 
-def _teacher(recipe: Recipe, num_classes: int, env: DistEnv, memory_format) -> nn.Module:
-    teacher = build_model(recipe.kd_teacher_arch, num_classes, zero_init_residual=False)
-    load_weights(teacher, recipe.kd_teacher, replace_classifier=False)
+def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_format) -> nn.Module:
+    teacher = build_model(distillation.teacher_arch, num_classes, zero_init_residual=False)
+    load_weights(teacher, distillation.teacher, replace_classifier=False)
     teacher.eval().requires_grad_(False)
     return teacher.to(env.device, memory_format=memory_format)
 
@@ -50,33 +50,34 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # training shapes are fixed (DROP): pick the fastest kernels once
-    model = build_model(recipe.arch, num_classes, recipe.zero_init_residual)
-    if recipe.finetune_from:
-        replaced = load_weights(model, recipe.finetune_from, replace_classifier=True)
+    spec, reg, kd = recipe.model, recipe.regularisation, recipe.distillation
+    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
+    if spec.finetune_from:
+        replaced = load_weights(model, spec.finetune_from, replace_classifier=True)
         if env.is_main:
-            print(f"fine-tuning from {recipe.finetune_from}" + (f"; new classifier for {num_classes} classes"
-                                                                if replaced else ""), flush=True)
-    if recipe.sync_bn and env.device.type != "cuda":
+            print(f"fine-tuning from {spec.finetune_from}" + (f"; new classifier for {num_classes} classes"
+                                                              if replaced else ""), flush=True)
+    if spec.sync_bn and env.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
                         "drop --sync-bn on this machine")
-    if recipe.sync_bn and env.distributed:
+    if spec.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
     head = model.fc
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True) \
-        if recipe.ema_decay > 0 else None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(reg.ema_decay), use_buffers=True) \
+        if reg.ema_decay > 0 else None
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    amp_dtype = autocast_dtype(recipe.amp, recipe.amp_dtype, env.device)
+    amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
     return TrainingParts(
-        model, build_optimizer(model, recipe, head), scaler, criterion, amp_dtype,
-        mix=batch_mixing(recipe.mixup_alpha, recipe.cutmix_alpha, num_classes),
-        teacher=_teacher(recipe, num_classes, env, memory_format) if recipe.kd_teacher else None,
-        kd_alpha=recipe.kd_alpha, kd_temperature=recipe.kd_temperature, ema=ema,
+        model, build_optimizer(model, recipe.optimisation, head), scaler, criterion, amp_dtype,
+        mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
+        teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
+        kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema,
     )
 
 
@@ -86,6 +87,12 @@ def state_digest(model: nn.Module) -> str:
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def replicas_identical(model: nn.Module) -> bool:
+    """Whether every rank holds bit-identical weights and buffers (one digest per rank, gathered); DDP keeps
+    them equal, and validation syncs the BN statistics. True in a single process."""
+    return len(set(all_gather_objects(state_digest(model)))) == 1
 
 
 def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Train ResNet-50 with the 90-epoch recipe: `torchrun --nproc-per-node N -m rn50.train --data DIR --out RUN`.
 
 Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
-modules. Writes recipe.json, metrics.jsonl, summary.json and checkpoints into the run folder.
+modules. Writes recipe.json, machine.json, metrics.jsonl, summary.json and checkpoints into the run folder.
 Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 4 a rank hung (the watchdog
 names it), 75 preempted (a checkpoint was saved: run the same command with `--resume auto`).
 """
@@ -19,19 +19,21 @@ from pathlib import Path
 
 import torch
 
-from rn50.checkpoint import CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint
-from rn50.dist import (DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed,
-                       shutdown)
-from rn50.device import DEVICES
+from rn50.checkpoint import (CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint,
+                             remove_stale_temporaries, restore_training, training_state)
+from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
 from rn50.loaders import build_loaders
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
-from rn50.recipe import Recipe, add_recipe_flags, available_presets, format_recipe, from_mapping, parse_strict, recipe_from_args
+from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, format_recipe, guard_resume,
+                         parse_strict, recipe_from_mapping, resolve)
 from rn50.schedule import PlateauMultiplier, lr_at, set_lr
-from rn50.step import TrainingParts, build_training, state_digest, train_step
+from rn50.step import TrainingParts, build_training, replicas_identical, train_step
+from rn50.stopping import judge
+from rn50.telemetry import Telemetry
 from rn50.watchdog import Watchdog
 
 EXIT_DIVERGED = 3
@@ -48,17 +50,18 @@ class Diverged(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="rn50.train", description=__doc__.splitlines()[0], allow_abbrev=False,
-        epilog="The run folder gets recipe.json, metrics.jsonl, summary.json, checkpoints and TensorBoard event "
-               "files (RUN/tensorboard: `tensorboard --logdir RUN`). Presets: " + ", ".join(available_presets()) + ".")
+        epilog="The run folder gets recipe.json, machine.json, metrics.jsonl, summary.json, checkpoints and "
+               "TensorBoard event files (RUN/tensorboard: `tensorboard --logdir RUN`). Presets: "
+               + ", ".join(available_presets()) + ".")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--out", required=True, type=Path, help="run folder for metrics, summary, checkpoints")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
-                             "are present but CUDA is unusable); cpu: the CPU even on a GPU machine")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="folder with train.txt/val.txt from `python -m tools.scan`: train on those files only")
     parser.add_argument("--resume", default=None,
                         help="checkpoint to continue from, or 'auto': the newest valid one in --out (none: start)")
+    parser.add_argument("--allow-change", default=None, metavar="FIELD[,FIELD]",
+                        help="on --resume, accept these recipe fields differing from the checkpoint's (any other "
+                             "change that alters a step is refused; machine settings change freely)")
     parser.add_argument("--reshard", action="store_true",
                         help="allow resuming with another number of processes (restarts the interrupted epoch)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -74,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_strict(parser, argv)
 
 
-def prepare_out_dir(out: Path, resuming: bool) -> None:
+def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> None:
     if not resuming and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
                         "checkpoints (or --resume auto) to continue it")
@@ -83,24 +86,44 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
         tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
     except OSError as exc:
         raise UserError(f"cannot write to the run folder {out} ({exc.strerror}); pass a writable --out") from None
+    if is_main:  # a checkpoint write killed midway leaves its temporary file (checkpoint-sized) behind
+        for stale in remove_stale_temporaries(out):
+            print(f"removed {stale.name}, left by a checkpoint write that never finished", flush=True)
+
+
+class LossTracker:
+    """An epoch's training loss summed on the device, and the longest run of non-finite losses: read only
+    where the host syncs anyway (log intervals, checkpoints, the epoch's end)."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device, dtype=torch.float64)
+        self.streak = torch.zeros((), device=device)
+        self.worst = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.total += torch.where(finite, loss, 0.0).double()
+        self.streak = (self.streak + 1) * ~finite
+        self.worst = torch.maximum(self.worst, self.streak)
 
 
 class Trainer:
     """One run: the loop over epochs, with logging, validation and checkpoints."""
 
-    def __init__(self, recipe: Recipe, parts: TrainingParts, train_loader, val_loader, env: DistEnv, out: Path,
-                 args: argparse.Namespace, watchdog: Watchdog, stop: StopRequest):
-        self.recipe, self.parts, self.env, self.out, self.watchdog = recipe, parts, env, out, watchdog
+    def __init__(self, recipe: Recipe, machine: Machine, parts: TrainingParts, train_loader, val_loader,
+                 env: DistEnv, out: Path, args: argparse.Namespace, watchdog: Watchdog, stop: StopRequest):
+        self.recipe, self.machine, self.parts, self.env, self.out = recipe, machine, parts, env, out
+        self.watchdog, self.stop = watchdog, stop
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
+        self.peak_lr = recipe.optimisation.peak_lr(env.world_size)
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main, tensorboard_dir=out / "tensorboard")
         self.store = CheckpointStore(out, args.keep_checkpoints)
         self.checkpoint_every = args.checkpoint_every
         self.max_nonfinite = args.max_nonfinite_steps
-        self.stop = stop
+        self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
-        self.plateau = PlateauMultiplier(recipe)  # 1.0 unless the plateau schedule lowered it
-        self.reached_target = False
+        self.plateau = PlateauMultiplier(recipe.schedule)  # 1.0 unless the plateau schedule lowered it
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
@@ -109,58 +132,81 @@ class Trainer:
         if self.env.is_main:
             print(text, flush=True)
 
-    def _sync(self) -> None:
-        if self.env.device.type == "cuda":
-            torch.cuda.synchronize(self.env.device)
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def run(self) -> dict:
+        recipe, epochs = self.recipe, self.recipe.schedule.epochs
+        self.say(f"training {recipe.model.arch} on {self.train_loader.num_samples} images ({self.steps_per_epoch} "
+                 f"steps/epoch x {self.env.world_size} ranks x {recipe.optimisation.batch_size}), validating on "
+                 f"{self.val_loader.num_samples}; loader {self.machine.loader}, device {self.env.device}, "
+                 f"peak LR {self.peak_lr:.4g}")
+        for epoch in range(self.start_epoch, epochs):
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
+            record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
+            record.update(self.validate(epoch))
+            record["time_s"] = self.elapsed()
+            verdict, warnings = judge(self.history + [record], recipe.stopping,
+                                      any(h.get("target/epochs") for h in self.history))
+            record.update(verdict)
+            self.log.write(record)
+            self.history.append(record)
+            self.say(f"epoch {epoch + 1}/{epochs}: train loss {record['train/loss']:.4f}, "
+                     f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
+                     f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
+                     f"on {record['val/count']} images"
+                     + (f"; EMA top-1 {record['val_ema/top1']:.2f}%" if "val_ema/top1" in record else ""))
+            for warning in warnings:
+                self.say(warning)
+            if recipe.schedule.kind == "plateau":
+                self.plateau.step(record["val/loss"])
+            self.save(epoch, self.steps_per_epoch, epoch_end=True)
+            if self.stop.agreed(0, force=True):
+                raise Preempted(self.stop.signal_name)
+            if record.get("stop"):
+                self.say(f"stopping after epoch {epoch + 1}: {record['stop']}")
+                break
+        summary = self.summary()
+        summary["ddp/replicas_identical"] = replicas_identical(self.parts.raw_model)
+        if not summary["ddp/replicas_identical"]:
+            self.say("warning: the ranks' weights differ at the end of the run (DDP replicas out of sync)")
+        return summary
 
     def train_epoch(self, epoch: int, first: int) -> dict:
         """Steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch)."""
-        recipe, parts = self.recipe, self.parts
+        parts, spe, freeze = self.parts, self.steps_per_epoch, self.recipe.model.freeze_backbone_epochs
         self.train_loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.env.device)
-        # consecutive non-finite losses, counted on the device (read only where the host syncs anyway)
-        streak = torch.zeros((), device=self.env.device)
-        worst = torch.zeros((), device=self.env.device)
+        losses = LossTracker(self.env.device)
         host_wait = 0.0
         self._sync()
+        self.telemetry.start()
         begin = waited_from = time.perf_counter()
         for i, (images, labels) in enumerate(self.train_loader, start=first):
             host_wait += time.perf_counter() - waited_from
-            self.watchdog.progress(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch}: training step")
-            step = epoch * self.steps_per_epoch + i
-            lr = lr_at(recipe, step, self.steps_per_epoch, self.env.world_size) * self.plateau.value
-            set_lr(parts.optimizer, lr, frozen=step < recipe.freeze_backbone_epochs * self.steps_per_epoch)
+            self.watchdog.progress(f"epoch {epoch + 1} step {i + 1}/{spe}: training step")
+            step = epoch * spe + i
+            lr = lr_at(self.recipe.schedule, self.peak_lr, step, spe) * self.plateau.value
+            set_lr(parts.optimizer, lr, frozen=step < freeze * spe)
             if i == first:
                 self.log.images("train/inputs", images, step)  # what the model sees, once an epoch
             loss = train_step(parts, images, labels)
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            streak = (streak + 1) * ~finite
-            worst = torch.maximum(worst, streak)
-            if (i + 1) % recipe.log_every == 0:  # the only per-step host sync, at log intervals
-                self.check_divergence(worst)
+            losses.add(loss)
+            if (i + 1) % self.machine.log_every == 0:  # the only per-step host sync, at log intervals
+                self.check_divergence(losses)
                 # epoch counts epochs completed (fractional mid-epoch); train/loss is rank 0's step loss
-                record = {"epoch": epoch + (i + 1) / self.steps_per_epoch, "step": step + 1,
-                          "time_s": self.elapsed(), "lr": lr, "train/loss": loss.item()}
-                self.log.write(record)
-                self.say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch} lr {lr:.4g} "
-                         f"loss {record['train/loss']:.4f}")
-            last_step = i + 1 == self.steps_per_epoch
-            if not last_step and self.stop.agreed(step):  # at an epoch's end, run() stops after validation
-                self.check_divergence(worst)
-                self.save(epoch, i + 1, epoch_end=False)
-                raise Preempted(self.stop.signal_name)
-            if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and not last_step:
-                self.check_divergence(worst)
-                self.save(epoch, i + 1, epoch_end=False)
+                self.log.write({"epoch": epoch + (i + 1) / spe, "step": step + 1, "time_s": self.elapsed(),
+                                "lr": lr, "train/loss": loss.item()})
+                self.say(f"epoch {epoch + 1} step {i + 1}/{spe} lr {lr:.4g} loss {loss.item():.4f}")
+            if i + 1 < spe:  # at an epoch's end, run() checkpoints after validation
+                self.checkpoint_if_due(epoch, i + 1, step + 1, losses)
             self.watchdog.progress(f"epoch {epoch + 1} after step {i + 1}: waiting for the next batch")
             waited_from = time.perf_counter()
-        self.check_divergence(worst)
+        self.check_divergence(losses)
         self._sync()
         seconds = time.perf_counter() - begin
-        steps = self.steps_per_epoch - first
-        images_seen = steps * recipe.batch_size * self.env.world_size
-        mean_loss = all_reduce_sum(loss_sum.double()).item() / (steps * self.env.world_size)
+        steps = spe - first
+        images_seen = steps * self.recipe.optimisation.batch_size * self.env.world_size
+        mean_loss = all_reduce_sum(losses.total).item() / (steps * self.env.world_size)
         return {
             "lr": lr,
             "train/loss": mean_loss,
@@ -170,64 +216,42 @@ class Trainer:
             # host-side time waiting in next(): input stall on CPU runs; on an asynchronous GPU it is
             # not stall (the benchmark harness measures that on the GPU timeline)
             "train/host_wait_frac": host_wait / seconds,
-            **self.gpu_telemetry(),
+            **self.gpu_telemetry(images_seen // self.env.world_size),
         }
 
-    def gpu_telemetry(self) -> dict:
-        """This rank's GPU at the epoch's end (torch's NVML readings) and its peak memory in the epoch;
-        nothing on CPU, and nothing where NVML cannot be read."""
+    def checkpoint_if_due(self, epoch: int, steps_done: int, steps_total: int, losses: LossTracker) -> None:
+        """One path for both mid-epoch checkpoints: the periodic one (--checkpoint-every) and the one a stop
+        signal asks for, after which the run ends with exit code 75."""
+        stopping = self.stop.agreed(steps_total - 1)
+        if stopping or (self.checkpoint_every and steps_total % self.checkpoint_every == 0):
+            self.check_divergence(losses)
+            self.save(epoch, steps_done, epoch_end=False)
+        if stopping:
+            raise Preempted(self.stop.signal_name)
+
+    def _sync(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+
+    def gpu_telemetry(self, images: int) -> dict:
+        """This rank's GPU over the epoch (NVML, sampled by rn50.telemetry, as the harness does) and its peak
+        memory; nothing on the CPU, and only the memory where NVML cannot be read."""
         if self.env.device.type != "cuda":
             return {}
         readings = {"gpu/memory_peak_gib": torch.cuda.max_memory_allocated(self.env.device) / 2**30}
         torch.cuda.reset_peak_memory_stats(self.env.device)
-        for name, read in (("gpu/util_pct", torch.cuda.utilization), ("gpu/power_w", torch.cuda.power_draw),
-                           ("gpu/sm_clock_mhz", torch.cuda.clock_rate)):
-            try:
-                value = read(self.env.device)
-                readings[name] = value / 1000 if name == "gpu/power_w" else value  # power_draw is in mW
-            except Exception:  # no pynvml, no permission: not available, never an error
-                pass
+        sampled = self.telemetry.stop(images=images)
+        for ours, theirs in (("gpu/util_pct", "gpu_util_pct"), ("gpu/power_w", "power_w"),
+                             ("gpu/sm_clock_mhz", "sm_clock_mhz"), ("gpu/energy_j_per_image", "energy_j_per_image")):
+            if sampled.get(theirs) is not None:
+                readings[ours] = sampled[theirs]
         return readings
 
-    def check_divergence(self, worst: torch.Tensor) -> None:
+    def check_divergence(self, losses: LossTracker) -> None:
         """Stop when the loss stayed non-finite for max_nonfinite steps in a row on any rank. GradScaler
         skips the odd overflowing fp16 step on its own; a long streak means the weights are gone."""
-        if any_rank(worst.item() >= self.max_nonfinite):
+        if any_rank(losses.worst.item() >= self.max_nonfinite):
             raise Diverged(f"the training loss was NaN or inf for {self.max_nonfinite} steps in a row")
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
-
-    def run(self) -> dict:
-        recipe = self.recipe
-        self.say(f"training {recipe.arch} on {self.train_loader.num_samples} images "
-                 f"({self.steps_per_epoch} steps/epoch x {self.env.world_size} ranks x {recipe.batch_size}), "
-                 f"validating on {self.val_loader.num_samples}; loader {recipe.loader}, device {self.env.device}, "
-                 f"peak LR {recipe.peak_lr(self.env.world_size):.4g}")
-        for epoch in range(self.start_epoch, recipe.epochs):
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
-            record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
-            record.update(self.validate(epoch))
-            record["time_s"] = self.elapsed()
-            record.update(self.judge(record))
-            self.log.write(record)
-            self.history.append(record)
-            self.say(f"epoch {epoch + 1}/{recipe.epochs}: train loss {record['train/loss']:.4f}, "
-                     f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
-                     f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
-                     f"on {record['val/count']} images"
-                     + (f"; EMA top-1 {record['val_ema/top1']:.2f}%" if "val_ema/top1" in record else ""))
-            if recipe.schedule == "plateau":
-                self.plateau.step(record["val/loss"])
-            self.save(epoch, self.steps_per_epoch, epoch_end=True)
-            if self.stop.agreed(0, force=True):
-                raise Preempted(self.stop.signal_name)
-            if record.get("stop"):
-                self.say(f"stopping after epoch {epoch + 1}: {record['stop']}")
-                break
-        summary = self.summary()
-        summary["ddp/replicas_identical"] = self.replicas_identical()
-        return summary
 
     def validate(self, epoch: int) -> dict:
         """The raw model, and the EMA weights beside it when the recipe keeps them (val_ema/*)."""
@@ -239,35 +263,6 @@ class Trainer:
             result.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
         return result
 
-    def judge(self, record: dict) -> dict:
-        """Stopping rules and warnings after an epoch: target top-1 reached (time-to-accuracy), no better
-        top-1 for early_stop_patience epochs, and a growing gap between validation and training loss."""
-        recipe, verdict = self.recipe, {}
-        history = self.history + [record]
-        top1 = [h["val/top1"] for h in history]
-        if recipe.target_top1 and record["val/top1"] >= recipe.target_top1 and not self.reached_target:
-            self.reached_target = True
-            verdict["stop"] = f"validation top-1 reached the target {recipe.target_top1}%"
-            verdict["target/time_s"], verdict["target/epochs"] = record["time_s"], record["epoch"]
-        best_at = len(top1) - 1 - top1[::-1].index(max(top1))
-        if recipe.early_stop_patience and len(top1) - 1 - best_at >= recipe.early_stop_patience:
-            verdict.setdefault("stop", f"no better validation top-1 for {recipe.early_stop_patience} epochs "
-                                       f"(best {max(top1):.2f}% at epoch {history[best_at]['epoch']})")
-        gaps = [h["val/loss"] - h["train/loss"] for h in history[-4:]]
-        if len(gaps) == 4 and all(b > a for a, b in zip(gaps, gaps[1:])):
-            verdict["warn/overfitting"] = True
-            self.say(f"warning: the gap between validation and training loss grew for 3 epochs "
-                     f"({gaps[0]:.3f} -> {gaps[-1]:.3f}): the model may be overfitting")
-        return verdict
-
-    def replicas_identical(self) -> bool:
-        """DDP keeps every rank's weights equal (and validation syncs the BN statistics); check it bit for
-        bit once per run, a digest per rank."""
-        digests = all_gather_objects(state_digest(self.parts.raw_model))
-        if len(set(digests)) != 1:
-            self.say("warning: the ranks' weights differ at the end of the run (DDP replicas out of sync)")
-        return len(set(digests)) == 1
-
     def save(self, epoch: int, steps_done: int, epoch_end: bool) -> None:
         """A checkpoint after `steps_done` steps of epoch `epoch` (0-based). Every rank takes part: each
         rank's loader state is its own (its shard, its augmentation stream) and rank 0 stores them all."""
@@ -275,34 +270,22 @@ class Trainer:
         loader_states = all_gather_objects(self.train_loader.state_dict())
         if not self.env.is_main:
             return
-        parts = self.parts
         epochs_done = epoch + 1 if epoch_end else epoch
         step = epoch * self.steps_per_epoch + steps_done
-        weights = parts.raw_model.state_dict()
-        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
-            # the kept checkpoints must stay good ones, whatever happens next
+        state = training_state(self.parts, epochs_done=epochs_done, step=step, steps_per_epoch=self.steps_per_epoch,
+                               plateau=self.plateau.state_dict(), loader_states=loader_states,
+                               loader_kind=self.machine.loader, recipe=self.recipe.to_dict(),
+                               world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed())
+        if state is None:  # the kept checkpoints must stay good ones, whatever happens next
             self.say(f"not checkpointing at step {step}: the weights hold NaN or inf")
             return
         top1 = [h["val/top1"] for h in self.history]
         is_best = epoch_end and bool(top1) and top1[-1] == max(top1) and self.history[-1]["epoch"] == epoch + 1
-        self.store.save(checkpoint_name(epochs_done, step, epoch_end), {
-            "epoch": epochs_done,
-            "step": step,  # optimizer steps done in all
-            "steps_per_epoch": self.steps_per_epoch,
-            "model": weights,
-            "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.scaler.state_dict(),
-            "ema": parts.ema.state_dict() if parts.ema is not None else None,
-            "plateau": self.plateau.state_dict(),
-            "loader": loader_states,
-            "recipe": self.recipe.to_dict(),
-            "world_size": self.env.world_size,
-            "history": self.history,
-            "elapsed_s": self.elapsed(),
-        }, best=is_best)
+        self.store.save(checkpoint_name(epochs_done, step, epoch_end), state, best=is_best)
 
-    def restore(self, checkpoint: dict, reshard: bool) -> None:
-        """Weights, optimizer, scaler and position; the loader state too unless resharding."""
+    def restore(self, checkpoint: dict, reshard: bool, exact: bool) -> None:
+        """Weights, optimizer, scaler and position; the loader state too when the data stream is the same
+        (`exact`: same world size, loader and recipe). Otherwise the interrupted epoch restarts."""
         same_world = checkpoint["world_size"] == self.env.world_size
         if not same_world and not reshard:
             raise UserError(
@@ -310,45 +293,44 @@ class Trainer:
                 f"{self.env.world_size}; resume with {checkpoint['world_size']} processes in all, or pass "
                 "--reshard to continue with the new count (the interrupted epoch restarts)"
             )
-        self.parts.raw_model.load_state_dict(checkpoint["model"])
-        self.parts.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.parts.scaler.load_state_dict(checkpoint["scaler"])
-        if self.parts.ema is not None and checkpoint.get("ema") is not None:
-            self.parts.ema.load_state_dict(checkpoint["ema"])
+        restore_training(self.parts, checkpoint)
         if checkpoint.get("plateau"):
             self.plateau.load_state_dict(checkpoint["plateau"])
-        self.reached_target = any(h.get("target/epochs") for h in checkpoint["history"])
         self.history = list(checkpoint["history"])
         self.elapsed_before = checkpoint["elapsed_s"]
         self.start_epoch = checkpoint["epoch"]
-        if same_world:
+        same_stream = same_world and exact and checkpoint.get("loader_kind", self.machine.loader) == self.machine.loader
+        if same_stream:
             self.start_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
             self.train_loader.load_state_dict(checkpoint["loader"][self.env.rank])
         self.say(f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
-                 + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)"))
+                 + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)")
+                 + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)"))
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         # the first epoch carries start-up costs (allocator, cuDNN autotuning, pipeline warm-up)
         steady = self.history[1:] or self.history
+        recipe = self.recipe
         return {
-            "epochs": self.recipe.epochs,
+            "epochs": recipe.schedule.epochs,
             "epochs_run": len(self.history),
             "final": {k: v for k, v in last.items() if k.startswith("val/")},
             "best/val_top1": max((h["val/top1"] for h in self.history), default=None),
             "best/val_ema_top1": max((h["val_ema/top1"] for h in self.history if "val_ema/top1" in h), default=None),
             # time-to-accuracy (DAWNBench style): run time and epochs to reach --target-top1
-            "target": next(({"top1": self.recipe.target_top1, "time_s": h["target/time_s"],
+            "target": next(({"top1": recipe.stopping.target_top1, "time_s": h["target/time_s"],
                              "epochs": h["target/epochs"]} for h in self.history if "target/time_s" in h), None),
             "stopped_early": next((h["stop"] for h in self.history if "stop" in h), None),
             "train/img_per_s": sum(h["train/img_per_s"] for h in steady) / len(steady) if steady else None,
             "wall_s": self.elapsed(),
             "world_size": self.env.world_size,
-            "global_batch": self.recipe.batch_size * self.env.world_size,
-            "peak_lr": self.recipe.peak_lr(self.env.world_size),
+            "global_batch": recipe.optimisation.batch_size * self.env.world_size,
+            "peak_lr": self.peak_lr,
             "dataset": {"train_images": self.train_loader.num_samples,
                         "val_images": self.val_loader.num_samples},
-            "recipe": self.recipe.to_dict(),
+            "recipe": recipe.to_dict(),
+            "machine": self.machine.to_dict(),
             "environment": environment(),
         }
 
@@ -367,7 +349,7 @@ def find_resume(args: argparse.Namespace, say) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device or "auto")
     watchdog = Watchdog(env.rank, env.world_size, args.hang_timeout)
     # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
     # every step; several: every 10, a tiny gloo all-reduce)
@@ -389,23 +371,33 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     watchdog.progress("starting: reading the checkpoint")
     checkpoint = find_resume(args, say)
-    # a resumed run continues the saved recipe; flags given now still override single fields
-    base = from_mapping(checkpoint["recipe"]) if checkpoint else None
-    recipe = recipe_from_args(args, base)
-    prepare_out_dir(args.out, resuming=args.resume is not None)
+    # a resumed run continues the saved recipe: presets and flags given now are changes to it, which the
+    # resume guard accepts only where they do not alter a step (or are named in --allow-change)
+    saved = recipe_from_mapping(checkpoint["recipe"]) if checkpoint else None
+    resolved = resolve(args, saved)
+    recipe, machine = resolved.recipe, resolved.machine
+    changes = guard_resume(saved, recipe, args.allow_change) if saved else []
+    prepare_out_dir(args.out, resuming=args.resume is not None, is_main=env.is_main)
     if env.is_main:
-        print(f"recipe{f' (preset {args.preset})' if args.preset else ''}:\n" + format_recipe(recipe), flush=True)
+        for note in resolved.overridden:
+            print(note, flush=True)
+        for change in changes:
+            print(f"changed on resume: {change}", flush=True)
+        print(f"recipe{f' (presets {args.preset})' if args.preset else ''}:\n" + format_recipe(recipe, machine),
+              flush=True)
     watchdog.progress("starting: listing and checking the data, building the loaders")
-    train_loader, val_loader = build_loaders(recipe, args.data, env, args.manifest)
+    train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
     parts = build_training(recipe, train_loader.num_classes, env)
-    trainer = Trainer(recipe, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
+    trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:
-        trainer.restore(checkpoint, args.reshard)
+        trainer.restore(checkpoint, args.reshard, exact=not changes)
     if env.is_main:
-        recipe.save(args.out / "recipe.json", world_size=env.world_size,
-                    global_batch=recipe.batch_size * env.world_size, peak_lr=recipe.peak_lr(env.world_size),
+        world = env.world_size
+        recipe.save(args.out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,
+                    peak_lr=recipe.optimisation.peak_lr(world),
                     amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
+        (args.out / "machine.json").write_text(json.dumps(machine.to_dict(), indent=2) + "\n")
     summary = trainer.run()
     summary["data"] = str(args.data.resolve())
     if env.is_main:

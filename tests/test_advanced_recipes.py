@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rn50.dist import DistEnv
 from rn50.losses import batch_mixing, distillation_loss
-from rn50.recipe import Recipe
+from rn50.recipe import with_fields
 from rn50.schedule import PlateauMultiplier, lr_at
 from rn50.step import build_training, train_step
 from rn50.train import main
@@ -35,24 +35,24 @@ SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--
     (5999, 0.001),                              # the cooldown holds min_lr
 ])
 def test_cosine_with_warmup_and_cooldown(step, expected):
-    recipe = Recipe(schedule="cosine", epochs=60, warmup_epochs=5, cooldown_epochs=5, min_lr=0.001)
-    assert lr_at(recipe, step, SPE, world_size=1) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    recipe = with_fields(schedule="cosine", epochs=60, warmup_epochs=5, cooldown_epochs=5, min_lr=0.001)
+    assert lr_at(recipe.schedule, 0.1, step, SPE) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_plateau_multiplier_drops_after_patience():
-    plateau = PlateauMultiplier(Recipe(schedule="plateau", plateau_factor=0.5, plateau_patience=1))
+    plateau = PlateauMultiplier(with_fields(schedule="plateau", plateau_factor=0.5, plateau_patience=1).schedule)
     for loss, expected in [(1.0, 1.0), (0.9, 1.0), (0.95, 1.0), (0.95, 0.5), (0.95, 0.5), (0.95, 0.25)]:
         plateau.step(loss)
         assert plateau.value == pytest.approx(expected)
     state = plateau.state_dict()
-    again = PlateauMultiplier(Recipe(schedule="plateau", plateau_factor=0.5, plateau_patience=1))
+    again = PlateauMultiplier(with_fields(schedule="plateau", plateau_factor=0.5, plateau_patience=1).schedule)
     again.load_state_dict(state)
     assert again.value == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("lamb", None), ("sgd", torch.optim.SGD)])
 def test_optimizers_keep_the_no_decay_groups(name, kind):
-    parts = build_training(Recipe(arch="resnet18", optimizer=name, batch_size=4), CLASSES, CPU)
+    parts = build_training(with_fields(arch="resnet18", optimizer=name, batch_size=4), CLASSES, CPU)
     if kind is not None:
         assert isinstance(parts.optimizer, kind)
     else:
@@ -64,7 +64,7 @@ def test_optimizers_keep_the_no_decay_groups(name, kind):
 
 
 def test_ema_update_follows_its_formula():
-    parts = build_training(Recipe(arch="resnet18", ema_decay=0.9, batch_size=4), CLASSES, CPU)
+    parts = build_training(with_fields(arch="resnet18", ema_decay=0.9, batch_size=4), CLASSES, CPU)
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4) % CLASSES
     for group in parts.optimizer.param_groups:
         group["lr"] = 0.1
@@ -192,19 +192,22 @@ def test_unknown_choices_are_user_errors(data_dir, tmp_path):
 
 
 def test_named_presets_resolve_as_documented():
-    from rn50.recipe import available_presets, format_recipe, load_preset
+    from rn50.recipe import available_presets, format_recipe, load_presets
 
     assert {"kd_lamb_610", "finetune"} <= set(available_presets())
-    kd = load_preset("kd_lamb_610")
-    assert (kd.optimizer, kd.schedule, kd.epochs, kd.warmup_epochs, kd.cooldown_epochs) == ("lamb", "cosine", 610, 5, 10)
-    assert kd.peak_lr(world_size=8) == pytest.approx(5e-3) and kd.batch_size * 8 == 1536
-    assert (kd.repeated_aug, kd.randaugment_magnitude, kd.randaugment_magnitude_std) == (3, 7, 0.5)
-    assert kd.ema_decay > 0 and kd.mixup_alpha > 0 and kd.cutmix_alpha > 0 and kd.kd_alpha == 0.8
+    kd = load_presets("kd_lamb_610").recipe
+    s, o, a, reg = kd.schedule, kd.optimisation, kd.augmentation, kd.regularisation
+    assert (o.optimizer, s.kind, s.epochs, s.warmup_epochs, s.cooldown_epochs) == ("lamb", "cosine", 610, 5, 10)
+    assert o.peak_lr(world_size=8) == pytest.approx(5e-3) and o.batch_size * 8 == 1536
+    assert (a.repeated_aug, a.randaugment_magnitude, a.randaugment_magnitude_std) == (3, 7, 0.5)
+    assert reg.ema_decay > 0 and reg.mixup_alpha > 0 and reg.cutmix_alpha > 0 and kd.distillation.alpha == 0.8
     # the cosine ends at epoch 600, then 10 epochs at the floor
-    assert lr_at(kd, 600 * SPE, SPE, 8) == pytest.approx(kd.min_lr)
-    assert lr_at(kd, 300 * SPE, SPE, 8) > lr_at(kd, 500 * SPE, SPE, 8) > kd.min_lr
-    tune = load_preset("finetune")
-    assert (tune.optimizer, tune.schedule, tune.freeze_backbone_epochs, tune.early_stop_patience) == ("adamw", "plateau", 1, 5)
+    peak = o.peak_lr(8)
+    assert lr_at(s, peak, 600 * SPE, SPE) == pytest.approx(s.min_lr)
+    assert lr_at(s, peak, 300 * SPE, SPE) > lr_at(s, peak, 500 * SPE, SPE) > s.min_lr
+    tune = load_presets("finetune").recipe
+    assert (tune.optimisation.optimizer, tune.schedule.kind, tune.model.freeze_backbone_epochs,
+            tune.stopping.early_stop_patience) == ("adamw", "plateau", 1, 5)
     assert "optimizer = \"lamb\"" in format_recipe(kd)  # printed in full when chosen
 
 

@@ -12,14 +12,13 @@ import shutil
 import signal
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 
 import jsonschema  # the test extra (setup.cfg): a real validator for the Compose Specification's schema
 import pytest
 import yaml
 
-from rn50.recipe import Recipe, load_preset
+from rn50.recipe import Recipe, flat_items, load_presets, read_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -212,24 +211,24 @@ PRESETS = {  # name: (intended processes in all, documented peak LR, per-GPU bat
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_loads_and_gives_the_documented_peak_lr(name):
     gpus, peak, batch = PRESETS[name]
-    recipe = load_preset(name).validate()
-    assert recipe.batch_size == batch
-    assert recipe.peak_lr(gpus) == pytest.approx(peak)
-    assert recipe.peak_lr(gpus) == pytest.approx(0.1 * batch * gpus / 256)
+    recipe = load_presets(name).recipe
+    assert recipe.optimisation.batch_size == batch
+    assert recipe.optimisation.peak_lr(gpus) == pytest.approx(peak)
+    assert recipe.optimisation.peak_lr(gpus) == pytest.approx(0.1 * batch * gpus / 256)
     # the rest is the 90-epoch recipe: a hardware preset changes no hyperparameter beyond the batch
-    default = Recipe()
-    assert (recipe.epochs, recipe.warmup_epochs, recipe.lr_milestones, recipe.weight_decay) == (
-        default.epochs, default.warmup_epochs, default.lr_milestones, default.weight_decay)
+    from dataclasses import replace
+
+    assert recipe == replace(Recipe(), optimisation=replace(Recipe().optimisation, batch_size=batch))
     text = (ROOT / "rn50" / "presets" / f"{name}.toml").read_text()
     assert text.startswith("#"), "a preset begins with the reasoning for its values"
     assert f"--preset {name}" in text
 
 
 def test_hardware_decoder_settings():
-    assert load_preset("rtx3090x4").hw_decoder_load == 0.0  # GA102 has no hardware JPEG decoder
-    assert load_preset("h100x8").hw_decoder_load == 0.9  # FACTS: best of 0 / 0.65 / 0.9 on one H100
-    assert load_preset("h100x8").dali_threads == 8
-    assert 0.0 < load_preset("a100x8").hw_decoder_load < 1.0
+    assert load_presets("rtx3090x4").machine.hw_decoder_load == 0.0  # GA102 has no hardware JPEG decoder
+    assert load_presets("h100x8").machine.hw_decoder_load == 0.9  # docs/design.md: best of 0 / 0.65 / 0.9 on one H100
+    assert load_presets("h100x8").machine.dali_threads == 8
+    assert 0.0 < load_presets("a100x8").machine.hw_decoder_load < 1.0
 
 
 def documented_tables() -> dict[str, dict[str, object]]:
@@ -250,14 +249,15 @@ def documented_tables() -> dict[str, dict[str, object]]:
 def test_docs_show_the_resolved_recipe(name):
     table = documented_tables().get(name)
     assert table, f"docs/presets.md has no resolved table for {name}"
-    resolved = json.loads(json.dumps(load_preset(name).to_dict()))  # tuples as lists, as the table shows
+    preset = load_presets(name)
+    # by flat name, tuples as lists, as the table shows
+    resolved = json.loads(json.dumps({**flat_items(preset.recipe), **preset.machine.to_dict()}))
     wrong = {k: (v, resolved.get(k)) for k, v in table.items() if resolved.get(k, object()) != v}
-    assert not wrong, f"docs/presets.md differs from load_preset({name!r}) (documented, actual): {wrong}"
+    assert not wrong, f"docs/presets.md differs from load_presets({name!r}) (documented, actual): {wrong}"
     missing = [k for k in resolved if k not in table]
     assert not missing, (f"docs/presets.md's table for {name} lacks the recipe fields {missing}; "
                          f"`python -m rn50.recipe --preset {name}` prints their values")
-    with (ROOT / "rn50" / "presets" / f"{name}.toml").open("rb") as handle:
-        assert set(tomllib.load(handle)) <= set(table), "every field the preset sets is in its table"
+    assert set(read_preset(name)) <= set(table), "every field the preset sets is in its table"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ CASES = {
     "batch larger than the shard": (lambda d, t, m: ["--data", str(d), "--batch-size", "1000"], "larger than",
                                     "lower --batch-size"),
     "gpu loader without cuda": (lambda d, t, m: ["--data", str(d), "--loader", "dali", "--device", "cpu"],
-                                "no CUDA device", "--loader dali-cpu"),
+                                "CUDA is not available", "--loader dali-cpu"),
     "gpus present, cuda unusable": (gpus_without_usable_cuda, "CUDA up to 12.2", "whl/cu121"),
     "dali not installed": (no_dali, "DALI is not installed", "pip install nvidia-dali"),
     "resume with another world size": (other_world_size, "written by 4 processes", "--reshard"),

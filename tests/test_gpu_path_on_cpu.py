@@ -16,7 +16,8 @@ from rn50.dist import DistEnv
 from rn50.errors import UserError
 from rn50.loaders import build_split, loader_options
 from rn50.precision import autocast_dtype, batch_dtype
-from rn50.recipe import Recipe
+from pipelines.augmentation import Augmentation
+from rn50.recipe import Machine, with_fields
 from rn50.step import build_training, train_step
 
 from conftest import N_TRAIN_IMAGES, gpu_ddp_processes
@@ -31,17 +32,17 @@ CUDA = torch.device("cuda", 0)
     (True, "float16", torch.device("cpu"), torch.float32),  # the CPU path has no autocast
 ])
 def test_the_batch_dtype_follows_the_precision_of_the_step(amp, amp_dtype, device, expected):
-    recipe = Recipe(amp=amp, amp_dtype=amp_dtype)
-    assert loader_options(recipe, device)["dtype"] == expected
+    recipe = with_fields(amp=amp, amp_dtype=amp_dtype)
+    assert loader_options(recipe, Machine(), device)["dtype"] == expected
     assert batch_dtype(autocast_dtype(amp, amp_dtype, device)) == expected
 
 
 def test_an_fp32_step_refuses_fp16_batches_and_takes_what_the_rule_gives(data_dir):
     """The bug the rule prevents, reproduced on the CPU: without autocast an fp16 batch meets fp32 weights."""
-    recipe = Recipe(arch="resnet18", batch_size=8, image_size=32, loader="dali-cpu", dali_threads=1)
+    recipe = with_fields(arch="resnet18", batch_size=8, image_size=32)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     parts = build_training(recipe, 4, env)
-    images, labels = next(iter(build_split(recipe, "dali-cpu", "train", data_dir, env)))
+    images, labels = next(iter(build_split(recipe, Machine(dali_threads=1), "dali-cpu", "train", data_dir, env)))
     assert images.dtype == torch.float32
     assert torch.isfinite(train_step(parts, images, labels))
     with pytest.raises(RuntimeError, match="should be the same|same dtype|expected scalar type"):
@@ -87,8 +88,8 @@ def test_an_unusable_cuda_that_is_not_a_version_mismatch_passes_on_torchs_reason
 
 def gpu_graph(define, **options):
     """The operators of a GPU ("mixed" decode) pipeline, as DALI builds its graph (no GPU needed)."""
-    pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1, image_size=32,
-                                       gpu=True, dtype=torch.float16, **options),
+    pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1,
+                                       aug=Augmentation(image_size=32), gpu=True, dtype=torch.float16, **options),
                         batch_size=2, num_threads=1, device_id=None)()
     pipe.serialize()  # builds the graph
     return pipe._ops

@@ -1,80 +1,176 @@
-"""One recipe dataclass: 90-epoch defaults, presets, CLI overrides, strict names, saved resolution."""
+"""One recipe in typed sections: 90-epoch defaults, layered presets, flat CLI flags, strict names, machine
+settings kept apart, the resume guard, and the saved resolution."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from rn50.errors import UserError
-from rn50.recipe import Recipe, add_recipe_flags, available_presets, from_mapping, load_preset, parse_strict, recipe_from_args
+from rn50.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Machine, Recipe, add_recipe_flags, available_presets,
+                         flatten, format_recipe, guard_resume, load_presets, parse_strict, read_preset,
+                         recipe_from_mapping, resolve, with_fields)
+
+FLAT_PRESETS = Path(__file__).parent / "data" / "flat-presets"  # the presets as they were before sections
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(allow_abbrev=False)
     add_recipe_flags(parser)
-    return recipe_from_args(parse_strict(parser, argv))
+    return resolve(parse_strict(parser, argv))
 
 
 def test_defaults_are_the_90_epoch_recipe():
     r = Recipe()
-    assert (r.epochs, r.batch_size, r.base_lr, r.base_batch) == (90, 256, 0.1, 256)
-    assert (r.momentum, r.nesterov, r.weight_decay, r.label_smoothing) == (0.9, True, 1e-4, 0.1)
-    assert (r.warmup_epochs, r.lr_milestones, r.lr_decay) == (5.0, (30.0, 60.0, 80.0), 0.1)
-    assert r.amp and r.amp_dtype == "float16" and r.channels_last and r.zero_init_residual
-    assert (r.image_size, r.color_jitter, r.loader) == (224, 0.4, "dali")
+    o, s, reg, a = r.optimisation, r.schedule, r.regularisation, r.augmentation
+    assert (s.epochs, o.batch_size, o.base_lr, o.base_batch) == (90, 256, 0.1, 256)
+    assert (o.momentum, o.nesterov, o.weight_decay, reg.label_smoothing) == (0.9, True, 1e-4, 0.1)
+    assert (s.warmup_epochs, s.lr_milestones, s.lr_decay, s.kind) == (5.0, (30.0, 60.0, 80.0), 0.1, "step")
+    assert r.precision.amp and r.precision.amp_dtype == "float16" and r.precision.channels_last
+    assert r.model.zero_init_residual and (a.image_size, a.color_jitter) == (224, 0.4)
+    assert (a.crop_area, a.crop_ratio, a.hflip, a.val_resize_ratio) == ((0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.875)
+    assert Machine().loader == "dali"
 
 
-def test_every_field_is_a_flag_and_overrides_one_field():
-    r = parse(["--batch-size", "64", "--lr-milestones", "10,20", "--no-amp", "--color-jitter", "0",
-               "--arch", "resnet18"])
-    assert (r.batch_size, r.lr_milestones, r.amp, r.color_jitter, r.arch) == (64, (10.0, 20.0), False, 0.0, "resnet18")
-    assert r.epochs == 90  # untouched fields keep the recipe
+def test_sections_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Recipe().optimisation.batch_size = 8
 
 
-def test_preset_layers_under_flags():
-    assert "smoke" in available_presets()
-    r = parse(["--preset", "smoke", "--epochs", "7"])
-    assert r.epochs == 7 and r.warmup_epochs == 1.0 and r.lr_milestones == (3.0,)
+def test_every_field_is_a_flat_flag_and_overrides_one_field():
+    resolved = parse(["--batch-size", "64", "--lr-milestones", "10,20", "--no-amp", "--color-jitter", "0",
+                      "--arch", "resnet18", "--schedule", "cosine", "--kd-alpha", "0.5", "--dali-threads", "3"])
+    r = resolved.recipe
+    assert (r.optimisation.batch_size, r.schedule.lr_milestones, r.precision.amp) == (64, (10.0, 20.0), False)
+    assert (r.augmentation.color_jitter, r.model.arch, r.schedule.kind) == (0.0, "resnet18", "cosine")
+    assert r.distillation.alpha == 0.5 and resolved.machine.dali_threads == 3
+    assert r.schedule.epochs == 90  # untouched fields keep the recipe
 
 
-def test_unknown_flag_names_the_closest():
+def test_machine_settings_are_not_recipe_fields():
+    assert {"loader", "device", "dali_threads", "workers", "prefetch", "hw_decoder_load", "log_every"} \
+        <= set(MACHINE_FIELDS)
+    assert not set(MACHINE_FIELDS) & set(RECIPE_FIELDS)
+    assert "dali_threads" not in json.dumps(Recipe().to_dict())
+
+
+def test_presets_layer_left_to_right_and_report_what_a_later_one_overrides(tmp_path):
+    resolved = load_presets("rtx3090x4,smoke")
+    assert resolved.recipe.optimisation.batch_size == 192 and resolved.recipe.schedule.epochs == 4
+    assert resolved.machine.dali_threads == 6 and resolved.machine.log_every == 10
+    assert resolved.overridden == []  # the two set different fields
+    (tmp_path / "big.toml").write_text("[optimisation]\nbatch_size = 256\n")
+    resolved = load_presets(f"rtx3090x4,{tmp_path / 'big.toml'}")
+    assert resolved.recipe.optimisation.batch_size == 256
+    assert len(resolved.overridden) == 1 and "batch_size 192 -> 256" in resolved.overridden[0]
+    flags = parse(["--preset", "smoke,rtx3090x4", "--epochs", "7"]).recipe
+    assert flags.schedule.epochs == 7 and flags.optimisation.batch_size == 192  # flags over every preset
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_every_preset_loads_and_matches_its_flat_form(name):
+    """The presets moved to section tables; the flat form they had still loads, to the same values."""
+    sectioned = read_preset(name)
+    assert sectioned == read_preset(str(FLAT_PRESETS / f"{name}.toml"))
+    resolved = load_presets(name)
+    for flat, value in sectioned.items():
+        owner = resolved.machine if flat in MACHINE_FIELDS else None
+        assert (getattr(owner, flat) if owner else _get(resolved.recipe, flat)) == value
+
+
+def _get(recipe, flat):
+    from rn50.recipe import get
+
+    return get(recipe, flat)
+
+
+def test_unknown_names_suggest_the_closest(tmp_path):
     with pytest.raises(UserError, match="did you mean '--batch-size'"):
         parse(["--batchsize", "8"])
-
-
-def test_unknown_preset_key_names_the_closest(tmp_path):
-    preset = tmp_path / "mine.toml"
-    preset.write_text("epoch = 3\n")
+    (tmp_path / "mine.toml").write_text("epoch = 3\n")
     with pytest.raises(UserError, match="did you mean 'epochs'"):
-        load_preset(str(preset))
+        read_preset(str(tmp_path / "mine.toml"))
+    (tmp_path / "table.toml").write_text("[schedule]\nepoch = 3\n")
+    with pytest.raises(UserError, match=r"unknown key 'epoch' in \[schedule\]; did you mean 'epochs'"):
+        read_preset(str(tmp_path / "table.toml"))
     with pytest.raises(UserError, match="no preset 'smok'.*did you mean 'smoke'"):
-        load_preset("smok")
+        read_preset("smok")
+
+
+@pytest.mark.parametrize("flag, ours", [("--lr", "--base-lr"), ("-b", "--batch-size"), ("--wd", "--weight-decay"),
+                                        ("-j", "--workers"), ("--lr-warmup-epochs", "--warmup-epochs"),
+                                        ("--print-freq", "--log-every"), ("--test-only", "validation")])
+def test_torchvision_reference_flags_name_ours_and_the_difference(flag, ours):
+    with pytest.raises(UserError) as error:
+        parse([flag, "1"] if flag != "--test-only" else [flag])
+    assert "torchvision's reference script" in str(error.value) and ours in str(error.value)
+    if flag == "--lr":
+        assert "per 256 images" in str(error.value)
 
 
 def test_wrong_type_and_bad_values_are_user_errors():
     with pytest.raises(UserError, match="epochs"):
-        from_mapping({"epochs": "ninety"})
+        flatten({"epochs": "ninety"})
     with pytest.raises(UserError, match="loader"):
         parse(["--loader", "pil"])
     with pytest.raises(UserError, match="hw_decoder_load"):
         parse(["--hw-decoder-load", "1.5"])
+    with pytest.raises(UserError, match="crop_area"):
+        parse(["--crop-area", "0.5,1.5"])
 
 
-def test_saved_recipe_round_trips(tmp_path):
-    r = Recipe(batch_size=32, lr_milestones=(3.0,))
-    r.save(tmp_path / "recipe.json", world_size=2)
+def test_saved_recipe_round_trips_and_older_flat_recipes_still_read(tmp_path):
+    r = with_fields(batch_size=32, lr_milestones=(3.0,), kd_alpha=0.5)
+    r.save(tmp_path / "recipe.json", world_size=2, peak_lr=0.25)
     saved = json.loads((tmp_path / "recipe.json").read_text())
-    assert saved["world_size"] == 2
-    saved.pop("world_size")
-    assert from_mapping(saved) == r
+    assert saved["world_size"] == 2 and saved["optimisation"]["batch_size"] == 32
+    assert recipe_from_mapping(saved) == r
+    # a checkpoint's recipe before sections: flat, with machine settings in it (ignored, never inherited)
+    old = {"batch_size": 32, "lr_milestones": [3.0], "kd_alpha": 0.5, "loader": "torchvision", "dali_threads": 9}
+    assert recipe_from_mapping(old) == r
 
 
 def test_printed_recipe_reads_back_as_a_preset(tmp_path, capsys):
     from rn50.recipe import main
 
-    main(["--preset", "smoke", "--batch-size", "16", "--lr-milestones", "2,3"])
+    argv = ["--preset", "smoke", "--batch-size", "16", "--lr-milestones", "2,3", "--workers", "3"]
+    main(argv)
     (tmp_path / "resolved.toml").write_text(capsys.readouterr().out)
-    assert load_preset(str(tmp_path / "resolved.toml")) == parse(["--preset", "smoke", "--batch-size", "16",
-                                                                  "--lr-milestones", "2,3"])
+    again = load_presets(str(tmp_path / "resolved.toml"))
+    expected = parse(argv)
+    assert (again.recipe, again.machine) == (expected.recipe, expected.machine)
+
+
+# --- the resume guard ---------------------------------------------------------------------------------
+
+def test_resume_refuses_a_change_that_alters_a_step_naming_the_field_and_both_values():
+    saved = with_fields(batch_size=4)
+    with pytest.raises(UserError) as error:
+        guard_resume(saved, with_fields(batch_size=8), None)
+    message = str(error.value)
+    assert "batch_size = 4" in message and "8" in message and "--allow-change batch_size" in message
+    assert guard_resume(saved, with_fields(batch_size=8), "batch_size") == ["batch_size: 4 -> 8"]
+    with pytest.raises(UserError, match="arch"):
+        guard_resume(saved, with_fields(batch_size=4, arch="resnet18"), "batch_size")
+
+
+def test_resume_accepts_safe_changes_and_says_which_are_not():
+    saved = Recipe()
+    assert guard_resume(saved, with_fields(epochs=120), None) == []  # a longer step schedule
+    assert guard_resume(saved, with_fields(target_top1=75.0, early_stop_patience=3), None) == []
+    cosine = with_fields(schedule="cosine", epochs=60)
+    with pytest.raises(UserError, match="epochs"):  # a longer cosine changes the LR of the coming steps
+        guard_resume(cosine, with_fields(schedule="cosine", epochs=90), None)
+    with pytest.raises(UserError, match="epochs"):  # shortening is refused too
+        guard_resume(saved, with_fields(epochs=60), None)
+    with pytest.raises(UserError, match="machine setting"):
+        guard_resume(saved, saved, "dali_threads")
+
+
+def test_format_recipe_groups_by_section():
+    text = format_recipe(Recipe(), Machine())
+    assert "[optimisation]\nbatch_size = 256" in text and "[machine]\nloader = \"dali\"" in text

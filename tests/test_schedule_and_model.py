@@ -9,7 +9,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from rn50.model import build_model, count_parameters
 from rn50.optim import build_optimizer, parameter_groups
-from rn50.recipe import Recipe
+from rn50.recipe import Recipe, with_fields
 from rn50.schedule import lr_at
 
 SPE = 100  # steps per epoch
@@ -29,14 +29,15 @@ SPE = 100  # steps per epoch
     (8999, 0.0001),          # last step of epoch 90
 ])
 def test_lr_at_chosen_steps(step, expected):
-    assert lr_at(Recipe(), step, SPE, world_size=1) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert lr_at(Recipe().schedule, 0.1, step, SPE) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_peak_lr_scales_linearly_with_global_batch():
-    assert Recipe(batch_size=256).peak_lr(world_size=4) == pytest.approx(0.4)  # B = 1024
-    assert Recipe(batch_size=128).peak_lr(world_size=8) == pytest.approx(0.4)
-    assert Recipe(batch_size=256).peak_lr(world_size=8) == pytest.approx(0.8)
-    assert lr_at(Recipe(batch_size=256), 5 * SPE, SPE, world_size=4) == pytest.approx(0.4)
+    assert with_fields(batch_size=256).optimisation.peak_lr(world_size=4) == pytest.approx(0.4)  # B = 1024
+    assert with_fields(batch_size=128).optimisation.peak_lr(world_size=8) == pytest.approx(0.4)
+    assert with_fields(batch_size=256).optimisation.peak_lr(world_size=8) == pytest.approx(0.8)
+    recipe = with_fields(batch_size=256)
+    assert lr_at(recipe.schedule, recipe.optimisation.peak_lr(4), 5 * SPE, SPE) == pytest.approx(0.4)
 
 
 def test_resnet50_has_torchvisions_parameter_count():
@@ -76,7 +77,7 @@ def test_parameter_groups_no_decay_on_bn_and_bias():
 
 def test_optimizer_is_sgd_nesterov_with_the_groups():
     model = build_model("resnet18", 10)
-    optimizer = build_optimizer(model, Recipe())
+    optimizer = build_optimizer(model, Recipe().optimisation)
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]

@@ -40,7 +40,9 @@ def test_two_process_gloo_ddp_run(data_dir, tmp_path):
     assert summary["ddp/replicas_identical"] is True
     assert summary["final"]["val/count"] == N_VAL_IMAGES
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["peak_lr"] == pytest.approx(0.4 * 16 / 256) and recipe["loader"] == "dali-cpu"
+    assert recipe["peak_lr"] == pytest.approx(0.4 * 16 / 256) and recipe["optimisation"]["batch_size"] == 8
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["loader"] == "dali-cpu" and "loader" not in json.dumps(recipe)
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [f"checkpoint_000{i}.pt" for i in (1, 2, 3)] + [
         "checkpoint_best.pt"]
     assert "top-1" in done.stdout and "img/s" in done.stdout

@@ -1,7 +1,7 @@
 """Scan a dataset for files that would stop or spoil training, and write manifests of the good ones.
 
-One corrupt JPEG stops a DALI pipeline mid-epoch (FACTS.md). This tool decodes every file of every
-split once, on all cores, before a run does:
+One corrupt JPEG stops a DALI pipeline mid-epoch (docs/design.md#dali-behaviour). This tool decodes
+every file of every split once, on all cores, before a run does:
 
     python -m tools.scan DIR --out OUT [--min-side 8] [--workers N] [--fix]
 

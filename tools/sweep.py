@@ -151,7 +151,7 @@ class Forwarder:
         self.received = signal.Signals(signum).name
         if self.proc is not None and self.proc.poll() is None:
             # always SIGTERM: torchrun forwards it to its workers, while SIGUSR1 would kill torchrun alone
-            # and orphan them (FACTS.md); a single training process treats both alike
+            # and orphan them (docs/design.md#signals-under-torchrun); a single training process treats both alike
             self.proc.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
@@ -226,7 +226,7 @@ def collect_result(point: GridPoint, run_dir: Path, nproc: int, status: str, err
         "best_val_top1": max(top1) if top1 else None,
         "final_val_loss": records[-1].get("val/loss") if records else None,
         "epochs_run": len(records),
-        "epochs": recipe.get("epochs"),
+        "epochs": recipe.get("schedule", {}).get("epochs", recipe.get("epochs")),  # older runs wrote it flat
         "img_per_s": summary.get("train/img_per_s"),
         "wall_s": summary.get("wall_s"),
         "status": status,

@@ -1,4 +1,4 @@
-"""GPU telemetry from NVML (pynvml, from the nvidia-ml-py package), sampled while a window runs.
+"""GPU telemetry from NVML (pynvml, from the nvidia-ml-py package), sampled while a window or an epoch runs.
 
 Where NVML or a GPU is missing the result says so ({"available": false, "reason": ...}); telemetry never
 stops a benchmark.

@@ -1,0 +1,30 @@
+"""The stopping rules after each epoch, as a pure function of the run's history: target top-1 reached
+(time-to-accuracy), no better top-1 for `early_stop_patience` epochs, and the overfitting warning."""
+
+from __future__ import annotations
+
+from rn50.recipe import Stopping
+
+OVERFIT_WINDOW = 4  # epochs whose validation-minus-training loss gap must grow at every step
+
+
+def judge(history: list[dict], rules: Stopping, target_reached_before: bool = False) -> tuple[dict, list[str]]:
+    """What to record for the newest epoch (`history[-1]`, with `val/top1`, `val/loss`, `train/loss`, `epoch`,
+    `time_s`), and warnings to print. Recorded: `stop` (why the run ends now), `target/time_s` and
+    `target/epochs` the first time the target is reached, `warn/overfitting` when the validation-minus-training
+    loss gap grew for OVERFIT_WINDOW - 1 epochs in a row."""
+    record, verdict = history[-1], {}
+    top1 = [h["val/top1"] for h in history]
+    if rules.target_top1 and record["val/top1"] >= rules.target_top1 and not target_reached_before:
+        verdict["stop"] = f"validation top-1 reached the target {rules.target_top1}%"
+        verdict["target/time_s"], verdict["target/epochs"] = record["time_s"], record["epoch"]
+    best_at = len(top1) - 1 - top1[::-1].index(max(top1))
+    if rules.early_stop_patience and len(top1) - 1 - best_at >= rules.early_stop_patience:
+        verdict.setdefault("stop", f"no better validation top-1 for {rules.early_stop_patience} epochs "
+                                   f"(best {max(top1):.2f}% at epoch {history[best_at]['epoch']})")
+    gaps = [h["val/loss"] - h["train/loss"] for h in history[-OVERFIT_WINDOW:]]
+    if len(gaps) == OVERFIT_WINDOW and all(b > a for a, b in zip(gaps, gaps[1:])):
+        verdict["warn/overfitting"] = True
+        return verdict, [f"warning: the gap between validation and training loss grew for {OVERFIT_WINDOW - 1} "
+                         f"epochs ({gaps[0]:.3f} -> {gaps[-1]:.3f}): the model may be overfitting"]
+    return verdict, []
