@@ -1,0 +1,35 @@
+"""The stopping rules as a pure function of the epoch history (rn50.stopping.judge)."""
+
+from __future__ import annotations
+
+from rn50.recipe import Stopping
+from rn50.stopping import judge
+
+
+def epoch(n, top1, val_loss=1.0, train_loss=1.0):
+    return {"epoch": n, "time_s": 10.0 * n, "val/top1": top1, "val/loss": val_loss, "train/loss": train_loss}
+
+
+def test_target_top1_stops_once_and_records_time_and_epochs():
+    history = [epoch(1, 40.0), epoch(2, 61.0)]
+    verdict, _ = judge(history, Stopping(target_top1=60.0))
+    assert verdict == {"stop": "validation top-1 reached the target 60.0%", "target/time_s": 20.0, "target/epochs": 2}
+    assert judge(history, Stopping(target_top1=60.0), target_reached_before=True)[0] == {}
+    assert judge(history, Stopping(target_top1=70.0))[0] == {}
+
+
+def test_early_stop_after_patience_epochs_without_a_better_top1():
+    history = [epoch(1, 50.0), epoch(2, 55.0), epoch(3, 54.0), epoch(4, 53.0)]
+    assert judge(history[:3], Stopping(early_stop_patience=2))[0] == {}
+    verdict, _ = judge(history, Stopping(early_stop_patience=2))
+    assert verdict["stop"].startswith("no better validation top-1 for 2 epochs (best 55.00% at epoch 2)")
+    assert judge(history, Stopping())[0] == {}  # off by default
+
+
+def test_overfitting_warning_needs_a_gap_that_grew_three_times_in_a_row():
+    growing = [epoch(n, 50.0, val_loss=1.0 + 0.1 * n, train_loss=1.0 - 0.1 * n) for n in range(1, 5)]
+    verdict, warnings = judge(growing, Stopping())
+    assert verdict == {"warn/overfitting": True} and "0.200 -> 0.800" in warnings[0]
+    flat_once = growing[:2] + [epoch(3, 50.0, val_loss=1.2, train_loss=0.8)] + growing[3:]
+    assert judge(flat_once, Stopping()) == ({}, [])
+    assert judge(growing[:3], Stopping()) == ({}, [])
