@@ -4,8 +4,9 @@ stalled and what they were doing, instead of a silent hang until the collective'
 Every rank records its phase ("epoch 3 step 120: training step") at each step. A background thread
 publishes it with a timestamp to the rendezvous store that torchrun already runs (so it works across
 nodes without a shared file system) and watches its own rank: with no progress for `timeout_s`, it
-prints which rank has the oldest heartbeat and what that rank was doing, then exits with EXIT_HUNG;
-torchrun then stops every other worker. A rank that dies outright is caught by torchrun itself (it
+prints the stalest rank and its last phase on the first line (`hang_report`: the rank that notices is
+often only waiting for the stalled one in a collective), every rank's state below it, then exits with
+EXIT_HUNG; torchrun then stops every other worker. A rank that dies outright is caught by torchrun itself (it
 names the rank and its exit code); the survivors' collectives fail fast and `describe()` says what they
 were doing.
 """
@@ -30,6 +31,55 @@ def _store():
         return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
     except Exception:
         return None
+
+
+def stalest_rank(beats: dict[int, dict], world_size: int, now: float, frozen_after_s: float) -> int | None:
+    """The rank to blame, from every rank's last heartbeat record (`beat`: wall time of the last heartbeat,
+    `progress`: wall time of the last step, `phase`). A frozen process (stopped, stuck holding the GIL, a
+    dead node) stops beating, while a process that waits in a collective beats on without progress: the
+    rank whose heartbeat stopped longest ago comes first; then a rank that never sent one; then the rank
+    whose progress is oldest. None: no heartbeats at all."""
+    frozen = [r for r in beats if now - beats[r]["beat"] > frozen_after_s]
+    if frozen:
+        return min(frozen, key=lambda r: (beats[r]["beat"], beats[r]["progress"], r))
+    missing = sorted(set(range(world_size)) - set(beats))
+    if beats and missing:
+        return missing[0]
+    return min(beats, key=lambda r: (beats[r]["progress"], r)) if beats else None
+
+
+def hang_report(beats: dict[int, dict], *, world_size: int, now: float, frozen_after_s: float, watcher: str,
+                stalled_s: float, timeout_s: float) -> list[str]:
+    """The watchdog's message, a pure function of the heartbeats so that it is testable without processes.
+
+    beats: rank -> {"beat", "progress" (wall times), "phase", "host", "pid"}, as published to the store;
+    watcher: the rank that noticed, in words (`Watchdog.describe`). The first line names the stalest rank
+    and its last phase; the lines below say who noticed and every rank's state."""
+    limit = f"no progress for {stalled_s:.0f} s (limit {timeout_s:.0f} s, --hang-timeout) on {watcher}"
+    stalest = stalest_rank(beats, world_size, now, frozen_after_s)
+    missing = sorted(set(range(world_size)) - set(beats))
+    if stalest is None:  # no store (one process) or it is gone: only this rank can be named
+        lines = [f"watchdog: {limit}; ending the job"]
+    elif stalest not in beats:
+        lines = [f"watchdog: stalest rank {stalest}: no heartbeat ever (it never started its watchdog, or "
+                 f"cannot reach the rendezvous store); last phase unknown",
+                 f"  ending the job: {limit}"]
+    else:
+        beat = beats[stalest]
+        since_beat, since_progress = now - beat["beat"], now - beat["progress"]
+        state = (f"no heartbeat for {since_beat:.0f} s (frozen, stopped or unreachable)"
+                 if since_beat > frozen_after_s else f"heartbeat {since_beat:.0f} s ago")
+        lines = [f"watchdog: stalest rank {stalest} on {beat['host']} (pid {beat['pid']}): {state}, no progress "
+                 f"for {since_progress:.0f} s; last phase: {beat['phase']}",
+                 f"  ending the job: {limit}"]
+    for rank, beat in sorted(beats.items()):
+        mark = "  <- stalest" if rank == stalest else ""
+        lines.append(f"  rank {rank} on {beat['host']} (pid {beat['pid']}): heartbeat "
+                     f"{now - beat['beat']:.0f} s ago, progress {now - beat['progress']:.0f} s ago, "
+                     f"while {beat['phase']}{mark}")
+    if missing and beats:
+        lines.append(f"  no heartbeat ever from ranks {missing}")
+    return lines
 
 
 class Watchdog:
@@ -87,23 +137,8 @@ class Watchdog:
                 self._give_up(stalled)
 
     def _give_up(self, stalled: float) -> None:
-        lines = [f"watchdog: no progress for {stalled:.0f} s (limit {self.timeout_s:.0f} s, --hang-timeout) on "
-                 f"{self.describe()}; ending the job"]
-        beats = self.heartbeats()
-        if beats:
-            now = time.time()
-            # A frozen process (stopped, stuck holding the GIL, a dead node) stops beating; a process
-            # that waits in a collective beats on but makes no progress. Blame the first kind first.
-            frozen = [r for r in beats if now - beats[r]["beat"] > 3 * self.interval]
-            stalest = min(frozen or beats, key=lambda r: (beats[r]["beat"], beats[r]["progress"]) if frozen
-                          else beats[r]["progress"])
-            for rank, beat in sorted(beats.items()):
-                mark = "  <- stalest" if rank == stalest else ""
-                lines.append(f"  rank {rank} on {beat['host']} (pid {beat['pid']}): heartbeat "
-                             f"{now - beat['beat']:.0f} s ago, progress {now - beat['progress']:.0f} s ago, "
-                             f"while {beat['phase']}{mark}")
-            missing = sorted(set(range(self.world_size)) - set(beats))
-            if missing:
-                lines.append(f"  no heartbeat ever from ranks {missing}")
+        lines = hang_report(self.heartbeats(), world_size=self.world_size, now=time.time(),
+                            frozen_after_s=3 * self.interval, watcher=self.describe(), stalled_s=stalled,
+                            timeout_s=self.timeout_s)
         print("\n".join(lines), file=sys.stderr, flush=True)
         os._exit(EXIT_HUNG)  # no cleanup: a collective in another thread would block it

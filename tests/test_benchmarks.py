@@ -14,7 +14,7 @@ from benchmarks.run import Bench, Plan, main, time_to_train
 from benchmarks.stall import percentile
 from benchmarks.verdict import verdict
 from rn50.dist import DistEnv
-from rn50.recipe import Recipe
+from rn50.recipe import with_fields
 
 from conftest import N_TRAIN_IMAGES
 
@@ -27,9 +27,14 @@ def test_flops_per_image_counted_on_the_real_model():
 
 
 def test_mfu_arithmetic():
-    # 4,912 img/s x 24.3 GFLOPs on an H100 (989 TFLOP/s): 12.07%
-    assert mfu(4912, 24.3e9, 989.0) == pytest.approx(4912 * 24.3e9 / 989e12)
+    # Hand-computed, not the formula restated: a wrong formula (a missing 1e12, FLOPs per step instead of
+    # per image, the peak in the numerator) gives other numbers.
+    # 10,000 img/s x 10 GFLOP/img = 100 TFLOP/s achieved, of a 400 TFLOP/s peak: exactly 0.25
+    assert mfu(10_000, 10e9, 400.0) == pytest.approx(0.25, rel=1e-9)
+    # 4,912 img/s x 24.30 GFLOP = 119.36 TFLOP/s, on an H100 (989 TFLOP/s): 119.36 / 989 = 0.1207
     assert mfu(4912, 24.3e9, 989.0) == pytest.approx(0.1207, abs=1e-4)
+    # 1,000 img/s x 8.18 GFLOP (forward only) = 8.18 TFLOP/s, on an A100 (312 TFLOP/s): 0.02622
+    assert mfu(1000, 8.18e9, 312.0) == pytest.approx(0.02622, abs=1e-5)
     assert mfu(1000, 24.3e9, None) is None  # unknown peak: no figure, no guess
 
 
@@ -67,7 +72,7 @@ class SleepyLoader:
 
 def test_host_side_stall_of_a_loader_that_sleeps():
     # 20 ms input wait + 30 ms of "step" per batch: 40% stall, 80 img/s at batch 4
-    bench = Bench(Recipe(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cpu")), Plan((), (), 2, 10, 2))
+    bench = Bench(with_fields(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cpu")), Plan((), (), 2, 10, 2))
     windows, telemetry = bench.windows(SleepyLoader(0.020), lambda images, labels: time.sleep(0.030))
     assert len(windows) == 2 and all(w.steps == 10 for w in windows)
     for w in windows:
@@ -100,9 +105,20 @@ def test_verdict_names_cpu_compute_and_missing_data():
 
 
 def test_time_to_train_90_epochs():
-    t = time_to_train(4562.0)  # the H100 DALI probe's end-to-end figure
-    assert t["train_hours"] == pytest.approx(90 * 1_281_167 / 4562 / 3600)
-    assert t["total_hours"] == pytest.approx(t["train_hours"] + 90 * 50_000 / (3 * 4562) / 3600)
+    # Hand-computed from ImageNet-1k's 1,281,167 training and 50,000 validation images, not the formula
+    # restated: a wrong image count, epoch count or unit conversion gives other numbers.
+    # 90 epochs x 1,281,167 = 115,305,030 images; at 1,000 img/s 115,305.03 s = 32.029 h.
+    # Validation, estimated 3x faster: 90 x 50,000 = 4,500,000 images at 3,000 img/s = 1,500 s = 0.4167 h.
+    t = time_to_train(1000.0)
+    assert t["epochs"] == 90 and t["train_images"] == 1_281_167 and t["val_images"] == 50_000
+    assert t["train_hours"] == pytest.approx(32.029, abs=1e-3)
+    assert t["validation_hours_estimated"] == pytest.approx(0.4167, abs=1e-4)
+    assert t["total_hours"] == pytest.approx(32.446, abs=1e-3)
+    # the H100 DALI probe's end-to-end figure, 4,562 img/s: 115,305,030 / 4,562 = 25,275 s = 7.021 h,
+    # plus 4,500,000 / 13,686 = 328.8 s = 0.0913 h of validation: 7.112 h in all
+    t = time_to_train(4562.0)
+    assert t["train_hours"] == pytest.approx(7.021, abs=1e-3)
+    assert t["total_hours"] == pytest.approx(7.112, abs=1e-3)
 
 
 @pytest.mark.slow
@@ -148,11 +164,11 @@ def test_autotune_saves_a_preset_train_can_read(data_dir, tmp_path):
     assert report["autotune"]["preset_loader"] == "dali-cpu"
     assert len(tuned["sweep"]) == len({(r["dali_threads"], r["prefetch"]) for r in tuned["sweep"]}) >= 3
     assert tuned["best"]["img_per_s"] == max(r["img_per_s"] for r in tuned["sweep"])
-    from rn50.recipe import load_preset
+    from rn50.recipe import load_presets
 
-    recipe = load_preset(str(out / "autotuned.toml"))
-    assert (recipe.dali_threads, recipe.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
-    assert recipe.loader == "dali-cpu"
+    machine = load_presets(str(out / "autotuned.toml")).machine  # loader settings: machine, not recipe
+    assert (machine.dali_threads, machine.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
+    assert machine.loader == "dali-cpu"
 
 
 def test_harness_user_errors(data_dir, tmp_path, capsys):

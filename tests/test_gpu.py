@@ -13,7 +13,7 @@ import torch
 
 from pipelines import build_loader
 from rn50.dist import DistEnv
-from rn50.recipe import Recipe
+from rn50.recipe import with_fields
 from rn50.step import build_training, train_step
 
 from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, gpu_ddp_processes, run_cli, torchrun
@@ -57,7 +57,7 @@ def test_dali_gpu_validation_matches_the_cpu_pipeline(data_dir):
 
 def test_amp_fp16_channels_last_step_on_the_gpu(data_dir):
     env = DistEnv(0, 1, 0, torch.device("cuda", 0))
-    parts = build_training(Recipe(arch="resnet50", batch_size=8), CLASSES, env)
+    parts = build_training(with_fields(arch="resnet50", batch_size=8), CLASSES, env)
     assert parts.amp_dtype == torch.float16 and parts.scaler.is_enabled()
     conv = parts.raw_model.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -107,13 +107,25 @@ def test_gpu_timeline_stall_of_a_loader_that_sleeps():
     start.record(); work(None, None); end.record(); torch.cuda.synchronize()
     busy_s = start.elapsed_time(end) / 1e3
 
-    bench = Bench(Recipe(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cuda", 0)), Plan((), (), 3, 20, 1))
+    bench = Bench(with_fields(batch_size=4), None, DistEnv(0, 1, 0, torch.device("cuda", 0)), Plan((), (), 3, 20, 1))
     windows, telemetry = bench.windows(SleepyLoader(0.020, steps=100), work)
     window = windows[0]
     assert window.stall_basis == "gpu_timeline"
     expected = (0.020 - busy_s) / 0.020
     assert window.stall_fraction == pytest.approx(expected, abs=0.1)
-    assert telemetry[0]["available"] in (True, False)  # NVML may be absent in a container: reported, no error
+    # NVML may be absent in a container: then it is reported with its reason, never an error. When it is
+    # there, the window must have been sampled and the figures must be numbers.
+    tele = telemetry[0]
+    assert isinstance(tele["available"], bool)
+    if tele["available"]:
+        assert isinstance(tele["samples"], int) and tele["samples"] > 0, tele
+        for key in ("power_w", "gpu_util_pct"):
+            value = tele[key]
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, tele)
+            assert value == value and value >= 0, (key, tele)  # not NaN, not negative
+        assert tele["gpu_util_pct"] <= 100 and tele["power_w"] > 0, tele
+    else:
+        assert isinstance(tele.get("reason"), str) and tele["reason"].strip(), tele
 
 
 @pytest.mark.slow

@@ -107,6 +107,12 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(data_dir, tmp_
             pass
     assert launcher.returncode != 0
     assert time.time() - stopped_at < 8 + 30 + 30  # the timeout, torchrun's 30 s grace, margin
-    assert "watchdog: no progress" in output, output[-3000:]
-    # rank 1 is named as the stalled one, with what it was doing at its last heartbeat
-    assert re.search(r"rank 1 on .* while (epoch|saving).*<- stalest", output), output[-3000:]
+    # the watchdog's first line names rank 1, the frozen one, with what it was doing at its last heartbeat
+    # (not rank 0, which only waits for it in a collective); every rank's state follows
+    first = re.search(r"^.*watchdog: .*$", output, re.MULTILINE)
+    assert first, output[-3000:]
+    assert re.search(r"watchdog: stalest rank 1 on .*: no heartbeat for \d+ s.*; last phase: (epoch|saving)",
+                     first.group(0)), output[-3000:]
+    assert "ending the job: no progress for" in output, output[-3000:]
+    assert re.search(r"rank 0 on .* while ", output) and re.search(r"rank 1 on .* while (epoch|saving).*<- stalest",
+                                                                   output), output[-3000:]
