@@ -15,10 +15,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def opt(default, help: str = "", flat: str | None = None, **kw):
+def opt(default, help: str, flat: str | None = None):
     """A spec field with its help text and, where the section's context makes a shorter name read better
     in code, its flat name (the CLI flag and the key in presets and recipe.json)."""
-    return field(default=default, metadata={"help": help, "flat": flat}, **kw)
+    return field(default=default, metadata={"help": help, "flat": flat})
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,15 @@ class Augmentation:
     def validate(self) -> "Augmentation":
         from pipelines.errors import UserError
 
-        lo, hi = self.crop_area
-        if not (len(self.crop_area) == 2 and 0 < lo <= hi <= 1):
+        if not (len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1] <= 1):
             raise UserError(f"crop_area must be two fractions 0 < low <= high <= 1, got {list(self.crop_area)}")
         if not (len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
             raise UserError(f"crop_ratio must be two ratios 0 < low <= high, got {list(self.crop_ratio)}")
         if not 0.0 <= self.hflip <= 1.0:
             raise UserError(f"hflip is a probability in [0, 1], got {self.hflip}")
-        if self.image_size < 1 or self.repeated_aug < 1 or not 0 < self.val_resize_ratio <= 1:
-            raise UserError("image_size and repeated_aug must be at least 1 and val_resize_ratio lie in (0, 1]")
+        for name in ("image_size", "repeated_aug"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.val_resize_ratio <= 1:
+            raise UserError(f"val_resize_ratio must lie in (0, 1], got {self.val_resize_ratio}")
         return self

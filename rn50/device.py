@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from rn50.errors import UserError
+from rn50.recipe import DEVICES
 
-DEVICES = ("auto", "cuda", "cpu")
 # CUDA versions of the published torch wheels (download.pytorch.org/whl/cuXYZ), oldest first
 TORCH_WHEEL_CUDA = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
 

@@ -22,12 +22,13 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipelines import KINDS
 from pipelines.augmentation import Augmentation, opt
 from rn50.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-LOADERS = ("dali", "dali-cpu", "torchvision", "synthetic")
-DEVICES = ("auto", "cuda", "cpu")
+LOADERS = KINDS
+DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Recipe:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        for name in ("epochs", "batch_size", "image_size", "base_batch"):
+        for name in ("epochs", "batch_size", "base_batch"):  # image_size: Augmentation.validate below
             if get(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {get(self, name)}")
         s = self.schedule
@@ -185,16 +186,17 @@ class Field:
 
 
 def _fields_of(cls, section: str | None) -> list[Field]:
+    """The settings of a dataclass: its fields declared with `opt` (which carry help text); a Recipe's
+    sections carry none, so `_fields_of(Recipe, None)` gives its top-level settings."""
     hints, defaults = typing.get_type_hints(cls), cls()
-    return [Field(f.metadata.get("flat") or f.name, section, f.name, hints[f.name], f.metadata.get("help", ""),
-                  getattr(defaults, f.name)) for f in fields(cls) if f.metadata.get("help") is not None]
+    return [Field(f.metadata.get("flat") or f.name, section, f.name, hints[f.name], f.metadata["help"],
+                  getattr(defaults, f.name)) for f in fields(cls) if "help" in f.metadata]
 
 
-SECTIONS = {f.name: f.type for f in fields(Recipe) if f.name != "seed"}
 _RECIPE_HINTS = typing.get_type_hints(Recipe)
-RECIPE_FIELDS = {f.flat: f for f in
-                 [g for name in SECTIONS for g in _fields_of(_RECIPE_HINTS[name], name)]
-                 + [Field("seed", None, "seed", int, fields(Recipe)[-1].metadata["help"], 0)]}
+SECTIONS = {f.name: _RECIPE_HINTS[f.name] for f in fields(Recipe) if dataclasses.is_dataclass(_RECIPE_HINTS[f.name])}
+RECIPE_FIELDS = {f.flat: f for f in [g for name, cls in SECTIONS.items() for g in _fields_of(cls, name)]
+                 + _fields_of(Recipe, None)}
 MACHINE_FIELDS = {f.flat: f for f in _fields_of(Machine, "machine")}
 ALL_FIELDS = {**RECIPE_FIELDS, **MACHINE_FIELDS}
 assert len(ALL_FIELDS) == len(RECIPE_FIELDS) + len(MACHINE_FIELDS), "a flat name is used twice"
@@ -231,12 +233,12 @@ def _coerce(flat: str, value):
 
 def flatten(values: dict) -> dict:
     """Flat name -> value, from a mapping with flat keys and/or tables named after sections (as presets,
-    recipe.json and checkpoints hold them). Unknown keys are errors; keys that are not settings
-    (recipe.json's world_size, peak_lr, ...) are skipped only where `extra_ok` lists them."""
+    recipe.json and checkpoints hold them). Unknown keys are errors: callers drop keys that are not settings
+    (recipe.json's world_size, peak_lr, ...) first, as recipe_from_mapping does."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict) and (key in SECTIONS or key == "machine"):
-            section_cls = Machine if key == "machine" else _RECIPE_HINTS[key]
+            section_cls = Machine if key == "machine" else SECTIONS[key]
             by_name = {f.name: f.flat for f in _fields_of(section_cls, key)}
             for name, inner in value.items():
                 if name not in by_name and name not in ALL_FIELDS:

@@ -121,6 +121,8 @@ def test_wrong_type_and_bad_values_are_user_errors():
         parse(["--hw-decoder-load", "1.5"])
     with pytest.raises(UserError, match="crop_area"):
         parse(["--crop-area", "0.5,1.5"])
+    with pytest.raises(UserError, match="crop_area"):  # one number, not a range
+        parse(["--crop-area", "0.5"])
 
 
 def test_saved_recipe_round_trips_and_older_flat_recipes_still_read(tmp_path):
