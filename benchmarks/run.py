@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,22 +50,28 @@ class Plan:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Every input is checked before the first measurement: a mistake "
+                                            "costs seconds, not a benchmark.")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/*.JPEG")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
-    parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train")
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train (default all)")
     parser.add_argument("--loaders", default=None,
-                        help="subset of dali,dali-cpu,torchvision (default: what this machine can run)")
+                        help="subset of dali,dali-cpu,torchvision (default: all three on a GPU machine, "
+                             "dali-cpu,torchvision without one)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed windows per measurement, mean +- std (default 3 on a GPU, 2 on the CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table")
+                        help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table "
+                             "(default: the table's figure for the GPU found; none: no MFU)")
     parser.add_argument("--autotune", action="store_true",
-                        help="sweep DALI threads, hw_decoder_load and prefetch in loader mode; save the best")
+                        help="sweep DALI threads, hw_decoder_load and prefetch in loader mode; save the best "
+                             "(default off)")
     parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
-                        help="rn50.train run folders whose time-to-accuracy (--target-top1) the report lists")
+                        help="finished rn50.train run folders whose time-to-accuracy (--target-top1) the report "
+                             "lists (default none)")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
 
@@ -244,6 +251,15 @@ def time_to_train(img_per_s: float) -> dict:
             "epochs": RECIPE_EPOCHS, "train_images": IMAGENET_TRAIN, "val_images": IMAGENET_VAL}
 
 
+def prepare_out(out: Path) -> None:
+    """The report folder exists and takes files, before anything is measured."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out} ({exc.strerror}); pass a writable folder as --out") from None
+
+
 def time_to_accuracy(run_dirs: list[Path]) -> list[dict]:
     """DAWNBench style: for each training run that reached its --target-top1, the wall time and epochs
     it took, beside its throughput and hardware (from its summary.json)."""
@@ -251,14 +267,20 @@ def time_to_accuracy(run_dirs: list[Path]) -> list[dict]:
     for run_dir in run_dirs:
         summary_path = run_dir / "summary.json"
         if not summary_path.is_file():
-            raise UserError(f"{run_dir} has no summary.json; pass finished rn50.train run folders to --training-runs")
-        summary = json.loads(summary_path.read_text())
-        target = summary.get("target")
-        rows.append({"run": str(run_dir), "target_top1": recipe_from_mapping(summary["recipe"]).stopping.target_top1 or None,
-                     "reached": target is not None, "time_s": target["time_s"] if target else None,
-                     "epochs": target["epochs"] if target else None, "best_top1": summary["best/val_top1"],
-                     "img_per_s": summary["train/img_per_s"], "world_size": summary["world_size"],
-                     "gpu": summary["environment"]["gpu"]})
+            what = "has no summary.json (not finished?)" if run_dir.is_dir() else "does not exist"
+            raise UserError(f"--training-runs: {run_dir} {what}; pass finished rn50.train run folders")
+        try:
+            summary = json.loads(summary_path.read_text())
+            target = summary.get("target")
+            rows.append({"run": str(run_dir),
+                         "target_top1": recipe_from_mapping(summary["recipe"]).stopping.target_top1 or None,
+                         "reached": target is not None, "time_s": target["time_s"] if target else None,
+                         "epochs": target["epochs"] if target else None, "best_top1": summary["best/val_top1"],
+                         "img_per_s": summary["train/img_per_s"], "world_size": summary["world_size"],
+                         "gpu": summary["environment"]["gpu"]})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"--training-runs: {summary_path} is not an rn50.train summary ({type(exc).__name__}: "
+                            f"{exc}); pass finished rn50.train run folders") from None
     return rows
 
 
@@ -288,7 +310,9 @@ def run(args, argv) -> dict:
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     if env.device.type != "cuda" and "dali" in plan.loaders:
         raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
-    args.out.mkdir(parents=True, exist_ok=True)
+    # every input is checked before the first measurement, which may take many minutes
+    accuracy_rows = time_to_accuracy(args.training_runs)
+    prepare_out(args.out)
     bench = Bench(recipe, args.data, env, plan, machine)
     probe = bench.loader("synthetic")  # validates the data folder and gives its size
     say = print if env.is_main else (lambda *a, **k: None)
@@ -324,7 +348,7 @@ def run(args, argv) -> dict:
         **derive(results, plan, env, flops, env.device.type),
         "scaling": None,
         "autotune": None,
-        "time_to_accuracy": time_to_accuracy(args.training_runs),
+        "time_to_accuracy": accuracy_rows,
     }
     if env.distributed and "synthetic" in plan.modes:
         single = bench.single_gpu_ceiling()

@@ -110,15 +110,33 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
 @lru_cache(maxsize=8)  # once per process and split: the harness builds many loaders over the same files
 def check_files(image_list: ImageList, rank: int, world_size: int) -> None:
     """Pre-flight: one bad file stops a DALI pipeline mid-epoch, hours in. Each rank checks its share
-    of the headers (about 15 us a file) and stops before training, naming the file and the fix."""
+    of the headers (about 15 us a file) and stops before training, naming the file and the fix.
+    When it stops, the count it gives covers this rank's share of every split (train and val), so
+    "and N more" is every other bad file the user has to deal with, not only those of this split."""
     from pipelines.jpeg_check import find_header_problems
 
     problems = find_header_problems(image_list.files[rank::world_size])
-    if problems:
-        path, reason = problems[0]
-        others = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-        data_dir = image_list.root.parent
-        raise UserError(
-            f"{path} cannot be trained on ({reason}){others}; run `python -m tools.scan {data_dir} --out SCAN` "
-            "and train with --manifest SCAN (its list of good files), or remove the file"
-        )
+    if not problems:
+        return
+    data_dir, this_split = image_list.root.parent, image_list.root.name
+    per_split = {}
+    for split in SPLITS:  # the other split too, on the error path only: one more pass over its headers
+        if split == this_split:
+            per_split[split] = len(problems)
+            continue
+        try:
+            other = list_split(str(data_dir), split)
+        except UserError:  # a missing or odd split is reported when its own loader is built
+            continue
+        per_split[split] = len(find_header_problems(other.files[rank::world_size]))
+    total = sum(per_split.values())
+    path, reason = problems[0]
+    others = ""
+    if total > 1:
+        where = ", ".join(f"{n} in {split}" for split, n in per_split.items() if n)
+        share = f" of rank {rank}'s share" if world_size > 1 else ""
+        others = f" and {total - 1} more ({total} bad files{share}: {where})"
+    raise UserError(
+        f"{path} cannot be trained on ({reason}){others}; run `python -m tools.scan {data_dir} --out SCAN` "
+        f"and train with --manifest SCAN (its list of good files), or remove the {'files' if total > 1 else 'file'}"
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 class SyntheticLoader:
     def __init__(self, split, *, image_list, batch_size, aug, rank, world_size, seed, device,
                  dtype, num_classes=1000, num_samples=None, **_unused):
@@ -27,7 +26,9 @@ class SyntheticLoader:
         else:
             share = len(range(rank, self.num_samples, world_size))
             self._sizes = [min(batch_size, share - start) for start in range(0, share, batch_size)]
-        generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        # Validation draws other images and labels than training: a model that memorised the training
+        # batch must not look as if it learned (top-1 stays near chance, 1/num_classes).
+        generator = torch.Generator().manual_seed((seed * 1000 + rank) * 2 + (0 if self.training else 1))
         images = torch.randn(batch_size, 3, aug.image_size, aug.image_size, generator=generator)
         self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)

@@ -121,7 +121,7 @@ def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
 
 def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, plateau: dict,
                    loader_states: list, loader_kind: str, recipe: dict, world_size: int, history: list,
-                   elapsed_s: float) -> dict | None:
+                   elapsed_s: float, epoch_losses: list | None = None) -> dict | None:
     """Everything an exact resume needs, for a checkpoint; None when the weights hold NaN or inf (a kept
     checkpoint must stay a good one). `parts` is rn50.step.TrainingParts."""
     weights = parts.raw_model.state_dict()
@@ -137,7 +137,9 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
         "ema": parts.ema.state_dict() if parts.ema is not None else None,
         "plateau": plateau,
         "loader": loader_states,  # one state per rank: its shard and its augmentation stream
-        "loader_kind": loader_kind,  # another loader cannot take these states: the epoch restarts
+        "loader_kind": loader_kind,
+        # mid-epoch: each rank's running loss sums for the epoch so far (train.LossTracker.state_dict)
+        "epoch_losses": epoch_losses,  # another loader cannot take these states: the epoch restarts
         "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.recipe_from_mapping
         "world_size": world_size,
         "history": history,  # one record per finished epoch

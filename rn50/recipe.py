@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -375,8 +376,13 @@ def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
 
 def _flag_type(kind):
     if typing.get_origin(kind) is tuple:
-        return lambda text: tuple(float(v) for v in text.split(",") if v.strip())
+        return numbers
     return kind
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    """A flag's comma-separated numbers (`--crop-area 0.08,1`)."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -416,7 +422,9 @@ PEER_FLAGS = {
 
 def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """parse_args, but an unknown flag is a UserError naming the closest known flag, or, for a flag of
-    torchvision's reference script, ours and how it differs."""
+    torchvision's reference script, ours and how it differs. Every other mistake argparse finds (a value
+    of the wrong type, a missing required flag) is a UserError too: one line, exit 2, no usage dump."""
+    parser.error = _raise_usage_error
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = [o for a in parser._actions for o in a.option_strings]
@@ -426,6 +434,27 @@ def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
             raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
         raise UserError(f"unknown argument {bad!r}{_closest(name, flags)}")
     return args
+
+
+def _raise_usage_error(message: str):
+    wrong_type = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+    if wrong_type:
+        flag, kind, value = wrong_type.groups()
+        kind = {"int": "a whole number", "float": "a number",
+                "numbers": "comma-separated numbers (e.g. 0.08,1)"}.get(kind, f"a value of type {kind}")
+        raise UserError(f"{flag} takes {kind}, got {value}")
+    raise UserError(message.removeprefix("argument "))
+
+
+def changes_from_defaults(recipe: Recipe, machine: Machine | None = None) -> list[str]:
+    """`field=value` for every field that differs from the 90-epoch recipe's defaults (and the machine's)."""
+    default_recipe, default_machine = Recipe(), Machine()
+    changed = [f"{flat}={_toml(value)}" for flat, value in flat_items(recipe).items()
+               if value != get(default_recipe, flat)]
+    if machine is not None:
+        changed += [f"{flat}={_toml(getattr(machine, f.name))}" for flat, f in MACHINE_FIELDS.items()
+                    if getattr(machine, f.name) != getattr(default_machine, f.name)]
+    return changed
 
 
 def _toml(value) -> str:

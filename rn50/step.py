@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class TrainingParts:
     kd_alpha: float = 0.8
     kd_temperature: float = 1.0
     ema: AveragedModel | None = None  # EMA of the weights (and BN buffers)
+    notes: list[str] = field(default_factory=list)  # what building them did that the user should hear
 
     @property
     def raw_model(self) -> nn.Module:
@@ -51,15 +52,15 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # training shapes are fixed (DROP): pick the fastest kernels once
     spec, reg, kd = recipe.model, recipe.regularisation, recipe.distillation
-    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
-    if spec.finetune_from:
-        replaced = load_weights(model, spec.finetune_from, replace_classifier=True)
-        if env.is_main:
-            print(f"fine-tuning from {spec.finetune_from}" + (f"; new classifier for {num_classes} classes"
-                                                              if replaced else ""), flush=True)
     if spec.sync_bn and env.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
                         "drop --sync-bn on this machine")
+    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
+    notes = []
+    if spec.finetune_from:
+        replaced = load_weights(model, spec.finetune_from, replace_classifier=True)
+        notes.append(f"fine-tuning from {spec.finetune_from}"
+                     + (f"; new classifier for {num_classes} classes" if replaced else ""))
     if spec.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
@@ -77,7 +78,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
         model, build_optimizer(model, recipe.optimisation, head), scaler, criterion, amp_dtype,
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
         teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
-        kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema,
+        kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,
     )
 
 

@@ -28,7 +28,7 @@ from rn50.loaders import build_loaders
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.provenance import environment
-from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, format_recipe, guard_resume,
+from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, guard_resume,
                          parse_strict, recipe_from_mapping, resolve)
 from rn50.schedule import PlateauMultiplier, lr_at, set_lr
 from rn50.step import TrainingParts, build_training, replicas_identical, train_step
@@ -40,7 +40,18 @@ EXIT_DIVERGED = 3
 
 
 class Preempted(Exception):
-    pass
+    """A stop signal, after the checkpoint it asked for (`saved`: its path on rank 0; None elsewhere, or
+    where the weights held NaN and no checkpoint could be written)."""
+
+    def __init__(self, signal_name: str, saved: Path | None):
+        super().__init__(signal_name)
+        self.signal_name, self.saved = signal_name, saved
+
+    def report(self) -> str:
+        """The run's last line: under torchrun, the agent's own SignalException report follows it."""
+        saved = f"checkpoint saved to {self.saved}" if self.saved else "no new checkpoint (the weights held NaN or inf)"
+        return (f"stopped by {self.signal_name}: {saved}; exit code {EXIT_PREEMPTED}. Run the same command with "
+                "--resume auto to continue")
 
 
 class Diverged(Exception):
@@ -77,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_strict(parser, argv)
 
 
-def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> None:
+def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> list[str]:
+    """Check that the run folder can take this run; returns what was cleaned up, for the start-up lines."""
     if not resuming and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
                         "checkpoints (or --resume auto) to continue it")
@@ -86,25 +98,36 @@ def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> None:
         tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
     except OSError as exc:
         raise UserError(f"cannot write to the run folder {out} ({exc.strerror}); pass a writable --out") from None
-    if is_main:  # a checkpoint write killed midway leaves its temporary file (checkpoint-sized) behind
-        for stale in remove_stale_temporaries(out):
-            print(f"removed {stale.name}, left by a checkpoint write that never finished", flush=True)
+    if not is_main:
+        return []
+    # a checkpoint write killed midway leaves its temporary file (checkpoint-sized) behind
+    return [f"removed {stale.name}, left by a checkpoint write that never finished"
+            for stale in remove_stale_temporaries(out)]
 
 
 class LossTracker:
     """An epoch's training loss summed on the device, and the longest run of non-finite losses: read only
-    where the host syncs anyway (log intervals, checkpoints, the epoch's end)."""
+    where the host syncs anyway (log intervals, checkpoints, the epoch's end). A mid-epoch checkpoint
+    carries its state, so a resumed epoch reports the same train/loss as one never interrupted."""
 
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros((), device=device, dtype=torch.float64)
-        self.streak = torch.zeros((), device=device)
-        self.worst = torch.zeros((), device=device)
+    def __init__(self, device: torch.device, state: dict | None = None):
+        state = state or {"total": 0.0, "streak": 0.0, "worst": 0.0, "steps": 0}
+        self.total = torch.tensor(state["total"], device=device, dtype=torch.float64)
+        self.streak = torch.tensor(state["streak"], device=device)
+        self.worst = torch.tensor(state["worst"], device=device)
+        self.steps = state["steps"]
 
     def add(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss)
         self.total += torch.where(finite, loss, 0.0).double()
         self.streak = (self.streak + 1) * ~finite
         self.worst = torch.maximum(self.worst, self.streak)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        # float64 to a Python float and back is exact: the resumed sum continues bit for bit
+        return {"total": self.total.item(), "streak": self.streak.item(), "worst": self.worst.item(),
+                "steps": self.steps}
 
 
 class Trainer:
@@ -123,6 +146,8 @@ class Trainer:
         self.max_nonfinite = args.max_nonfinite_steps
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
+        self.losses: LossTracker | None = None  # the current epoch's
+        self.resumed_losses: dict | None = None  # this rank's sums for the steps before a mid-epoch resume
         self.plateau = PlateauMultiplier(recipe.schedule)  # 1.0 unless the plateau schedule lowered it
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
@@ -160,9 +185,9 @@ class Trainer:
                 self.say(warning)
             if recipe.schedule.kind == "plateau":
                 self.plateau.step(record["val/loss"])
-            self.save(epoch, self.steps_per_epoch, epoch_end=True)
+            saved = self.save(epoch, self.steps_per_epoch, epoch_end=True)
             if self.stop.agreed(0, force=True):
-                raise Preempted(self.stop.signal_name)
+                raise Preempted(self.stop.signal_name, saved)
             if record.get("stop"):
                 self.say(f"stopping after epoch {epoch + 1}: {record['stop']}")
                 break
@@ -176,7 +201,8 @@ class Trainer:
         """Steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch)."""
         parts, spe, freeze = self.parts, self.steps_per_epoch, self.recipe.model.freeze_backbone_epochs
         self.train_loader.set_epoch(epoch)
-        losses = LossTracker(self.env.device)
+        losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
+        self.resumed_losses = None
         host_wait = 0.0
         self._sync()
         self.telemetry.start()
@@ -206,7 +232,8 @@ class Trainer:
         seconds = time.perf_counter() - begin
         steps = spe - first
         images_seen = steps * self.recipe.optimisation.batch_size * self.env.world_size
-        mean_loss = all_reduce_sum(losses.total).item() / (steps * self.env.world_size)
+        # the whole epoch's steps, those before a resume included (their sums came with the checkpoint)
+        mean_loss = all_reduce_sum(losses.total).item() / (losses.steps * self.env.world_size)
         return {
             "lr": lr,
             "train/loss": mean_loss,
@@ -222,12 +249,12 @@ class Trainer:
     def checkpoint_if_due(self, epoch: int, steps_done: int, steps_total: int, losses: LossTracker) -> None:
         """One path for both mid-epoch checkpoints: the periodic one (--checkpoint-every) and the one a stop
         signal asks for, after which the run ends with exit code 75."""
-        stopping = self.stop.agreed(steps_total - 1)
+        stopping, saved = self.stop.agreed(steps_total - 1), None
         if stopping or (self.checkpoint_every and steps_total % self.checkpoint_every == 0):
             self.check_divergence(losses)
-            self.save(epoch, steps_done, epoch_end=False)
+            saved = self.save(epoch, steps_done, epoch_end=False)
         if stopping:
-            raise Preempted(self.stop.signal_name)
+            raise Preempted(self.stop.signal_name, saved)
 
     def _sync(self) -> None:
         if self.env.device.type == "cuda":
@@ -263,36 +290,34 @@ class Trainer:
             result.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
         return result
 
-    def save(self, epoch: int, steps_done: int, epoch_end: bool) -> None:
+    def save(self, epoch: int, steps_done: int, epoch_end: bool) -> Path | None:
         """A checkpoint after `steps_done` steps of epoch `epoch` (0-based). Every rank takes part: each
-        rank's loader state is its own (its shard, its augmentation stream) and rank 0 stores them all."""
+        rank's loader state is its own (its shard, its augmentation stream) and rank 0 stores them all.
+        Returns its path on rank 0 (None elsewhere, and where the weights hold NaN or inf)."""
         self.watchdog.progress(f"saving a checkpoint at epoch {epoch + 1} step {steps_done}")
-        loader_states = all_gather_objects(self.train_loader.state_dict())
+        losses = self.losses.state_dict() if self.losses is not None and not epoch_end else None
+        loader_states, epoch_losses = zip(*all_gather_objects((self.train_loader.state_dict(), losses)))
         if not self.env.is_main:
-            return
+            return None
         epochs_done = epoch + 1 if epoch_end else epoch
         step = epoch * self.steps_per_epoch + steps_done
         state = training_state(self.parts, epochs_done=epochs_done, step=step, steps_per_epoch=self.steps_per_epoch,
-                               plateau=self.plateau.state_dict(), loader_states=loader_states,
+                               plateau=self.plateau.state_dict(), loader_states=list(loader_states),
+                               epoch_losses=list(epoch_losses) if not epoch_end else None,
                                loader_kind=self.machine.loader, recipe=self.recipe.to_dict(),
                                world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed())
         if state is None:  # the kept checkpoints must stay good ones, whatever happens next
             self.say(f"not checkpointing at step {step}: the weights hold NaN or inf")
-            return
+            return None
         top1 = [h["val/top1"] for h in self.history]
         is_best = epoch_end and bool(top1) and top1[-1] == max(top1) and self.history[-1]["epoch"] == epoch + 1
-        self.store.save(checkpoint_name(epochs_done, step, epoch_end), state, best=is_best)
+        return self.store.save(checkpoint_name(epochs_done, step, epoch_end), state, best=is_best)
 
-    def restore(self, checkpoint: dict, reshard: bool, exact: bool) -> None:
-        """Weights, optimizer, scaler and position; the loader state too when the data stream is the same
-        (`exact`: same world size, loader and recipe). Otherwise the interrupted epoch restarts."""
+    def restore(self, checkpoint: dict, exact: bool) -> str:
+        """Weights, optimizer, scaler and position; the loader state and the epoch's loss sums too when the
+        data stream is the same (`exact`: same world size, loader and recipe). Otherwise the interrupted
+        epoch restarts. Returns the line that says where the run continues."""
         same_world = checkpoint["world_size"] == self.env.world_size
-        if not same_world and not reshard:
-            raise UserError(
-                f"the checkpoint was written by {checkpoint['world_size']} processes but this run has "
-                f"{self.env.world_size}; resume with {checkpoint['world_size']} processes in all, or pass "
-                "--reshard to continue with the new count (the interrupted epoch restarts)"
-            )
         restore_training(self.parts, checkpoint)
         if checkpoint.get("plateau"):
             self.plateau.load_state_dict(checkpoint["plateau"])
@@ -303,9 +328,10 @@ class Trainer:
         if same_stream:
             self.start_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
             self.train_loader.load_state_dict(checkpoint["loader"][self.env.rank])
-        self.say(f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
-                 + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)")
-                 + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)"))
+            self.resumed_losses = (checkpoint.get("epoch_losses") or [None] * self.env.world_size)[self.env.rank]
+        return (f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
+                + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)")
+                + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)"))
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
@@ -335,17 +361,51 @@ class Trainer:
         }
 
 
-def find_resume(args: argparse.Namespace, say) -> dict | None:
+def find_resume(args: argparse.Namespace, say) -> tuple[Path | None, dict | None]:
     if args.resume is None:
-        return None
+        return None, None
     if args.resume == "auto":
         found = latest_checkpoint(args.out, say) if args.out.is_dir() else None
         if found is None:
             say(f"--resume auto: no checkpoint in {args.out}; starting from the beginning")
-            return None
+            return None, None
         say(f"--resume auto: continuing from {found[0]}")
-        return found[1]
-    return load_checkpoint(Path(args.resume))
+        return found
+    return Path(args.resume), load_checkpoint(Path(args.resume))
+
+
+def check_world_size(checkpoint: dict, env: DistEnv, reshard: bool) -> None:
+    if checkpoint["world_size"] != env.world_size and not reshard:
+        raise UserError(
+            f"the checkpoint was written by {checkpoint['world_size']} processes but this run has "
+            f"{env.world_size}; resume with {checkpoint['world_size']} processes in all, or pass "
+            "--reshard to continue with the new count (the interrupted epoch restarts)"
+        )
+
+
+def finished(checkpoint: dict, saved: Recipe, recipe: Recipe, out: Path) -> bool:
+    """The checkpoint ends a run that wrote its summary: every epoch done, or stopped early by rules that
+    have not changed since (a longer --epochs, or new stopping rules, continue it)."""
+    history = checkpoint["history"]
+    stopped = bool(history) and "stop" in history[-1] and history[-1]["epoch"] == checkpoint["epoch"]
+    return (out / "summary.json").is_file() and (
+        checkpoint["epoch"] >= recipe.schedule.epochs or (stopped and saved.stopping == recipe.stopping))
+
+
+def startup_summary(recipe: Recipe, machine: Machine, presets: str | None, out: Path, num_classes: int) -> list[str]:
+    """A few lines on what this run does that the defaults do not; the whole recipe is in recipe.json."""
+    changed = changes_from_defaults(recipe, machine)
+    lines = [f"recipe{f' (presets {presets})' if presets else ''}: "
+             + (f"the 90-epoch defaults except {', '.join(changed)}" if changed else "the 90-epoch defaults")
+             + f"; all of it in {out / 'recipe.json'}"]
+    kd = recipe.distillation
+    if kd.teacher:
+        lines.append(f"distilling from {kd.teacher} ({kd.teacher_arch}): loss = {kd.alpha:g} x T^2 x "
+                     f"KL(teacher || student) at T = {kd.temperature:g} + {1 - kd.alpha:g} x cross-entropy")
+    if machine.loader == "synthetic":
+        lines.append(f"synthetic data: validation runs on other random images with random labels, so its top-1 "
+                     f"stays near chance ({100 / num_classes:.2g}%); this run measures speed, not learning")
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -369,29 +429,38 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: StopRequest) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
+    # start-up lines wait until every start-up check has passed: an error found there comes alone
+    notes: list[str] = []
     watchdog.progress("starting: reading the checkpoint")
-    checkpoint = find_resume(args, say)
+    checkpoint_path, checkpoint = find_resume(args, notes.append)
     # a resumed run continues the saved recipe: presets and flags given now are changes to it, which the
     # resume guard accepts only where they do not alter a step (or are named in --allow-change)
     saved = recipe_from_mapping(checkpoint["recipe"]) if checkpoint else None
     resolved = resolve(args, saved)
     recipe, machine = resolved.recipe, resolved.machine
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
-    prepare_out_dir(args.out, resuming=args.resume is not None, is_main=env.is_main)
-    if env.is_main:
-        for note in resolved.overridden:
-            print(note, flush=True)
-        for change in changes:
-            print(f"changed on resume: {change}", flush=True)
-        print(f"recipe{f' (presets {args.preset})' if args.preset else ''}:\n" + format_recipe(recipe, machine),
-              flush=True)
+    if checkpoint and finished(checkpoint, saved, recipe, args.out):
+        stop = checkpoint["history"][-1].get("stop") if checkpoint["history"] else None
+        say(f"{args.out} holds a finished run ({checkpoint_path.name}: {checkpoint['epoch']} of "
+            f"{saved.schedule.epochs} epochs{f'; stopped early: {stop}' if stop else ''}): nothing to do, its "
+            "files are left as they are. To train longer, add a larger --epochs"
+            + ("" if saved.schedule.kind in ("step", "plateau") else " and --allow-change epochs")
+            + "; to start again, pass a new --out")
+        return json.loads((args.out / "summary.json").read_text())
+    if checkpoint:
+        check_world_size(checkpoint, env, args.reshard)
+    notes += prepare_out_dir(args.out, resuming=args.resume is not None, is_main=env.is_main)
+    notes += resolved.overridden + [f"changed on resume: {change}" for change in changes]
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
     parts = build_training(recipe, train_loader.num_classes, env)
+    notes += parts.notes
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:
-        trainer.restore(checkpoint, args.reshard, exact=not changes)
+        notes.append(trainer.restore(checkpoint, exact=not changes))
+    for line in notes + startup_summary(recipe, machine, args.preset, args.out, train_loader.num_classes):
+        say(line)
     if env.is_main:
         world = env.world_size
         recipe.save(args.out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,
@@ -430,8 +499,7 @@ def main(argv=None) -> None:
         code = 2
     except Preempted as stop:
         if os.environ.get("RANK", "0") == "0":
-            print(f"stopped by {stop}: checkpoint saved; run the same command with --resume auto to continue",
-                  file=sys.stderr, flush=True)
+            print(stop.report(), file=sys.stderr, flush=True)
         code = EXIT_PREEMPTED
     except Diverged as err:
         print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "

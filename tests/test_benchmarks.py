@@ -177,6 +177,34 @@ def test_harness_user_errors(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["missing folder", "unfinished run", "not a summary", "report folder is a file"])
+def test_harness_inputs_are_checked_before_the_first_measurement(case, data_dir, tmp_path, capsys, monkeypatch):
+    """A bad --training-runs folder or --out used to surface only after every measurement had finished."""
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before checking its inputs")
+
+    monkeypatch.setattr(Bench, "measure", measured)
+    run, out = tmp_path / "run", tmp_path / "bench"
+    if case == "unfinished run":
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("{}\n")
+    elif case == "not a summary":
+        run.mkdir()
+        (run / "summary.json").write_text('{"epochs": 3}')
+    elif case == "report folder is a file":
+        out.write_text("not a folder")
+        run = None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(out), "--modes", "synthetic", "--loaders", "", "--arch",
+              "resnet18", "--image-size", "32", "--batch-size", "8",
+              *(["--training-runs", str(run)] if run else [])])
+    stdout, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    expected = {"missing folder": "does not exist", "unfinished run": "has no summary.json",
+                "not a summary": "is not an rn50.train summary", "report folder is a file": "cannot write"}[case]
+    assert expected in err and stdout == "", (err, stdout)
+
+
 def test_time_to_accuracy_of_training_runs_in_the_report(data_dir, tmp_path):
     from rn50.train import main as train
 

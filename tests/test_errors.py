@@ -82,6 +82,12 @@ CASES = {
     "unknown flag": (lambda d, t, m: ["--data", str(d), "--epoch", "3"], "unknown argument", "did you mean"),
     "sync-bn without cuda": (lambda d, t, m: ["--data", str(d), "--sync-bn", "--device", "cpu"], "needs CUDA GPUs",
                              "drop --sync-bn"),
+    # argparse's own mistakes: one line too, not its usage dump
+    "flag of the wrong type": (lambda d, t, m: ["--data", str(d), "--epochs", "two"], "--epochs",
+                               "takes a whole number, got 'two'"),
+    "list flag of the wrong type": (lambda d, t, m: ["--data", str(d), "--crop-area", "a,b"], "--crop-area",
+                                    "takes comma-separated numbers"),
+    "flag without its value": (lambda d, t, m: ["--data", str(d), "--epochs"], "--epochs", "expected one argument"),
 }
 
 
@@ -93,8 +99,9 @@ def test_user_error_is_one_line_with_cause_and_fix(case, data_dir, tmp_path, cap
     argv = [*SMALL, "--out", str(tmp_path / "run"), *args]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert exit_info.value.code == 2
+    assert out == "", out  # nothing before an error found at start-up: it stands alone
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert cause in lines[0] and fix in lines[0], lines[0]

@@ -261,3 +261,46 @@ def test_repeated_augmentation_loader_keeps_the_epoch_length(data_dir):
     repeated = loader("dali-cpu", "train", data_dir, rank=0, world_size=2, repeated_aug=3)
     assert len(plain) == len(repeated) == N_TRAIN // 2 // 8
     assert sum(len(y) for _, y in repeated) == len(repeated) * 8
+
+
+def test_preflight_error_counts_bad_files_of_every_split(data_dir, tmp_path):
+    """Issue 14 item 8: 2 bad files in train and 1 in val are "and 2 more", whichever loader stops first."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "train" / "n00000000" / "empty.JPEG").write_bytes(b"")
+    (data / "train" / "n00000001" / "page.JPEG").write_text("<html>404 Not Found</html>\n")
+    (data / "val" / "n00000002" / "empty.JPEG").write_bytes(b"")
+    for split in ("train", "val"):
+        with pytest.raises(UserError) as stopped:
+            loader("dali-cpu", split, data)
+        message = str(stopped.value)
+        assert "\n" not in message
+        assert "cannot be trained on" in message and "and 2 more (3 bad files: 2 in train, 1 in val)" in message
+        assert f"python -m tools.scan {data} --out SCAN" in message and "--manifest SCAN" in message
+
+
+def test_randaugment_silences_only_dalis_own_deprecation_warnings(one_image_data, monkeypatch):
+    """Issue 14 item 10: DALI's auto_aug calls its own deprecated fn.experimental.filter/equalize (about 70
+    lines of warnings); those are dropped, any other DeprecationWarning, even one raised while the
+    RandAugment graph is built, still comes through."""
+    import warnings
+
+    import pipelines.dali
+
+    dali_rand_augment = pipelines.dali.rand_augment.rand_augment
+
+    def noisy_rand_augment(*args, **kwargs):  # a warning of someone else's, raised where DALI's are
+        warnings.warn("some_other_api is deprecated", DeprecationWarning)
+        return dali_rand_augment(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines.dali.rand_augment, "rand_augment", noisy_rand_augment)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        augmented = loader("dali-cpu", "train", one_image_data, randaugment_magnitude=9,
+                           randaugment_magnitude_std=0.5)
+        next(iter(augmented))
+        warnings.warn("unrelated test deprecation", DeprecationWarning)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert not [m for m in messages if "nvidia.dali.fn.experimental" in m], messages
+    assert "unrelated test deprecation" in messages
+    assert messages.count("some_other_api is deprecated") == 5  # one per RandAugment branch (m-2..m+2)

@@ -32,6 +32,12 @@ def step_losses(run_dir):
     return losses
 
 
+def epoch_losses(run_dir):
+    """train/loss of every epoch-end record: the mean over the whole epoch, resumed or not."""
+    return {r["epoch"]: r["train/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "val/count" in r}
+
+
 def final_weights(run_dir):
     return load_checkpoint(regular_checkpoints(run_dir)[-1])["model"]
 
@@ -69,6 +75,8 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--resume auto: continuing from" in resumed.stdout
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")  # every step, bit for bit
+    # the interrupted epoch's mean covers the steps before the stop too (their sums came with the checkpoint)
+    assert epoch_losses(tmp_path / "a") == epoch_losses(tmp_path / "b")
     assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
@@ -82,6 +90,7 @@ def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(data_dir, tmp_p
     resumed = run_cli(torchrun(2, *args, "--out", str(tmp_path / "b"), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert epoch_losses(tmp_path / "a") == epoch_losses(tmp_path / "b")
     assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
@@ -97,6 +106,17 @@ def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
     latest_best_epoch = len(top1) - top1[::-1].index(max(top1))  # ties: the later epoch is kept
     assert best["epoch"] == latest_best_epoch and best["history"][-1]["val/top1"] == max(top1)
     assert not list(out.glob(".*tmp"))  # no temporary files left
+
+
+def test_resume_auto_on_a_finished_run_says_so_and_leaves_it_alone(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "1", *SMALL]
+    assert run_cli(args).returncode == 0
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    again = run_cli([*args, "--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "holds a finished run" in again.stdout and "resumed at" not in again.stdout, again.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):

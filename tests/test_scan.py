@@ -127,6 +127,33 @@ def test_fix_reencodes_png_and_cmyk_as_rgb_jpegs_outside_the_dataset(dataset, tm
         assert np.abs(np.asarray(im, np.int16) - np.array(expected)).max() <= 8
 
 
+def test_summary_counts_add_up_with_fix(tmp_path):
+    """Issue 14 item 8: with --fix the split line once read "13 files, 13 good (1 fixed), 1 bad". Every file
+    is now counted once: good as found + fixed + bad (left out) = files."""
+    import re
+
+    from tools.scan import summary
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split / "n0").mkdir(parents=True)
+        for i in range(3):
+            photo().save(data / split / "n0" / f"{i}.JPEG", format="JPEG")
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(data / "train" / "n0" / "png_inside.JPEG", format="PNG")
+    (data / "train" / "n0" / "zero_bytes.JPEG").write_bytes(b"")  # cannot be fixed
+
+    report = scan(data, tmp_path / "out", workers=1, fix=True, progress=False)
+    text = summary(report)
+    counts = dict(re.findall(r"^(\w+): (\d+ files, .*), \d+ classes$", text, re.M))
+    assert counts == {"train": "5 files, 3 good, 1 fixed, 1 bad", "val": "3 files, 3 good, 0 bad"}, text
+    for split, line in counts.items():
+        total, *parts = (int(n) for n in re.findall(r"\d+", line))
+        assert total == sum(parts) == report["splits"][split]["files"]
+    assert "     1  PNG data behind a JPEG name (fixed)" in text and "     1  zero bytes\n" in text
+    assert "1 bad file is left out of the manifests" in text
+    assert len((tmp_path / "out" / "train.txt").read_text().splitlines()) == report["splits"]["train"]["good"] == 4
+
+
 def test_min_side_is_configurable(dataset, tmp_path):
     report = scan(dataset, tmp_path / "out", min_side=50, workers=2, progress=False)
     small = {e["path"] for e in report["splits"]["train"]["bad"] if e["reason"] == "too small to crop"}

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from tools.sweep import best_per_batch, error_line, main, parse_grid
+from rn50.errors import UserError
+from tools.sweep import StderrRelay, best_per_batch, error_line, main, parse_grid
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 TINY = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--dali-threads", "1",
         "--warmup-epochs", "1", "--lr-milestones", "2"]
@@ -104,6 +109,13 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(data_dir, tmp_path):
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--base-lr=0.2"], "set by the sweep (--lrs)"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--epoch", "2"], "did you mean '--epochs'"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--epochs", "two"], "bad rn50.train flag after --"),
+    # what would fail every run at start-up is caught once, before the first
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--arch", "resnet99"], "unknown arch 'resnet99'"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--schedule", "linear"], "schedule must be one of"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--preset", "h100x9"], "no preset 'h100x9'"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--finetune-from", "/nowhere/w.pt"], "/nowhere/w.pt does not exist"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--manifest", "/nowhere"], "manifest /nowhere/train.txt does not"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--device", "cpu", "--loader", "dali"], "pass --loader dali-cpu"),
 ])
 def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as stop:
@@ -112,6 +124,79 @@ def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path, capsys, args, m
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "sweep").exists()  # nothing ran, nothing written
+
+
+def test_bad_rn50_train_flag_reported_as_a_user_error_keeps_its_wording(data_dir, tmp_path, capsys, monkeypatch):
+    """rn50.train's parser may report a bad value as a UserError (one line) instead of argparse's usage and
+    SystemExit(2): the sweep says the same either way."""
+    import rn50.train
+
+    def refuse(argv=None):
+        raise UserError("argument --epochs: invalid int value: 'two'")
+
+    monkeypatch.setattr(rn50.train, "parse_args", refuse)
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "sweep"), "--lrs", "0.1", "--batch-sizes", "16",
+              "--", "--epochs", "two"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines == [
+        "error: bad rn50.train flag after --: argument --epochs: invalid int value: 'two'"]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_each_grid_points_recipe_is_resolved_before_the_first_run(data_dir, tmp_path, capsys, monkeypatch):
+    """A grid value the recipe refuses names its grid point, before anything runs (today the recipe refuses
+    only batch sizes below 1, which --batch-sizes already rejects: a stricter recipe is simulated)."""
+    import rn50.recipe
+
+    resolve = rn50.recipe.resolve
+
+    def strict(args, base=None):
+        if getattr(args, "batch_size", None) == 64:
+            raise UserError("batch_size 64 is refused by this recipe")
+        return resolve(args, base)
+
+    monkeypatch.setattr(rn50.recipe, "resolve", strict)
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "sweep"), "--lrs", "0.1,0.2", "--batch-sizes", "16,64",
+              "--", "--loader", "dali-cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines == ["error: grid point lr=0.1 bs=64: batch_size 64 is refused by this recipe"]
+    assert not (tmp_path / "sweep").exists()
+
+
+def _layout(root, train=("a", "b"), val=("a", "b"), empty=()):
+    """A dataset folder of empty files named .JPEG (only listed, never decoded); None: no such split."""
+    for split, classes in (("train", train), ("val", val)):
+        if classes is None:
+            continue
+        (root / split).mkdir(parents=True)
+        for name in classes:
+            (root / split / name).mkdir()
+            if f"{split}/{name}" not in empty:
+                (root / split / name / "x.JPEG").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("layout, message", [
+    (dict(val=None), "val is missing; the data folder needs train/ and val/"),
+    (dict(train=None), "train is missing; the data folder needs train/ and val/"),
+    (dict(train=()), "has no class folders"),
+    (dict(val=()), "holds no .JPEG files; put images in"),
+    (dict(val=("a", "c")), "is a class that"),
+    (dict(empty=("train/b",)), "train/b holds no .JPEG files"),
+    (dict(empty=("val/a", "val/b")), "holds no .JPEG files; put images in"),
+])
+def test_a_data_folder_every_run_would_refuse_is_one_error_before_any_run(tmp_path, capsys, layout, message):
+    data = _layout(tmp_path / "data", **layout)
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(data), "--out", str(out), "--lrs", "0.1,0.2", "--batch-sizes", "16,32",
+              "--", "--loader", "dali-cpu"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists() and "training in" not in captured.out  # nothing ran, no run folder
 
 
 def test_missing_data_is_a_user_error(tmp_path, capsys):
@@ -149,3 +234,80 @@ def test_error_line_skips_the_torchrun_banner():
     assert error_line(lines, 1) == "exit code 1: error: batch size 1000 is larger than ...; lower --batch-size"
     assert error_line(["Traceback ...", "RuntimeError: boom", ""], 1) == "exit code 1: RuntimeError: boom"
     assert error_line([], -9) == "killed by signal 9"
+
+
+# the end of a run stopped by SIGTERM under torchrun (torch 2.14), as the sweep reads it on the run's stderr
+TORCHRUN_STOPPED = """\
+W1125 03:19:01.421000 1470 torch/distributed/elastic/agent/server/api.py:753] Received 15 death signal, shutting down workers
+stopped by SIGTERM: checkpoint saved to /runs/lr0.1_bs8/checkpoint_0000_step00000002.pt; exit code 75. Run the same command with --resume auto to continue
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "torch/distributed/run.py", line 1138, in main
+    run(args)
+  File "torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 1470 got signal: 15
+"""
+
+
+def relayed(text):
+    relay = StderrRelay()
+    out = [piece for line in text.splitlines(keepends=True) for piece in relay.feed(line)]
+    return "".join(out + relay.close())
+
+
+def test_the_runs_resume_advice_is_not_relayed_as_the_sweeps():
+    """rn50.train's advice (--resume auto) is refused by the sweep after `--`: the sweep rewrites it, and
+    summarises torchrun's SignalException traceback (its report of the signal, not a crash)."""
+    out = relayed(TORCHRUN_STOPPED).splitlines()
+    assert out == [
+        TORCHRUN_STOPPED.splitlines()[0],  # torchrun's own log line passes unchanged
+        "stopped by SIGTERM: the run saved a checkpoint; the sweep continues it when run again",
+        "torchrun: stopped by signal 15 (the traceback it prints then is its report of the signal, not a crash; "
+        "left out here)",
+    ]
+    assert "--resume" not in "\n".join(out) and "Traceback" not in "\n".join(out)
+    assert error_line(out, 1) == ("exit code 1: stopped by SIGTERM: the run saved a checkpoint; the sweep continues "
+                                  "it when run again")
+    usr1 = relayed("stopped by SIGUSR1: checkpoint saved; run the same command with --resume auto to continue\n")
+    assert usr1 == "stopped by SIGUSR1: the run saved a checkpoint; the sweep continues it when run again\n"
+
+
+def test_other_lines_and_tracebacks_pass_unchanged():
+    crash = ("epoch 1 step 2/3\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n\n"
+             "    boom()\nRuntimeError: boom\nerror: something; fix it\nstopped by SIGTERM: not the advice line\n")
+    assert relayed(crash) == crash
+    cut_short = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+    assert relayed(cut_short) == cut_short  # held until the end of the stream, then written whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_stops_the_sweep_with_true_advice_and_the_same_command_continues(data_dir, tmp_path, nproc):
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "tools.sweep", "--data", str(data_dir), "--out", str(out), "--lrs", "0.1",
+               "--batch-sizes", "8,16", "--nproc-per-node", str(nproc), "--", *TINY, "--epochs", "3",
+               "--checkpoint-every", "2", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "lr0.1_bs8"
+    deadline = time.time() + 300
+    while not list(first.glob("checkpoint_*.pt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stdout[-3000:] + stderr[-3000:]
+    assert "stopped by SIGTERM: the run saved a checkpoint; the sweep continues it when run again" in stderr
+    assert "--resume auto" not in stderr  # the sweep refuses --resume after --: no advice to use it
+    assert stderr.strip().splitlines()[-1] == "sweep stopped (SIGTERM); run the same command to continue it"
+    if nproc > 1:  # torchrun's SignalException traceback is summarised, not relayed as a crash
+        assert "Traceback" not in stderr and "torchrun: stopped by signal 15" in stderr
+    runs = runs_by_name(out)
+    assert runs["lr0.1_bs8"]["status"] == "interrupted" and "the sweep continues it" in runs["lr0.1_bs8"]["error"]
+    assert runs["lr0.1_bs16"]["status"] == "not run"
+
+    again = run_cli(command)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[1/2] lr=0.1 bs=8: resuming the unfinished run" in again.stdout
+    runs = runs_by_name(out)
+    assert all(r["status"] == "ok" and r["epochs_run"] == 3 for r in runs.values())

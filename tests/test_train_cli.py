@@ -79,3 +79,50 @@ def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_start_up_says_what_differs_from_the_defaults_and_synthetic_validation_is_not_learning(
+        data_dir, tmp_path, capsys):
+    """A short summary instead of the whole recipe; on synthetic data, validation sees other random images
+    and labels than training, so memorising the training batch does not look like learning."""
+    out = tmp_path / "run"
+    main(["--data", str(data_dir), "--out", str(out), "--loader", "synthetic", "--epochs", "3", "--base-lr", "2",
+          *SMALL])
+    stdout = capsys.readouterr().out
+    summary_line = next(line for line in stdout.splitlines() if line.startswith("recipe: "))
+    assert 'arch="resnet18"' in summary_line and "image_size=32" in summary_line and "epochs=3" in summary_line
+    assert "label_smoothing" not in stdout  # fields left at their defaults are not listed
+    assert "synthetic data: validation runs on other random images" in stdout
+    records = epoch_records(out)
+    assert records[-1]["train/loss"] < records[0]["train/loss"]  # the training batch is being learned
+    assert records[-1]["val/top1"] < 75  # the old behaviour: validation on the training batch, near 100%
+
+
+def test_synthetic_validation_batch_is_not_the_training_batch(tmp_path):
+    from pipelines import build_loader
+
+    def first(split):
+        loader = build_loader("synthetic", split, None, batch_size=16, image_size=32, rank=0, world_size=1, seed=0,
+                              device=torch.device("cpu"), num_samples=64, num_classes=10)
+        return next(iter(loader))
+
+    (train_images, train_labels), (val_images, val_labels) = first("train"), first("val")
+    assert not torch.equal(train_images, val_images) and not torch.equal(train_labels, val_labels)
+
+
+def test_a_finished_run_is_one_whose_epochs_are_done_or_whose_unchanged_rules_stopped_it(tmp_path):
+    from rn50.recipe import with_fields
+    from rn50.train import finished
+
+    (tmp_path / "summary.json").write_text("{}")
+    recipe = with_fields(epochs=4, early_stop_patience=2)
+    done = {"epoch": 4, "history": [{"epoch": 4}]}
+    stopped = {"epoch": 2, "history": [{"epoch": 1}, {"epoch": 2, "stop": "no better val/top1 for 2 epochs"}]}
+    running = {"epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}]}
+    assert finished(done, recipe, recipe, tmp_path)
+    assert finished(stopped, recipe, recipe, tmp_path)
+    assert not finished(running, recipe, recipe, tmp_path)
+    assert not finished(done, recipe, with_fields(recipe, epochs=6), tmp_path)  # asked to train longer
+    assert not finished(stopped, recipe, with_fields(recipe, early_stop_patience=5), tmp_path)  # new rules
+    (tmp_path / "summary.json").unlink()
+    assert not finished(done, recipe, recipe, tmp_path)  # killed before its summary: finish it

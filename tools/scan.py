@@ -307,20 +307,27 @@ def summary(report: dict) -> str:
              f"(min side {report['min_side']} px)"]
     unfixed = 0
     for split, s in report["splits"].items():
-        bad = len(s["bad"])
-        fixed = f" ({s['fixed']} fixed)" if s["fixed"] else ""
-        lines.append(f"{split}: {s['files']} files, {s['good']} good{fixed}, {bad} bad, {s['classes']} classes")
+        # every file counted once, so the parts add up to the total: good as found, fixed (re-encoded and
+        # listed), bad (left out); the report's "good" counts the manifest lines, fixed files included
+        bad = len(s["bad"]) - s["fixed"]
+        fixed = f", {s['fixed']} fixed" if s["fixed"] else ""
+        lines.append(f"{split}: {s['files']} files, {s['good'] - s['fixed']} good{fixed}, {bad} bad, "
+                     f"{s['classes']} classes")
+        fixed_by_reason = Counter(e["reason"] for e in s["bad"] if "fixed" in e)
         for reason, n in s["reasons"].items():
-            lines.append(f"  {n:6d}  {reason}")
+            done = fixed_by_reason[reason]
+            note = "" if not done else " (fixed)" if done == n else f" ({done} fixed)"
+            lines.append(f"  {n:6d}  {reason}{note}")
         for cls in s["empty_classes"]:
             lines.append(f"  warning: {split}/{cls} has no good files")
-        unfixed += bad - s["fixed"]
+        unfixed += bad
     out = Path(report["out"])
     names = ", ".join(f"{split}.txt" for split in report["splits"])
     lines.append(f"wrote {names} and {REPORT_NAME} to {out}")
     if unfixed:
         hint = "" if report["fix"] else " (--fix re-encodes those whose pixels can be read)"
-        lines.append(f"{unfixed} bad files are left out of the manifests{hint}; "
+        files_are = "file is" if unfixed == 1 else "files are"
+        lines.append(f"{unfixed} bad {files_are} left out of the manifests{hint}; "
                      f"train on the good ones with `python -m rn50.train --manifest {out} ...`")
     return "\n".join(lines)
 

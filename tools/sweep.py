@@ -8,7 +8,13 @@ one after another. The LR values are BASE LRs (`--base-lr`: the LR at batch 256,
 scales its own to the peak LR = base LR x global batch / 256 (the linear scaling rule), and the table shows
 that resolved peak LR as the run saved it (recipe.json "peak_lr").
 
+- Before the first run, what would fail every run at start-up is checked once (`check_runs`): the flags
+  after `--` (rn50.train's parser), the dataset layout (folders listed, no image opened), each grid point's
+  recipe, the architectures, weight files and the device the loader needs. One `error:` line, exit 2.
 - A run that fails is recorded as failed, with the last line it wrote to stderr, and the sweep goes on.
+- A run's stderr is echoed, except rn50.train's "run the same command with --resume auto" advice after a
+  stop signal (the sweep refuses --resume after `--`; its own last line says how to continue) and torchrun's
+  traceback when it was signalled (its report of the signal, not a crash): each becomes one true line.
 - A finished run (summary.json present) is skipped, so running the same command again resumes the sweep;
   an unfinished one (metrics.jsonl but no summary.json) continues from its newest checkpoint.
 - Outputs: `SWEEP_DIR/sweep.md` and `sweep.json` (one row per run: base LR, batch, global batch, peak LR,
@@ -29,6 +35,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -95,24 +102,88 @@ def parse_grid(lrs: str, batch_sizes: str) -> list[GridPoint]:
     return [GridPoint(lr, bs) for bs in bs_values for lr in lr_values]
 
 
-def check_extra_flags(extra: list[str], data: Path, out: Path) -> None:
-    """Reject the flags the sweep sets, then let rn50.train's own parser judge the rest now: a typo would
-    otherwise fail every run of the grid, one start-up at a time."""
+def check_data(data: Path, manifest: Path | None) -> None:
+    """The dataset layout every run lists first, checked once by listing folders (no image is opened):
+    train/ with class folders that hold JPEGs, and val/ with class folders that training has and at least one
+    JPEG; with --manifest, its train.txt and val.txt instead of the images. The messages are rn50.train's."""
+    from pipelines.folder import IMAGE_SUFFIXES, class_names
+
+    def holds_an_image(folder: Path) -> bool:  # stops at the first one: cheap even for 1,300 files a class
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file() for e in entries)
+
+    classes = class_names(str(data))  # train/ and its class folders
+    val = data / "val"
+    if not val.is_dir():
+        raise UserError(f"{val} is missing; the data folder needs train/ and val/, each with one folder per class")
+    if manifest is not None:
+        for split in ("train", "val"):
+            if not (manifest / f"{split}.txt").is_file():
+                raise UserError(f"manifest {manifest / f'{split}.txt'} does not exist; write it with "
+                                f"`python -m tools.scan DATA --out {manifest}`")
+        return
+    empty = next((name for name in classes if not holds_an_image(data / "train" / name)), None)
+    if empty is not None:
+        raise UserError(f"class folder {data / 'train' / empty} holds no .JPEG files; add images or remove the folder")
+    val_classes = sorted(p for p in val.iterdir() if p.is_dir())
+    stranger = next((p for p in val_classes if p.name not in classes), None)
+    if stranger is not None:
+        raise UserError(f"{stranger} is a class that {data / 'train'} does not have; validation classes must be "
+                        "a subset of the training classes (rename or remove it)")
+    if not any(holds_an_image(p) for p in val_classes):
+        raise UserError(f"{val} holds no .JPEG files; put images in {val}/<class>/")
+
+
+def parse_run_flags(extra: list[str], data: Path, out: Path) -> argparse.Namespace:
+    """rn50.train's own parser on the flags after `--`, with the sweep's managed flags refused first."""
     for token in extra:
         flag = token.split("=", 1)[0]
         if flag in MANAGED_FLAGS:
             raise UserError(f"{flag} after -- is set by the sweep ({MANAGED_FLAGS[flag]}); remove it")
-    from rn50.recipe import recipe_from_args  # imports torch: only once the cheap checks have passed
-    from rn50.train import parse_args
+    from rn50.train import parse_args  # imports torch: only once the cheap checks have passed
 
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):  # argparse prints usage and exits; keep its one reason
-            args = parse_args(["--data", str(data), "--out", str(out), *extra])
-    except SystemExit:
+        with contextlib.redirect_stderr(captured):  # an argparse error prints usage and exits; keep its reason
+            return parse_args(["--data", str(data), "--out", str(out), *extra])
+    except UserError as err:  # an unknown flag, or (newer parsers) a value of the wrong type
+        raise UserError(f"bad rn50.train flag after --: {err}") from None
+    except SystemExit as stop:
+        if stop.code in (0, None):  # `-- --help`: rn50.train's help is printed; nothing more to do
+            raise
         reason = captured.getvalue().strip().splitlines()[-1:] or ["invalid flags"]
         raise UserError(f"bad rn50.train flag after --: {reason[0].split('error: ', 1)[-1]}") from None
-    recipe_from_args(args)  # a preset name or a field value that rn50.train would refuse
+
+
+def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -> None:
+    """Everything that would make every run of the grid fail at start-up, checked once before the first:
+    the flags after `--`, the dataset layout, each grid point's recipe, the architectures, weight files and
+    the device the loader needs. A typo would otherwise fail every run, one start-up at a time."""
+    args = parse_run_flags(extra, data, out / grid[0].name)
+    check_data(data, args.manifest)
+    from rn50.device import choose_device
+    from rn50.model import ARCHS
+    from rn50.recipe import resolve
+
+    resolved = resolve(args)  # a preset name or a field value that rn50.train would refuse, for every point
+    for point in grid:  # the grid's values applied as each run applies them (--base-lr, --batch-size)
+        try:
+            resolve(argparse.Namespace(**{**vars(args), "base_lr": point.base_lr, "batch_size": point.batch_size}))
+        except UserError as err:
+            raise UserError(f"grid point {point.label}: {err}") from None
+    recipe, machine = resolved.recipe, resolved.machine
+    archs = [recipe.model.arch] + ([recipe.distillation.teacher_arch] if recipe.distillation.teacher else [])
+    for arch in archs:
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    for flag, path in (("--finetune-from", recipe.model.finetune_from), ("--kd-teacher", recipe.distillation.teacher)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
+                            "state dict (.pth)")
+    device = choose_device(machine.device)  # GPUs that CUDA cannot use, or --device cuda without one
+    if machine.loader == "dali" and device.type != "cuda":
+        raise UserError("the dali loader decodes on the GPU but CUDA is not available to these runs; "
+                        "pass --loader dali-cpu (DALI's CPU operators) after --")
 
 
 # ---- one run ----
@@ -129,11 +200,59 @@ def train_command(point: GridPoint, data: Path, run_dir: Path, nproc: int, extra
 
 def error_line(lines, code: int) -> str:
     """The line that says why a run failed: its `error: ...` line when it printed one (torchrun ends with
-    a banner of its own), else the last line with words in it (a traceback's exception)."""
+    a banner of its own), else its `stopped by ...` line (torchrun, signalled, ends with a traceback), else
+    the last line with words in it (a traceback's exception)."""
     reason = next((l for l in reversed(lines) if l.startswith("error: ")), None) \
+        or next((l for l in reversed(lines) if l.startswith("stopped by ")), None) \
         or next((l for l in reversed(lines) if re.search(r"[A-Za-z0-9]", l)), None)
     exit_text = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     return f"{exit_text}: {reason.strip()}" if reason else exit_text
+
+
+# rn50.train's advice after a stop signal: true for a run of one's own, not for a run of the sweep, which
+# refuses --resume after `--` and resumes its unfinished runs itself
+STOP_HINT = re.compile(r"^stopped by (?P<signal>\S+):.*--resume auto")
+TRACEBACK_START = "Traceback (most recent call last):"
+
+
+class StderrRelay:
+    """What the sweep echoes of a run's stderr, line by line (`feed` returns the lines to write):
+    - rn50.train's last line, `stopped by SIGNAL: checkpoint saved to PATH; exit code 75. Run the same command
+      with --resume auto to continue` (any `stopped by SIGNAL:` line that advises `--resume auto`), becomes
+      `stopped by SIGNAL: the run saved a checkpoint; the sweep continues it when run again`;
+    - torchrun's own traceback when it was signalled (it ends in `SignalException: ... got signal: N`) becomes
+      one line saying so: it reports the signal, it is no crash.
+    Every other line passes unchanged. A traceback is held until its exception line, then written whole
+    (any other exception) or summarised (torchrun's SignalException)."""
+
+    def __init__(self):
+        self.held: list[str] = []
+
+    def feed(self, line: str) -> list[str]:
+        text = line.rstrip("\n")
+        if self.held:
+            self.held.append(line)
+            if not text or text[0].isspace():  # a frame of the traceback
+                return []
+            held, self.held = self.held, []  # the exception line ends the traceback
+            if "SignalException" in text:
+                number = re.search(r"got signal: (\S+)", text)
+                return [f"torchrun: stopped by signal {number.group(1) if number else '?'} (the traceback it prints "
+                        "then is its report of the signal, not a crash; left out here)\n"]
+            return held
+        if text == TRACEBACK_START:
+            self.held = [line]
+            return []
+        hint = STOP_HINT.match(text)
+        if hint:
+            return [f"stopped by {hint['signal']}: the run saved a checkpoint; the sweep continues it when run "
+                    "again\n"]
+        return [line]
+
+    def close(self) -> list[str]:
+        """What is still held at the end of the stream (a traceback cut short)."""
+        held, self.held = self.held, []
+        return held
 
 
 class Forwarder:
@@ -161,16 +280,25 @@ class Forwarder:
 
 def run_one(command: list[str], forwarder: Forwarder) -> tuple[int, str | None]:
     """Run one training command to its end. Its stdout goes straight to ours; its stderr is echoed line by
-    line and its tail kept, to name the cause if it fails. Returns (exit code, error line or None)."""
+    line through StderrRelay and the echoed tail kept, to name the cause if it fails. Returns (exit code,
+    error line or None)."""
     tail: collections.deque[str] = collections.deque(maxlen=200)
+    relay = StderrRelay()
+
+    def echo(lines: list[str]) -> None:
+        for text in lines:
+            sys.stderr.write(text)
+            tail.append(text.rstrip("\n"))
+        sys.stderr.flush()
+
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1) as proc:
         forwarder.proc = proc
         try:
             for line in proc.stderr:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-                tail.append(line.rstrip("\n"))
+                echo(relay.feed(line))
+            echo(relay.close())
         except KeyboardInterrupt:
+            echo(relay.close())
             proc.wait()  # Ctrl-C reached the run too: let it finish dying before we report
             raise
         finally:
@@ -387,8 +515,11 @@ def run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         raise UserError(f"--data {args.data} is not a folder; pass the dataset folder with train/ and val/")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; pass a folder for the sweep")
-    check_extra_flags(extra, args.data, args.out / grid[0].name)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_runs(grid, extra, args.data, args.out)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the sweep folder {args.out} ({exc.strerror}); pass a writable --out") from None
 
     rows, stop_code = [], 0
     forwarder = Forwarder()
