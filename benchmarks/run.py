@@ -29,6 +29,7 @@ from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
 from rn50.telemetry import Telemetry
 from benchmarks.verdict import verdict
+from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.loaders import build_split
@@ -155,7 +156,7 @@ class Bench:
         return windows, telemetry
 
     def train_windows(self, loader, env: DistEnv | None = None):
-        parts = build_training(self.recipe, loader.num_classes, env or self.env)
+        parts = build_training(self.recipe, loader.num_classes, env or self.env, self.machine)
         return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
 
     def measure(self, mode: str, loader_name: str) -> dict:
@@ -308,6 +309,7 @@ def run(args, argv) -> dict:
     resolved = resolve(args)
     recipe, machine = resolved.recipe, resolved.machine
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
+    check_cuda_only_settings(recipe, machine, env.device)
     if env.device.type != "cuda" and "dali" in plan.loaders:
         raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
     # every input is checked before the first measurement, which may take many minutes

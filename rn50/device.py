@@ -127,3 +127,16 @@ def choose_device(request: str = "auto", local_rank: int = 0, probe: CudaProbe |
         raise UserError("--device cuda, but this machine has no NVIDIA GPU that torch can see; "
                         "drop --device (auto) or pass --device cpu")
     return torch.device("cpu")
+
+
+def check_cuda_only_settings(recipe, machine, device: torch.device) -> None:
+    """Settings that only exist on CUDA GPUs, refused at start-up on any other device (before the data is
+    listed or a model built) with the flag to drop."""
+    if device.type == "cuda":
+        return
+    if recipe.model.sync_bn:
+        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
+                        "drop --sync-bn on this machine")
+    if machine.cuda_graphs:
+        raise UserError("--cuda-graphs needs a CUDA GPU (it captures the step's GPU kernels and replays them); "
+                        "drop --cuda-graphs on this machine")

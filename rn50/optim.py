@@ -32,12 +32,14 @@ def parameter_groups(model: nn.Module, weight_decay: float, head: nn.Module | No
     return [groups[key] for key in order if key in groups]
 
 
-def build_optimizer(model: nn.Module, optimisation: Optimisation, head: nn.Module | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optimisation: Optimisation, head: nn.Module | None = None,
+                    fused: bool = True) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (the recipe's), AdamW (torch) or LAMB (timm's, a well-kept
-    implementation). The LR is set every step by rn50.schedule; fused kernels where CUDA has them."""
+    implementation). The LR is set every step by rn50.schedule; fused kernels where CUDA has them
+    (`fused`: the machine's fused_optimizer; the CPU runs the for-each kernels either way)."""
     opt = optimisation
     groups = parameter_groups(model, opt.weight_decay, head)
-    fused = next(model.parameters()).is_cuda or None
+    fused = (fused and next(model.parameters()).is_cuda) or None
     if opt.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, fused=fused)
     if opt.optimizer == "lamb":

@@ -30,6 +30,7 @@ from rn50.errors import UserError
 PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = KINDS
 DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,15 @@ class Machine:
     prefetch: int = opt(2, "DALI prefetch queue depth")
     workers: int = opt(8, "torchvision loader processes per GPU")
     log_every: int = opt(50, "steps between host syncs for logging")
+    # speed levers (docs/benchmarks.md#speed-levers): how a step runs, not what it computes
+    compile: bool = opt(False, "torch.compile the model (compile time is reported apart, never counted in img/s)")
+    compile_mode: str = opt("default", "torch.compile mode: default | max-autotune | reduce-overhead")
+    cuda_graphs: bool = opt(False, "capture the whole training step in a CUDA graph and replay it (CUDA only)")
+    fused_optimizer: bool = opt(True, "the optimizer's fused CUDA kernel (one launch for all parameters; CUDA only)")
+    cudnn_benchmark: bool = opt(True, "let cuDNN time its kernels once per shape and keep the fastest")
+    ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB (all-reduce granularity)")
+    ddp_bucket_view: bool = opt(True, "DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
+    ddp_fp16_compress: bool = opt(False, "all-reduce gradients in fp16 (halves the traffic; for PCIe machines)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,6 +181,10 @@ class Machine:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if self.ddp_bucket_mb < 1:
+            raise UserError(f"ddp_bucket_mb must be at least 1, got {self.ddp_bucket_mb}")
         return self
 
 

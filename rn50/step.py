@@ -7,16 +7,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects
-from rn50.errors import UserError
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.model import build_model, load_weights
 from rn50.optim import build_optimizer
 from rn50.precision import autocast_dtype
-from rn50.recipe import Distillation, Recipe
+from rn50.recipe import Distillation, Machine, Recipe
 
 
 @dataclass
@@ -47,14 +48,15 @@ def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_
     return teacher.to(env.device, memory_format=memory_format)
 
 
-def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingParts:
+def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Machine | None = None) -> TrainingParts:
+    """The model, optimizer, scaler and loss of the recipe, run the way `machine` says (its speed levers)."""
+    machine = machine or Machine()
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # training shapes are fixed (DROP): pick the fastest kernels once
+        # training shapes are fixed (the loaders drop the last partial batch): time the kernels once per shape
+        torch.backends.cudnn.benchmark = machine.cudnn_benchmark
     spec, reg, kd = recipe.model, recipe.regularisation, recipe.distillation
-    if spec.sync_bn and env.device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
-                        "drop --sync-bn on this machine")
+    check_cuda_only_settings(recipe, machine, env.device)  # callers check at start-up; direct callers too
     model = build_model(spec.arch, num_classes, spec.zero_init_residual)
     notes = []
     if spec.finetune_from:
@@ -70,12 +72,16 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv) -> TrainingPa
         if reg.ema_decay > 0 else None
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        model = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=machine.ddp_bucket_mb,
+                                        gradient_as_bucket_view=machine.ddp_bucket_view)
+        if machine.ddp_fp16_compress:  # gradients travel in fp16 and are cast back: half the all-reduce bytes
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
     return TrainingParts(
-        model, build_optimizer(model, recipe.optimisation, head), scaler, criterion, amp_dtype,
+        model, build_optimizer(model, recipe.optimisation, head, fused=machine.fused_optimizer), scaler, criterion,
+        amp_dtype,
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
         teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
         kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,

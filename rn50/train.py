@@ -21,6 +21,7 @@ import torch
 
 from rn50.checkpoint import (CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint,
                              remove_stale_temporaries, restore_training, training_state)
+from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
@@ -439,6 +440,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     resolved = resolve(args, saved)
     recipe, machine = resolved.recipe, resolved.machine
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
+    check_cuda_only_settings(recipe, machine, env.device)
     if checkpoint and finished(checkpoint, saved, recipe, args.out):
         stop = checkpoint["history"][-1].get("stop") if checkpoint["history"] else None
         say(f"{args.out} holds a finished run ({checkpoint_path.name}: {checkpoint['epoch']} of "
@@ -454,7 +456,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
-    parts = build_training(recipe, train_loader.num_classes, env)
+    parts = build_training(recipe, train_loader.num_classes, env, machine)
     notes += parts.notes
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:

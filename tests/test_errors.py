@@ -82,6 +82,8 @@ CASES = {
     "unknown flag": (lambda d, t, m: ["--data", str(d), "--epoch", "3"], "unknown argument", "did you mean"),
     "sync-bn without cuda": (lambda d, t, m: ["--data", str(d), "--sync-bn", "--device", "cpu"], "needs CUDA GPUs",
                              "drop --sync-bn"),
+    "cuda graphs without cuda": (lambda d, t, m: ["--data", str(d), "--cuda-graphs", "--device", "cpu"],
+                                 "needs a CUDA GPU", "drop --cuda-graphs"),
     # argparse's own mistakes: one line too, not its usage dump
     "flag of the wrong type": (lambda d, t, m: ["--data", str(d), "--epochs", "two"], "--epochs",
                                "takes a whole number, got 'two'"),
