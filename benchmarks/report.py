@@ -88,6 +88,8 @@ def markdown(report: dict) -> str:
         if report["autotune"]["preset"]:
             lines.append(f"- saved as `{report['autotune']['preset']}` (use with `--preset`)")
         lines.append("")
+    if report.get("levers"):
+        lines += levers_table(report["levers"])
     telemetry = [(r["mode"], r["loader"], r["telemetry"]) for r in report["results"]]
     lines += ["## GPU telemetry (NVML, rank 0)", ""]
     if any(t["available"] for _, _, t in telemetry):
@@ -105,6 +107,30 @@ def markdown(report: dict) -> str:
     lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
               f"{config['dataset']['classes']} classes)", ""]
     return "\n".join(lines)
+
+
+def levers_table(levers: dict) -> list[str]:
+    """One row per lever: measured on or off against the baseline, or why it was not measured here."""
+    ranked = "end to end" if levers["ranked_by"] == "end_to_end" else "synthetic"
+    lines = ["## Speed levers", "",
+             f"Each lever against the baseline (x baseline: {ranked} img/s"
+             + (f", loader {levers['loader']}" if levers.get("loader") else "") + "). A lever already on in the "
+             "baseline is measured switched off, so its row shows what it is worth.", "",
+             "| lever | measured | synthetic img/s | end-to-end img/s | x baseline | % of synthetic | MFU | "
+             "peak memory GiB | why it is faster |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in levers["rows"]:
+        if not row["measured"]:
+            lines.append(f"| {row['lever']} | not measured: {row['reason']} | | | | | | | {row['why']} |")
+            continue
+        synthetic, e2e = row.get("synthetic") or {}, row.get("end_to_end") or {}
+        best = e2e or synthetic
+        lines.append(f"| {row['lever']} | {row['state']} | {_num(synthetic.get('img_per_s'))} | "
+                     f"{_num(e2e.get('img_per_s'))} | {_num(row.get('ratio_to_baseline'), '{:.2f}x')} | "
+                     f"{_pct(e2e.get('of_synthetic'))} | {_pct(best.get('mfu'))} | "
+                     f"{_num(best.get('memory_peak_gib'), '{:.2f}')} | {row['why']} |")
+    if levers.get("preset"):
+        lines += ["", f"Best combination saved as `{levers['preset']}` (use with `--preset`)."]
+    return lines + [""]
 
 
 def plot_throughput(report: dict, path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import autotune as autotuning
+from benchmarks import levers as levers_mod
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
 from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
@@ -35,6 +36,7 @@ from rn50.errors import UserError
 from rn50.loaders import build_split
 from rn50.provenance import environment
 from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
+from rn50.schedule import set_lr
 from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
@@ -48,6 +50,7 @@ class Plan:
     warmup_steps: int
     steps: int
     repeats: int
+    levers: tuple = ()  # benchmarks.levers.Lever, measured after the main table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autotune", action="store_true",
                         help="sweep DALI threads, hw_decoder_load and prefetch in loader mode; save the best "
                              "(default off)")
+    parser.add_argument("--levers", default=None, metavar="LEVER[,LEVER...]",
+                        help="measure the baseline, each speed lever and the best combination (saved as "
+                             f"OUT/levers.toml): {levers_mod.NAMES_HELP} (default none; docs/benchmarks.md#speed-levers)")
     parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
                         help="finished rn50.train run folders whose time-to-accuracy (--target-top1) the report "
                              "lists (default none)")
@@ -108,7 +114,10 @@ def make_plan(args) -> Plan:
                             "(synthetic data is the 'synthetic' mode)")
     if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
         raise UserError("a timed window needs --steps >= 2 after --warmup-steps >= 1, and --repeats >= 1")
-    return Plan(modes, loaders, args.warmup_steps, args.steps, args.repeats)
+    levers = levers_mod.parse_levers(args.levers) if args.levers is not None else ()
+    if levers and not {"synthetic", "train"} & set(modes):
+        raise UserError("--levers measures training steps: include synthetic or train in --modes")
+    return Plan(modes, loaders, args.warmup_steps, args.steps, args.repeats, tuple(levers))
 
 
 def endless(loader):
@@ -126,6 +135,10 @@ class Bench:
         self.machine = machine or Machine()
         self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+
+    def with_settings(self, recipe: Recipe, machine: Machine) -> "Bench":
+        """The same data, device and plan with another recipe or machine settings (a speed lever)."""
+        return Bench(recipe, self.data, self.env, self.plan, machine)
 
     def loader(self, kind: str, **overrides):
         return build_split(self.recipe, self.machine, kind, "train", self.data, self.env, **overrides)
@@ -156,16 +169,25 @@ class Bench:
         return windows, telemetry
 
     def train_windows(self, loader, env: DistEnv | None = None):
-        parts = build_training(self.recipe, loader.num_classes, env or self.env, self.machine)
+        env = env or self.env
+        parts = build_training(self.recipe, loader.num_classes, env, self.machine)
+        # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
+        # larger batch, when a lever asks for one)
+        set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))
         return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
 
     def measure(self, mode: str, loader_name: str) -> dict:
         loader = self.loader(loader_name)  # loader_name is "synthetic" in synthetic mode
+        cuda = self.env.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.env.device)
         if mode == "loader":
             windows, telemetry = self.windows(loader, None)
         else:
             windows, telemetry = self.train_windows(loader)
-        return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode}
+        memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
+        return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
+                "memory_peak_gib": memory}
 
     def single_gpu_ceiling(self) -> float | None:
         """Synthetic img/s of rank 0 alone (no DDP), for the scaling efficiency of a multi-GPU run."""
@@ -350,6 +372,7 @@ def run(args, argv) -> dict:
         **derive(results, plan, env, flops, env.device.type),
         "scaling": None,
         "autotune": None,
+        "levers": None,
         "time_to_accuracy": accuracy_rows,
     }
     if env.distributed and "synthetic" in plan.modes:
@@ -360,6 +383,17 @@ def run(args, argv) -> dict:
                                  "world_size": env.world_size, "efficiency": aggregate / (env.world_size * single)}
     if args.autotune:
         report["autotune"] = autotuning.sweep(bench, plan, args.out if env.is_main else None)
+    if plan.levers:
+        def mfu_of(lever_recipe):
+            per_image = flops_per_image(lever_recipe.model.arch, lever_recipe.augmentation.image_size,
+                                        probe.num_classes)
+            return lambda img_per_s_per_gpu: mfu(img_per_s_per_gpu, per_image, flops["peak_tflops"])
+
+        report["levers"] = levers_mod.measure_levers(bench, list(plan.levers), plan.modes,
+                                                     plan.loaders[0] if plan.loaders else None, mfu_of, results)
+        if env.is_main and report["levers"]["best_fields"]:
+            report["levers"]["preset"] = str(args.out / "levers.toml")
+            levers_mod.write_preset(report["levers"]["best_fields"], args.out / "levers.toml")
     if env.is_main:
         write_reports(report, args.out)
         for pair, modes in report["ratios"].items():

@@ -442,6 +442,10 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
     check_cuda_only_settings(recipe, machine, env.device)
     if checkpoint and finished(checkpoint, saved, recipe, args.out):
+        # the run's own files stay as they are; a killed checkpoint write's temporary file is no part of them
+        if env.is_main:
+            for stale in remove_stale_temporaries(args.out):
+                say(f"removed {stale.name}, left by a checkpoint write that never finished")
         stop = checkpoint["history"][-1].get("stop") if checkpoint["history"] else None
         say(f"{args.out} holds a finished run ({checkpoint_path.name}: {checkpoint['epoch']} of "
             f"{saved.schedule.epochs} epochs{f'; stopped early: {stop}' if stop else ''}): nothing to do, its "

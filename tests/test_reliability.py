@@ -113,10 +113,13 @@ def test_resume_auto_on_a_finished_run_says_so_and_leaves_it_alone(data_dir, tmp
     args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "1", *SMALL]
     assert run_cli(args).returncode == 0
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    stale = out / ".checkpoint_0001_step00000099.pt.abc123.tmp"  # a killed checkpoint write: no part of the run
+    stale.write_bytes(b"partial")
     again = run_cli([*args, "--resume", "auto"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "holds a finished run" in again.stdout and "resumed at" not in again.stdout, again.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
+    assert not stale.exists()
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):

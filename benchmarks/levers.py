@@ -1,0 +1,207 @@
+"""--levers: every speed lever measured on the same data in one run, in the manner of airbench.
+
+Each lever is one named change to the recipe or the machine settings, with one line on why it is faster.
+The baseline is the configuration the harness was given (the recipe's defaults unless flags change them):
+a lever that is off there is measured switched on; one that is on already (fused SGD, cuDNN autotuning,
+channels-last, gradients as bucket views) is measured switched off, so its row says what it is worth. Every
+lever is measured on synthetic data (the GPU ceiling) and end to end (the first loader of --loaders), as the
+harness's modes say; then the best combination, written as a preset (`OUT/levers.toml`).
+
+A lever that cannot run here (CUDA-only on a CPU machine, multi-GPU ones in one process) is listed as not
+measured, with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from rn50.errors import UserError
+from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, apply, get
+
+# one line each: what the lever changes and why it is faster
+GAIN_THRESHOLD = 1.02  # a lever joins the best combination when it is at least 2% faster than the baseline
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    why: str
+    on: dict  # flat recipe/machine fields that switch it on
+    off: dict  # and off (the baseline's value when it is on there)
+    needs: str = ""  # "cuda" or "ranks": where it can be measured at all
+
+
+def _levers() -> dict[str, Lever]:
+    levers = [
+        Lever("compile", "torch.compile fuses the elementwise tails of conv/BN/ReLU into few kernels and cuts "
+                         "launches; compile time is reported apart", {"compile": True}, {"compile": False}),
+        Lever("compile-max-autotune", "torch.compile that also times candidate kernels (GEMM/conv templates) "
+                                      "and keeps the fastest; minutes of compile time",
+              {"compile": True, "compile_mode": "max-autotune"}, {"compile": False}, "cuda"),
+        Lever("cuda-graphs", "the whole step captured once and replayed: no per-kernel launch cost on the host, "
+                             "the GPU never waits for Python", {"cuda_graphs": True}, {"cuda_graphs": False}, "cuda"),
+        Lever("bf16", "bf16 autocast instead of fp16: same tensor-core speed, no loss scaling (no GradScaler "
+                      "syncs or skipped steps)", {"amp_dtype": "bfloat16"}, {"amp_dtype": "float16"}, "cuda"),
+        Lever("fused-sgd", "one fused optimizer kernel for all parameters instead of one launch per tensor "
+                           "group", {"fused_optimizer": True}, {"fused_optimizer": False}, "cuda"),
+        Lever("cudnn-benchmark", "cuDNN times its algorithms once per shape and keeps the fastest (shapes are "
+                                 "static)", {"cudnn_benchmark": True}, {"cudnn_benchmark": False}, "cuda"),
+        Lever("channels-last", "NHWC tensors: tensor-core convolutions without layout transposes",
+              {"channels_last": True}, {"channels_last": False}),
+        Lever("bucket-view", "DDP gradients live in the all-reduce buckets: no copy in or out",
+              {"ddp_bucket_view": True}, {"ddp_bucket_view": False}, "ranks"),
+        Lever("fp16-compress", "gradients all-reduced in fp16: half the bytes, for PCIe machines without NVLink "
+                               "(4x RTX 3090), where the all-reduce can cost more than the convolutions",
+              {"ddp_fp16_compress": True}, {"ddp_fp16_compress": False}, "ranks"),
+    ]
+    return {lever.name: lever for lever in levers}
+
+
+LEVERS = _levers()
+_SIZED = {  # levers with a number in the name: batch512, bucket100mb
+    re.compile(r"batch(\d+)"): lambda n: Lever(
+        f"batch{n}", f"{n} images per GPU (peak LR scaled with the global batch): fewer, fuller steps",
+        {"batch_size": n}, {}),
+    re.compile(r"bucket(\d+)mb"): lambda n: Lever(
+        f"bucket{n}mb", f"DDP buckets of {n} MiB: fewer, larger all-reduces (default 25)",
+        {"ddp_bucket_mb": n}, {}, "ranks"),
+}
+NAMES_HELP = ", ".join(LEVERS) + ", batchN (e.g. batch512), bucketNmb (e.g. bucket100mb), or all"
+
+
+def parse_levers(text: str) -> list[Lever]:
+    """`compile,cuda-graphs,batch512` or `all` (every named lever and batch size twice the baseline's)."""
+    chosen = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name:
+            continue
+        if name == "all":
+            chosen += [lever for lever in LEVERS.values() if lever not in chosen]
+            continue
+        lever = LEVERS.get(name)
+        for pattern, make in _SIZED.items():
+            match = pattern.fullmatch(name)
+            if match and int(match[1]) >= 1:
+                lever = make(int(match[1]))
+        if lever is None:
+            raise UserError(f"unknown lever {name!r}; choose from {NAMES_HELP}")
+        if lever not in chosen:
+            chosen.append(lever)
+    if not chosen:
+        raise UserError(f"--levers is empty; name some of {NAMES_HELP}")
+    return chosen
+
+
+def _current(recipe, machine, flat: str):
+    return getattr(machine, MACHINE_FIELDS[flat].name) if flat in MACHINE_FIELDS else get(recipe, flat)
+
+
+def variant(lever: Lever, recipe, machine) -> tuple[str, dict]:
+    """What the lever's row measures against the baseline: ("on", fields) when the baseline has it off,
+    ("off", fields) when the baseline has it on already."""
+    if all(_current(recipe, machine, flat) == value for flat, value in lever.on.items()) and lever.off:
+        return "off", lever.off
+    return "on", lever.on
+
+
+def why_not_here(lever: Lever, device: torch.device, world_size: int) -> str | None:
+    if lever.needs == "cuda" and device.type != "cuda":
+        return "needs a CUDA GPU"
+    if lever.needs == "ranks" and world_size < 2:
+        return "needs several processes (DDP all-reduce): run the harness under torchrun"
+    return None
+
+
+def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: str | None, flops,
+                   measured: list[dict] = ()) -> dict:
+    """The baseline, each lever and the best combination: synthetic (the ceiling) and end to end through
+    `loader` as `modes` ask. `bench` is a benchmarks.run.Bench; `flops(recipe)` gives the function from
+    img/s per GPU to MFU; `measured`: the harness's own results, which are the baseline's already."""
+    done = {(r["mode"], r["loader"]): r for r in measured}
+    env, recipe, machine = bench.env, bench.recipe, bench.machine
+    kinds = [("synthetic", "synthetic")] if "synthetic" in modes else []
+    kinds += [("train", loader)] if loader and "train" in modes else []
+    if not kinds:
+        raise UserError("--levers measures training steps: include synthetic or train in --modes")
+    say = print if env.is_main else (lambda *a, **k: None)
+
+    def row_for(name: str, why: str, state: str, fields: dict) -> dict:
+        reuse = done if not fields else {}
+        try:
+            lever_recipe, lever_machine = apply(recipe, machine, fields)
+            lever_recipe, lever_machine = lever_recipe.validate(), lever_machine.validate()
+        except UserError as err:
+            return {"lever": name, "why": why, "state": state, "fields": fields, "measured": False,
+                    "reason": str(err)}
+        variant_bench = bench.with_settings(lever_recipe, lever_machine)
+        row = {"lever": name, "why": why, "state": state, "fields": fields, "measured": True, "reason": None,
+               "batch_size": lever_recipe.optimisation.batch_size}
+        per_image = flops(lever_recipe)
+        for _, kind in kinds:
+            try:
+                result = reuse.get(("train", kind)) or reuse.get((kind, kind)) or variant_bench.measure("train", kind)
+            except UserError as err:  # e.g. a batch larger than the data: this lever only
+                return {**row, "measured": False, "reason": str(err)}
+            key = "synthetic" if kind == "synthetic" else "end_to_end"
+            row[key] = {"img_per_s": result["img_per_s"], "img_per_s_per_gpu": result["img_per_s_per_gpu"],
+                        "mfu": per_image(result["img_per_s_per_gpu"]),
+                        "memory_peak_gib": result.get("memory_peak_gib"), "compile_s": result.get("compile_s")}
+            say(f"  lever {name:22s} {state:3s} {key:10s} {result['img_per_s']:10.1f} img/s", flush=True)
+        if "synthetic" in row and "end_to_end" in row:
+            row["end_to_end"]["of_synthetic"] = row["end_to_end"]["img_per_s"] / row["synthetic"]["img_per_s"]
+        return row
+
+    baseline = row_for("baseline", "the configuration given (eager unless flags say otherwise)", "-", {})
+    if not baseline["measured"]:
+        raise UserError(f"the baseline could not be measured: {baseline['reason']}")
+    rows = [baseline]
+    for lever in levers:
+        state, fields = variant(lever, recipe, machine)
+        reason = why_not_here(lever, env.device, env.world_size)
+        if reason:
+            rows.append({"lever": lever.name, "why": lever.why, "state": state, "fields": fields,
+                         "measured": False, "reason": reason})
+            continue
+        rows.append(row_for(lever.name, lever.why, state, fields))
+    key = "end_to_end" if any(kind != "synthetic" for _, kind in kinds) else "synthetic"
+
+    def ratio(row: dict) -> dict:
+        if row["measured"]:
+            row["ratio_to_baseline"] = row[key]["img_per_s"] / baseline[key]["img_per_s"]
+        return row
+
+    rows = [ratio(row) for row in rows]
+    best_fields = best_combination(rows)
+    if best_fields:
+        rows.append(ratio(row_for("best combination", "every lever that beat the baseline by 2% or more, "
+                                  "together", "on", best_fields)))
+    return {"ranked_by": key, "loader": loader if key == "end_to_end" else None, "rows": rows,
+            "best_fields": best_fields, "preset": None}
+
+
+def best_combination(rows: list[dict]) -> dict:
+    """The fields of every measured lever whose state beat the baseline by GAIN_THRESHOLD. A lever measured
+    "off" that beat the baseline means the machine is faster without it: its off setting joins."""
+    fields = {}
+    # slowest first: where two levers set one field (batch256 and batch512), the faster one's value stays
+    for row in sorted(rows[1:], key=lambda r: r.get("ratio_to_baseline", 0)):
+        if row["measured"] and row.get("ratio_to_baseline", 0) >= GAIN_THRESHOLD:
+            fields.update(row["fields"])
+    return fields
+
+
+def write_preset(fields: dict, path) -> None:
+    """The best combination as a preset (`--preset OUT/levers.toml`), recipe fields and machine settings in
+    their own tables so that rn50.train and the harness read it."""
+    recipe_lines, machine_lines = [], []
+    for flat, value in fields.items():
+        text = str(value).lower() if isinstance(value, bool) else (f'"{value}"' if isinstance(value, str) else value)
+        (recipe_lines if flat in RECIPE_FIELDS else machine_lines).append(f"{flat} = {text}")
+    lines = ["# Written by `python -m benchmarks.run --levers`: the levers that beat the baseline, together.",
+             "# Use it with: python -m rn50.train --preset THIS_FILE ...", *recipe_lines]
+    if machine_lines:
+        lines += ["", "[machine]", *machine_lines]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,123 @@
+"""The harness's --levers table: naming and parsing the levers, which state each row measures, what can run
+where, the best combination and its preset, and a real (tiny) run on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.levers import LEVERS, best_combination, parse_levers, variant, why_not_here, write_preset
+from benchmarks.run import Bench, main
+from rn50.errors import UserError
+from rn50.recipe import Machine, Recipe, load_presets
+
+
+def test_parse_levers_names_sizes_and_all():
+    assert [lever.name for lever in parse_levers("compile,batch512,bucket100mb")] == ["compile", "batch512",
+                                                                                      "bucket100mb"]
+    (batch,) = parse_levers("batch512")
+    assert batch.on == {"batch_size": 512}
+    assert [lever.name for lever in parse_levers("all")] == list(LEVERS)
+    assert [lever.name for lever in parse_levers("compile,compile")] == ["compile"]
+    with pytest.raises(UserError, match="unknown lever 'warp-speed'.*batchN"):
+        parse_levers("compile,warp-speed")
+    with pytest.raises(UserError, match="is empty"):
+        parse_levers(",")
+
+
+def test_a_lever_on_in_the_baseline_is_measured_switched_off():
+    recipe, machine = Recipe(), Machine()  # channels-last and fused SGD on, compile off
+    assert variant(LEVERS["channels-last"], recipe, machine) == ("off", {"channels_last": False})
+    assert variant(LEVERS["fused-sgd"], recipe, machine) == ("off", {"fused_optimizer": False})
+    assert variant(LEVERS["compile"], recipe, machine) == ("on", {"compile": True})
+    assert variant(LEVERS["compile"], recipe, Machine(compile=True)) == ("off", {"compile": False})
+    (batch,) = parse_levers("batch512")
+    assert variant(batch, recipe, machine) == ("on", {"batch_size": 512})
+
+
+def test_levers_that_cannot_run_here_say_why():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert why_not_here(LEVERS["cuda-graphs"], cpu, 1) == "needs a CUDA GPU"
+    assert why_not_here(LEVERS["bf16"], cpu, 4) == "needs a CUDA GPU"
+    assert why_not_here(LEVERS["cuda-graphs"], gpu, 1) is None
+    assert "several processes" in why_not_here(LEVERS["fp16-compress"], gpu, 1)
+    assert why_not_here(LEVERS["fp16-compress"], gpu, 2) is None
+    assert why_not_here(LEVERS["channels-last"], cpu, 1) is None
+
+
+def row(name, ratio, fields, measured=True):
+    return {"lever": name, "measured": measured, "fields": fields, "ratio_to_baseline": ratio}
+
+
+def test_best_combination_takes_every_lever_that_beat_the_baseline():
+    rows = [row("baseline", 1.0, {}),
+            row("compile", 1.20, {"compile": True}),
+            row("channels-last", 0.70, {"channels_last": False}),  # off is slower: it stays on
+            row("cudnn-benchmark", 1.01, {"cudnn_benchmark": False}),  # within the noise: not taken
+            row("fused-sgd", 1.05, {"fused_optimizer": False}),  # faster without it here: off joins
+            row("batch512", 1.30, {"batch_size": 512}),
+            row("batch384", 1.10, {"batch_size": 384}),  # the faster batch size wins, whatever the order
+            {"lever": "cuda-graphs", "measured": False, "fields": {"cuda_graphs": True}, "reason": "needs a CUDA GPU"}]
+    assert best_combination(rows) == {"compile": True, "fused_optimizer": False, "batch_size": 512}
+    assert best_combination(rows[:1] + [row("compile", 0.9, {"compile": True})]) == {}
+
+
+def test_the_best_combination_preset_is_read_back_by_the_recipe(tmp_path):
+    path = tmp_path / "levers.toml"
+    write_preset({"compile": True, "compile_mode": "max-autotune", "batch_size": 512, "amp_dtype": "bfloat16",
+                  "channels_last": False}, path)
+    resolved = load_presets(str(path))
+    assert resolved.machine.compile and resolved.machine.compile_mode == "max-autotune"
+    assert resolved.recipe.optimisation.batch_size == 512 and resolved.recipe.precision.amp_dtype == "bfloat16"
+    assert resolved.recipe.precision.channels_last is False
+
+
+def test_harness_levers_table_from_a_real_run(data_dir, tmp_path):
+    out = tmp_path / "bench"
+    main(["--data", str(data_dir), "--out", str(out), "--modes", "synthetic,train", "--loaders", "dali-cpu",
+          "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--dali-threads", "1",
+          "--warmup-steps", "1", "--steps", "2", "--repeats", "1", "--levers", "channels-last,cuda-graphs,batch8"])
+    report = json.loads((out / "report.json").read_text())
+    levers = report["levers"]
+    rows = {r["lever"]: r for r in levers["rows"]}
+    assert list(rows)[:4] == ["baseline", "channels-last", "cuda-graphs", "batch8"]
+    assert rows["cuda-graphs"]["measured"] is False and rows["cuda-graphs"]["reason"] == "needs a CUDA GPU"
+    assert rows["channels-last"]["state"] == "off" and rows["batch8"]["batch_size"] == 8
+    baseline_e2e = next(r for r in report["results"] if (r["mode"], r["loader"]) == ("train", "dali-cpu"))
+    assert rows["baseline"]["end_to_end"]["img_per_s"] == baseline_e2e["img_per_s"]  # reused, not remeasured
+    assert rows["baseline"]["ratio_to_baseline"] == 1.0 and levers["ranked_by"] == "end_to_end"
+    for name in ("channels-last", "batch8"):
+        r = rows[name]
+        assert r["ratio_to_baseline"] == pytest.approx(r["end_to_end"]["img_per_s"] / baseline_e2e["img_per_s"])
+        assert r["end_to_end"]["of_synthetic"] == pytest.approx(r["end_to_end"]["img_per_s"]
+                                                                 / r["synthetic"]["img_per_s"])
+    if levers["best_fields"]:
+        assert levers["preset"] == str(out / "levers.toml") and (out / "levers.toml").is_file()
+        assert rows["best combination"]["fields"] == levers["best_fields"]
+    assert "## Speed levers" in (out / "report.md").read_text()
+
+
+def test_a_lever_measures_its_own_settings(data_dir, monkeypatch, tmp_path):
+    """Each row is measured with its own recipe and machine settings, not the baseline's."""
+    seen = []
+    original = Bench.measure
+
+    def spy(self, mode, loader_name):
+        seen.append((loader_name, self.recipe.optimisation.batch_size, self.recipe.precision.channels_last))
+        return original(self, mode, loader_name)
+
+    monkeypatch.setattr(Bench, "measure", spy)
+    main(["--data", str(data_dir), "--out", str(tmp_path / "b"), "--modes", "synthetic", "--loaders", "",
+          "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1", "--steps", "2",
+          "--repeats", "1", "--levers", "channels-last,batch8"])
+    assert seen[:3] == [("synthetic", 4, True), ("synthetic", 4, False), ("synthetic", 8, True)]
+
+
+def test_unknown_lever_is_one_line_before_any_measurement(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Bench, "measure", lambda *a, **k: pytest.fail("measured before checking --levers"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "b"), "--levers", "compile,turbo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "unknown lever 'turbo'" in err
