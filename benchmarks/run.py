@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -34,6 +35,8 @@ from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.loaders import build_split
+from rn50.profiling import (TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window,
+                            named_range)
 from rn50.provenance import environment
 from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
 from rn50.schedule import set_lr
@@ -79,13 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
                         help="finished rn50.train run folders whose time-to-accuracy (--target-top1) the report "
                              "lists (default none)")
+    add_profiling_flags(parser, "counted in each measurement from its first warm-up step; each measurement "
+                                "writes its own trace")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
 
 
 def machine_defaults(args, gpu: bool) -> None:
     """Fill what the user left open with defaults for the device the harness runs on."""
-    args.loaders = args.loaders or ",".join((["dali"] if gpu else []) + ["dali-cpu", "torchvision"])
+    if args.loaders is None:  # `--loaders ""` means none: a synthetic-only run
+        args.loaders = ",".join((["dali"] if gpu else []) + ["dali-cpu", "torchvision"])
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (20 if gpu else 3)
     args.steps = args.steps if args.steps is not None else (100 if gpu else 6)
     args.repeats = args.repeats if args.repeats is not None else (3 if gpu else 2)
@@ -135,6 +141,11 @@ class Bench:
         self.machine = machine or Machine()
         self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+        # --profile-steps: (window, tool, report folder), set by run(); measure() profiles each measurement's
+        # steps into its own trace (lever variants and the autotune sweep are not profiled)
+        self.profile: tuple | None = None
+        self.profiler = StepProfiler(None, Path(), env.rank, env.device)  # off outside measure()
+        self.traces: list[dict] = []
 
     def with_settings(self, recipe: Recipe, machine: Machine) -> "Bench":
         """The same data, device and plan with another recipe or machine settings (a speed lever)."""
@@ -147,13 +158,18 @@ class Bench:
         """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
         timer = StepTimer(self.env.device)
         batches, steps = endless(loader), self.plan.steps
+        counted = itertools.count(1)  # the measurement's steps, warm-up included: --profile-steps counts them
 
         def step():
-            images, labels = next(batches)  # the input wait happens here, between the marks
+            n = next(counted)
+            self.profiler.begin(n)
+            with named_range("input wait"):
+                images, labels = next(batches)  # the input wait happens here, between the marks
             timer.before()
             if work is not None:
                 work(images, labels)
             timer.after()
+            self.profiler.end(n)
 
         for _ in range(self.plan.warmup_steps):
             step()
@@ -170,7 +186,7 @@ class Bench:
 
     def train_windows(self, loader, env: DistEnv | None = None):
         env = env or self.env
-        parts = build_training(self.recipe, loader.num_classes, env, self.machine)
+        parts = build_training(self.recipe, loader.num_classes, env, self.machine, profiling=self.profile is not None)
         # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
         # larger batch, when a lever asks for one)
         set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))
@@ -181,10 +197,22 @@ class Bench:
         cuda = self.env.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.env.device)
-        if mode == "loader":
-            windows, telemetry = self.windows(loader, None)
-        else:
-            windows, telemetry = self.train_windows(loader)
+        if self.profile:
+            window, tool, out = self.profile
+            name = mode if mode == loader_name else f"{mode}-{loader_name}"
+            self.profiler = StepProfiler(window, out / TRACE_DIR / name, self.env.rank, self.env.device, tool,
+                                         print if self.env.is_main else (lambda *a, **k: None))
+        try:
+            if mode == "loader":
+                windows, telemetry = self.windows(loader, None)
+            else:
+                windows, telemetry = self.train_windows(loader)
+        finally:
+            if self.profile and self.profiler.close():  # each rank wrote its own rank<R> file beside rank 0's
+                self.traces += [{"mode": mode, "loader": loader_name, "rank": rank,
+                                 "path": f"{TRACE_DIR}/{name}/rank{rank}.pt.trace.json"}  # relative to --out
+                                for rank in range(self.env.world_size)]
+            self.profiler = StepProfiler(None, Path(), self.env.rank, self.env.device)
         memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
         return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
                 "memory_peak_gib": memory}
@@ -332,12 +360,18 @@ def run(args, argv) -> dict:
     recipe, machine = resolved.recipe, resolved.machine
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     check_cuda_only_settings(recipe, machine, env.device)
+    check_flags(args.profile_steps, args.profiler, env.device)
+    measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
+    check_window(args.profile_steps, measurement_steps, f"each measurement ({plan.warmup_steps} warm-up steps + "
+                 f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
     if env.device.type != "cuda" and "dali" in plan.loaders:
         raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
     # every input is checked before the first measurement, which may take many minutes
     accuracy_rows = time_to_accuracy(args.training_runs)
     prepare_out(args.out)
     bench = Bench(recipe, args.data, env, plan, machine)
+    if args.profile_steps:
+        bench.profile = (args.profile_steps, args.profiler, args.out)
     probe = bench.loader("synthetic")  # validates the data folder and gives its size
     say = print if env.is_main else (lambda *a, **k: None)
     say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
@@ -374,6 +408,11 @@ def run(args, argv) -> dict:
         "autotune": None,
         "levers": None,
         "time_to_accuracy": accuracy_rows,
+        # the --profile-steps window; B <= warm-up keeps the profiler's cost (and the trace's export) out of
+        # the timed windows
+        "profile": {"steps": f"{args.profile_steps[0]}:{args.profile_steps[1]}", "tool": args.profiler,
+                    "in_warm_up": args.profile_steps[1] <= plan.warmup_steps, "traces": bench.traces}
+        if args.profile_steps else None,
     }
     if env.distributed and "synthetic" in plan.modes:
         single = bench.single_gpu_ceiling()

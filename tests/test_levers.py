@@ -113,6 +113,8 @@ def test_a_lever_measures_its_own_settings(data_dir, monkeypatch, tmp_path):
           "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1", "--steps", "2",
           "--repeats", "1", "--levers", "channels-last,batch8"])
     assert seen[:3] == [("synthetic", 4, True), ("synthetic", 4, False), ("synthetic", 8, True)]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["config"]["loaders"] == [] and report["verdicts"] == {}  # `--loaders ""`: none, not the default
 
 
 def test_unknown_lever_is_one_line_before_any_measurement(data_dir, tmp_path, capsys, monkeypatch):
