@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rn50.model import build_model
+from rn50.model import add_blurpool, build_model
 
 # Peak dense tensor throughput, TFLOP/s, fp16/bf16 inputs (docs/design.md#peak-tensor-throughput-for-mfu).
 # Matched against the CUDA device name in order: more specific names first ("H100 PCIe" before "H100",
@@ -29,11 +29,15 @@ PEAK_TFLOPS = (
 )
 
 
-def flops_per_image(arch: str, image_size: int, num_classes: int = 1000, training: bool = True) -> float:
-    """FLOPs for one image: forward, plus backward when `training` (batch of 2, divided by 2)."""
+def flops_per_image(arch: str, image_size: int, num_classes: int = 1000, training: bool = True,
+                    blurpool: bool = False) -> float:
+    """FLOPs for one image: forward, plus backward when `training` (batch of 2, divided by 2); with
+    `blurpool`, the blurs in front of the strided convolutions too."""
     batch = 2
     with torch.device("meta"):
         model = build_model(arch, num_classes)
+        if blurpool:
+            add_blurpool(model)
         images = torch.empty(batch, 3, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with counter:

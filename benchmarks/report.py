@@ -68,6 +68,19 @@ def markdown(report: dict) -> str:
         lines += ["", f"At the measured throughput, so at {config['image_size']} px and batch {config['global_batch']}; "
                   "1,281,167 training and 50,000 validation images per epoch; validation assumed 3x faster "
                   "than training (forward pass only).", ""]
+    if report.get("time_to_train_schedule"):
+        schedule = report["time_to_train_schedule"]
+        lines += ["## This recipe's schedule on ImageNet (progressive resizing)", "",
+                  "| loader | img/s at each training resolution | epochs per resolution | training h | "
+                  "validation h (estimated) | total h |", "|---|---|---|---|---|---|"]
+        for loader, t in schedule["estimates"].items():
+            speeds = ", ".join(f"{r['image_size']} px: {r['img_per_s']:,.1f}" for r in schedule["per_resolution"]
+                               if r["loader"] == loader)
+            per = ", ".join(f"{size} px x {n}" for size, n in t["epochs_per_resolution"].items())
+            lines.append(f"| {loader} | {speeds} | {per} | {t['train_hours']:.2f} | "
+                         f"{t['validation_hours_estimated']:.2f} | {t['total_hours']:.2f} |")
+        lines += ["", "Each epoch at the img/s measured at its resolution (1,281,167 images); validation "
+                  "estimated from the first resolution's speed, scaled by pixels and by 2 with flip averaging.", ""]
     if report.get("time_to_accuracy"):
         lines += ["## Time to accuracy (training runs)", "",
                   "| run | target top-1 | reached | wall time | epochs | best top-1 | img/s | GPUs |",
@@ -103,10 +116,33 @@ def markdown(report: dict) -> str:
                              f"{_num(t['energy_j_per_image'], '{:.3f}')} |")
     else:
         lines.append(f"Not available: {telemetry[0][2]['reason'] if telemetry else 'nothing measured'}.")
+    if report.get("profile"):
+        lines += [""] + profile_section(report["profile"])
     lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
               f"{config['dataset']['classes']} classes)", ""]
     return "\n".join(lines)
+
+
+def profile_section(profile: dict) -> list[str]:
+    """Links to the --profile-steps traces (paths relative to report.md), one line per measurement."""
+    first, last = profile["steps"].split(":")
+    lines = ["## Profiler traces", "", f"Steps {first} to {last} of each measurement (counted from its first warm-up "
+             f"step), recorded by {profile['tool']}; how to read them: docs/profiling.md."]
+    if profile["tool"] == "nsys":
+        lines.append("They are in the capture range of the enclosing `nsys profile` run (its `-o` file), not here.")
+    else:
+        lines[-1] += " Open a trace in ui.perfetto.dev, or `tensorboard --logdir profile` (torch-tb-profiler)."
+    if not profile["in_warm_up"]:
+        lines.append("The window reaches past the warm-up: those measurements' timed figures include the "
+                     "profiler's cost.")
+    lines.append("")
+    by_measurement: dict[tuple, list[dict]] = {}
+    for trace in profile["traces"]:
+        by_measurement.setdefault((trace["mode"], trace["loader"]), []).append(trace)
+    for (mode, loader), traces in by_measurement.items():
+        lines.append(f"- {mode} / {loader}: " + ", ".join(f"[rank {t['rank']}]({t['path']})" for t in traces))
+    return lines
 
 
 def levers_table(levers: dict) -> list[str]:

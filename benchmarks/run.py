@@ -20,6 +20,8 @@ import os
 import statistics
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -171,8 +173,16 @@ class Bench:
             timer.after()
             self.profiler.end(n)
 
-        for _ in range(self.plan.warmup_steps):
-            step()
+        self.compile_s = None
+        for n in range(self.plan.warmup_steps):
+            if n == 0 and work is not None and self.machine.compile:  # the step that compiles, timed alone
+                self._sync()
+                started = time.perf_counter()
+                step()
+                self._sync()
+                self.compile_s = time.perf_counter() - started  # a result row's compile_s (measure)
+            else:
+                step()
         windows, telemetry = [], []
         for _ in range(self.plan.repeats):
             self.telemetry.start()
@@ -183,6 +193,10 @@ class Bench:
             windows.append(timer.window(first, self.batch_size))
             telemetry.append(self.telemetry.stop(images=steps * self.batch_size))
         return windows, telemetry
+
+    def _sync(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
 
     def train_windows(self, loader, env: DistEnv | None = None):
         env = env or self.env
@@ -215,7 +229,9 @@ class Bench:
             self.profiler = StepProfiler(None, Path(), self.env.rank, self.env.device)
         memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
         return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
-                "memory_peak_gib": memory}
+                "memory_peak_gib": memory,
+                # --compile: the first warm-up step's seconds (it compiles); warm-up is never in the timed windows
+                **({"compile_s": self.compile_s} if self.machine.compile and mode != "loader" else {})}
 
     def single_gpu_ceiling(self) -> float | None:
         """Synthetic img/s of rank 0 alone (no DDP), for the scaling efficiency of a multi-GPU run."""
@@ -302,6 +318,46 @@ def time_to_train(img_per_s: float) -> dict:
             "epochs": RECIPE_EPOCHS, "train_images": IMAGENET_TRAIN, "val_images": IMAGENET_VAL}
 
 
+def measure_resolutions(bench: "Bench", plan: Plan, results: list[dict], say) -> list[dict]:
+    """Synthetic and end-to-end img/s at every training resolution the recipe's schedule uses (progressive
+    resizing); the main table's were taken at the first epoch's resolution."""
+    aug = bench.recipe.augmentation
+    first = aug.train_size(0)
+    kinds = [k for k in [("synthetic", "synthetic")] if "synthetic" in plan.modes]
+    kinds += [("train", name) for name in plan.loaders if "train" in plan.modes]
+    rows = [{"image_size": first, "mode": r["mode"], "loader": r["loader"], "img_per_s": r["img_per_s"]}
+            for r in results if (r["mode"], r["loader"]) in kinds]
+    for size in sorted(set(aug.train_sizes(bench.recipe.schedule.epochs)) - {first}):
+        fixed = replace(bench.recipe, augmentation=replace(aug, image_size=size, min_res=0, max_res=0))
+        at_size = bench.with_settings(fixed, bench.machine)
+        for mode, loader in kinds:
+            img_per_s = at_size.measure("train", loader)["img_per_s"]
+            rows.append({"image_size": size, "mode": mode, "loader": loader, "img_per_s": img_per_s})
+            say(f"  {mode:9s} {loader:11s} {img_per_s:10.1f} img/s at {size} px", flush=True)
+    return rows
+
+
+def time_to_train_schedule(recipe: Recipe, rows: list[dict]) -> dict:
+    """The recipe's own schedule on ImageNet (its epochs, each at its training resolution) at the img/s
+    measured at each resolution, per loader. Validation as time_to_train estimates it, scaled by the
+    validation resolution's pixels and by 2 with flip averaging."""
+    aug, epochs = recipe.augmentation, recipe.schedule.epochs
+    sizes = aug.train_sizes(epochs)
+    estimates = {}
+    for loader in dict.fromkeys(r["loader"] for r in rows):
+        speed = {r["image_size"]: r["img_per_s"] for r in rows if r["loader"] == loader}
+        if not set(sizes) <= set(speed):
+            continue
+        train_h = sum(IMAGENET_TRAIN / speed[size] for size in sizes) / 3600
+        first = aug.train_size(0)
+        val_h = epochs * IMAGENET_VAL / (3 * speed[first]) * (aug.val_size / first) ** 2 \
+            * (2 if aug.val_flip else 1) / 3600
+        estimates[loader] = {"train_hours": train_h, "validation_hours_estimated": val_h,
+                             "total_hours": train_h + val_h, "epochs": epochs,
+                             "epochs_per_resolution": {size: sizes.count(size) for size in sorted(set(sizes))}}
+    return {"per_resolution": rows, "estimates": estimates}
+
+
 def prepare_out(out: Path) -> None:
     """The report folder exists and takes files, before anything is measured."""
     try:
@@ -347,8 +403,9 @@ def flops_block(recipe: Recipe, num_classes: int, override: float | None) -> dic
         source = "not available: no GPU" if gpu is None else \
             f"not available: {gpu} is not in the table; pass --peak-tflops"
     arch, size = recipe.model.arch, recipe.augmentation.image_size
-    return {"per_image_train": flops_per_image(arch, size, num_classes),
-            "per_image_forward": flops_per_image(arch, size, num_classes, training=False),
+    blur = recipe.model.blurpool
+    return {"per_image_train": flops_per_image(arch, size, num_classes, blurpool=blur),
+            "per_image_forward": flops_per_image(arch, size, num_classes, training=False, blurpool=blur),
             "counted_with": "torch.utils.flop_counter", "peak_tflops": peak, "peak_source": source}
 
 
@@ -407,6 +464,7 @@ def run(args, argv) -> dict:
         "scaling": None,
         "autotune": None,
         "levers": None,
+        "time_to_train_schedule": None,
         "time_to_accuracy": accuracy_rows,
         # the --profile-steps window; B <= warm-up keeps the profiler's cost (and the trace's export) out of
         # the timed windows
@@ -420,12 +478,15 @@ def run(args, argv) -> dict:
             aggregate = next(r for r in results if r["mode"] == "synthetic")["img_per_s"]
             report["scaling"] = {"single_gpu_img_per_s": single, "aggregate_img_per_s": aggregate,
                                  "world_size": env.world_size, "efficiency": aggregate / (env.world_size * single)}
+    if recipe.augmentation.max_res and {"synthetic", "train"} & set(plan.modes):
+        rows = measure_resolutions(bench, plan, results, say)
+        report["time_to_train_schedule"] = time_to_train_schedule(recipe, rows)
     if args.autotune:
         report["autotune"] = autotuning.sweep(bench, plan, args.out if env.is_main else None)
     if plan.levers:
         def mfu_of(lever_recipe):
             per_image = flops_per_image(lever_recipe.model.arch, lever_recipe.augmentation.image_size,
-                                        probe.num_classes)
+                                        probe.num_classes, blurpool=lever_recipe.model.blurpool)
             return lambda img_per_s_per_gpu: mfu(img_per_s_per_gpu, per_image, flops["peak_tflops"])
 
         report["levers"] = levers_mod.measure_levers(bench, list(plan.levers), plan.modes,

@@ -32,7 +32,37 @@ class Augmentation:
     randaugment_layers: int = opt(2, "RandAugment: operations per image")
     randaugment_magnitude_std: float = opt(0.0, "RandAugment: random spread of the magnitude per image")
     repeated_aug: int = opt(1, "each image k times per epoch's stream, augmented independently (DALI loaders)")
-    val_resize_ratio: float = opt(0.875, "validation: resize shorter side to image_size / ratio, centre crop")
+    val_resize_ratio: float = opt(0.875, "validation: resize shorter side to val size / ratio, centre crop")
+    # progressive resizing (FFCV's): low resolution for most of the run, a ramp up to max_res late
+    min_res: int = opt(0, "progressive resizing: the training resolution up to start_ramp; 0: image_size")
+    max_res: int = opt(0, "progressive resizing: the training resolution from end_ramp on; 0: off (image_size "
+                          "throughout)")
+    start_ramp: int = opt(0, "progressive resizing: the epoch (0-based) after which the ramp starts")
+    end_ramp: int = opt(0, "progressive resizing: the epoch from which max_res is used")
+    # validation apart from training (the train-test resolution discrepancy, Touvron et al. 2019)
+    val_image_size: int = opt(0, "validation crop size; 0: image_size")
+    val_flip: bool = opt(False, "validation: average the logits of each image and its mirror")
+
+    def train_size(self, epoch: int) -> int:
+        """The training resolution of epoch `epoch` (0-based), as FFCV's get_resolution: min_res up to
+        start_ramp, max_res from end_ramp, a linear ramp between rounded to multiples of 32 px."""
+        if not self.max_res:
+            return self.image_size
+        low = self.min_res or self.image_size
+        if epoch <= self.start_ramp:
+            return low
+        if epoch >= self.end_ramp:
+            return self.max_res
+        ramp = low + (self.max_res - low) * (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
+        return int(round(ramp / 32)) * 32
+
+    def train_sizes(self, epochs: int) -> list[int]:
+        """Every epoch's training resolution, in order."""
+        return [self.train_size(epoch) for epoch in range(epochs)]
+
+    @property
+    def val_size(self) -> int:
+        return self.val_image_size or self.image_size
 
     def validate(self) -> "Augmentation":
         from pipelines.errors import UserError
@@ -46,6 +76,19 @@ class Augmentation:
         for name in ("image_size", "repeated_aug"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_res", "max_res", "start_ramp", "end_ramp", "val_image_size"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_res:
+            low = self.min_res or self.image_size
+            if low > self.max_res:
+                raise UserError(f"progressive resizing goes up: min_res {low} is above max_res {self.max_res}")
+            if self.end_ramp <= self.start_ramp:
+                raise UserError(f"end_ramp ({self.end_ramp}) must come after start_ramp ({self.start_ramp}); "
+                                "give the epochs between which the resolution rises")
+        elif self.min_res:
+            raise UserError("min_res without max_res: progressive resizing is on when --max-res is set; give "
+                            "--max-res too, or --image-size alone for one resolution")
         if not 0 < self.val_resize_ratio <= 1:
             raise UserError(f"val_resize_ratio must lie in (0, 1], got {self.val_resize_ratio}")
         return self

@@ -7,6 +7,7 @@ memory; the batch is cast to the training dtype and channels_last on the device,
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from pipelines.augmentation import MEAN, STD, Augmentation
+from pipelines.ranges import named_range
 
 
 def training_transform(aug: Augmentation) -> v2.Compose:
@@ -31,8 +33,8 @@ def training_transform(aug: Augmentation) -> v2.Compose:
 def validation_transform(aug: Augmentation) -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(int(aug.image_size / aug.val_resize_ratio), antialias=True),
-        v2.CenterCrop(aug.image_size),
+        v2.Resize(int(aug.val_size / aug.val_resize_ratio), antialias=True),
+        v2.CenterCrop(aug.val_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])
@@ -76,22 +78,29 @@ class TorchvisionLoader:
         self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms"
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
+        self._aug, self._list, self._batch_size, self._workers = aug, image_list, batch_size, workers
         if self.training:
-            transform = training_transform(aug)
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)
         else:
-            transform = validation_transform(aug)
             self.sampler = _Shard(self.num_samples, rank, world_size)
-        self._loader = DataLoader(
-            JpegFolder(image_list.files, image_list.labels, transform),
-            batch_size=batch_size,
+        self.image_size = aug.train_size(0) if self.training else aug.val_size
+        self._loader = self._make_loader()
+
+    def _make_loader(self) -> DataLoader:
+        """Workers persist across epochs with their copy of the transform: a new resolution (progressive
+        resizing) needs new workers, so set_epoch makes a new DataLoader when the size changes."""
+        transform = training_transform(replace(self._aug, image_size=self.image_size)) if self.training \
+            else validation_transform(self._aug)
+        return DataLoader(
+            JpegFolder(self._list.files, self._list.labels, transform),
+            batch_size=self._batch_size,
             sampler=self.sampler,
-            num_workers=workers,
+            num_workers=self._workers,
             pin_memory=self.device.type == "cuda",
             drop_last=self.training,
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=self._workers > 0,
+            prefetch_factor=4 if self._workers > 0 else None,
         )
 
     def __len__(self) -> int:
@@ -102,14 +111,20 @@ class TorchvisionLoader:
         # the epoch); the random augmentations of worker processes are not reproduced (DALI's are).
         batches = itertools.islice(self._loader, self.position, None)
         for self.position, (images, labels) in enumerate(batches, start=self.position + 1):
-            images = images.to(self.device, non_blocking=True).to(self.dtype)
-            yield images.contiguous(memory_format=torch.channels_last), labels.to(self.device, non_blocking=True)
+            with named_range("host-to-device copy"):  # with the cast to the step's dtype and channels_last
+                images = images.to(self.device, non_blocking=True).to(self.dtype)
+                images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(self.device, non_blocking=True)
+            yield images, labels
         self.position = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.training:
             self.sampler.set_epoch(epoch)
+            if self._aug.train_size(epoch) != self.image_size:
+                self.image_size = self._aug.train_size(epoch)
+                self._loader = self._make_loader()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.errors import UserError
+from pipelines.ranges import named_range
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -179,7 +181,8 @@ def _round_half_even(x):
 
 def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, gpu, dtype,
                         hw_decoder_load=0.65):
-    """Resize the shorter side to image_size / val_resize_ratio (256 for 224), centre crop image_size.
+    """Resize the shorter side to val_size / val_resize_ratio (256 for 224), centre crop val_size (the
+    training image_size unless val_image_size sets its own).
 
     Sizes and the crop anchor are computed as torchvision's Resize + CenterCrop compute them (longer side
     truncated, anchor rounded half to even): DALI's own rounding differs by up to one pixel, which moves
@@ -189,7 +192,7 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
-    image_size = aug.image_size
+    image_size = aug.val_size
     target = float(int(image_size / aug.val_resize_ratio))
     new_h = dmath.floor(target * height / short)
     new_w = dmath.floor(target * width / short)
@@ -246,7 +249,10 @@ class DaliLoader:
         self.num_classes = len(self._list.classes)
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self._host_batches = not gpu  # the CPU pipeline's batches live in host memory
         self.epoch = 0
+        self._aug = aug
+        self.image_size = aug.train_size(0) if self.training else aug.val_size  # progressive resizing: per epoch
         shard_size = self.num_samples // world_size
         define = training_pipeline if self.training else validation_pipeline
         files, labels = self._list.files, self._list.labels
@@ -271,8 +277,10 @@ class DaliLoader:
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
         self.decode = describe_decode(self.training, gpu, fused_decode, hw_decoder_load)
         options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
-        self._define = lambda: define(files, labels, shard_id=rank, num_shards=world_size, aug=aug, gpu=gpu,
-                                      dtype=dtype, **options)
+        # read at every build: a resolution change rebuilds the pipeline at the new size (set_epoch)
+        self._define = lambda: define(files, labels, shard_id=rank, num_shards=world_size,
+                                      aug=replace(aug, image_size=self.image_size) if self.training else aug,
+                                      gpu=gpu, dtype=dtype, **options)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint):
@@ -286,18 +294,28 @@ class DaliLoader:
         for outputs in self._iterator:
             images = outputs[0]["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels_last, no copy
             labels = outputs[0]["labels"].view(-1).long()
-            if images.device != self.device:  # the CPU pipeline feeding a GPU
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+            if self._host_batches:
+                with named_range("host-to-device copy"):  # a no-op range when the device is the CPU too
+                    if images.device != self.device:  # the CPU pipeline feeding a GPU
+                        images = images.to(self.device, non_blocking=True)
+                        labels = labels.to(self.device, non_blocking=True)
             yield images, labels
 
     def set_epoch(self, epoch: int) -> None:
         # DALI advances its own epoch (and reshuffle) at every iterator reset; keep the count for resume.
         self.epoch = epoch
+        if self.training and self._aug.train_size(epoch) != self.image_size:
+            # Progressive resizing: the same graph at another size, continued from the current pipeline's
+            # checkpoint, so the reader's order and the augmentation streams go on as if nothing changed.
+            checkpoint = self._iterator.checkpoints()[0]
+            self.image_size = self._aug.train_size(epoch)
+            self._build(checkpoint=checkpoint)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "dali": self._iterator.checkpoints()[0]}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
+        if self.training:  # the resolution of the checkpoint's epoch
+            self.image_size = self._aug.train_size(self.epoch)
         self._build(checkpoint=state["dali"])

@@ -28,10 +28,9 @@ class SyntheticLoader:
             self._sizes = [min(batch_size, share - start) for start in range(0, share, batch_size)]
         # Validation draws other images and labels than training: a model that memorised the training
         # batch must not look as if it learned (top-1 stays near chance, 1/num_classes).
-        generator = torch.Generator().manual_seed((seed * 1000 + rank) * 2 + (0 if self.training else 1))
-        images = torch.randn(batch_size, 3, aug.image_size, aug.image_size, generator=generator)
-        self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+        self._seed = (seed * 1000 + rank) * 2 + (0 if self.training else 1)
+        self._aug, self._batch_size, self._device, self._dtype = aug, batch_size, device, dtype
+        self._make_batch(aug.train_size(0) if self.training else aug.val_size)
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
 
@@ -43,11 +42,21 @@ class SyntheticLoader:
             yield self.images[:size], self.labels[:size]
         self.position = 0
 
+    def _make_batch(self, size: int) -> None:
+        generator = torch.Generator().manual_seed(self._seed)
+        images = torch.randn(self._batch_size, 3, size, size, generator=generator)
+        self.images = images.to(device=self._device, dtype=self._dtype).contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, self.num_classes, (self._batch_size,), generator=generator).to(self._device)
+        self.image_size = size
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.training and self._aug.train_size(epoch) != self.image_size:  # progressive resizing
+            self._make_batch(self._aug.train_size(epoch))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.set_epoch(state["epoch"])
+        self.position = state["position"]

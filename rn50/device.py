@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rn50.errors import UserError
+from rn50.graphs import check_capturable
 from rn50.recipe import DEVICES
 
 # CUDA versions of the published torch wheels (download.pytorch.org/whl/cuXYZ), oldest first
@@ -131,8 +132,10 @@ def choose_device(request: str = "auto", local_rank: int = 0, probe: CudaProbe |
 
 def check_cuda_only_settings(recipe, machine, device: torch.device) -> None:
     """Settings that only exist on CUDA GPUs, refused at start-up on any other device (before the data is
-    listed or a model built) with the flag to drop."""
+    listed or a model built) with the flag to drop; on CUDA, what --cuda-graphs cannot capture."""
     if device.type == "cuda":
+        if machine.cuda_graphs:
+            check_capturable(recipe, machine)
         return
     if recipe.model.sync_bn:
         raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "

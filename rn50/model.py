@@ -19,6 +19,34 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = True) ->
     return builder(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
+def blurred_convolutions(model: torch.nn.Module) -> list[str]:
+    """The convolutions BlurPool blurs: every strided one with 16 or more input channels (FFCV's rule: the
+    stem's 3-channel conv is left alone). ResNet-50: conv2 and the downsample of layer2-4's first blocks."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= 16]
+
+
+def add_blurpool(model: torch.nn.Module) -> list[str]:
+    """BlurPool (Zhang 2019, "Making convolutional networks shift-invariant again"; FFCV's use_blurpool): a
+    fixed [1 2 1] x [1 2 1] / 16 depthwise blur, stride 1, in front of each strided convolution, so that
+    downsampling does not alias. A forward pre-hook with a non-persistent filter: the state dict stays a
+    plain torchvision ResNet's (our checkpoints load anywhere). Returns the blurred convolutions' names."""
+    names = blurred_convolutions(model)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16.0)[None, None]
+    for name in names:
+        conv = model.get_submodule(name)
+        conv.register_buffer("blur_filter", kernel.repeat(conv.in_channels, 1, 1, 1), persistent=False)
+        conv.register_forward_pre_hook(_blur_input)
+    return names
+
+
+def _blur_input(conv: torch.nn.Conv2d, args):
+    (x,) = args
+    blur = conv.blur_filter.to(dtype=x.dtype)
+    return (torch.nn.functional.conv2d(x, blur, padding=1, groups=conv.in_channels),)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -40,6 +40,8 @@ class Model:
     sync_bn: bool = opt(False, "SyncBatchNorm: only worth it below ~32 images per GPU")
     finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
     freeze_backbone_epochs: float = opt(0.0, "fine-tuning: train only the classifier for the first epochs")
+    blurpool: bool = opt(False, "BlurPool: a fixed 3x3 blur before every strided convolution (anti-aliased "
+                                "downsampling, FFCV's use_blurpool); no new parameters")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class Optimisation:
 class Schedule:
     epochs: int = opt(90, "training epochs")
     warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
-    kind: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss)",
-                    flat="schedule")
+    kind: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss) | "
+                            "linear (from the peak straight down to 0 at the last epoch)", flat="schedule")
     lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
     lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
     min_lr: float = opt(0.0, "cosine: the LR at the end of the cosine phase and through the cooldown")
@@ -124,7 +126,7 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         checks = (("optimizer", self.optimisation.optimizer, ("sgd", "adamw", "lamb")),
-                  ("schedule", self.schedule.kind, ("step", "cosine", "plateau")),
+                  ("schedule", self.schedule.kind, ("step", "cosine", "plateau", "linear")),
                   ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")))
         for name, value, allowed in checks:
             if value not in allowed:
@@ -138,6 +140,8 @@ class Recipe:
                             f"({s.warmup_epochs} + {s.cooldown_epochs}); lengthen --epochs")
         if not 0.0 <= self.distillation.alpha <= 1.0 or self.distillation.temperature <= 0:
             raise UserError("kd_alpha must lie in [0, 1] and kd_temperature be positive")
+        if s.kind == "linear" and s.warmup_epochs >= s.epochs:
+            raise UserError(f"the linear schedule needs epochs ({s.epochs}) > warmup_epochs ({s.warmup_epochs})")
         if list(s.lr_milestones) != sorted(s.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(s.lr_milestones)}")
         self.augmentation.validate()

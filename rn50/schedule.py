@@ -1,5 +1,5 @@
-"""The learning rate as a pure function of (schedule, peak LR, step): linear warmup from 0, then step decay or
-cosine.
+"""The learning rate as a pure function of (schedule, peak LR, step): linear warmup from 0, then step decay,
+cosine, or linear down to 0 at the last epoch (FFCV's "cyclic" schedule: up, then straight down).
 
 The plateau schedule is the one exception: it scales this function by a multiplier that
 ReduceLROnPlateau derives from the validation loss (see PlateauMultiplier).
@@ -32,6 +32,8 @@ def lr_at(schedule: Schedule, peak: float, step: int, steps_per_epoch: int) -> f
         return s.min_lr + 0.5 * (peak - s.min_lr) * (1 + math.cos(math.pi * progress))
     if s.kind == "plateau":
         return peak
+    if s.kind == "linear":
+        return peak * max(0.0, (s.epochs - epoch) / (s.epochs - s.warmup_epochs))
     passed = sum(1 for milestone in s.lr_milestones if epoch >= milestone)
     return peak * s.lr_decay**passed
 

@@ -13,10 +13,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects
+from rn50.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, on_stream
 from rn50.losses import batch_mixing, distillation_loss
-from rn50.model import build_model, load_weights
+from rn50.model import add_blurpool, build_model, count_parameters, load_weights
 from rn50.optim import build_optimizer
 from rn50.precision import autocast_dtype
+from rn50.profiling import named_all_reduce, named_range
 from rn50.recipe import Distillation, Machine, Recipe
 
 
@@ -33,6 +35,7 @@ class TrainingParts:
     kd_temperature: float = 1.0
     ema: AveragedModel | None = None  # EMA of the weights (and BN buffers)
     notes: list[str] = field(default_factory=list)  # what building them did that the user should hear
+    graphed: object = None  # --cuda-graphs: the captured step (rn50.graphs.GraphedStep), run by train_step
 
     @property
     def raw_model(self) -> nn.Module:
@@ -48,8 +51,10 @@ def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_
     return teacher.to(env.device, memory_format=memory_format)
 
 
-def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Machine | None = None) -> TrainingParts:
-    """The model, optimizer, scaler and loss of the recipe, run the way `machine` says (its speed levers)."""
+def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Machine | None = None,
+                   profiling: bool = False) -> TrainingParts:
+    """The model, optimizer, scaler and loss of the recipe, run the way `machine` says (its speed levers).
+    `profiling` (--profile-steps) names the all-reduce too: a Python comm hook, only when profiling."""
     machine = machine or Machine()
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
@@ -59,6 +64,10 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     check_cuda_only_settings(recipe, machine, env.device)  # callers check at start-up; direct callers too
     model = build_model(spec.arch, num_classes, spec.zero_init_residual)
     notes = []
+    if spec.blurpool:  # before loading weights or compiling: the hooks ride on the convolutions
+        blurred = add_blurpool(model)
+        notes.append(f"BlurPool before {len(blurred)} strided convolutions (no new parameters: "
+                     f"{count_parameters(model):,} in all)")
     if spec.finetune_from:
         replaced = load_weights(model, spec.finetune_from, replace_classifier=True)
         notes.append(f"fine-tuning from {spec.finetune_from}"
@@ -70,22 +79,42 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     head = model.fc
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(reg.ema_decay), use_buffers=True) \
         if reg.ema_decay > 0 else None
+    if machine.compile:
+        # in place, before DDP: the module keeps its state_dict keys (no `_orig_mod.`), so checkpoints load
+        # into an uncompiled model and back; EMA and the teacher stay eager. dynamic=False: one graph per shape
+        # (training's is fixed; validation adds eval mode and its last partial batch), never one per step
+        model.compile(mode=machine.compile_mode, dynamic=False)
+    # --cuda-graphs: DDP is built on the stream that warms the step up and captures it (torch's CUDA-graph notes)
+    stream = capture_stream(env.device) if machine.cuda_graphs else None
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=machine.ddp_bucket_mb,
-                                        gradient_as_bucket_view=machine.ddp_bucket_view)
-        if machine.ddp_fp16_compress:  # gradients travel in fp16 and are cast back: half the all-reduce bytes
-            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        with on_stream(stream):  # static_graph: the same parameters take part in every step, as capture needs
+            model = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=machine.ddp_bucket_mb,
+                                            gradient_as_bucket_view=machine.ddp_bucket_view,
+                                            static_graph=machine.cuda_graphs)
+        if stream is not None:
+            torch.cuda.current_stream(env.device).wait_stream(stream)
+        # fp16: gradients travel in fp16 and are cast back, half the all-reduce bytes
+        hook = default_hooks.fp16_compress_hook if machine.ddp_fp16_compress else None
+        # whichever all-reduce runs, inside an "all-reduce" range (DDP takes one comm hook); not for a captured
+        # step, whose replays call no Python hook
+        if profiling and not machine.cuda_graphs:
+            hook = named_all_reduce(hook or default_hooks.allreduce_hook)
+        if hook is not None:
+            model.register_comm_hook(None, hook)
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
-    return TrainingParts(
+    parts = TrainingParts(
         model, build_optimizer(model, recipe.optimisation, head, fused=machine.fused_optimizer), scaler, criterion,
         amp_dtype,
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
         teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
         kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,
     )
+    if machine.cuda_graphs:
+        parts.graphed = GraphedStep(parts, train_step, stream, WARMUP_STEPS_DDP if env.distributed else WARMUP_STEPS)
+    return parts
 
 
 def state_digest(model: nn.Module) -> str:
@@ -108,19 +137,24 @@ def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor)
     Returns the detached loss tensor without synchronising with the device: callers read it with
     .item() only at log intervals.
     """
+    if parts.graphed is not None:  # --cuda-graphs: this body, captured once and replayed (rn50/graphs.py)
+        return parts.graphed(images, labels)
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.mix is not None:
         images, labels = parts.mix(images, labels)  # labels become class probabilities
-    with torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+    with named_range("forward"), \
+            torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
         logits = parts.model(images)
         loss = parts.criterion(logits, labels)
         if parts.teacher is not None:
             with torch.no_grad():
                 teacher_logits = parts.teacher(images)
             loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
-    parts.scaler.scale(loss).backward()
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    if parts.ema is not None:
-        parts.ema.update_parameters(parts.raw_model)
+    with named_range("backward"):
+        parts.scaler.scale(loss).backward()
+    with named_range("optimizer step"):
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        if parts.ema is not None:
+            parts.ema.update_parameters(parts.raw_model)
     return loss.detach()

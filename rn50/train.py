@@ -28,6 +28,7 @@ from rn50.evaluate import evaluate
 from rn50.loaders import build_loaders
 from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
+from rn50.profiling import TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window
 from rn50.provenance import environment
 from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, guard_resume,
                          parse_strict, recipe_from_mapping, resolve)
@@ -85,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hang-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="end the job when a rank makes no progress for this long, naming the stalled "
                              "rank and what it was doing (0: off)")
+    add_profiling_flags(parser, "global steps, the run's first is 1")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
 
@@ -146,6 +148,10 @@ class Trainer:
         self.checkpoint_every = args.checkpoint_every
         self.max_nonfinite = args.max_nonfinite_steps
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+        # --compile: the batch shape compiled for last. The first step at a new shape compiles (the run's
+        # first; progressive resizing's first at each size): it is synchronised, timed alone, kept out of img/s
+        self.compiled_shape: torch.Size | None = None
+        self.profiler = StepProfiler(args.profile_steps, out / TRACE_DIR, env.rank, env.device, args.profiler, self.say)
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
         self.losses: LossTracker | None = None  # the current epoch's
         self.resumed_losses: dict | None = None  # this rank's sums for the steps before a mid-epoch resume
@@ -178,7 +184,7 @@ class Trainer:
             self.log.write(record)
             self.history.append(record)
             self.say(f"epoch {epoch + 1}/{epochs}: train loss {record['train/loss']:.4f}, "
-                     f"{record['train/img_per_s']:.1f} img/s; val loss {record['val/loss']:.4f} "
+                     f"{_rate(record['train/img_per_s'])} img/s; val loss {record['val/loss']:.4f} "
                      f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
                      f"on {record['val/count']} images"
                      + (f"; EMA top-1 {record['val_ema/top1']:.2f}%" if "val_ema/top1" in record else ""))
@@ -205,10 +211,13 @@ class Trainer:
         losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
         self.resumed_losses = None
         host_wait = 0.0
+        compiled, compiled_steps = None, 0  # --compile: seconds and number of this epoch's compiling steps
         self._sync()
         self.telemetry.start()
         begin = waited_from = time.perf_counter()
-        for i, (images, labels) in enumerate(self.train_loader, start=first):
+        # global steps from 1: the --profile-steps window, and an "input wait" range around each batch in it
+        batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe)
+        for i, (images, labels) in enumerate(batches, start=first):
             host_wait += time.perf_counter() - waited_from
             self.watchdog.progress(f"epoch {epoch + 1} step {i + 1}/{spe}: training step")
             step = epoch * spe + i
@@ -216,7 +225,18 @@ class Trainer:
             set_lr(parts.optimizer, lr, frozen=step < freeze * spe)
             if i == first:
                 self.log.images("train/inputs", images, step)  # what the model sees, once an epoch
+            compiling = self.machine.compile and images.shape != self.compiled_shape
+            if compiling:
+                self._sync()
+                compile_from = time.perf_counter()
             loss = train_step(parts, images, labels)
+            if compiling:  # synchronised and timed alone: reported as compile_s, kept out of img/s
+                self._sync()
+                took = time.perf_counter() - compile_from
+                compiled, compiled_steps = (compiled or 0.0) + took, compiled_steps + 1
+                at = f" at {images.shape[-1]} px" if self.compiled_shape else ""  # a new size: compiled again
+                self.say(f"compiled in {took:.1f} s (the first step{at}, timed apart; not counted in img/s)")
+                self.compiled_shape = images.shape
             losses.add(loss)
             if (i + 1) % self.machine.log_every == 0:  # the only per-step host sync, at log intervals
                 self.check_divergence(losses)
@@ -233,14 +253,20 @@ class Trainer:
         seconds = time.perf_counter() - begin
         steps = spe - first
         images_seen = steps * self.recipe.optimisation.batch_size * self.env.world_size
+        # img/s leaves out the steps that compiled in this epoch (their time is compile_s); None if no other ran
+        timed_steps, timed_s = steps - compiled_steps, seconds - (compiled or 0.0)
+        timed_images = timed_steps * self.recipe.optimisation.batch_size * self.env.world_size
+        img_per_s = timed_images / timed_s if timed_steps else None
         # the whole epoch's steps, those before a resume included (their sums came with the checkpoint)
         mean_loss = all_reduce_sum(losses.total).item() / (losses.steps * self.env.world_size)
         return {
             "lr": lr,
             "train/loss": mean_loss,
-            "train/img_per_s": images_seen / seconds,
-            "train/img_per_s_per_gpu": images_seen / seconds / self.env.world_size,
+            "train/resolution": self.train_loader.image_size,  # progressive resizing: this epoch's size
+            "train/img_per_s": img_per_s,
+            "train/img_per_s_per_gpu": img_per_s / self.env.world_size if img_per_s is not None else None,
             "train/epoch_s": seconds,
+            **({"compile_s": compiled} if compiled is not None else {}),
             # host-side time waiting in next(): input stall on CPU runs; on an asynchronous GPU it is
             # not stall (the benchmark harness measures that on the GPU timeline)
             "train/host_wait_frac": host_wait / seconds,
@@ -285,9 +311,11 @@ class Trainer:
         """The raw model, and the EMA weights beside it when the recipe keeps them (val_ema/*)."""
         broadcast_buffers(self.parts.raw_model)
         progress = lambda b: self.watchdog.progress(f"epoch {epoch + 1}: validation batch {b}")  # noqa: E731
-        result = evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype, on_batch=progress)
+        flip = self.recipe.augmentation.val_flip
+        result = evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype, on_batch=progress, flip=flip)
         if self.parts.ema is not None:
-            ema = evaluate(self.parts.ema.module, self.val_loader, self.parts.amp_dtype, on_batch=progress)
+            ema = evaluate(self.parts.ema.module, self.val_loader, self.parts.amp_dtype, on_batch=progress,
+                           flip=flip)
             result.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
         return result
 
@@ -338,6 +366,9 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         # the first epoch carries start-up costs (allocator, cuDNN autotuning, pipeline warm-up)
         steady = self.history[1:] or self.history
+        # None: an epoch whose only step compiled (--compile) has no timed steps
+        rates = [h["train/img_per_s"] for h in steady if h["train/img_per_s"] is not None]
+        compiles = [h["compile_s"] for h in self.history if "compile_s" in h]  # epochs in which a step compiled
         recipe = self.recipe
         return {
             "epochs": recipe.schedule.epochs,
@@ -349,7 +380,8 @@ class Trainer:
             "target": next(({"top1": recipe.stopping.target_top1, "time_s": h["target/time_s"],
                              "epochs": h["target/epochs"]} for h in self.history if "target/time_s" in h), None),
             "stopped_early": next((h["stop"] for h in self.history if "stop" in h), None),
-            "train/img_per_s": sum(h["train/img_per_s"] for h in steady) / len(steady) if steady else None,
+            "train/img_per_s": sum(rates) / len(rates) if rates else None,
+            "compile_s": sum(compiles) if compiles else None,  # --compile: never counted in img/s
             "wall_s": self.elapsed(),
             "world_size": self.env.world_size,
             "global_batch": recipe.optimisation.batch_size * self.env.world_size,
@@ -441,6 +473,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     recipe, machine = resolved.recipe, resolved.machine
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
     check_cuda_only_settings(recipe, machine, env.device)
+    check_flags(args.profile_steps, args.profiler, env.device)
     if checkpoint and finished(checkpoint, saved, recipe, args.out):
         # the run's own files stay as they are; a killed checkpoint write's temporary file is no part of them
         if env.is_main:
@@ -460,7 +493,9 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
-    parts = build_training(recipe, train_loader.num_classes, env, machine)
+    check_window(args.profile_steps, recipe.schedule.epochs * len(train_loader),
+                 f"this run ({recipe.schedule.epochs} epochs x {len(train_loader)} steps)")
+    parts = build_training(recipe, train_loader.num_classes, env, machine, profiling=args.profile_steps is not None)
     notes += parts.notes
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:
@@ -473,12 +508,19 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
                     peak_lr=recipe.optimisation.peak_lr(world),
                     amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
         (args.out / "machine.json").write_text(json.dumps(machine.to_dict(), indent=2) + "\n")
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.profiler.close()  # a window the run ended inside is written as far as it got
     summary["data"] = str(args.data.resolve())
     if env.is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_report(summary, args.out)
     return summary
+
+
+def _rate(img_per_s: float | None) -> str:
+    return "n/a" if img_per_s is None else f"{img_per_s:.1f}"
 
 
 def print_report(summary: dict, out: Path) -> None:
@@ -487,8 +529,8 @@ def print_report(summary: dict, out: Path) -> None:
         "",
         f"run folder        {out}",
         f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g})",
-        f"throughput        {summary['train/img_per_s']:.1f} img/s in all, "
-        f"{summary['train/img_per_s'] / summary['world_size']:.1f} per process",
+        f"throughput        {_rate(summary['train/img_per_s'])} img/s in all, "
+        f"{_rate(summary['train/img_per_s'] and summary['train/img_per_s'] / summary['world_size'])} per process",
         f"validation        top-1 {final.get('val/top1', math.nan):.2f}%  top-5 {final.get('val/top5', math.nan):.2f}%"
         f"  on {final.get('val/count')} of {summary['dataset']['val_images']} images",
         f"wall time         {summary['wall_s']:.1f} s",

@@ -71,9 +71,10 @@ def test_presets_layer_left_to_right_and_report_what_a_later_one_overrides(tmp_p
     assert flags.schedule.epochs == 7 and flags.optimisation.batch_size == 192  # flags over every preset
 
 
-@pytest.mark.parametrize("name", available_presets())
+@pytest.mark.parametrize("name", [n for n in available_presets() if (FLAT_PRESETS / f"{n}.toml").exists()])
 def test_every_preset_loads_and_matches_its_flat_form(name):
-    """The presets moved to section tables; the flat form they had still loads, to the same values."""
+    """The presets moved to section tables; the flat form they had still loads, to the same values (presets
+    written after the move have no flat form: tests/test_time_to_accuracy.py checks the budget presets)."""
     sectioned = read_preset(name)
     assert sectioned == read_preset(str(FLAT_PRESETS / f"{name}.toml"))
     resolved = load_presets(name)

@@ -1,0 +1,149 @@
+"""--compile: the compiled step follows the eager one, checkpoints move between compiled and eager models both
+ways (no `_orig_mod.` in the keys), validation compiles once per shape, an exact mid-epoch resume stays bit for
+bit, and the compile time is reported apart (compile_s), never counted in img/s.
+
+Compiling ResNet-18 takes about a minute on 2 cores the first time (inductor keeps its cache on disk, so later
+compiles of the same graphs take seconds): the tests that compile are marked slow, and each compiled model serves
+several assertions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch._dynamo.utils import counters
+
+from rn50.checkpoint import restore_training, training_state
+from rn50.dist import DistEnv
+from rn50.evaluate import evaluate
+from rn50.model import build_model
+from rn50.preemption import EXIT_PREEMPTED
+from rn50.recipe import Machine, with_fields
+from rn50.schedule import set_lr
+from rn50.step import build_training, train_step
+
+from conftest import CLASSES, run_cli
+from test_reliability import SMALL, epoch_losses, final_weights, kill_when_checkpointed, same_weights, step_losses
+
+CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+
+
+def batches(n, batch=4, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=generator).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, CLASSES, (batch,), generator=generator)) for _ in range(n)]
+
+
+def train(parts, data, lr=0.01):
+    losses = []
+    for images, labels in data:
+        set_lr(parts.optimizer, lr)
+        losses.append(train_step(parts, images, labels))
+    return torch.stack(losses)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def state(parts) -> dict:
+    """What a checkpoint of `parts` holds, through torch.save and torch.load as a checkpoint file goes (the
+    state dicts hold the live tensors: sharing them would tie the two models' momentum buffers together)."""
+    buffer = io.BytesIO()
+    torch.save(training_state(parts, epochs_done=0, step=4, steps_per_epoch=8, plateau={}, loader_states=[],
+                              loader_kind="synthetic", recipe={}, world_size=1, history=[], elapsed_s=0.0), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.slow
+def test_compiled_step_follows_eager_and_checkpoints_move_both_ways():
+    recipe = with_fields(arch="resnet18", batch_size=4)
+    eager = build_training(recipe, CLASSES, CPU)
+    compiled = build_training(recipe, CLASSES, CPU, Machine(compile=True))
+    keys = list(torchvision.models.resnet18(num_classes=CLASSES).state_dict())
+    assert list(compiled.raw_model.state_dict()) == list(eager.raw_model.state_dict()) == keys  # no _orig_mod.
+
+    data = batches(4)
+    expected, got = train(eager, data), train(compiled, data)  # the first compiled step compiles
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    for name, weight in eager.raw_model.state_dict().items():
+        torch.testing.assert_close(compiled.raw_model.state_dict()[name], weight, rtol=1e-3, atol=1e-4, msg=name)
+    after_training = graphs()
+
+    # a compiled run's checkpoint loads strictly into plain models
+    saved = state(compiled)
+    torchvision.models.resnet18(num_classes=CLASSES).load_state_dict(saved["model"])
+    build_model("resnet18", CLASSES, True).load_state_dict(saved["model"])
+    # an eager checkpoint (weights, optimizer, scaler) continues in the compiled model, which then computes
+    # with the loaded weights and steps as the eager model does
+    restore_training(compiled, state(eager))
+    more = batches(2, seed=1)
+    torch.testing.assert_close(train(compiled, more), train(eager, more), rtol=1e-3, atol=1e-4)
+    # and back: the compiled model's state into a fresh eager one, which validates as the compiled one does
+    fresh = build_training(recipe, CLASSES, CPU)
+    restore_training(fresh, state(compiled))
+    val = batches(3) + batches(1, batch=2, seed=2)  # 14 images, batch 4: a partial last batch
+
+    # validation compiles once per shape (eval mode: the full batch and the partial last one), not per batch
+    before = graphs()
+    result = evaluate(compiled.raw_model, val)
+    assert result["val/count"] == 14
+    assert graphs() - before == 2
+    again = graphs()
+    assert evaluate(compiled.raw_model, val) == result
+    assert graphs() == again
+    expected_val = evaluate(fresh.raw_model, val)
+    assert result["val/top1"] == expected_val["val/top1"]
+    assert result["val/loss"] == pytest.approx(expected_val["val/loss"], rel=1e-3)
+    # and training after validation runs the training graph it compiled first
+    train(compiled, batches(1, seed=3))
+    assert graphs() == again and after_training <= before
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_exactly_and_reports_compile_time_apart(data_dir, tmp_path):
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2",
+            *SMALL, "--compile"]
+    done = run_cli([*args, "--out", str(tmp_path / "a")], timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("compiled in ") == 1, done.stdout[-2000:]
+
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    first, second = [r for r in records if "val/count" in r]
+    assert 0 < first["compile_s"] < first["train/epoch_s"] and "compile_s" not in second
+    # img/s covers the 5 steps after the compiling one, over the epoch's time without it
+    assert first["train/img_per_s"] == pytest.approx(5 * 8 / (first["train/epoch_s"] - first["compile_s"]))
+    assert second["train/img_per_s"] == pytest.approx(6 * 8 / second["train/epoch_s"])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["compile_s"] == first["compile_s"]
+    weights = final_weights(tmp_path / "a")
+    assert not [key for key in weights if "_orig_mod" in key]
+    torchvision.models.resnet18(num_classes=CLASSES).load_state_dict(weights)  # strict
+
+    code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b", signal.SIGTERM)
+    assert code == EXIT_PREEMPTED, output[-2000:]
+    assert max(step_losses(tmp_path / "b")) < 12  # it really stopped early (2 epochs x 6 steps)
+    resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume", "auto"], timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "compiled in " in resumed.stdout  # the resumed process compiles again, and says so
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")  # every step, bit for bit
+    assert epoch_losses(tmp_path / "a") == epoch_losses(tmp_path / "b")
+    assert same_weights(weights, final_weights(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_harness_reports_compile_time_apart(data_dir, tmp_path):
+    done = run_cli([sys.executable, "-m", "benchmarks.run", "--data", str(data_dir), "--out", str(tmp_path / "bench"),
+                    "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--modes", "synthetic",
+                    "--loaders", "", "--warmup-steps", "1", "--steps", "2", "--repeats", "1", "--compile"],
+                   timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench" / "report.json").read_text())["results"]
+    assert rows and all(row["compile_s"] > 0 for row in rows)
