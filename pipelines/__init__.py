@@ -52,7 +52,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                 f"({len(image_list)} images over {world_size} ranks = {shard_size}); lower --batch-size"
             )
         if manifest is None and preflight:
-            check_files(image_list, rank, world_size)
+            check_files(image_list, rank, world_size, kind)
     common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
     if kind in ("dali", "dali-cpu"):

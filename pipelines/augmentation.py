@@ -8,6 +8,7 @@ to image_size / 0.875 (256 for 224) and centre crops.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # ImageNet statistics on 0-1 pixels (DALI works on 0-255 and scales them)
@@ -42,6 +43,17 @@ class Augmentation:
     # validation apart from training (the train-test resolution discrepancy, Touvron et al. 2019)
     val_image_size: int = opt(0, "validation crop size; 0: image_size")
     val_flip: bool = opt(False, "validation: average the logits of each image and its mirror")
+    # the dataset's own statistics (python -m tools.stats DIR prints them); saved in every checkpoint's recipe
+    normalize: tuple[float, ...] = opt(MEAN + STD, "per-channel normalisation MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,"
+                                                   "STD_B on 0-1 pixels (default: ImageNet's)")
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.normalize[:3])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.normalize[3:])
 
     def train_size(self, epoch: int) -> int:
         """The training resolution of epoch `epoch` (0-based), as FFCV's get_resolution: min_res up to
@@ -89,6 +101,11 @@ class Augmentation:
         elif self.min_res:
             raise UserError("min_res without max_res: progressive resizing is on when --max-res is set; give "
                             "--max-res too, or --image-size alone for one resolution")
+        if len(self.normalize) != 6 or not all(s > 0 for s in self.normalize[3:]):
+            raise UserError(f"normalize takes six numbers MEAN,MEAN,MEAN,STD,STD,STD (R, G, B) with every std > 0, "
+                            f"got {list(self.normalize)}; `python -m tools.stats DIR` prints a dataset's own")
+        if not all(math.isfinite(v) for v in self.normalize):
+            raise UserError(f"normalize values must be finite numbers, got {list(self.normalize)}")
         if not 0 < self.val_resize_ratio <= 1:
             raise UserError(f"val_resize_ratio must lie in (0, 1], got {self.val_resize_ratio}")
         return self

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from pipelines.augmentation import MEAN, STD, Augmentation
+from pipelines.augmentation import Augmentation
 from pipelines.ranges import named_range
 
 
@@ -27,7 +27,7 @@ def training_transform(aug: Augmentation) -> v2.Compose:
     if aug.color_jitter > 0:
         strength = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)])
 
 
 def validation_transform(aug: Augmentation) -> v2.Compose:
@@ -36,8 +36,22 @@ def validation_transform(aug: Augmentation) -> v2.Compose:
         v2.Resize(int(aug.val_size / aug.val_resize_ratio), antialias=True),
         v2.CenterCrop(aug.val_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(aug.mean, aug.std),
     ])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as DALI's decoder gives it: grayscale and palette expanded, alpha dropped (not blended),
+    CMYK converted, and 16/32-bit grayscale ("I;16", "I") scaled to 8 bit (PIL's convert would clip it to
+    255). A 16-bit RGB PNG already opens as 8-bit RGB."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+
+        wide = np.asarray(image, dtype=np.float64)  # 16-bit values, also when PIL holds them as "I"
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError(f"{image.filename}: floating-point images are not read; convert them to 8 or 16 bit")
+    return image.convert("RGB")
 
 
 class JpegFolder(Dataset):
@@ -49,7 +63,7 @@ class JpegFolder(Dataset):
 
     def __getitem__(self, index):
         with Image.open(self.files[index]) as image:
-            return self.transform(image.convert("RGB")), self.labels[index]
+            return self.transform(to_rgb(image)), self.labels[index]
 
 
 class _Shard(torch.utils.data.Sampler):

@@ -62,14 +62,15 @@ def _decoder_args(gpu: bool, hw_decoder_load: float) -> dict:
     }
 
 
-def _normalize(images, dtype, mirror=None):
-    """ImageNet mean/std, HWC kept (channels_last for torch), optional horizontal flip."""
+def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
+    """Mean/std (the augmentation's `normalize`, on 0-1 pixels; ImageNet's by default), HWC kept (channels_last
+    for torch), optional horizontal flip."""
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
         output_layout="HWC",
-        mean=MEAN_255,
-        std=STD_255,
+        mean=[m * 255 for m in normalize[:3]],  # DALI normalises uint8 pixels
+        std=[s * 255 for s in normalize[3:]],
         mirror=mirror if mirror is not None else 0,
     )
 
@@ -167,7 +168,7 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
             contrast=fn.random.uniform(range=strength),
             saturation=fn.random.uniform(range=strength),
         )
-    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip))
+    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip), normalize=aug.normalize)
     return images, _labels(labels, gpu)
 
 
@@ -203,7 +204,7 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     # the host and synchronises every batch. A plain list would become a constant on the images' device.
     shape = types.Constant(np.array([image_size, image_size], dtype=np.int32), device="cpu")
     images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), shape, axes=[0, 1], out_of_bounds_policy="pad")
-    return _normalize(images, dtype), _labels(labels, gpu)
+    return _normalize(images, dtype, normalize=aug.normalize), _labels(labels, gpu)
 
 
 def describe_decode(training: bool, gpu: bool, fused: bool, hw_decoder_load: float) -> str:

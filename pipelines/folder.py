@@ -1,4 +1,5 @@
 """The dataset on disk: `DIR/train/<class>/*.JPEG` and `DIR/val/<class>/*.JPEG` (ImageNet layout).
+Class folders may also hold .png, .bmp, .tif/.tiff and .webp files (any case of suffix).
 
 Class indices come from the sorted class folder names of the training split, for every split, so a
 validation folder lists its labels in the training order; a validation class that training lacks is an
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg")
+# Any case. Non-JPEG files are decoded by content: DALI's decoder and PIL (pipelines.jpeg_check.OTHER_FORMATS)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")
 
 
@@ -78,11 +80,13 @@ def list_split(data_dir: str, split: str, manifest: str | None = None) -> ImageL
             )
         images = _images_in(class_dir)
         if not images and split == "train":
-            raise UserError(f"class folder {class_dir} holds no .JPEG files; add images or remove the folder")
+            raise UserError(f"class folder {class_dir} holds no .JPEG files (nor .png, .bmp, .tif, .webp); "
+                            "add images or remove the folder")
         files += [str(p) for p in images]
         labels += [index[class_dir.name]] * len(images)
     if not files:
-        raise UserError(f"{split_dir} holds no .JPEG files; put images in {split_dir}/<class>/")
+        raise UserError(f"{split_dir} holds no .JPEG files (nor .png, .bmp, .tif, .webp); "
+                        f"put images in {split_dir}/<class>/")
     return ImageList(split_dir, classes, tuple(files), tuple(labels))
 
 
@@ -107,15 +111,49 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
     return ImageList(split_dir, classes, tuple(files), tuple(labels))
 
 
+def _stopping(problems: list[tuple[str, str]], loader: str) -> list[tuple[str, str]]:
+    """The problems that stop `loader`: all of them for the GPU loader, for the CPU loaders (which decode
+    by content) all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
+    from pipelines.jpeg_check import CONTENT_DECODERS, decodes_by_content
+
+    if loader not in CONTENT_DECODERS:
+        return problems
+    return [(path, reason) for path, reason in problems if not decodes_by_content(reason)]
+
+
+def _accepted_line(accepted: list[tuple[str, str]], split: str, rank: int, world_size: int) -> str:
+    """One line: e.g. "train: 2 files decode by content: 1 CMYK JPEG, 1 PNG behind a .JPEG name"."""
+    from collections import Counter
+
+    kinds = Counter("CMYK JPEG" if reason.startswith("CMYK") else
+                    reason.replace(" data behind a JPEG name", " behind a .JPEG name").replace(" data behind ", " behind ")
+                    for _, reason in accepted)
+    what = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    share = f" (rank {rank}'s share)" if world_size > 1 else ""
+    files = "file decodes" if len(accepted) == 1 else "files decode"
+    return (f"note: {split}{share}: {len(accepted)} {files} by content: {what}; the CPU loaders read them "
+            f"(first: {accepted[0][0]}); training goes on")
+
+
 @lru_cache(maxsize=8)  # once per process and split: the harness builds many loaders over the same files
-def check_files(image_list: ImageList, rank: int, world_size: int) -> None:
+def check_files(image_list: ImageList, rank: int, world_size: int, loader: str = "dali") -> None:
     """Pre-flight: one bad file stops a DALI pipeline mid-epoch, hours in. Each rank checks its share
     of the headers (about 15 us a file) and stops before training, naming the file and the fix.
     When it stops, the count it gives covers this rank's share of every split (train and val), so
-    "and N more" is every other bad file the user has to deal with, not only those of this split."""
+    "and N more" is every other bad file the user has to deal with, not only those of this split.
+    `loader` is the loader kind: the CPU loaders ("dali-cpu", "torchvision") decode by content, so CMYK
+    JPEGs and PNG/BMP/TIFF/WebP data behind a .JPEG name do not stop them: one line on stderr counts them
+    and training goes on. The GPU loader ("dali") still stops on them (unverified on the mixed decoder)."""
+    import sys
+
     from pipelines.jpeg_check import find_header_problems
 
-    problems = find_header_problems(image_list.files[rank::world_size])
+    found = find_header_problems(image_list.files[rank::world_size])
+    problems = _stopping(found, loader)
+    if len(problems) < len(found):
+        stopping = set(problems)
+        accepted = [p for p in found if p not in stopping]
+        print(_accepted_line(accepted, image_list.root.name, rank, world_size), file=sys.stderr, flush=True)
     if not problems:
         return
     data_dir, this_split = image_list.root.parent, image_list.root.name
@@ -128,7 +166,7 @@ def check_files(image_list: ImageList, rank: int, world_size: int) -> None:
             other = list_split(str(data_dir), split)
         except UserError:  # a missing or odd split is reported when its own loader is built
             continue
-        per_split[split] = len(find_header_problems(other.files[rank::world_size]))
+        per_split[split] = len(_stopping(find_header_problems(other.files[rank::world_size]), loader))
     total = sum(per_split.values())
     path, reason = problems[0]
     others = ""

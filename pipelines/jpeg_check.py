@@ -5,7 +5,9 @@ first. `header_problem(path)` opens a file, reads its first 4 KB page and its la
 a short reason or None (about 15 us a file from the page cache, one core):
 
     "zero bytes"                          an empty file
-    "PNG data behind a JPEG name"         (also GIF, BMP, TIFF, WebP, HEIF/AVIF, JPEG 2000)
+    "PNG data behind a JPEG name"         (also GIF, BMP, TIFF, WebP, HEIF/AVIF, JPEG 2000; a PNG, BMP,
+                                          TIFF or WebP file named .png/.bmp/.tif/.tiff/.webp is fine,
+                                          save "truncated (...)" when its end or size is short)
     "not an image (text)"                 e.g. an HTML error page saved by a failed download
     "not an image (unknown format)"       anything else that does not start with a JPEG SOI marker
     "truncated (no end-of-image marker)"  the image data does not end with FF D9
@@ -13,6 +15,9 @@ a short reason or None (about 15 us a file from the page cache, one core):
     "unusual JPEG (N colour components)"  neither 1 (grayscale) nor 3 (YCbCr/RGB)
     "corrupt JPEG header (...)"           markers that no decoder can follow
     "unreadable (...)"                    the file cannot be opened or read
+
+`decodes_by_content(reason)` says which of these the CPU loaders still read (CMYK, and PNG/BMP/TIFF/WebP
+behind another name): the pre-flight check reports those and goes on for them (pipelines.folder).
 
 Progressive, grayscale, optimised and EXIF-carrying JPEGs are fine (None), and so is zero padding or a
 trailer of up to 4 KB after the end-of-image marker (decoders stop at the marker; DALI's and PIL's
@@ -170,6 +175,39 @@ def _ends_with_eoi(f, size: int, tail: bytes, sos: int | None) -> bool:
     return last >= 0 and start + last > sos
 
 
+# Formats other than JPEG that class folders may hold, by file name suffix. DALI's decoder (CPU) and PIL
+# both read these by content: checked on DALI's CPU decoder with small generated files (RGB, grayscale,
+# palette, alpha dropped, 16-bit scaled to 8 bit). GIF, HEIF/AVIF and JPEG 2000 are not among them.
+OTHER_FORMATS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WebP"}
+# Loaders whose decoder reads a file by its content, so an odd but readable file trains: "dali-cpu"
+# (DALI's CPU decoder) and "torchvision" (PIL). The GPU loader ("dali", nvJPEG through the mixed decoder)
+# is not among them: it has not been seen to decode these files on a GPU, so they stop it as before.
+CONTENT_DECODERS = ("dali-cpu", "torchvision")
+
+
+def decodes_by_content(reason: str | None) -> bool:
+    """True if a file `header_problem` reported with `reason` is still read by the CPU loaders (same
+    pixels from DALI's CPU decoder and PIL): a CMYK JPEG, or a PNG/BMP/TIFF/WebP under another name."""
+    if reason == CMYK:
+        return True
+    name, sep, _ = (reason or "").partition(" data behind ")
+    return bool(sep) and name in set(OTHER_FORMATS.values())
+
+
+def _other_format_problem(f, size: int, name: str) -> str | None:
+    """Truncation checks for a PNG, BMP or WebP file (their ends or sizes are cheap to test); TIFF passes."""
+    if name == "PNG":
+        f.seek(max(0, size - TAIL))
+        return None if b"IEND" in f.read(TAIL) else "truncated (no PNG end chunk)"
+    f.seek(0)
+    head = f.read(12)
+    if name == "BMP" and len(head) >= 6 and int.from_bytes(head[2:6], "little") > size:
+        return "truncated (BMP shorter than its header says)"
+    if name == "WebP" and len(head) >= 8 and int.from_bytes(head[4:8], "little") + 8 > size:
+        return "truncated (WebP shorter than its header says)"
+    return None
+
+
 def header_problem(path) -> str | None:
     """A short reason why `path` is not a JPEG that decoders will take, or None if its header is fine.
 
@@ -185,8 +223,12 @@ def header_problem(path) -> str | None:
             head = f.read(PAGE)
             if not head.startswith(b"\xff\xd8\xff"):
                 name = foreign_format(head)
+                suffix = os.path.splitext(str(path))[1].lower()
+                if name and OTHER_FORMATS.get(suffix) == name:  # a PNG named .png, ...: judged as such
+                    return _other_format_problem(f, size, name)
                 if name:
-                    return f"{name} data behind a JPEG name"
+                    behind = "a JPEG name" if suffix in (".jpeg", ".jpg", "") else f"a {suffix} name"
+                    return f"{name} data behind {behind}"
                 return TEXT if _looks_like_text(head) else NOT_AN_IMAGE
             if size <= len(head):
                 tail = head[-TAIL:]

@@ -1,19 +1,41 @@
-"""Validation: exact top-1/top-5 over the whole validation set, counts summed over ranks."""
+"""Validation: exact top-1/top-5 over the whole validation set, counts summed over ranks.
+
+`evaluate()` is training's validation. `python -m rn50.evaluate` (this module's main, also under torchrun)
+evaluates a checkpoint of ours (raw or EMA weights) or a torchvision state dict on a data folder's
+validation split, with any loader, at one or several validation sizes, and writes eval.json (top-1, top-5,
+loss, val/count, per-class accuracy, precision, recall, F1 and macro averages) and the confusion matrix
+(confusion.csv; confusion.png up to 100 classes).
+"""
 
 from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rn50.dist import all_reduce_sum
+from pipelines.folder import class_names
+from rn50.dist import all_reduce_sum, init_distributed, shutdown
+from rn50.errors import UserError
+from rn50.loaders import build_split
 from rn50.metrics import topk_correct
+from rn50.model import add_blurpool, build_model
+from rn50.precision import autocast_dtype
+from rn50.recipe import add_recipe_flags, parse_strict, recipe_from_mapping, resolve, with_fields
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None, on_batch=None,
-             flip: bool = False) -> dict:
+             flip: bool = False, confusion: torch.Tensor | None = None) -> dict:
     """`model` must be the unwrapped model (not DDP): ranks may hold different numbers of batches.
     `flip`: test-time flip averaging, the mean of the logits of each image and its mirror image.
+    `confusion`: a [C, C] int64 tensor on the model's device, or None; this rank's images are added to it
+    (row: true class, column: top-1 prediction). Not reduced here: the caller all-reduces it.
 
     Every rank sums loss, correct counts and images; one all-reduce adds them up, so val/count is
     the validation set's size and the percentages are exact, never averages of per-rank averages.
@@ -31,6 +53,10 @@ def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = Non
                 logits = (logits.float() + model(torch.flip(images, dims=[3])).float()) / 2
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top1, top5 = topk_correct(logits, labels)
+        if confusion is not None:
+            classes = confusion.shape[0]
+            cells = labels * classes + logits.argmax(dim=1)
+            confusion += torch.bincount(cells, minlength=classes * classes).view(classes, classes)
         sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(len(labels))])
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
     model.train(was_training)
@@ -38,3 +64,258 @@ def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = Non
         raise RuntimeError("validation saw no images")
     return {"val/loss": loss / count, "val/top1": 100.0 * top1 / count, "val/top5": 100.0 * top5 / count,
             "val/count": int(count)}
+
+
+# --- metrics from a confusion matrix --------------------------------------------------------------------
+
+def class_metrics(confusion, classes: list[str] | None = None) -> dict:
+    """Per-class accuracy, precision, recall and F1, and their macro averages, from a confusion matrix
+    (rows: true class, columns: predicted class). A pure function of the counts.
+
+    Per-class accuracy is the share of a class's images predicted as that class (= its recall).
+    A ratio whose denominator is 0 (a class never predicted: precision; a class with no images: recall)
+    is 0, as scikit-learn's zero_division=0. The macro averages are unweighted means over the classes that
+    occur among the true labels or the predictions (scikit-learn's default label set), so training
+    classes absent from the validation split and never predicted do not pull them down."""
+    m = torch.as_tensor(confusion, dtype=torch.float64)
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a confusion matrix is square, got shape {tuple(m.shape)}")
+    n = m.shape[0]
+    names = list(classes) if classes is not None else [str(i) for i in range(n)]
+    tp, support, predicted = m.diagonal(), m.sum(dim=1), m.sum(dim=0)
+
+    def ratio(num, den):
+        return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+    precision, recall = ratio(tp, predicted), ratio(tp, support)
+    f1 = ratio(2 * precision * recall, precision + recall)
+    present = (support > 0) | (predicted > 0)
+    k = int(present.sum())
+
+    def macro(values):
+        return float(values[present].sum() / k) if k else 0.0
+
+    per_class = [{"class": names[i], "images": int(support[i]), "predicted": int(predicted[i]),
+                  "accuracy": float(recall[i]), "precision": float(precision[i]), "recall": float(recall[i]),
+                  "f1": float(f1[i])} for i in range(n)]
+    return {"per_class": per_class,
+            "macro": {"accuracy": macro(recall), "precision": macro(precision), "recall": macro(recall),
+                      "f1": macro(f1), "classes": k}}
+
+
+def write_confusion_csv(path: Path, confusion, classes: list[str]) -> None:
+    rows = torch.as_tensor(confusion).tolist()
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, rows):
+            writer.writerow([name, *row])
+
+
+def write_confusion_png(path: Path, confusion, classes: list[str], title: str) -> None:
+    """A heat map of the row-normalised matrix (each true class's images sum to 1), counts in the cells
+    when there are few classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = torch.as_tensor(confusion, dtype=torch.float64)
+    share = (m / m.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    n = len(classes)
+    side = min(4 + 0.25 * n, 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's images")
+    ticks = range(n)
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=max(4, 10 - n // 15))
+    ax.set_yticks(ticks, classes, fontsize=max(4, 10 - n // 15))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+PNG_MAX_CLASSES = 100
+# the recipe and machine flags that matter to an evaluation (rn50.recipe.add_recipe_flags)
+EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
+              "amp", "amp_dtype", "channels_last", "loader", "device", "dali_threads", "hw_decoder_load",
+              "prefetch", "workers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rn50.evaluate", allow_abbrev=False,
+        description="Evaluate weights on a data folder's validation split (one process or torchrun).",
+        epilog="Writes OUT/eval.json and OUT/confusion.csv (and confusion.png up to 100 classes); with --sizes, "
+               "confusion_<size>.csv/png per size. The classes are DIR/train's class folders.")
+    parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
+    parser.add_argument("--weights", required=True, type=Path,
+                        help="a checkpoint_*.pt of ours (its recipe gives arch, blurpool and sizes) or a "
+                             "torchvision state dict (.pth; --arch names the architecture)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for eval.json and the confusion matrix")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument("--sizes", default=None, metavar="S[,S...]",
+                        help="validation crop sizes to sweep (e.g. 224,256,288): one result per size")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="folder with val.txt from `python -m tools.scan`: evaluate those files only")
+    add_recipe_flags(parser, only=EVAL_FLAGS)
+    return parse_strict(parser, argv)
+
+
+def parse_sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--sizes takes comma-separated whole numbers (e.g. 224,256,288), got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise UserError(f"--sizes takes positive sizes, got {text!r}")
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"--sizes names a size twice: {text!r}")
+    return sizes
+
+
+def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, str]:
+    """(state dict, the checkpoint's saved recipe or None, what the weights are in words)."""
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
+                        "state dict (.pth)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"weights file {path} cannot be read ({type(exc).__name__}); pass a checkpoint_*.pt "
+                        "of ours or a torchvision state dict (.pth)") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint")
+    if "model" in loaded and isinstance(loaded["model"], dict):  # one of our checkpoints
+        recipe = loaded.get("recipe")
+        if ema:
+            if loaded.get("ema") is None:
+                raise UserError(f"{path} holds no EMA weights (the run had ema_decay 0); drop --ema")
+            # torch.optim.swa_utils.AveragedModel: the model under "module.", and its step count
+            state = {k.removeprefix("module."): v for k, v in loaded["ema"].items() if k != "n_averaged"}
+            return state, recipe, "checkpoint (EMA weights)"
+        return loaded["model"], recipe, "checkpoint"
+    if ema:
+        raise UserError(f"{path} is a plain state dict, not a checkpoint of ours: it has no EMA weights; drop --ema")
+    if not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UserError(f"{path} is neither a checkpoint of ours (no 'model') nor a state dict of tensors")
+    return loaded, None, "torchvision state dict"
+
+
+def load_into(model: torch.nn.Module, state: dict, path: Path, arch: str, num_classes: int) -> None:
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    fit = (f"the weights must be a {arch} (set --arch for a torchvision state dict) for the {num_classes} classes "
+           "of --data's train/ folder")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: another depth, or another number of classes
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = lines[0] if lines else str(exc).splitlines()[0]
+        raise UserError(f"{path} does not fit this model ({detail}); {fit}") from None
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this model: missing {sorted(missing)[:3]}, unexpected "
+                        f"{sorted(unexpected)[:3]}; {fit}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    sizes = parse_sizes(args.sizes)
+    env = init_distributed(args.device or "auto")
+    say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
+    state, saved, kind = read_weights(args.weights, args.ema)
+    base = recipe_from_mapping(saved) if saved else None
+    resolved = resolve(args, base)
+    recipe, machine = resolved.recipe, resolved.machine
+    if machine.loader == "synthetic":
+        raise UserError("--loader synthetic has random labels: choose dali, dali-cpu or torchvision to evaluate")
+    if sizes:
+        for size in sizes:  # every size's recipe is checked before the first evaluation
+            with_fields(recipe, val_image_size=size).validate()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write to {args.out} ({exc.strerror}); pass a writable --out") from None
+    classes = list(class_names(str(args.data)))
+    num_classes = len(classes)
+    spec = recipe.model
+    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
+    if spec.blurpool:
+        add_blurpool(model)
+    load_into(model, state, args.weights, spec.arch, num_classes)
+    memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
+    model = model.to(env.device, memory_format=memory_format).eval()
+    amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
+    say(f"evaluating {args.weights} ({kind}, {spec.arch}{', blurpool' if spec.blurpool else ''}) on "
+        f"{args.data}/val: {num_classes} classes, loader {machine.loader}, {env.world_size} process(es)")
+
+    results, matrices = [], []  # the matrices go to CSV files, not eval.json (1000 x 1000 for ImageNet)
+    for size in sizes or [recipe.augmentation.val_size]:
+        sized = with_fields(recipe, val_image_size=size)
+        loader = build_split(sized, machine, machine.loader, "val", args.data, env, args.manifest)
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
+        started = time.perf_counter()
+        scores = evaluate(model, loader, amp_dtype, flip=sized.augmentation.val_flip, confusion=confusion)
+        confusion = all_reduce_sum(confusion).cpu()
+        elapsed = time.perf_counter() - started
+        if int(confusion.sum()) != scores["val/count"]:
+            raise RuntimeError(f"confusion matrix holds {int(confusion.sum())} images, val/count {scores['val/count']}")
+        metrics = class_metrics(confusion, classes)
+        results.append({"image_size": size, "resize_ratio": sized.augmentation.val_resize_ratio,
+                        "resize_to": round(size / sized.augmentation.val_resize_ratio),
+                        "top1": scores["val/top1"], "top5": scores["val/top5"], "loss": scores["val/loss"],
+                        **scores, **metrics, "wall_s": round(elapsed, 3)})
+        matrices.append(confusion)
+        say(f"size {size}: top-1 {scores['val/top1']:.2f}%  top-5 {scores['val/top5']:.2f}%  loss "
+            f"{scores['val/loss']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  on {scores['val/count']} images "
+            f"({elapsed:.1f} s)")
+
+    report = {"weights": str(args.weights), "weights_kind": kind, "arch": spec.arch, "blurpool": spec.blurpool,
+              "data": str(args.data.resolve()), "loader": machine.loader, "world_size": env.world_size,
+              "val_flip": recipe.augmentation.val_flip, "amp_dtype": str(amp_dtype).removeprefix("torch.")
+              if amp_dtype else None, "classes": classes}
+    if env.is_main:
+        for result, confusion in zip(results, matrices):
+            stem = "confusion" if sizes is None else f"confusion_{result['image_size']}"
+            write_confusion_csv(args.out / f"{stem}.csv", confusion, classes)
+            result["confusion_csv"] = f"{stem}.csv"
+            if num_classes <= PNG_MAX_CLASSES:
+                write_confusion_png(args.out / f"{stem}.png", confusion, classes,
+                                    f"{args.weights.name} at {result['image_size']} px: top-1 {result['top1']:.2f}%")
+                result["confusion_png"] = f"{stem}.png"
+        if sizes is None:
+            report.update(results[0])
+        else:
+            report.update({"val/count": results[0]["val/count"], "sizes": results})
+        # one line, as metrics.jsonl's records: line-oriented tools (grep, jq -c, shell helpers) read it whole
+        (args.out / "eval.json").write_text(json.dumps(report) + "\n")
+        say(f"wrote {args.out / 'eval.json'} and the confusion matri{'x' if sizes is None else 'ces'}")
+    return report
+
+
+def main(argv=None) -> None:
+    code = 0
+    try:
+        run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        shutdown()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,14 +42,16 @@ class MetricsLog:
                     self.writer.add_scalar(name, value, record["step"])
             self.writer.flush()
 
-    def images(self, tag: str, images: torch.Tensor, step: int, count: int = 16) -> None:
-        """A grid of (augmented, normalised) input images, brought back to 0-1 for display."""
+    def images(self, tag: str, images: torch.Tensor, step: int, count: int = 16,
+               normalize: tuple[float, ...] = MEAN + STD) -> None:
+        """A grid of (augmented, normalised) input images, brought back to 0-1 for display; `normalize` is the
+        recipe's augmentation.normalize (MEAN x3, STD x3), the one the loaders applied."""
         if self.writer is None:
             return
         import torchvision
 
         batch = images[:count].detach().float().cpu()
-        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(STD).view(1, 3, 1, 1)
+        mean = torch.tensor(normalize[:3]).view(1, 3, 1, 1)
+        std = torch.tensor(normalize[3:]).view(1, 3, 1, 1)
         grid = torchvision.utils.make_grid((batch * std + mean).clamp(0, 1), nrow=8)
         self.writer.add_image(tag, grid, step)

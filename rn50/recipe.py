@@ -403,16 +403,19 @@ def numbers(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
-def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field, defaulting to None so that only flags the user gave override a preset."""
+def add_recipe_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field, defaulting to None so that only flags the user gave override a preset.
+    `only`: just these fields' flags (flat names; "preset" for --preset), for commands that need a few."""
     for title, table in (("recipe (defaults: the 90-epoch recipe)", RECIPE_FIELDS),
                          ("machine settings (not part of the recipe; free to change on resume)", MACHINE_FIELDS)):
         group = parser.add_argument_group(title)
-        if table is RECIPE_FIELDS:
+        if table is RECIPE_FIELDS and (only is None or "preset" in only):
             group.add_argument("--preset", default=None, metavar="NAME[,NAME...]",
                                help=f"recipe presets, applied left to right: {', '.join(available_presets())} "
                                     "or paths to .toml files")
         for f in table.values():
+            if only is not None and f.flat not in only:
+                continue
             flag = "--" + f.flat.replace("_", "-")
             text = f"{f.help} (default {f.default})".strip().replace("%", "%%")
             if f.kind is bool:
@@ -432,8 +435,8 @@ PEER_FLAGS = {
     "-j": "use --workers (torchvision loader) or --dali-threads (DALI loaders)",
     "--lr-warmup-epochs": "use --warmup-epochs (a linear warmup from 0, updated every step)",
     "--print-freq": "use --log-every (steps between logged losses)",
-    "--test-only": "there is no evaluation-only mode yet: every epoch ends with a validation (val/* in "
-                   "metrics.jsonl)",
+    "--test-only": "for a validation-only run use `python -m rn50.evaluate --data DIR --weights PATH --out DIR` "
+                   "(our checkpoints or torchvision weights)",
     "--lr-scheduler": "use --schedule step|cosine|plateau",
 }
 

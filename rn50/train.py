@@ -133,6 +133,13 @@ class LossTracker:
                 "steps": self.steps}
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour) for ETAs on the step line."""
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
 class Trainer:
     """One run: the loop over epochs, with logging, validation and checkpoints."""
 
@@ -215,6 +222,8 @@ class Trainer:
         self._sync()
         self.telemetry.start()
         begin = waited_from = time.perf_counter()
+        # the live progress on each step line: time, input wait and compile time at the last line, and its step
+        mark = {"at": begin, "wait": 0.0, "compiled": 0.0, "step": first}
         # global steps from 1: the --profile-steps window, and an "input wait" range around each batch in it
         batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe)
         for i, (images, labels) in enumerate(batches, start=first):
@@ -224,7 +233,8 @@ class Trainer:
             lr = lr_at(self.recipe.schedule, self.peak_lr, step, spe) * self.plateau.value
             set_lr(parts.optimizer, lr, frozen=step < freeze * spe)
             if i == first:
-                self.log.images("train/inputs", images, step)  # what the model sees, once an epoch
+                self.log.images("train/inputs", images, step,  # what the model sees, once an epoch
+                                normalize=self.recipe.augmentation.normalize)
             compiling = self.machine.compile and images.shape != self.compiled_shape
             if compiling:
                 self._sync()
@@ -241,9 +251,11 @@ class Trainer:
             if (i + 1) % self.machine.log_every == 0:  # the only per-step host sync, at log intervals
                 self.check_divergence(losses)
                 # epoch counts epochs completed (fractional mid-epoch); train/loss is rank 0's step loss
+                loss_value = loss.item()  # the sync: every step so far has finished, so the clock below is true
                 self.log.write({"epoch": epoch + (i + 1) / spe, "step": step + 1, "time_s": self.elapsed(),
-                                "lr": lr, "train/loss": loss.item()})
-                self.say(f"epoch {epoch + 1} step {i + 1}/{spe} lr {lr:.4g} loss {loss.item():.4f}")
+                                "lr": lr, "train/loss": loss_value})
+                progress = self._progress(mark, i + 1, epoch, host_wait, compiled or 0.0)
+                self.say(f"epoch {epoch + 1} step {i + 1}/{spe} lr {lr:.4g} loss {loss_value:.4f}{progress}")
             if i + 1 < spe:  # at an epoch's end, run() checkpoints after validation
                 self.checkpoint_if_due(epoch, i + 1, step + 1, losses)
             self.watchdog.progress(f"epoch {epoch + 1} after step {i + 1}: waiting for the next batch")
@@ -272,6 +284,27 @@ class Trainer:
             "train/host_wait_frac": host_wait / seconds,
             **self.gpu_telemetry(images_seen // self.env.world_size),
         }
+
+    def _progress(self, mark: dict, done: int, epoch: int, host_wait: float, compiled: float) -> str:
+        """The live part of a step line, measured since the previous line (host clocks only: the caller has
+        just synchronised through loss.item()): img/s over all ranks, the share of that time rank 0 waited in
+        next() for input, the ETA of this epoch's and of the run's training steps at that pace (validation
+        not counted), and on CUDA the peak memory allocated so far. Steps that compiled are left out."""
+        now = time.perf_counter()
+        steps, wait = done - mark["step"], host_wait - mark["wait"]
+        seconds = now - mark["at"] - (compiled - mark["compiled"])
+        mark.update(at=now, wait=host_wait, compiled=compiled, step=done)
+        if steps <= 0 or seconds <= 0:
+            return ""
+        per_step, spe = seconds / steps, self.steps_per_epoch
+        images = steps * self.recipe.optimisation.batch_size * self.env.world_size
+        left_epoch = (spe - done) * per_step
+        left_run = left_epoch + (self.recipe.schedule.epochs - epoch - 1) * spe * per_step
+        text = (f" | {images / seconds:.1f} img/s, input wait {100 * min(1.0, wait / seconds):.0f}%, "
+                f"eta epoch {_clock(left_epoch)} run {_clock(left_run)}")
+        if self.env.device.type == "cuda":
+            text += f", peak mem {torch.cuda.max_memory_allocated(self.env.device) / 2**30:.2f} GiB"
+        return text
 
     def checkpoint_if_due(self, epoch: int, steps_done: int, steps_total: int, losses: LossTracker) -> None:
         """One path for both mid-epoch checkpoints: the periodic one (--checkpoint-every) and the one a stop

@@ -319,10 +319,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(fake, tmp_path, case
         assert not (tmp_path / "out" / "train").exists() or not any((tmp_path / "out" / "train").iterdir())
 
 
-def test_progress_prints_a_line_every_n_files_from_any_thread():
-    stream = io.StringIO()
-    progress = Progress("train", every=4, stream=stream)
+def test_progress_prints_plain_lines_in_a_log_from_any_thread():
+    stream = io.StringIO()  # not a terminal: whole lines (tools.progress), no carriage returns
+    progress = Progress("train", stream=stream, log_every=0)
     run_tasks(lambda _: progress.tick(), range(10), workers=3)
     progress.done()
-    lines = stream.getvalue().splitlines()
-    assert [line.split(" in ")[0] for line in lines] == ["train: 4 files", "train: 8 files", "train: done, 10 files"]
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and progress.count == 10
+    assert lines[-2].startswith("train: 10 files in ") and "files/s" in lines[-2]  # the bar's last line
+    assert lines[-1].startswith("train: done, 10 files in ")

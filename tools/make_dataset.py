@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from rn50.errors import UserError
+from tools.progress import bar as progress_bar
 
 # Texture strengths, tuned so default-size images average ~100-110 KB (~4 bits/pixel),
 # like ImageNet's ~110 KB per image: per-pixel grain (sigma, on a 0..1 scale) is what
@@ -192,8 +193,16 @@ def check_args(out: Path, classes: int, train_per_class: int, val_per_class: int
                             f"pass a new --out directory or delete it first")
 
 
+def bar_iter(items, bar):
+    """Yield `items`, advancing the progress bar by one for each."""
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def make_dataset(out, classes: int, train_per_class: int, val_per_class: int, seed: int,
-                 min_side: int = 300, max_side: int = 500, workers: int | None = None) -> dict:
+                 min_side: int = 300, max_side: int = 500, workers: int | None = None,
+                 progress: bool = True) -> dict:
     """Write the data set under `out`; returns {"classes", "train", "val", "bytes"}."""
     out = Path(out)
     check_args(out, classes, train_per_class, val_per_class, seed, min_side, max_side, workers)
@@ -205,12 +214,14 @@ def make_dataset(out, classes: int, train_per_class: int, val_per_class: int, se
     tasks = [(str(out), split, cls, idx, classes, seed, min_side, max_side)
              for split in SPLITS for cls in range(classes) for idx in range(counts[split])]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
-    if workers == 1:
-        sizes = [make_one(t) for t in tasks]  # no pool start-up cost for tiny runs
-    else:
-        # forkserver, not fork: a caller with threads (torch, DALI) must not hand their locked state to workers
-        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-            sizes = pool.map(make_one, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
+    with progress_bar(len(tasks), "make_dataset", unit="images", enabled=progress) as bar:
+        if workers == 1:
+            sizes = [make_one(t) for t in bar_iter(tasks, bar)]  # no pool start-up cost for tiny runs
+        else:
+            # forkserver, not fork: a caller with threads (torch, DALI) must not hand their locked state to workers
+            with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+                chunksize = max(1, min(32, len(tasks) // (8 * workers)))
+                sizes = list(bar_iter(pool.imap_unordered(make_one, tasks, chunksize=chunksize), bar))
     return {"classes": classes, "train": classes * train_per_class,
             "val": classes * val_per_class, "bytes": int(sum(sizes))}
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import IO, Callable, Iterable
 
 from rn50.errors import UserError
+from tools.progress import LOG_EVERY, bar as progress_bar
 
 EXPECT_TRAIN, EXPECT_VAL, EXPECT_CLASSES = 1_281_167, 50_000, 1_000
 MODES = ("symlink", "move", "copy")
 SPLITS = ("train", "val")
-PROGRESS_EVERY = 5_000  # files between progress lines: ~260 lines for the whole of ImageNet
 COPY_BUFFER = 1 << 20  # 1 MiB reads from tar streams; JPEGs average ~110 KB, so most fit in one read
 
 DEVKIT_META = "data/meta.mat"
@@ -53,26 +53,27 @@ KAGGLE_HEADER = ["ImageId", "PredictionString"]
 
 
 class Progress:
-    """Counts placed files and prints a line to stderr every `every` files; safe to call from threads."""
+    """Counts placed files on a tools.progress bar (rate, and ETA when the total is known) on stderr, then
+    prints a `<label>: done, N files in S s` line; safe to call from threads."""
 
-    def __init__(self, label: str, every: int = PROGRESS_EVERY, stream: IO[str] | None = None):
-        self.label, self.every, self.stream = label, every, stream or sys.stderr
+    def __init__(self, label: str, total: int | None = None, stream: IO[str] | None = None,
+                 log_every: float = LOG_EVERY):
+        self.label, self.stream = label, stream or sys.stderr
         self.count = 0
         self.start = time.perf_counter()
         self._lock = threading.Lock()
+        self._bar = progress_bar(total, label, file=self.stream, log_every=log_every)
 
     def tick(self, n: int = 1) -> None:
         with self._lock:
-            before, self.count = self.count, self.count + n
-            if before // self.every != self.count // self.every:
-                self._print(f"{self.count:,} files")
+            self.count += n
+            self._bar.update(n)
 
     def done(self) -> None:
-        self._print(f"done, {self.count:,} files")
-
-    def _print(self, what: str) -> None:
+        with self._lock:
+            self._bar.close()
         secs = time.perf_counter() - self.start
-        print(f"{self.label}: {what} in {secs:.0f} s ({self.count / max(secs, 1e-9):,.0f} files/s)",
+        print(f"{self.label}: done, {self.count:,} files in {secs:.0f} s ({self.count / max(secs, 1e-9):,.0f} files/s)",
               file=self.stream, flush=True)
 
 
@@ -401,7 +402,7 @@ def prepare_val(src, out_val, plan: tuple[str, list[tuple[str, str]]], mode: str
     wnid_of = dict(items)
     for wnid in sorted(set(wnid_of.values())):
         (out_val / wnid).mkdir(parents=True, exist_ok=True)
-    progress = Progress("val")
+    progress = Progress("val", total=len(items))
     if kind == "tar":
         # Members in archive order, so the archive is read sequentially once.
         with tarfile.open(src, "r:*") as tar:

@@ -6,8 +6,11 @@ every file of every split once, on all cores, before a run does:
     python -m tools.scan DIR --out OUT [--min-side 8] [--workers N] [--fix]
 
 DIR is the ImageNet layout (`DIR/train/<class>/*.JPEG`, optionally `DIR/val/<class>/*.JPEG`). Every
-file in a class folder is looked at: names ending in .jpeg/.jpg (any case) are decoded, anything else
-is reported as "not a JPEG name" (the loaders ignore such files too). A file is bad when it is empty,
+file in a class folder is looked at: names ending in .jpeg/.jpg, .png, .bmp, .tif/.tiff or .webp (any
+case) are decoded, anything else is reported as "not a JPEG name" (the loaders ignore such files too).
+A PNG/BMP/TIFF/WebP file under its own suffix is good. CMYK JPEGs and PNG/BMP/TIFF/WebP data behind
+another name are still reported as bad here (the GPU loader stops on them), and the summary says how
+many of them the CPU loaders (dali-cpu, torchvision) read anyway. A file is bad when it is empty,
 truncated, undecodable (a full PIL decode, truncated images not tolerated), another format behind a
 JPEG name (PNG, GIF, ...), a CMYK JPEG, too small to crop (shorter side < --min-side), or has any
 problem that `pipelines.jpeg_check.header_problem` (the pre-flight check training runs) reports, so
@@ -49,7 +52,9 @@ from PIL import Image, ImageFile, ImageOps
 
 from pipelines.errors import UserError
 from pipelines.folder import IMAGE_SUFFIXES, SPLITS
-from pipelines.jpeg_check import NOT_AN_IMAGE, TEXT, TRUNCATED, ZERO_BYTES, header_problem
+from pipelines.jpeg_check import (NOT_AN_IMAGE, OTHER_FORMATS, TEXT, TRUNCATED, ZERO_BYTES, decodes_by_content,
+                                  header_problem)
+from tools.progress import bar as progress_bar
 
 REPORT_NAME = "scan_report.json"
 FIXED_DIR = "fixed"
@@ -100,6 +105,8 @@ def inspect(path: str, min_side: int) -> tuple[str | None, str | None, Image.Ima
         return header, "decodes fully: more than 4 KB of data follow the end-of-image marker", im
     if header is not None:
         return header, None, im
+    if OTHER_FORMATS.get(Path(path).suffix.lower()) == im.format:
+        return None, None, None  # a PNG named .png, ...: decoded by content, converted to RGB by the loaders
     if im.format not in JPEG_FORMATS:
         return f"{im.format} {BEHIND_NAME}", None, im
     if im.mode not in ("RGB", "L"):
@@ -192,32 +199,6 @@ def list_split(dataset: Path, split: str, index: dict[str, int], min_side: int, 
     return tasks, bad, classes, count
 
 
-class Progress:
-    """One progress line on stderr: rewritten in place on a terminal, a line every 10 s in a log."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.enabled = total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.start = self.last = time.perf_counter()
-
-    def _line(self, done: int, bad: int) -> str:
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        percent = 100 * done / max(self.total, 1)
-        return f"scan: {done}/{self.total} files ({percent:.0f}%), {bad} bad, {rate:.0f} files/s"
-
-    def update(self, done: int, bad: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < (0.25 if self.tty else 10.0):
-            return
-        self.last = now
-        print(("\r" if self.tty else "") + self._line(done, bad), end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self, done: int, bad: int) -> None:
-        if self.enabled:
-            print(("\r" if self.tty else "") + self._line(done, bad), file=sys.stderr, flush=True)
-
-
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -264,7 +245,8 @@ def scan(dataset, out, min_side: int = 8, workers: int | None = None, fix: bool 
         per_split[split] = {"files": count, "bad": bad, "classes": split_classes, "good": []}
 
     workers = max(1, min(workers or _cpu_count(), len(tasks)))
-    bar = Progress(len(tasks), progress)
+    bar = progress_bar(len(tasks), "scan", enabled=progress)
+    bar.set_postfix_str("0 bad", refresh=False)
     done = bad_count = 0
     for split, cls, name, reason, detail, fixed in _run(tasks, workers):
         done += 1
@@ -279,8 +261,9 @@ def scan(dataset, out, min_side: int = 8, workers: int | None = None, fix: bool 
             per_split[split]["bad"].append(entry)
         if reason is None or fixed:
             per_split[split]["good"].append((cls, name, fixed or rel, index[cls]))
-        bar.update(done, bad_count)
-    bar.close(done, bad_count)
+            bar.set_postfix_str(f"{bad_count} bad", refresh=False)
+        bar.update(1)
+    bar.close()
 
     report = {"dataset": str(dataset.resolve()), "out": str(out.resolve()), "min_side": min_side,
               "fix": fix, "workers": workers, "splits": {}}
@@ -318,6 +301,10 @@ def summary(report: dict) -> str:
             done = fixed_by_reason[reason]
             note = "" if not done else " (fixed)" if done == n else f" ({done} fixed)"
             lines.append(f"  {n:6d}  {reason}{note}")
+        readable = sum(n for reason, n in s["reasons"].items() if decodes_by_content(reason))
+        if readable:
+            lines.append(f"  {readable} of these (CMYK, or PNG/BMP/TIFF/WebP behind another name) decode with the CPU "
+                         "loaders (--loader dali-cpu, torchvision), which train on them without a manifest")
         for cls in s["empty_classes"]:
             lines.append(f"  warning: {split}/{cls} has no good files")
         unfixed += bad
