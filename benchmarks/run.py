@@ -200,7 +200,10 @@ class Bench:
 
     def train_windows(self, loader, env: DistEnv | None = None):
         env = env or self.env
-        parts = build_training(self.recipe, loader.num_classes, env, self.machine, profiling=self.profile is not None)
+        # synthetic labels are uniform: equal counts stand in (a weighted loss costs the same either way)
+        counts = getattr(loader, "class_counts", None) or (1,) * loader.num_classes
+        parts = build_training(self.recipe, loader.num_classes, env, self.machine, profiling=self.profile is not None,
+                               class_counts=counts)
         # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
         # larger batch, when a lever asks for one)
         set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))

@@ -88,6 +88,7 @@ class TorchvisionLoader:
                  workers=8):
         self.training = split == "train"
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
+        self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
         self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms"
         self.epoch = 0

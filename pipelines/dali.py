@@ -246,6 +246,7 @@ class DaliLoader:
         self.split = split
         self.training = split == "train"
         self._list = image_list
+        self.class_counts = image_list.class_counts()  # the loader interface: images per class of this split
         self.num_samples = len(self._list)
         self.num_classes = len(self._list.classes)
         self.batch_size = batch_size

@@ -29,6 +29,13 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.files)
 
+    def class_counts(self) -> tuple[int, ...]:
+        """Images per class, by label."""
+        counts = [0] * len(self.classes)
+        for label in self.labels:
+            counts[label] += 1
+        return tuple(counts)
+
 
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir())

@@ -13,6 +13,8 @@ class SyntheticLoader:
     def __init__(self, split, *, image_list, batch_size, aug, rank, world_size, seed, device,
                  dtype, num_classes=1000, num_samples=None, **_unused):
         # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.
+        # random labels: every class equally likely, whatever the folder's counts
+        self.class_counts = None
         if image_list is not None:
             num_samples, num_classes = len(image_list), len(image_list.classes)
         self.num_samples = num_samples if num_samples is not None else batch_size * world_size

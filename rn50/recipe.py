@@ -79,6 +79,9 @@ class Regularisation:
     ema_decay: float = opt(0.0, "EMA of the weights, evaluated beside the raw model (e.g. 0.9998); 0: off")
     mixup_alpha: float = opt(0.0, "Mixup on the GPU batch (Beta(alpha, alpha)); 0: off")
     cutmix_alpha: float = opt(0.0, "CutMix; with both on, each batch takes one of the two at random")
+    class_weights: str = opt("none", "none | balanced: weight each class's loss by N / (classes x its images), "
+                                     "for imbalanced data (a weighted loss, not resampling: DALI's reader and its "
+                                     "exact resume stay as they are)")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class Recipe:
     def validate(self) -> "Recipe":
         checks = (("optimizer", self.optimisation.optimizer, ("sgd", "adamw", "lamb")),
                   ("schedule", self.schedule.kind, ("step", "cosine", "plateau", "linear")),
-                  ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")))
+                  ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")),
+                  ("class_weights", self.regularisation.class_weights, ("none", "balanced")))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")

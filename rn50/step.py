@@ -13,6 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects
+from rn50.errors import UserError
 from rn50.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, on_stream
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.model import add_blurpool, build_model, count_parameters, load_weights
@@ -51,10 +52,24 @@ def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_
     return teacher.to(env.device, memory_format=memory_format)
 
 
+def class_weights(kind: str, class_counts, device) -> torch.Tensor | None:
+    """"balanced": class c's loss weighted by N / (C x n_c) (sklearn's "balanced"), so every class carries
+    the same total weight in an epoch; a class without images gets weight 0. "none": None (unweighted)."""
+    if kind == "none":
+        return None
+    if not class_counts:
+        raise UserError("--class-weights balanced needs the training images' class counts; the synthetic loader "
+                        "draws labels uniformly: drop --class-weights there")
+    counts = torch.tensor(class_counts, dtype=torch.float32)
+    weights = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp(min=1)), torch.zeros(()))
+    return weights.to(device)
+
+
 def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Machine | None = None,
-                   profiling: bool = False) -> TrainingParts:
+                   profiling: bool = False, class_counts: tuple[int, ...] | None = None) -> TrainingParts:
     """The model, optimizer, scaler and loss of the recipe, run the way `machine` says (its speed levers).
-    `profiling` (--profile-steps) names the all-reduce too: a Python comm hook, only when profiling."""
+    `profiling` (--profile-steps) names the all-reduce too: a Python comm hook, only when profiling.
+    `class_counts`: the training images per class, for --class-weights balanced."""
     machine = machine or Machine()
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
@@ -104,7 +119,8 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
             model.register_comm_hook(None, hook)
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(reg.class_weights, class_counts, env.device),
+                                    label_smoothing=reg.label_smoothing)
     parts = TrainingParts(
         model, build_optimizer(model, recipe.optimisation, head, fused=machine.fused_optimizer), scaler, criterion,
         amp_dtype,

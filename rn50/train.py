@@ -528,7 +528,8 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     watchdog.progress("starting: building the model")
     check_window(args.profile_steps, recipe.schedule.epochs * len(train_loader),
                  f"this run ({recipe.schedule.epochs} epochs x {len(train_loader)} steps)")
-    parts = build_training(recipe, train_loader.num_classes, env, machine, profiling=args.profile_steps is not None)
+    parts = build_training(recipe, train_loader.num_classes, env, machine, profiling=args.profile_steps is not None,
+                           class_counts=train_loader.class_counts)
     notes += parts.notes
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:

@@ -194,3 +194,30 @@ def test_loaders_apply_the_recipe_normalize(tmp_path, kind, split_name):
     images = torch.cat([x.float() for x, _ in out])
     expected = (torch.tensor([200, 100, 30]) / 255 - torch.tensor(norm[:3])) / torch.tensor(norm[3:])
     torch.testing.assert_close(images, expected.view(1, 3, 1, 1).expand_as(images), rtol=0, atol=1e-4)
+
+
+def test_balanced_class_weights_give_every_class_the_same_total_weight():
+    from rn50.step import class_weights
+
+    weights = class_weights("balanced", (30, 10, 0, 20), "cpu")
+    # N / (C x n_c) = 60 / (4 x n_c): 0.5, 1.5, 0 (no images), 0.75
+    assert weights.tolist() == pytest.approx([0.5, 1.5, 0.0, 0.75])
+    assert class_weights("none", (30, 10), "cpu") is None
+    with pytest.raises(UserError, match="synthetic loader"):
+        class_weights("balanced", None, "cpu")
+
+
+def test_a_run_with_balanced_weights_uses_them_in_its_loss(data_dir, tmp_path):
+    import torch
+
+    from rn50.dist import DistEnv
+    from rn50.recipe import with_fields
+    from rn50.step import build_training
+
+    parts = build_training(with_fields(arch="resnet18", class_weights="balanced", label_smoothing=0.0), 4,
+                           DistEnv(0, 1, 0, torch.device("cpu")), class_counts=(12, 12, 6, 18))
+    logits, labels = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 2, 2, 0, 3])
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([1.0, 1.0, 2.0, 2 / 3]))
+    assert parts.criterion(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(UserError, match="class_weights must be one of"):
+        with_fields(class_weights="inverse").validate()
