@@ -18,6 +18,15 @@ from pipelines.folder import check_files, list_split
 KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
 
 
+def check_device(kind: str, device) -> None:
+    """The loader kind can run on this device: `dali` decodes on the GPU and needs CUDA."""
+    import torch
+
+    if kind == "dali" and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
+        raise UserError("the dali loader decodes on the GPU but CUDA is not available to this run; "
+                        "pass --loader dali-cpu (DALI's CPU operators) here")
+
+
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
                  manifest=None, preflight: bool = True, augmentation: Augmentation | None = None, **options):
@@ -32,9 +41,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     if kind not in KINDS:
         raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
     device = torch.device(device)
-    if kind == "dali" and (device.type != "cuda" or not torch.cuda.is_available()):
-        raise UserError("the dali loader decodes on the GPU but CUDA is not available to this run; "
-                        "use --loader dali-cpu (DALI's CPU operators) here")
+    check_device(kind, device)
     spec_fields = {f.name for f in fields(Augmentation)}
     aug = replace(augmentation or Augmentation(), image_size=image_size,
                   **{k: options.pop(k) for k in list(options) if k in spec_fields}).validate()

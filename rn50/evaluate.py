@@ -24,7 +24,7 @@ from rn50.dist import all_reduce_sum, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.loaders import build_split
 from rn50.metrics import topk_correct
-from rn50.model import add_blurpool, build_model
+from rn50.model import add_blurpool, build_model, load_state, read_weights_file
 from rn50.precision import autocast_dtype
 from rn50.recipe import add_recipe_flags, parse_strict, recipe_from_mapping, resolve, with_fields
 
@@ -189,16 +189,7 @@ def parse_sizes(text: str | None) -> list[int] | None:
 
 def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, str]:
     """(state dict, the checkpoint's saved recipe or None, what the weights are in words)."""
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
-                        "state dict (.pth)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"weights file {path} cannot be read ({type(exc).__name__}); pass a checkpoint_*.pt "
-                        "of ours or a torchvision state dict (.pth)") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint")
+    loaded = read_weights_file(path)
     if "model" in loaded and isinstance(loaded["model"], dict):  # one of our checkpoints
         recipe = loaded.get("recipe")
         if ema:
@@ -213,21 +204,6 @@ def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, str]:
     if not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UserError(f"{path} is neither a checkpoint of ours (no 'model') nor a state dict of tensors")
     return loaded, None, "torchvision state dict"
-
-
-def load_into(model: torch.nn.Module, state: dict, path: Path, arch: str, num_classes: int) -> None:
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    fit = (f"the weights must be a {arch} (set --arch for a torchvision state dict) for the {num_classes} classes "
-           "of --data's train/ folder")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ: another depth, or another number of classes
-        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        detail = lines[0] if lines else str(exc).splitlines()[0]
-        raise UserError(f"{path} does not fit this model ({detail}); {fit}") from None
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit this model: missing {sorted(missing)[:3]}, unexpected "
-                        f"{sorted(unexpected)[:3]}; {fit}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -253,7 +229,9 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(spec.arch, num_classes, spec.zero_init_residual)
     if spec.blurpool:
         add_blurpool(model)
-    load_into(model, state, args.weights, spec.arch, num_classes)
+    load_state(model, state, args.weights, replace_classifier=False,
+               fit=f"the weights must be a {spec.arch} (set --arch for a torchvision state dict) for the "
+                   f"{num_classes} classes of --data's train/ folder")
     memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format).eval()
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)

@@ -6,8 +6,8 @@ import torch
 import torchvision
 
 from rn50.errors import UserError
+from rn50.recipe import ARCHS
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def build_model(arch: str, num_classes: int, zero_init_residual: bool = True) -> torch.nn.Module:
@@ -51,34 +51,52 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_weights(model: torch.nn.Module, path: str, replace_classifier: bool) -> list[str]:
-    """Load a torchvision state dict or one of our checkpoints into `model`.
-
-    With replace_classifier, a classifier (fc) of another shape is left as initialised (fine-tuning for
-    C classes); everything else must match. Returns the names left as initialised."""
+def read_weights_file(path) -> dict:
+    """A weights file's contents: one of our checkpoints (a dict with "model") or a torchvision state dict.
+    A missing or unreadable file is a UserError naming the fix."""
     from pathlib import Path
 
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
                         "state dict (.pth)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"weights file {path} cannot be read ({type(exc).__name__}); pass a .pt/.pth state dict") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from a DDP wrapper
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint")
+    return loaded
+
+
+def load_state(model: torch.nn.Module, state: dict, path, replace_classifier: bool, fit: str) -> list[str]:
+    """Load a state dict read from `path` into `model`; `fit` says what to check when it does not fit.
+
+    With replace_classifier, a classifier (fc) of another shape is left as initialised (fine-tuning for
+    C classes); everything else must match. Returns the names left as initialised."""
+    # saved from a DDP wrapper or a torch.compile'd module
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     kept = [k for k in ("fc.weight", "fc.bias")
             if replace_classifier and k in state and state[k].shape != own[k].shape]
     for key in kept:
         del state[key]
-    fit = f"check --arch / --kd-teacher-arch (the weights must be a {type(model).__name__} of the same depth)"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensor shapes differ: another depth
-        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+    except RuntimeError as exc:  # tensor shapes differ: another depth, or another number of classes
+        lines = str(exc).splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line),
+                      lines[1].strip() if len(lines) > 1 else str(exc))
         raise UserError(f"{path} does not fit this model ({detail}); {fit}") from None
     if set(missing) - set(kept) or unexpected:
         raise UserError(f"{path} does not fit this model: missing {sorted(set(missing) - set(kept))[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}; {fit}")
     return kept
+
+
+def load_weights(model: torch.nn.Module, path: str, replace_classifier: bool) -> list[str]:
+    """Load a torchvision state dict or one of our checkpoints (its raw weights) into `model` (load_state)."""
+    loaded = read_weights_file(path)
+    state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
+    return load_state(model, state, path, replace_classifier,
+                      f"check --arch / --kd-teacher-arch (the weights must be a {type(model).__name__} of the "
+                      "same depth)")

@@ -31,6 +31,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = KINDS
 DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.model
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ class Recipe:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for arch in (self.model.arch, self.distillation.teacher_arch):  # rn50.model.build_model builds these
+            if arch not in ARCHS:
+                raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         for name in ("epochs", "batch_size", "base_batch"):  # image_size: Augmentation.validate below
             if get(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {get(self, name)}")

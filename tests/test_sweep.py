@@ -182,10 +182,10 @@ def _layout(root, train=("a", "b"), val=("a", "b"), empty=()):
     (dict(val=None), "val is missing; the data folder needs train/ and val/"),
     (dict(train=None), "train is missing; the data folder needs train/ and val/"),
     (dict(train=()), "has no class folders"),
-    (dict(val=()), "holds no .JPEG files; put images in"),
+    (dict(val=()), "holds no .JPEG files (nor .png, .bmp, .tif, .webp); put images in"),
     (dict(val=("a", "c")), "is a class that"),
     (dict(empty=("train/b",)), "train/b holds no .JPEG files"),
-    (dict(empty=("val/a", "val/b")), "holds no .JPEG files; put images in"),
+    (dict(empty=("val/a", "val/b")), "holds no .JPEG files (nor .png, .bmp, .tif, .webp); put images in"),
 ])
 def test_a_data_folder_every_run_would_refuse_is_one_error_before_any_run(tmp_path, capsys, layout, message):
     data = _layout(tmp_path / "data", **layout)

@@ -35,7 +35,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -103,35 +102,13 @@ def parse_grid(lrs: str, batch_sizes: str) -> list[GridPoint]:
 
 
 def check_data(data: Path, manifest: Path | None) -> None:
-    """The dataset layout every run lists first, checked once by listing folders (no image is opened):
-    train/ with class folders that hold JPEGs, and val/ with class folders that training has and at least one
-    JPEG; with --manifest, its train.txt and val.txt instead of the images. The messages are rn50.train's."""
-    from pipelines.folder import IMAGE_SUFFIXES, class_names
+    """The dataset layout every run lists first, checked once with rn50.train's own listing (its messages):
+    train/ with class folders that hold images, val/ with classes that training has; with --manifest, its
+    train.txt and val.txt. No image is opened (the header check stays with each run)."""
+    from pipelines.folder import SPLITS, list_split
 
-    def holds_an_image(folder: Path) -> bool:  # stops at the first one: cheap even for 1,300 files a class
-        with os.scandir(folder) as entries:
-            return any(e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file() for e in entries)
-
-    classes = class_names(str(data))  # train/ and its class folders
-    val = data / "val"
-    if not val.is_dir():
-        raise UserError(f"{val} is missing; the data folder needs train/ and val/, each with one folder per class")
-    if manifest is not None:
-        for split in ("train", "val"):
-            if not (manifest / f"{split}.txt").is_file():
-                raise UserError(f"manifest {manifest / f'{split}.txt'} does not exist; write it with "
-                                f"`python -m tools.scan DATA --out {manifest}`")
-        return
-    empty = next((name for name in classes if not holds_an_image(data / "train" / name)), None)
-    if empty is not None:
-        raise UserError(f"class folder {data / 'train' / empty} holds no .JPEG files; add images or remove the folder")
-    val_classes = sorted(p for p in val.iterdir() if p.is_dir())
-    stranger = next((p for p in val_classes if p.name not in classes), None)
-    if stranger is not None:
-        raise UserError(f"{stranger} is a class that {data / 'train'} does not have; validation classes must be "
-                        "a subset of the training classes (rename or remove it)")
-    if not any(holds_an_image(p) for p in val_classes):
-        raise UserError(f"{val} holds no .JPEG files; put images in {val}/<class>/")
+    for split in SPLITS:
+        list_split(str(data), split, None if manifest is None else str(manifest))
 
 
 def parse_run_flags(extra: list[str], data: Path, out: Path) -> argparse.Namespace:
@@ -161,8 +138,8 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
     the device the loader needs. A typo would otherwise fail every run, one start-up at a time."""
     args = parse_run_flags(extra, data, out / grid[0].name)
     check_data(data, args.manifest)
+    from pipelines import check_device
     from rn50.device import choose_device
-    from rn50.model import ARCHS
     from rn50.recipe import resolve
 
     resolved = resolve(args)  # a preset name or a field value that rn50.train would refuse, for every point
@@ -172,18 +149,12 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
         except UserError as err:
             raise UserError(f"grid point {point.label}: {err}") from None
     recipe, machine = resolved.recipe, resolved.machine
-    archs = [recipe.model.arch] + ([recipe.distillation.teacher_arch] if recipe.distillation.teacher else [])
-    for arch in archs:
-        if arch not in ARCHS:
-            raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     for flag, path in (("--finetune-from", recipe.model.finetune_from), ("--kd-teacher", recipe.distillation.teacher)):
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
                             "state dict (.pth)")
-    device = choose_device(machine.device)  # GPUs that CUDA cannot use, or --device cuda without one
-    if machine.loader == "dali" and device.type != "cuda":
-        raise UserError("the dali loader decodes on the GPU but CUDA is not available to these runs; "
-                        "pass --loader dali-cpu (DALI's CPU operators) after --")
+    # GPUs that CUDA cannot use, --device cuda without one, or the GPU loader without CUDA
+    check_device(machine.loader, choose_device(machine.device))
 
 
 # ---- one run ----
