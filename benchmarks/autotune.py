@@ -1,4 +1,5 @@
-"""--autotune: sweep DALI threads, hw_decoder_load and prefetch depth in loader mode; keep the best.
+"""--autotune: sweep DALI threads, hw_decoder_load and prefetch depth in loader mode (every DALI loader measured); keep
+the best.
 
 The best setting is saved as a recipe preset, `OUT/autotuned.toml`, which rn50.train (and this harness)
 read with `--preset OUT/autotuned.toml`.
@@ -10,6 +11,7 @@ import itertools
 import os
 import statistics
 
+from pipelines import DALI_KINDS
 from rn50.dist import all_gather_objects
 
 HW_DECODER_LOADS = (0.0, 0.5, 0.65, 0.8, 0.9, 1.0)  # only the GPU pipeline has a hardware decoder
@@ -34,7 +36,7 @@ def grid(loader: str, world_size: int) -> list[dict]:
 def sweep(bench, plan, out) -> dict | None:
     """Loader-mode img/s (all ranks together) for every setting of every DALI loader in the plan."""
     results = {}
-    for loader in (name for name in plan.loaders if name in ("dali", "dali-cpu")):
+    for loader in (name for name in plan.loaders if name in DALI_KINDS):
         rows = []
         for setting in grid(loader, bench.env.world_size):
             windows, _ = bench.windows(bench.loader(loader, **setting), None)
@@ -46,8 +48,8 @@ def sweep(bench, plan, out) -> dict | None:
         results[loader] = {"sweep": rows, "best": best}
     if not results:
         return None
-    # the GPU pipeline's best when it was swept (it is the one to train with), else the CPU pipeline's
-    loader = "dali" if "dali" in results else "dali-cpu"
+    # the GPU pipeline's best when it was swept (it is the one to train with), else the first one swept
+    loader = "dali" if "dali" in results else next(iter(results))
     preset = None
     if out is not None:
         lines = ["# Written by `python -m benchmarks.run --autotune`: the fastest loader-mode setting.",

@@ -48,6 +48,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"MFU: {flops['per_image_train'] / 1e9:.2f} GFLOPs per image (forward+backward, "
               f"{flops['counted_with']}) over a peak of {_num(flops['peak_tflops'], '{:g}')} TFLOP/s "
               f"({flops['peak_source']}).", ""]
+    lines += loader_choice(report)
     if report["ratios"]:
         lines += ["## Loader ratios", ""]
         for pair, modes in report["ratios"].items():
@@ -122,6 +123,22 @@ def markdown(report: dict) -> str:
     lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
               f"{config['dataset']['classes']} classes)", ""]
     return "\n".join(lines)
+
+
+def loader_choice(report: dict) -> list[str]:
+    """The answer drawn from the figures, then each loader against DALI."""
+    lines = []
+    if report.get("recommendation"):
+        lines += ["## Which loader should I use here", "", report["recommendation"]["text"], ""]
+    to_dali = report.get("ratios_to_dali")
+    if to_dali and to_dali["loaders"]:
+        lines += [f"## Each loader against {to_dali['reference']}", "",
+                  f"| loader | loader mode (x {to_dali['reference']}) | end to end (x {to_dali['reference']}) |",
+                  "|---|---|---|"]
+        for name, pair in to_dali["loaders"].items():
+            lines.append(f"| {name} | {_num(pair.get('loader'), '{:.2f}x')} | {_num(pair.get('train'), '{:.2f}x')} |")
+        lines.append("")
+    return lines
 
 
 def profile_section(profile: dict) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 from benchmarks import autotune as autotuning
 from benchmarks import levers as levers_mod
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
+from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
 from rn50.telemetry import Telemetry
@@ -40,11 +41,18 @@ from rn50.loaders import build_split
 from rn50.profiling import (TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window,
                             named_range)
 from rn50.provenance import environment
+from pipelines import CUDA_ONLY, KINDS
 from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
 from rn50.schedule import set_lr
 from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
+LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
+
+
+def default_loaders(gpu: bool) -> tuple[str, ...]:
+    """Every loader this machine can run: all of them with CUDA, those that run on the CPU without it."""
+    return LOADERS if gpu else tuple(kind for kind in LOADERS if kind not in CUDA_ONLY)
 IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
 
 
@@ -66,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train (default all)")
     parser.add_argument("--loaders", default=None,
-                        help="subset of dali,dali-cpu,torchvision (default: all three on a GPU machine, "
-                             "dali-cpu,torchvision without one)")
+                        help=f"subset of {','.join(LOADERS)} (default: every one this machine can run: all on a "
+                             f"GPU machine, {','.join(default_loaders(False))} without one)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -93,13 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def machine_defaults(args, gpu: bool) -> None:
     """Fill what the user left open with defaults for the device the harness runs on."""
     if args.loaders is None:  # `--loaders ""` means none: a synthetic-only run
-        args.loaders = ",".join((["dali"] if gpu else []) + ["dali-cpu", "torchvision"])
+        args.loaders = ",".join(default_loaders(gpu))
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (20 if gpu else 3)
     args.steps = args.steps if args.steps is not None else (100 if gpu else 6)
     args.repeats = args.repeats if args.repeats is not None else (3 if gpu else 2)
     if not gpu:  # CPU defaults: the recipe's are sized for GPU machines
         args.batch_size = args.batch_size or 32  # 256 would be minutes per step
-        # the same cores for both CPU loaders, so their comparison is fair
+        # the same cores for every CPU loader (DALI threads, worker processes, reading threads): a fair comparison
         cores = os.cpu_count() or 1
         args.dali_threads = args.dali_threads or cores
         args.workers = args.workers if args.workers is not None else cores
@@ -117,8 +125,8 @@ def make_plan(args) -> Plan:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for name in loaders:
-        if name not in ("dali", "dali-cpu", "torchvision"):
-            raise UserError(f"unknown loader {name!r}; choose from dali, dali-cpu, torchvision "
+        if name not in LOADERS:
+            raise UserError(f"unknown loader {name!r}; choose from {', '.join(LOADERS)} "
                             "(synthetic data is the 'synthetic' mode)")
     if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
         raise UserError("a timed window needs --steps >= 2 after --warmup-steps >= 1, and --repeats >= 1")
@@ -303,13 +311,15 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
             estimates[name] = time_to_train(train["img_per_s"])
     if ceiling:
         estimates["synthetic"] = time_to_train(ceiling["img_per_s"])
+    to_dali = ratios_to_dali(results)
     ratios = {}
     for faster in ("dali", "dali-cpu"):
         pair = {mode: by[(mode, faster)]["img_per_s"] / by[(mode, "torchvision")]["img_per_s"]
                 for mode in ("loader", "train") if (mode, faster) in by and (mode, "torchvision") in by}
         if pair:
             ratios[f"{faster}/torchvision"] = pair
-    return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios}
+    return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios, "ratios_to_dali": to_dali,
+            "recommendation": recommend(results, verdicts, to_dali, device_type, env.world_size)}
 
 
 def time_to_train(img_per_s: float) -> dict:
@@ -424,8 +434,10 @@ def run(args, argv) -> dict:
     measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
     check_window(args.profile_steps, measurement_steps, f"each measurement ({plan.warmup_steps} warm-up steps + "
                  f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
-    if env.device.type != "cuda" and "dali" in plan.loaders:
-        raise UserError("the dali loader needs a CUDA GPU; benchmark --loaders dali-cpu,torchvision here")
+    needs_cuda = [name for name in plan.loaders if name in CUDA_ONLY]
+    if env.device.type != "cuda" and needs_cuda:
+        raise UserError(f"{' and '.join(needs_cuda)} need{'s' if len(needs_cuda) == 1 else ''} a CUDA GPU; "
+                        f"benchmark --loaders {','.join(default_loaders(False))} here")
     # every input is checked before the first measurement, which may take many minutes
     accuracy_rows = time_to_accuracy(args.training_runs)
     prepare_out(args.out)

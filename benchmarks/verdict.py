@@ -26,6 +26,16 @@ NEXT_STEPS = {
         "add DALI threads (--dali-threads) up to the number of free cores per GPU",
         "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
     ],
+    "dali-hybrid": [
+        "switch to the GPU decoder (--loader dali) where the GPU has a hardware JPEG decoder (A100/H100/H200)",
+        "add DALI threads (--dali-threads) up to the free cores per GPU: decoding and cropping run on them",
+        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
+    ],
+    "torchvision-gpu": [
+        "switch to DALI (--loader dali): its decode is fused with the crop and shares the hardware decoder",
+        "raise --prefetch (batches decoded ahead) and --workers (threads reading the files)",
+        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
+    ],
     "torchvision": [
         "switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better than worker processes",
         "add DataLoader workers (--workers) up to the free cores per GPU",

@@ -15,16 +15,20 @@ from pipelines.augmentation import Augmentation
 from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
 
-KINDS = ("dali", "dali-cpu", "torchvision", "synthetic")
+KINDS = ("dali", "dali-hybrid", "dali-cpu", "torchvision-gpu", "torchvision", "synthetic")
+# Kinds that need CUDA, with what they do on the GPU (for the error without one)
+CUDA_ONLY = {"dali": "decodes on the GPU", "dali-hybrid": "resizes, jitters and normalises on the GPU"}
+# Kinds whose augmentations run in DALI: RandAugment and repeated augmentation are theirs alone
+DALI_KINDS = ("dali", "dali-hybrid", "dali-cpu")
 
 
 def check_device(kind: str, device) -> None:
-    """The loader kind can run on this device: `dali` decodes on the GPU and needs CUDA."""
+    """The loader kind can run on this device: `dali` and `dali-hybrid` need CUDA."""
     import torch
 
-    if kind == "dali" and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
-        raise UserError("the dali loader decodes on the GPU but CUDA is not available to this run; "
-                        "pass --loader dali-cpu (DALI's CPU operators) here")
+    if kind in CUDA_ONLY and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
+        raise UserError(f"the {kind} loader {CUDA_ONLY[kind]} but CUDA is not available to this run; "
+                        "pass --loader dali-cpu (DALI's CPU operators) or torchvision-gpu (runs on the CPU) here")
 
 
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
@@ -34,7 +38,8 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     preflight: without a manifest, check every file's header before the first batch.
     augmentation: the spec (pipelines.augmentation); single fields of it may also come as options
     (color_jitter=0.0), and image_size always sets its image_size.
-    options: dali_threads, hw_decoder_load, fused_decode, prefetch (DALI); workers (torchvision);
+    options: dali_threads, hw_decoder_load, fused_decode, prefetch (DALI); workers (torchvision: worker
+    processes; torchvision-gpu: reading threads), prefetch (torchvision-gpu: batches prepared ahead);
     num_classes, num_samples (synthetic). Options a loader does not take are ignored."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
@@ -45,9 +50,10 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     spec_fields = {f.name for f in fields(Augmentation)}
     aug = replace(augmentation or Augmentation(), image_size=image_size,
                   **{k: options.pop(k) for k in list(options) if k in spec_fields}).validate()
-    if kind == "torchvision" and split == "train" and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
-        raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali "
-                        "or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
+    if kind not in DALI_KINDS and kind != "synthetic" and split == "train" \
+            and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
+        raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali, "
+                        "dali-hybrid or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
         if data_dir is not None else None
@@ -62,17 +68,22 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
             check_files(image_list, rank, world_size, kind)
     common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
-    if kind in ("dali", "dali-cpu"):
-        from pipelines.dali import DaliLoader
+    if kind in DALI_KINDS:
+        from pipelines.dali import PLACEMENTS, DaliLoader
 
         dali = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
                 "hw_decoder_load": options.get("hw_decoder_load", 0.65),
                 "fused_decode": options.get("fused_decode", True)}
-        return DaliLoader(split, **common, local_rank=local_rank, gpu=kind == "dali", **dali)
+        return DaliLoader(split, **common, local_rank=local_rank, placement=PLACEMENTS[kind], **dali)
     if kind == "torchvision":
         from pipelines.baseline import TorchvisionLoader
 
         return TorchvisionLoader(split, **common, workers=options.get("workers", 8))
+    if kind == "torchvision-gpu":
+        from pipelines.torchvision_gpu import TorchvisionGpuLoader
+
+        return TorchvisionGpuLoader(split, **common, threads=options.get("workers", 8),
+                                    prefetch=options.get("prefetch", 2))
     from pipelines.synthetic import SyntheticLoader
 
     return SyntheticLoader(split, **common, **options)

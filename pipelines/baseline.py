@@ -66,7 +66,7 @@ class JpegFolder(Dataset):
             return self.transform(to_rgb(image)), self.labels[index]
 
 
-class _Shard(torch.utils.data.Sampler):
+class ValidationShard(torch.utils.data.Sampler):
     """Validation sharding without padding: rank r takes every world-th image, so summed over ranks
     each image is counted once (DistributedSampler pads with repeated images)."""
 
@@ -98,7 +98,7 @@ class TorchvisionLoader:
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)
         else:
-            self.sampler = _Shard(self.num_samples, rank, world_size)
+            self.sampler = ValidationShard(self.num_samples, rank, world_size)
         self.image_size = aug.train_size(0) if self.training else aug.val_size
         self._loader = self._make_loader()
 

@@ -1,8 +1,13 @@
 """DALI input pipelines: one definition per split, a `device` switch between GPU and CPU operators.
 
-GPU ("dali"):      readers.file -> nvJPEG decode fused with RandomResizedCrop (mixed, HW decoder) -> resize
-                   -> colour jitter -> flip + normalise -> fp16 NHWC on the GPU, never through the host.
-CPU ("dali-cpu"):  the same operators on the CPU (tests, CI, machines without CUDA).
+GPU ("dali"):            readers.file -> nvJPEG decode fused with RandomResizedCrop (mixed, HW decoder) ->
+                         resize -> colour jitter -> flip + normalise -> fp16 NHWC on the GPU, never through
+                         the host.
+Hybrid ("dali-hybrid"):  decode fused with the crop on DALI's CPU threads (libjpeg-turbo), then the rest on
+                         the GPU: for GPUs without a hardware JPEG decoder and machines with spare cores.
+CPU ("dali-cpu"):        every operator on the CPU (tests, CI, machines without CUDA).
+
+`placement` names the split: "gpu", "hybrid" or "cpu" (PLACEMENTS maps the loader kinds to it).
 
 The NHWC batch reaches torch as `permute(0, 3, 1, 2)`: an NCHW tensor in channels_last, no copy.
 """
@@ -35,6 +40,7 @@ STD_255 = [s * 255 for s in STD]
 _DEVICE_PADDING = 211_025_920
 _HOST_PADDING = 140_544_512
 _READER = "Reader"
+PLACEMENTS = {"dali": "gpu", "dali-hybrid": "hybrid", "dali-cpu": "cpu"}
 
 
 def _require_dali() -> None:
@@ -45,8 +51,8 @@ def _require_dali() -> None:
         )
 
 
-def _decoder_args(gpu: bool, hw_decoder_load: float) -> dict:
-    if not gpu:
+def _decoder_args(placement: str, hw_decoder_load: float) -> dict:
+    if placement != "gpu":
         return {"device": "cpu"}  # libjpeg-turbo: fancy (interpolated) chroma upsampling, as PIL
     return {
         "device": "mixed",
@@ -90,8 +96,13 @@ def _reader(files, labels, shard_id, num_shards, training):
     )
 
 
-def _labels(labels, gpu):
-    return labels.gpu() if gpu else labels
+def _labels(labels, placement):
+    return labels if placement == "cpu" else labels.gpu()
+
+
+def _after_decode(images, placement):
+    """Hybrid: the decoded (and cropped) images go to the GPU for everything after decoding."""
+    return images.gpu() if placement == "hybrid" else images
 
 
 # DALI's own auto_aug (RandAugment) still calls fn.experimental.filter and fn.experimental.equalize, which
@@ -140,10 +151,10 @@ def _rand_augment_graph(images, layers: int, magnitude: int, magnitude_std: floa
     return images
 
 
-def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, gpu, dtype,
+def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, placement, dtype,
                       hw_decoder_load=0.65, fused_decode=True):
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
-    decoder = _decoder_args(gpu, hw_decoder_load)
+    decoder = _decoder_args(placement, hw_decoder_load)
     size = aug.image_size
     if fused_decode:
         # Decodes only the crop's region: less work than decoding the whole JPEG, then cropping.
@@ -151,10 +162,10 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
             jpegs, **decoder, output_type=types.RGB,
             random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio), num_attempts=100,
         )
-        images = fn.resize(images, resize_x=size, resize_y=size)
+        images = fn.resize(_after_decode(images, placement), resize_x=size, resize_y=size)
     else:
         # The way out where the fused ROI decode misbehaves (nvImageCodec #55, docs/recipe.md)
-        images = fn.decoders.image(jpegs, **decoder, output_type=types.RGB)
+        images = _after_decode(fn.decoders.image(jpegs, **decoder, output_type=types.RGB), placement)
         images = fn.random_resized_crop(images, size=[size, size],
                                         random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio))
     if aug.randaugment_magnitude > 0:
@@ -169,7 +180,7 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
             saturation=fn.random.uniform(range=strength),
         )
     images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip), normalize=aug.normalize)
-    return images, _labels(labels, gpu)
+    return images, _labels(labels, placement)
 
 
 def _round_half_even(x):
@@ -180,7 +191,7 @@ def _round_half_even(x):
     return half + is_half * half_is_odd
 
 
-def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, gpu, dtype,
+def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, placement, dtype,
                         hw_decoder_load=0.65):
     """Resize the shorter side to val_size / val_resize_ratio (256 for 224), centre crop val_size (the
     training image_size unless val_image_size sets its own).
@@ -197,25 +208,27 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     target = float(int(image_size / aug.val_resize_ratio))
     new_h = dmath.floor(target * height / short)
     new_w = dmath.floor(target * width / short)
-    images = fn.decoders.image(jpegs, **_decoder_args(gpu, hw_decoder_load), output_type=types.RGB)
-    images = fn.resize(images, resize_x=new_w, resize_y=new_h)
+    images = fn.decoders.image(jpegs, **_decoder_args(placement, hw_decoder_load), output_type=types.RGB)
+    images = fn.resize(_after_decode(images, placement), resize_x=new_w, resize_y=new_h)
     anchor = fn.stack(_round_half_even((new_h - image_size) / 2), _round_half_even((new_w - image_size) / 2))
     # Anchor and shape as CPU inputs: a GPU slice whose anchor or shape lives on the GPU copies it back to
     # the host and synchronises every batch. A plain list would become a constant on the images' device.
     shape = types.Constant(np.array([image_size, image_size], dtype=np.int32), device="cpu")
     images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), shape, axes=[0, 1], out_of_bounds_policy="pad")
-    return _normalize(images, dtype, normalize=aug.normalize), _labels(labels, gpu)
+    return _normalize(images, dtype, normalize=aug.normalize), _labels(labels, placement)
 
 
-def describe_decode(training: bool, gpu: bool, fused: bool, hw_decoder_load: float) -> str:
+def describe_decode(training: bool, placement: str, fused: bool, hw_decoder_load: float) -> str:
     """The decode path in words, as the benchmark report names it."""
-    where = (f"nvJPEG on the GPU (mixed, hw_decoder_load {hw_decoder_load:g}, fancy upsampling)" if gpu
-             else "libjpeg-turbo on the CPU")
+    where = (f"nvJPEG on the GPU (mixed, hw_decoder_load {hw_decoder_load:g}, fancy upsampling)"
+             if placement == "gpu" else "libjpeg-turbo on DALI's CPU threads")
+    rest = ", the rest on the GPU" if placement == "hybrid" else ""
     if not training:
-        return f"{where}, then resize and centre crop"
+        return f"{where}, then resize and centre crop{' on the GPU' if rest else ''}"
     if fused:
-        return f"{where}, fused with RandomResizedCrop (decoders.image_random_crop: decodes the crop's region only)"
-    return f"{where}, whole image, then RandomResizedCrop (--no-fused-decode)"
+        return (f"{where}, fused with RandomResizedCrop (decoders.image_random_crop: decodes the crop's region "
+                f"only){rest}")
+    return f"{where}, whole image, then RandomResizedCrop{' on the GPU' if rest else ''} (--no-fused-decode)"
 
 
 def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIGenericIterator":
@@ -241,7 +254,7 @@ class DaliLoader:
     """The loader interface (docs/design.md) over a DALI pipeline and DALIGenericIterator."""
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, local_rank, seed,
-                 device, dtype, gpu, threads=4, prefetch=2, hw_decoder_load=0.65, fused_decode=True):
+                 device, dtype, placement, threads=4, prefetch=2, hw_decoder_load=0.65, fused_decode=True):
         _require_dali()
         self.split = split
         self.training = split == "train"
@@ -251,7 +264,7 @@ class DaliLoader:
         self.num_classes = len(self._list.classes)
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self._host_batches = not gpu  # the CPU pipeline's batches live in host memory
+        self._host_batches = placement == "cpu"  # the CPU pipeline's batches live in host memory
         self.epoch = 0
         self._aug = aug
         self.image_size = aug.train_size(0) if self.training else aug.val_size  # progressive resizing: per epoch
@@ -269,7 +282,7 @@ class DaliLoader:
         self._build_args = dict(
             batch_size=batch_size,
             num_threads=threads,
-            device_id=local_rank if gpu else None,
+            device_id=None if placement == "cpu" else local_rank,
             # a different augmentation stream per rank; the reader's epoch shuffle is shared by all ranks
             seed=seed * 1000 + rank,
             prefetch_queue_depth=prefetch,
@@ -277,12 +290,12 @@ class DaliLoader:
             enable_conditionals=self.training and aug.randaugment_magnitude > 0,  # RandAugment needs them
         )
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
-        self.decode = describe_decode(self.training, gpu, fused_decode, hw_decoder_load)
+        self.decode = describe_decode(self.training, placement, fused_decode, hw_decoder_load)
         options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
         # read at every build: a resolution change rebuilds the pipeline at the new size (set_epoch)
         self._define = lambda: define(files, labels, shard_id=rank, num_shards=world_size,
                                       aug=replace(aug, image_size=self.image_size) if self.training else aug,
-                                      gpu=gpu, dtype=dtype, **options)
+                                      placement=placement, dtype=dtype, **options)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint):

@@ -160,15 +160,16 @@ class Recipe:
 class Machine:
     """How this machine runs the recipe: not part of what is trained, saved as machine.json in the run folder,
     free to change on resume and never inherited from a checkpoint."""
-    loader: str = opt("dali", "dali (GPU) | dali-cpu | torchvision | synthetic")
+    loader: str = opt("dali", "dali (GPU) | dali-hybrid (CPU decode, GPU augment) | dali-cpu | torchvision-gpu "
+                              "(torchvision's batched decoder) | torchvision | synthetic (docs/loaders.md)")
     device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
                               "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
     dali_threads: int = opt(4, "DALI CPU threads per process")
     hw_decoder_load: float = opt(0.65, "share of JPEG decoding on the A100/H100 hardware decoder")
     fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region); "
                                    "--no-fused-decode decodes the whole image, then crops")
-    prefetch: int = opt(2, "DALI prefetch queue depth")
-    workers: int = opt(8, "torchvision loader processes per GPU")
+    prefetch: int = opt(2, "DALI prefetch queue depth; torchvision-gpu: batches prepared ahead")
+    workers: int = opt(8, "torchvision loader processes per GPU; torchvision-gpu: threads reading the files")
     log_every: int = opt(50, "steps between host syncs for logging")
     # speed levers (docs/benchmarks.md#speed-levers): how a step runs, not what it computes
     compile: bool = opt(False, "torch.compile the model (compile time is reported apart, never counted in img/s)")

@@ -86,10 +86,11 @@ def test_an_unusable_cuda_that_is_not_a_version_mismatch_passes_on_torchs_reason
 
 # --- the GPU pipelines' graphs, built without a GPU ------------------------------------------------
 
-def gpu_graph(define, **options):
-    """The operators of a GPU ("mixed" decode) pipeline, as DALI builds its graph (no GPU needed)."""
+def gpu_graph(define, placement="gpu", **options):
+    """The operators of a GPU ("mixed" decode) or hybrid pipeline, as DALI builds its graph (no GPU needed)."""
     pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1,
-                                       aug=Augmentation(image_size=32), gpu=True, dtype=torch.float16, **options),
+                                       aug=Augmentation(image_size=32), placement=placement, dtype=torch.float16,
+                                       **options),
                         batch_size=2, num_threads=1, device_id=None)()
     pipe.serialize()  # builds the graph
     return pipe._ops
@@ -109,11 +110,28 @@ def test_gpu_decoders_upsample_chroma_as_libjpeg_turbo(name):
 
 
 @pytest.mark.parametrize("name", GPU_PIPELINES)
-def test_gpu_operators_take_their_arguments_from_the_cpu(name):
+def test_hybrid_pipelines_decode_and_crop_on_the_cpu_and_do_the_rest_on_the_gpu(name):
+    define, options = GPU_PIPELINES[name]
+    ops = gpu_graph(define, "hybrid", **options)
+    decoders = [op for op in ops if "_module: nvidia.dali.fn.decoders" in repr(op.spec)]
+    assert len(decoders) == 1 and "device: cpu" in repr(decoders[0].spec), [op.name for op in ops]
+    assert not any("device: mixed" in repr(op.spec) for op in ops)
+    resize = [op for op in ops if "Resize" in op.name or "RandomResizedCrop" in op.name]
+    normalise = [op for op in ops if "CropMirrorNormalize" in op.name]
+    assert resize and normalise
+    assert all(op.inputs[0].device == "gpu" for op in resize + normalise), \
+        [(op.name, op.inputs[0].device) for op in resize + normalise]
+    if name == "train fused":  # the crop is part of the CPU decode
+        assert "_display_name: image_random_crop" in repr(decoders[0].spec)
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+@pytest.mark.parametrize("name", GPU_PIPELINES)
+def test_gpu_operators_take_their_arguments_from_the_cpu(name, placement):
     """A GPU operator whose anchor, shape or random parameters live on the GPU copies them to the host and
     synchronises every batch; only the images themselves may come from the GPU."""
     define, options = GPU_PIPELINES[name]
-    ops = gpu_graph(define, **options)
+    ops = gpu_graph(define, placement, **options)
     on_gpu = [op for op in ops if op.inputs and op.inputs[0].device == "gpu"]
     assert on_gpu, "no GPU operator found: the graph inspection no longer sees DALI's operators"
     for op in on_gpu:
@@ -124,10 +142,12 @@ def test_gpu_operators_take_their_arguments_from_the_cpu(name):
 
 
 def test_the_decode_path_is_named_for_the_report():
-    assert "fused with RandomResizedCrop" in describe_decode(True, True, True, 0.65)
-    assert "hw_decoder_load 0.65" in describe_decode(True, True, True, 0.65)
-    assert "--no-fused-decode" in describe_decode(True, True, False, 0.65)
-    assert "libjpeg-turbo" in describe_decode(True, False, True, 0.65)
+    assert "fused with RandomResizedCrop" in describe_decode(True, "gpu", True, 0.65)
+    assert "hw_decoder_load 0.65" in describe_decode(True, "gpu", True, 0.65)
+    assert "--no-fused-decode" in describe_decode(True, "gpu", False, 0.65)
+    assert "libjpeg-turbo" in describe_decode(True, "cpu", True, 0.65)
+    hybrid = describe_decode(True, "hybrid", True, 0.65)
+    assert "CPU threads" in hybrid and "the rest on the GPU" in hybrid
 
 
 # --- the NCCL test's process count --------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Which loader should I use here? Each loader's speed against DALI's, and an answer drawn from the figures.
+
+Nothing here knows which loader "should" win: the answer ranks what was measured on this machine, says which
+loaders are within run-to-run noise of the fastest, and which of them keep the model fed (their verdict).
+"""
+
+from __future__ import annotations
+
+# Loaders this close to the fastest are called a tie: the spread of repeated windows on a shared machine
+TIE = 0.05
+FED = ("GPU-bound", "compute-bound")  # the verdicts of a loader that keeps the model busy
+
+
+def ratios_to_dali(results: list[dict]) -> dict | None:
+    """Each measured loader's img/s over DALI's, per mode (loader, train). DALI is the GPU pipeline when it
+    was measured, else DALI's CPU pipeline; None when neither was."""
+    by = {(r["mode"], r["loader"]): r["img_per_s"] for r in results if r["mode"] != "synthetic"}
+    measured = {loader for _, loader in by}
+    reference = next((name for name in ("dali", "dali-cpu") if name in measured), None)
+    if reference is None:
+        return None
+    loaders = {}
+    for name in sorted(measured - {reference}):
+        pair = {mode: by[(mode, name)] / by[(mode, reference)]
+                for mode in ("loader", "train") if (mode, name) in by and (mode, reference) in by}
+        if pair:
+            loaders[name] = pair
+    return {"reference": reference, "loaders": loaders}
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_type: str,
+              world_size: int) -> dict | None:
+    """The fastest loader end to end (or alone, without a train-mode measurement), its ties, the loaders that
+    keep the model fed, and a paragraph saying so with the figures."""
+    basis = next((mode for mode in ("train", "loader") if any(r["mode"] == mode for r in results)), None)
+    if basis is None:
+        return None
+    speeds = {r["loader"]: r["img_per_s"] for r in results if r["mode"] == basis}
+    ranked = sorted(speeds, key=speeds.get, reverse=True)
+    best = ranked[0]
+    ties = [name for name in ranked[1:] if speeds[name] >= (1 - TIE) * speeds[best]]
+    device = f"{world_size} GPU{'s' if world_size > 1 else ''}" if device_type == "cuda" \
+        else f"the CPU, {world_size} process{'es' if world_size > 1 else ''}"
+    what = "end to end (feeding the training step)" if basis == "train" else "alone (loader mode, no model)"
+    text = [f"On this machine ({device}), {best} is the fastest loader {what}: {speeds[best]:,.0f} img/s."]
+    if ties:
+        text.append(f"{_names([f'{n} ({speeds[n]:,.0f})' for n in ties])} {'is' if len(ties) == 1 else 'are'} "
+                    f"within {TIE:.0%} of it, inside run-to-run noise: any of them will do.")
+    fed = []
+    if basis == "train":
+        fed = [name for name in ranked if verdicts.get(name, {}).get("verdict") in FED]
+        ratio = verdicts.get(best, {}).get("ratio_to_synthetic")
+        ceiling = f" ({ratio:.0%} of the synthetic-data ceiling)" if ratio is not None else ""
+        if best in fed:
+            others = [name for name in fed if name != best and name not in ties]
+            text.append(f"{best} keeps the model fed{ceiling}, so a faster loader would not train faster here"
+                        + (f"; so do {_names(others)}, which would do as well." if others else "."))
+        elif verdicts.get(best, {}).get("verdict") == "input-bound":
+            stall = verdicts[best].get("stall_fraction")
+            text.append(f"Even {best} leaves the model waiting for input"
+                        + (f" ({stall:.0%} of the step)" if stall is not None else "") + f"{ceiling}: every loader "
+                        "measured is the bottleneck here; its verdict below lists what to change.")
+        else:
+            text.append(f"{best} comes close to keeping the model fed{ceiling}.")
+    else:
+        text.append("These are loader-mode figures only: measure --modes synthetic,loader,train to see which "
+                    "loaders keep the model fed.")
+    if to_dali and to_dali["loaders"]:
+        mode = basis if any(basis in pair for pair in to_dali["loaders"].values()) else "loader"
+        parts = [f"{name} {pair[mode]:.2f}x" for name, pair in to_dali["loaders"].items() if mode in pair]
+        if parts:
+            text.append(f"Against {to_dali['reference']} ({'end to end' if mode == 'train' else 'loader mode'}): "
+                        f"{', '.join(parts)}.")
+    if device_type != "cuda":
+        text.append("On the CPU the loader and the model share the same cores: this ranks the loaders for CPU "
+                    "runs; run the harness on the GPU machine to choose for it.")
+    return {"basis": basis, "fastest": best, "img_per_s": {name: speeds[name] for name in ranked},
+            "within_noise": ties, "keeps_model_fed": fed, "text": " ".join(text)}

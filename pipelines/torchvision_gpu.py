@@ -1,0 +1,257 @@
+"""The `torchvision-gpu` loader: torchvision alone, decoding and augmenting on the training device.
+
+Training:   file bytes read by a pool of threads -> `torchvision.io.decode_jpeg(list, device)` (one batched
+            nvJPEG call on CUDA) -> per-sample RandomResizedCrop as batched matmuls (pipelines.resample) ->
+            flip, colour jitter, normalisation as whole-batch tensor ops -> dtype, channels_last.
+Validation: libjpeg-turbo (`decode_jpeg` on the CPU, in the threads) -> resize and centre crop batched on
+            the device. torchvision's nvJPEG path has no interpolated chroma upsampling, which costs the
+            validation pixels their equivalence with PIL's (docs/loaders.md); validation is 4% of the images
+            an ImageNet epoch decodes.
+
+With the CPU as the device (no CUDA) the same code runs, decoding in the threads. A background thread
+prepares `prefetch` batches ahead on its own CUDA stream, so decoding overlaps the training step. Crops,
+flips and jitter are drawn from a generator seeded by (seed, rank, epoch, batch), so a resumed epoch
+continues with the very augmentations it would have had. Sharding is the torchvision baseline's: the same
+DistributedSampler order, every rank the same number of full training batches, every validation image once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from pipelines.augmentation import Augmentation
+from pipelines.baseline import ValidationShard, to_rgb
+from pipelines.ranges import named_range
+from pipelines.resample import resized_crops
+
+JPEG_MAGIC = b"\xff\xd8"
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def read_image(path: str, decode: bool) -> torch.Tensor:
+    """A file's bytes (uint8 [size]) when it is a JPEG and `decode` is False; otherwise its pixels, uint8
+    CHW RGB: JPEGs by libjpeg-turbo (`decode_jpeg`, the pixels PIL gives), other formats by PIL as the
+    torchvision baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name)."""
+    data = read_file(path)
+    if bytes(data[:2].tolist()) != JPEG_MAGIC:
+        with Image.open(path) as image:
+            return pil_to_tensor(to_rgb(image))
+    return decode_jpeg(data, mode=ImageReadMode.RGB) if decode else data
+
+
+def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU images on the device in one transfer (a single flat buffer), as views of it."""
+    if device.type == "cpu" or not images:
+        return images
+    flat = torch.cat([image.reshape(-1) for image in images]).pin_memory().to(device, non_blocking=True)
+    return [part.view(image.shape) for part, image in zip(flat.split([i.numel() for i in images]), images)]
+
+
+def random_resized_boxes(heights: torch.Tensor, widths: torch.Tensor, area: tuple, ratio: tuple,
+                         generator: torch.Generator) -> torch.Tensor:
+    """[n, 4] (top, left, height, width): torchvision's RandomResizedCrop.get_params for n images at once.
+    Ten tries per image at an area fraction in `area` and a log-uniform aspect ratio in `ratio`; the first
+    that fits is used, else the centre crop with the ratio clamped to the range."""
+    n, tries = len(heights), 10
+    h_img, w_img = heights.double()[:, None], widths.double()[:, None]
+    target = h_img * w_img * torch.empty(n, tries, dtype=torch.float64).uniform_(*area, generator=generator)
+    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                    generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    first = fits.to(torch.int8).argmax(1, keepdim=True)  # the first try that fits
+    found = fits.any(1)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    u_top, u_left = torch.rand(n, generator=generator, dtype=torch.float64), torch.rand(n, generator=generator,
+                                                                                      dtype=torch.float64)
+    top = torch.floor(u_top * (heights - h + 1))
+    left = torch.floor(u_left * (widths - w + 1))
+    # fallback: the whole image, narrowed to the nearest allowed aspect ratio, centred
+    in_ratio = widths.double() / heights.double()
+    fw = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths.double())
+    fh = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights.double())
+    fh, fw = fh.clamp(max=heights.double()), fw.clamp(max=widths.double())
+    ftop, fleft = torch.div(heights - fh, 2, rounding_mode="floor"), torch.div(widths - fw, 2, rounding_mode="floor")
+    boxes = torch.stack([torch.where(found, top, ftop), torch.where(found, left, fleft),
+                         torch.where(found, h, fh), torch.where(found, w, fw)], dim=1)
+    return boxes.long()
+
+
+def centre_crops(heights: torch.Tensor, widths: torch.Tensor, resize_to: int, size: int):
+    """torchvision's Resize(resize_to) + CenterCrop(size) as numbers: each image's resized (height, width)
+    (shorter side resize_to, longer side truncated) and the crop's (top, left), rounded half to even."""
+    short = torch.minimum(heights, widths)
+    new_h = torch.where(heights == short, torch.full_like(heights, resize_to), heights * resize_to // short)
+    new_w = torch.where(widths == short, torch.full_like(widths, resize_to), widths * resize_to // short)
+    top = torch.round((new_h - size).double() / 2).long()  # torch.round: half to even, as Python's round
+    left = torch.round((new_w - size).double() / 2).long()
+    return torch.stack([new_h, new_w], 1), torch.stack([top, left], 1)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One batch's random numbers (CPU): crop boxes, flips and the jitter factors."""
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    jitter: torch.Tensor  # [n, 3]: brightness, contrast, saturation factors
+
+
+def draw(aug: Augmentation, heights, widths, generator: torch.Generator) -> Draws:
+    n = len(heights)
+    boxes = random_resized_boxes(heights, widths, tuple(aug.crop_area), tuple(aug.crop_ratio), generator)
+    flip = torch.rand(n, generator=generator) < aug.hflip
+    strength = aug.color_jitter
+    jitter = torch.empty(n, 3).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator) \
+        if strength > 0 else torch.ones(n, 3)
+    return Draws(boxes, flip, jitter)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b)[:, None]
+
+
+def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation with a factor per image (torchvision's formulas on 0-255 pixels), in
+    DALI color_twist's fixed order rather than torchvision's random one; whole-batch ops."""
+    brightness, contrast, saturation = (f[:, None, None, None] for f in factors.unbind(1))
+    images = (images * brightness).clamp_(0, 255)
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    images = (images * contrast + mean * (1 - contrast)).clamp_(0, 255)
+    return (images * saturation + grayscale(images) * (1 - saturation)).clamp_(0, 255)
+
+
+class TorchvisionGpuLoader:
+    """The loader interface (docs/design.md) over torchvision's batched decoder and batched tensor ops."""
+
+    def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
+                 threads=8, prefetch=2):
+        self.training = split == "train"
+        self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
+        self.class_counts = image_list.class_counts()
+        self.device, self.dtype = torch.device(device), dtype
+        self.epoch, self.position = 0, 0
+        self._aug, self._list, self._batch_size = aug, image_list, batch_size
+        self._rank, self._seed, self._prefetch = rank, seed, max(1, prefetch)
+        self.image_size = aug.train_size(0) if self.training else aug.val_size
+        if self.training:
+            self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.sampler = ValidationShard(self.num_samples, rank, world_size)
+        self._readers = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tv-gpu-read")
+        self._stage = ThreadPoolExecutor(1, thread_name_prefix="tv-gpu-batch")  # decode + augment, in order
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._decode_in_threads = not (cuda and self.training)
+        where = "nvJPEG on the GPU" if cuda else "libjpeg-turbo on the CPU"
+        self.decode = (f"torchvision.io.decode_jpeg batched ({where}), file bytes read by {threads} threads; "
+                       f"RandomResizedCrop, flip, jitter and normalisation batched on {self.device.type}"
+                       if self.training else
+                       f"torchvision.io.decode_jpeg (libjpeg-turbo) on {threads} CPU threads, then resize and "
+                       f"centre crop batched on {self.device.type}")
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self._batch_size if self.training \
+            else math.ceil(len(self.sampler) / self._batch_size)
+
+    def _batches(self) -> list[list[int]]:
+        ids, size = list(self.sampler), self._batch_size
+        return [ids[start:start + size] for start in range(0, len(self) * size, size)]
+
+    def _generator(self, epoch: int, number: int) -> torch.Generator:
+        state = np.random.SeedSequence([self._seed, self._rank, epoch, number]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def _decode(self, paths: list[str]) -> list[torch.Tensor]:
+        """uint8 CHW images on the device: JPEGs decoded there in one batched call (training on CUDA),
+        everything else (and everything on the CPU, and validation) decoded by the threads."""
+        items = list(self._readers.map(lambda p: read_image(p, self._decode_in_threads), paths))
+        encoded = [i for i, item in enumerate(items) if item.dim() == 1]
+        images = to_device([item for item in items if item.dim() == 3], self.device)
+        decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device) \
+            if encoded else []
+        ordered, rest = dict(zip(encoded, decoded)), iter(images)
+        return [ordered[i] if i in ordered else next(rest) for i in range(len(items))]
+
+    def _prepare(self, epoch: int, number: int, ids: list[int], image_size: int):
+        """One batch, in the stage thread: decoded, augmented, on the device (on the loader's stream)."""
+        paths = [self._list.files[i] for i in ids]
+        labels = torch.tensor([self._list.labels[i] for i in ids])
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            images = self._decode(paths)
+            heights = torch.tensor([image.shape[1] for image in images])  # shapes are known on the host
+            widths = torch.tensor([image.shape[2] for image in images])
+            if self.training:
+                drawn = draw(self._aug, heights, widths, self._generator(epoch, number))
+                crops = [image[:, t:t + h, l:l + w] for image, (t, l, h, w) in zip(images, drawn.boxes.tolist())]
+                pixels = resized_crops(crops, torch.full((len(ids), 2), image_size), torch.zeros(len(ids), 2,
+                                                                                              dtype=torch.long), image_size)
+                flip = drawn.flip.to(self.device, non_blocking=True)[:, None, None, None]
+                pixels = torch.where(flip, pixels.flip(-1), pixels)
+                if self._aug.color_jitter > 0:
+                    pixels = colour_jitter(pixels, drawn.jitter.to(self.device, non_blocking=True))
+            else:
+                resized, corners = centre_crops(heights, widths, int(image_size / self._aug.val_resize_ratio),
+                                                image_size)
+                pixels = resized_crops(images, resized, corners, image_size)
+            mean = torch.tensor(self._aug.mean, device=self.device)[None, :, None, None] * 255
+            std = torch.tensor(self._aug.std, device=self.device)[None, :, None, None] * 255
+            pixels = ((pixels - mean) / std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            ready = None
+            if self._stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+        return pixels, labels, ready
+
+    def __iter__(self):
+        # A resumed epoch starts at `position`; the batches in flight run on in the stage thread.
+        ahead = iter(list(enumerate(self._batches(), start=0))[self.position:])
+        pending = deque()
+
+        def submit_next():
+            for number, ids in ahead:
+                pending.append(self._stage.submit(self._prepare, self.epoch, number, ids, self.image_size))
+                return
+
+        for _ in range(self._prefetch):
+            submit_next()
+        while pending:
+            with named_range("host-to-device copy"):  # waiting for the batch's decode and augmentation
+                images, labels, ready = pending.popleft().result()
+                if ready is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    images.record_stream(current)  # made on the loader's stream, used on this one
+                    labels.record_stream(current)
+            submit_next()
+            self.position += 1
+            yield images, labels
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.training:
+            self.sampler.set_epoch(epoch)
+            self.image_size = self._aug.train_size(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self.position = state["position"]
