@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,13 +28,23 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import ValidationShard, to_rgb
+from pipelines.errors import UserError
 from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
+
+try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; a later release drops them
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+except ImportError:  # reported when this loader is asked for
+    decode_jpeg = None
+# One warning per decoded batch that no user of ours can act on (docs/loaders.md says what replaces them).
+# A process-wide filter for this message only: warnings.catch_warnings is not thread-safe, and the
+# decoders run in threads.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
 
 JPEG_MAGIC = b"\xff\xd8"
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -139,6 +150,12 @@ class TorchvisionGpuLoader:
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
                  threads=8, prefetch=2):
+        if decode_jpeg is None:
+            import torchvision
+
+            raise UserError(f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg (its image "
+                            "decoders moved to TorchCodec); install torchvision<0.29 beside a matching torch for "
+                            "--loader torchvision-gpu, or choose --loader dali or torchvision")
         self.training = split == "train"
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()

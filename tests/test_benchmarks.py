@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
+from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.run import Bench, Plan, main, time_to_train
 from benchmarks.stall import percentile
 from benchmarks.verdict import verdict
@@ -124,13 +125,15 @@ def test_time_to_train_90_epochs():
 @pytest.mark.slow
 def test_report_from_a_real_run(data_dir, tmp_path):
     out = tmp_path / "bench"
-    main(["--data", str(data_dir), "--out", str(out), "--loaders", "dali-cpu,torchvision",
+    # --loaders left out: every loader this machine (no GPU) can run
+    main(["--data", str(data_dir), "--out", str(out),
           "--modes", "synthetic,loader,train", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
           "--warmup-steps", "1", "--steps", "3", "--repeats", "2"])
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "rn50-bench/1"
     assert [(r["mode"], r["loader"]) for r in report["results"]] == [
         ("synthetic", "synthetic"), ("loader", "dali-cpu"), ("train", "dali-cpu"),
+        ("loader", "torchvision-gpu"), ("train", "torchvision-gpu"),
         ("loader", "torchvision"), ("train", "torchvision")]
     for r in report["results"]:
         assert r["img_per_s"] > 0 and r["img_per_s_std"] is not None
@@ -140,17 +143,27 @@ def test_report_from_a_real_run(data_dir, tmp_path):
         assert r["mfu"] is None  # no GPU: no peak, so no MFU figure
         assert r["telemetry"]["available"] is False
     assert report["flops"]["peak_source"].startswith("not available")
-    assert set(report["verdicts"]) == {"dali-cpu", "torchvision"}
+    assert set(report["verdicts"]) == {"dali-cpu", "torchvision-gpu", "torchvision"}
     for v in report["verdicts"].values():
         assert v["verdict"] in ("input-bound", "compute-bound", "balanced")
         assert v["stall_basis"] == "host_side" and v["stall_cross_check"] == pytest.approx(1 - v["ratio_to_synthetic"])
     assert set(report["ratios"]["dali-cpu/torchvision"]) == {"loader", "train"}
-    assert set(report["time_to_train_90_epochs"]) == {"dali-cpu", "torchvision", "synthetic"}
+    to_dali = report["ratios_to_dali"]
+    assert to_dali["reference"] == "dali-cpu" and set(to_dali["loaders"]) == {"torchvision-gpu", "torchvision"}
+    speed = {(r["mode"], r["loader"]): r["img_per_s"] for r in report["results"]}
+    assert to_dali["loaders"]["torchvision-gpu"]["train"] == pytest.approx(
+        speed[("train", "torchvision-gpu")] / speed[("train", "dali-cpu")])
+    choice = report["recommendation"]
+    assert choice["basis"] == "train"
+    assert choice["fastest"] == max(("dali-cpu", "torchvision-gpu", "torchvision"), key=lambda n: speed[("train", n)])
+    assert set(report["time_to_train_90_epochs"]) == {"dali-cpu", "torchvision-gpu", "torchvision", "synthetic"}
     env = report["environment"]
     for key in ("python", "torch", "dali", "cpu_cores", "git_commit", "world_size"):
         assert key in env
     assert report["config"]["dataset"]["train_images"] == N_TRAIN_IMAGES
-    assert "## Verdicts" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## Verdicts" in markdown and "## Each loader against dali-cpu" in markdown
+    assert f"## Which loader should I use here\n\n{choice['text']}" in markdown
     assert (out / "throughput.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
 
 
@@ -241,3 +254,68 @@ def test_two_ranks_report_per_rank_aggregate_and_scaling(data_dir, tmp_path):
     synthetic = next(r for r in report["results"] if r["mode"] == "synthetic")
     assert scaling["aggregate_img_per_s"] == synthetic["img_per_s"] and scaling["single_gpu_img_per_s"] > 0
     assert scaling["efficiency"] == pytest.approx(scaling["aggregate_img_per_s"] / (2 * scaling["single_gpu_img_per_s"]))
+
+
+# --- which loader should I use here: drawn from the figures ------------------------------------------------
+
+def result(mode, loader, img_per_s):
+    return {"mode": mode, "loader": loader, "img_per_s": img_per_s}
+
+
+def verdicts_of(**labels):
+    return {name: {"verdict": label, "ratio_to_synthetic": ratio, "stall_fraction": stall}
+            for name, (label, ratio, stall) in labels.items()}
+
+
+def test_ratios_to_dali_use_the_gpu_pipeline_when_it_was_measured():
+    results = [result("loader", "dali", 4000), result("loader", "dali-cpu", 1000), result("train", "dali", 2000),
+               result("loader", "torchvision-gpu", 3000), result("train", "torchvision-gpu", 1500)]
+    to_dali = ratios_to_dali(results)
+    assert to_dali["reference"] == "dali"
+    assert to_dali["loaders"] == {"dali-cpu": {"loader": 0.25}, "torchvision-gpu": {"loader": 0.75, "train": 0.75}}
+    without_gpu = ratios_to_dali([result("loader", "dali-cpu", 1000), result("loader", "torchvision", 500)])
+    assert without_gpu == {"reference": "dali-cpu", "loaders": {"torchvision": {"loader": 0.5}}}
+    assert ratios_to_dali([result("loader", "torchvision", 500)]) is None
+
+
+def test_the_answer_names_the_fastest_its_ties_and_who_keeps_the_model_fed():
+    results = [result("train", "dali", 2900), result("train", "torchvision-gpu", 2800),
+               result("train", "dali-hybrid", 2500), result("train", "torchvision", 900)]
+    verdicts = verdicts_of(**{"dali": ("GPU-bound", 0.97, 0.01), "torchvision-gpu": ("GPU-bound", 0.94, 0.02),
+                              "dali-hybrid": ("GPU-bound", 0.91, 0.03), "torchvision": ("input-bound", 0.3, 0.7)})
+    answer = recommend(results, verdicts, ratios_to_dali(results), "cuda", 8)
+    assert answer["fastest"] == "dali" and answer["within_noise"] == ["torchvision-gpu"]  # 2800 >= 95% of 2900
+    assert answer["keeps_model_fed"] == ["dali", "torchvision-gpu", "dali-hybrid"]
+    text = answer["text"]
+    assert "8 GPUs" in text and "dali is the fastest loader end to end" in text and "2,900 img/s" in text
+    assert "torchvision-gpu (2,800) is within 5%" in text and "97% of the synthetic-data ceiling" in text
+    assert "so do dali-hybrid" in text and "torchvision 0.31x" in text
+
+
+def test_the_answer_when_every_loader_starves_the_model():
+    results = [result("train", "dali-cpu", 300), result("train", "torchvision", 100)]
+    verdicts = verdicts_of(**{"dali-cpu": ("input-bound", 0.4, 0.55), "torchvision": ("input-bound", 0.1, 0.9)})
+    answer = recommend(results, verdicts, ratios_to_dali(results), "cpu", 1)
+    assert answer["fastest"] == "dali-cpu" and answer["within_noise"] == [] and answer["keeps_model_fed"] == []
+    assert "Even dali-cpu leaves the model waiting for input (55% of the step)" in answer["text"]
+    assert "share the same cores" in answer["text"]  # a CPU run says what its ranking is worth
+
+
+def test_the_answer_from_loader_mode_alone_says_so():
+    results = [result("loader", "torchvision-gpu", 800), result("loader", "dali-cpu", 600)]
+    answer = recommend(results, {}, ratios_to_dali(results), "cpu", 1)
+    assert answer["basis"] == "loader" and answer["fastest"] == "torchvision-gpu"
+    assert "loader-mode figures only" in answer["text"] and "torchvision-gpu 1.33x" in answer["text"]
+    assert recommend([result("synthetic", "synthetic", 100)], {}, None, "cpu", 1) is None
+
+
+def test_cpu_machines_default_to_every_loader_that_runs_on_the_cpu(data_dir, tmp_path, capsys):
+    from benchmarks.run import default_loaders
+
+    assert default_loaders(False) == ("dali-cpu", "torchvision-gpu", "torchvision")
+    assert default_loaders(True) == ("dali", "dali-hybrid", "dali-cpu", "torchvision-gpu", "torchvision")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "b"), "--loaders", "dali-hybrid,torchvision"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "dali-hybrid needs a CUDA GPU" in err
+    assert "--loaders dali-cpu,torchvision-gpu,torchvision" in err

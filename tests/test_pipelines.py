@@ -43,7 +43,7 @@ def test_dali_cpu_output_contract(data_dir, split, dtype):
 def test_dali_and_torchvision_batches_match_in_shape_dtype_and_layout(data_dir):
     for split in ("train", "val"):
         shapes = set()
-        for kind in ("dali-cpu", "torchvision", "synthetic"):
+        for kind in ("dali-cpu", "torchvision", "torchvision-gpu", "synthetic"):
             images, labels = next(iter(loader(kind, split, data_dir, dtype=torch.float16)))
             assert images.is_contiguous(memory_format=torch.channels_last), kind
             shapes.add((tuple(images.shape), images.dtype, labels.dtype, images.stride()))
@@ -116,7 +116,7 @@ def colour_spread(kind, data, color_jitter):
     return images.mean(dim=(2, 3)).std(dim=0), images.std(dim=(2, 3)).max()
 
 
-@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision"])
+@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision", "torchvision-gpu"])
 def test_colour_jitter_switch(flat_colour_data, kind):
     on, _ = colour_spread(kind, flat_colour_data, 0.4)
     weak, _ = colour_spread(kind, flat_colour_data, 0.1)
@@ -162,13 +162,13 @@ def test_uneven_shards_get_equal_step_counts(data_dir):
     assert [len(e) for e in s0] == [len(e) for e in s1] == [20, 20]
 
 
-@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision", "synthetic"])
+@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision", "torchvision-gpu", "synthetic"])
 def test_training_steps_equal_on_every_rank(data_dir, kind):
     lengths = [len(loader(kind, "train", data_dir, rank=r, world_size=3, batch_size=5)) for r in range(3)]
     assert lengths == [N_TRAIN // 3 // 5] * 3  # 16 images per rank -> 3 full batches
 
 
-@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision"])
+@pytest.mark.parametrize("kind", ["dali-cpu", "torchvision", "torchvision-gpu"])
 def test_validation_counts_every_image_once_over_two_ranks(data_dir, kind):
     seen = []
     for rank in (0, 1):
