@@ -15,9 +15,9 @@ ifeq ($(NGPU),0)
   NPROC ?= 2
   RUN_FLAGS ?= --loader dali-cpu --image-size 64 --batch-size 16 --dali-threads 1
   RUN_ENV := OMP_NUM_THREADS=1
-  # the harness in one process, both CPU loaders on the same cores
+  # the harness in one process, every loader that runs on the CPU (its default here), on the same cores
   BENCH_NPROC ?= 1
-  BENCH_FLAGS ?= --loaders dali-cpu,torchvision --image-size 64 --batch-size 16
+  BENCH_FLAGS ?= --image-size 64 --batch-size 16
 else
   # Every local GPU, the DALI GPU pipeline (nvJPEG + hardware decoder), NCCL; batch 32 per GPU keeps
   # 5 steps per epoch on 8 GPUs with the 1,280-image built-in set (the benchmark harness measures speed)

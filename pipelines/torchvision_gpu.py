@@ -204,11 +204,21 @@ class TorchvisionGpuLoader:
         ordered, rest = dict(zip(encoded, decoded)), iter(images)
         return [ordered[i] if i in ordered else next(rest) for i in range(len(items))]
 
+    def _on_device(self):
+        """In the stage thread: this rank's GPU and the loader's stream (a new thread starts on GPU 0 and
+        the default stream); nothing on the CPU."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self._stream))
+        return stack
+
     def _prepare(self, epoch: int, number: int, ids: list[int], image_size: int):
         """One batch, in the stage thread: decoded, augmented, on the device (on the loader's stream)."""
         paths = [self._list.files[i] for i in ids]
         labels = torch.tensor([self._list.labels[i] for i in ids])
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+        with self._on_device():
             images = self._decode(paths)
             heights = torch.tensor([image.shape[1] for image in images])  # shapes are known on the host
             widths = torch.tensor([image.shape[2] for image in images])

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
     resolved = resolve(args, base)
     recipe, machine = resolved.recipe, resolved.machine
     if machine.loader == "synthetic":
-        raise UserError("--loader synthetic has random labels: choose dali, dali-cpu or torchvision to evaluate")
+        raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "
+                        "torchvision to evaluate")
     if sizes:
         for size in sizes:  # every size's recipe is checked before the first evaluation
             with_fields(recipe, val_image_size=size).validate()
