@@ -63,7 +63,10 @@ def padded_batch(images: list[torch.Tensor]) -> torch.Tensor:
     one nested-tensor conversion instead of a copy per image."""
     with warnings.catch_warnings():  # the strided nested layout is the one with two ragged dimensions
         warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-        return torch.nested.nested_tensor(images).to(torch.float32).to_padded_tensor(0.0)
+        nested = torch.nested.nested_tensor(images)
+        if nested.is_cuda:  # CUDA pads floating-point nested tensors in one kernel (uint8: one per image)
+            return nested.to(torch.float32).to_padded_tensor(0.0)
+        return nested.to_padded_tensor(0).to(torch.float32)  # the CPU pads uint8 a third faster
 
 
 def resized_crops(crops: list[torch.Tensor], resized: torch.Tensor, offsets: torch.Tensor, size: int,
