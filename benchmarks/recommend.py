@@ -71,7 +71,9 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
                     "loaders keep the model fed.")
     if to_dali and to_dali["loaders"]:
         mode = basis if any(basis in pair for pair in to_dali["loaders"].values()) else "loader"
-        parts = [f"{name} {pair[mode]:.2f}x" for name, pair in to_dali["loaders"].items() if mode in pair]
+        ranked_pairs = sorted(((pair[mode], name) for name, pair in to_dali["loaders"].items() if mode in pair),
+                              reverse=True)
+        parts = [f"{name} {ratio:.2f}x" for ratio, name in ranked_pairs]
         if parts:
             text.append(f"Against {to_dali['reference']} ({'end to end' if mode == 'train' else 'loader mode'}): "
                         f"{', '.join(parts)}.")
