@@ -222,19 +222,8 @@ class TorchvisionGpuLoader:
             images = self._decode(paths)
             heights = torch.tensor([image.shape[1] for image in images])  # shapes are known on the host
             widths = torch.tensor([image.shape[2] for image in images])
-            if self.training:
-                drawn = draw(self._aug, heights, widths, self._generator(epoch, number))
-                crops = [image[:, t:t + h, l:l + w] for image, (t, l, h, w) in zip(images, drawn.boxes.tolist())]
-                pixels = resized_crops(crops, torch.full((len(ids), 2), image_size), torch.zeros(len(ids), 2,
-                                                                                              dtype=torch.long), image_size)
-                flip = drawn.flip.to(self.device, non_blocking=True)[:, None, None, None]
-                pixels = torch.where(flip, pixels.flip(-1), pixels)
-                if self._aug.color_jitter > 0:
-                    pixels = colour_jitter(pixels, drawn.jitter.to(self.device, non_blocking=True))
-            else:
-                resized, corners = centre_crops(heights, widths, int(image_size / self._aug.val_resize_ratio),
-                                                image_size)
-                pixels = resized_crops(images, resized, corners, image_size)
+            pixels = self._training_pixels(images, heights, widths, self._generator(epoch, number), image_size) \
+                if self.training else self._validation_pixels(images, heights, widths, image_size)
             mean = torch.tensor(self._aug.mean, device=self.device)[None, :, None, None] * 255
             std = torch.tensor(self._aug.std, device=self.device)[None, :, None, None] * 255
             pixels = ((pixels - mean) / std).to(self.dtype).contiguous(memory_format=torch.channels_last)
@@ -244,6 +233,23 @@ class TorchvisionGpuLoader:
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
         return pixels, labels, ready
+
+    def _training_pixels(self, images, heights, widths, generator, size: int) -> torch.Tensor:
+        """RandomResizedCrop (crops are views; one batched resize), flip and colour jitter: 0-255 floats."""
+        drawn = draw(self._aug, heights, widths, generator)
+        crops = [image[:, t:t + h, l:l + w] for image, (t, l, h, w) in zip(images, drawn.boxes.tolist())]
+        n = len(crops)
+        pixels = resized_crops(crops, torch.full((n, 2), size), torch.zeros(n, 2, dtype=torch.long), size)
+        flip = drawn.flip.to(self.device, non_blocking=True)[:, None, None, None]
+        pixels = torch.where(flip, pixels.flip(-1), pixels)
+        if self._aug.color_jitter > 0:
+            pixels = colour_jitter(pixels, drawn.jitter.to(self.device, non_blocking=True))
+        return pixels
+
+    def _validation_pixels(self, images, heights, widths, size: int) -> torch.Tensor:
+        """Resize(size / val_resize_ratio) + CenterCrop(size), as torchvision computes them: 0-255 floats."""
+        resized, corners = centre_crops(heights, widths, int(size / self._aug.val_resize_ratio), size)
+        return resized_crops(images, resized, corners, size)
 
     def __iter__(self):
         # A resumed epoch starts at `position`; the batches in flight run on in the stage thread.
