@@ -34,6 +34,7 @@ from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
 from rn50.telemetry import Telemetry
 from benchmarks.verdict import verdict
+from pipelines import CUDA_ONLY, KINDS
 from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
 from rn50.errors import UserError
@@ -41,19 +42,18 @@ from rn50.loaders import build_split
 from rn50.profiling import (TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window,
                             named_range)
 from rn50.provenance import environment
-from pipelines import CUDA_ONLY, KINDS
 from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
 from rn50.schedule import set_lr
 from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
 LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
+IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
 
 
 def default_loaders(gpu: bool) -> tuple[str, ...]:
     """Every loader this machine can run: all of them with CUDA, those that run on the CPU without it."""
     return LOADERS if gpu else tuple(kind for kind in LOADERS if kind not in CUDA_ONLY)
-IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
 
 
 @dataclasses.dataclass

@@ -50,7 +50,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     spec_fields = {f.name for f in fields(Augmentation)}
     aug = replace(augmentation or Augmentation(), image_size=image_size,
                   **{k: options.pop(k) for k in list(options) if k in spec_fields}).validate()
-    if kind not in DALI_KINDS and kind != "synthetic" and split == "train" \
+    if kind not in (*DALI_KINDS, "synthetic") and split == "train" \
             and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
         raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali, "
                         "dali-hybrid or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
