@@ -80,7 +80,19 @@ class ValidationShard(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
-class TorchvisionLoader:
+class EpochPosition:
+    """The resume state of the loaders driven by a sampler (torchvision, torchvision-gpu): the epoch, and the
+    batches of it already delivered, which a resumed epoch skips."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self.position = state["position"]
+
+
+class TorchvisionLoader(EpochPosition):
     """Training: DistributedSampler(drop_last) + DataLoader(drop_last): floor(floor(N/world)/batch) steps
     on every rank. set_epoch reseeds the global shuffle."""
 
@@ -140,10 +152,3 @@ class TorchvisionLoader:
             if self._aug.train_size(epoch) != self.image_size:
                 self.image_size = self._aug.train_size(epoch)
                 self._loader = self._make_loader()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"])
-        self.position = state["position"]

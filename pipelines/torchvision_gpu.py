@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipelines.augmentation import Augmentation
-from pipelines.baseline import ValidationShard, to_rgb
+from pipelines.baseline import EpochPosition, ValidationShard, to_rgb
 from pipelines.errors import UserError
 from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
@@ -145,7 +145,7 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return (images * saturation + grayscale(images) * (1 - saturation)).clamp_(0, 255)
 
 
-class TorchvisionGpuLoader:
+class TorchvisionGpuLoader(EpochPosition):
     """The loader interface (docs/design.md) over torchvision's batched decoder and batched tensor ops."""
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
@@ -281,10 +281,3 @@ class TorchvisionGpuLoader:
         if self.training:
             self.sampler.set_epoch(epoch)
             self.image_size = self._aug.train_size(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"])
-        self.position = state["position"]
