@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
-from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
 
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import EpochPosition, ValidationShard, to_rgb
@@ -47,7 +47,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 JPEG_MAGIC = b"\xff\xd8"
-GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 def read_image(path: str, decode: bool) -> torch.Tensor:
@@ -130,19 +129,14 @@ def draw(aug: Augmentation, heights, widths, generator: torch.Generator) -> Draw
     return Draws(boxes, flip, jitter)
 
 
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(1)
-    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b)[:, None]
-
-
 def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation with a factor per image (torchvision's formulas on 0-255 pixels), in
     DALI color_twist's fixed order rather than torchvision's random one; whole-batch ops."""
     brightness, contrast, saturation = (f[:, None, None, None] for f in factors.unbind(1))
     images = (images * brightness).clamp_(0, 255)
-    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    mean = rgb_to_grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
     images = (images * contrast + mean * (1 - contrast)).clamp_(0, 255)
-    return (images * saturation + grayscale(images) * (1 - saturation)).clamp_(0, 255)
+    return (images * saturation + rgb_to_grayscale(images) * (1 - saturation)).clamp_(0, 255)
 
 
 class TorchvisionGpuLoader(EpochPosition):
@@ -163,6 +157,9 @@ class TorchvisionGpuLoader(EpochPosition):
         self.epoch, self.position = 0, 0
         self._aug, self._list, self._batch_size = aug, image_list, batch_size
         self._rank, self._seed, self._prefetch = rank, seed, max(1, prefetch)
+        # normalisation on 0-255 pixels, on the device once rather than copied there every batch
+        self._mean, self._std = (torch.tensor(v, device=self.device)[None, :, None, None] * 255
+                                 for v in (aug.mean, aug.std))
         self.image_size = aug.train_size(0) if self.training else aug.val_size
         if self.training:
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
@@ -224,9 +221,7 @@ class TorchvisionGpuLoader(EpochPosition):
             widths = torch.tensor([image.shape[2] for image in images])
             pixels = self._training_pixels(images, heights, widths, self._generator(epoch, number), image_size) \
                 if self.training else self._validation_pixels(images, heights, widths, image_size)
-            mean = torch.tensor(self._aug.mean, device=self.device)[None, :, None, None] * 255
-            std = torch.tensor(self._aug.std, device=self.device)[None, :, None, None] * 255
-            pixels = ((pixels - mean) / std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            pixels = ((pixels - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
             ready = None
             if self._stream is not None:
