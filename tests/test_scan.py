@@ -154,6 +154,26 @@ def test_summary_counts_add_up_with_fix(tmp_path):
     assert len((tmp_path / "out" / "train.txt").read_text().splitlines()) == report["splits"]["train"]["good"] == 4
 
 
+def test_correctly_named_other_formats_are_good_and_never_fixed(tmp_path):
+    """Issue 23 item 3.1: PIL names WebP "WEBP", the header check "WebP"; the scan compared them with case,
+    so every good .webp was reported as "WEBP data behind a JPEG name" and --fix rewrote it as JPEG bytes.
+    A PNG/BMP/TIFF/WebP under its own suffix is good, as in the pre-flight check, and --fix leaves it alone."""
+    data = tmp_path / "data"
+    names = ["x.webp", "x.WEBP", "x.png", "x.bmp", "x.tif"]
+    for split in ("train", "val"):
+        (data / split / "n0").mkdir(parents=True)
+        photo().save(data / split / "n0" / "a.JPEG", format="JPEG")
+        for name in names:
+            photo().save(data / split / "n0" / name)
+    report = scan(data, tmp_path / "out", workers=1, fix=True, progress=False)
+    for split in ("train", "val"):
+        assert report["splits"][split]["bad"] == [] and report["splits"][split]["fixed"] == 0
+        lines = (tmp_path / "out" / f"{split}.txt").read_text().splitlines()
+        assert sorted(lines) == sorted(f"n0/{name} 0" for name in ["a.JPEG", *names])
+    assert not (tmp_path / "out" / "fixed").exists()
+    assert find_header_problems(sorted((data / "train" / "n0").iterdir())) == []  # the pre-flight agrees
+
+
 def test_min_side_is_configurable(dataset, tmp_path):
     report = scan(dataset, tmp_path / "out", min_side=50, workers=2, progress=False)
     small = {e["path"] for e in report["splits"]["train"]["bad"] if e["reason"] == "too small to crop"}

@@ -105,10 +105,13 @@ def inspect(path: str, min_side: int) -> tuple[str | None, str | None, Image.Ima
         return header, "decodes fully: more than 4 KB of data follow the end-of-image marker", im
     if header is not None:
         return header, None, im
-    if OTHER_FORMATS.get(Path(path).suffix.lower()) == im.format:
+    # PIL names formats in capitals ("WEBP"), OTHER_FORMATS as the header check does ("WebP"): compare
+    # without case, and report under the header check's name so that both give the same reason.
+    fmt = next((name for name in OTHER_FORMATS.values() if name.upper() == (im.format or "").upper()), im.format)
+    if OTHER_FORMATS.get(Path(path).suffix.lower()) == fmt:
         return None, None, None  # a PNG named .png, ...: decoded by content, converted to RGB by the loaders
     if im.format not in JPEG_FORMATS:
-        return f"{im.format} {BEHIND_NAME}", None, im
+        return f"{fmt} {BEHIND_NAME}", None, im
     if im.mode not in ("RGB", "L"):
         return f"unusual JPEG (mode {im.mode})", None, im
     return None, None, None
