@@ -33,3 +33,19 @@ def test_overfitting_warning_needs_a_gap_that_grew_three_times_in_a_row():
     flat_once = growing[:2] + [epoch(3, 50.0, val_loss=1.2, train_loss=0.8)] + growing[3:]
     assert judge(flat_once, Stopping()) == ({}, [])
     assert judge(growing[:3], Stopping()) == ({}, [])
+
+
+def test_no_overfitting_warning_on_a_healthy_run_whose_gap_grows():
+    """Issue 23, 3.4: `make run` reached 100% top-1 with the validation loss below the training loss throughout
+    (label smoothing and augmentation raise the training loss); the gap still grew (-1.0 -> -0.45) and the old
+    rule warned. A validation loss that keeps falling is no overfitting either, even above the training loss."""
+    below = [epoch(n, 100.0, val_loss=v, train_loss=t)
+             for n, (v, t) in enumerate([(1.0, 2.0), (0.8, 1.6), (0.7, 1.3), (0.65, 1.1)], start=1)]
+    assert judge(below, Stopping()) == ({}, [])
+    still_falling = [epoch(n, 60.0, val_loss=v, train_loss=t)
+                     for n, (v, t) in enumerate([(1.5, 1.4), (1.4, 1.2), (1.35, 1.0), (1.3, 0.8)], start=1)]
+    assert judge(still_falling, Stopping()) == ({}, [])
+    rising = still_falling[:3] + [epoch(4, 60.0, val_loss=1.6, train_loss=0.8)]
+    rising[0] = epoch(1, 60.0, val_loss=1.3, train_loss=1.2)  # the gap grows every epoch and val loss rose
+    verdict, warnings = judge(rising, Stopping())
+    assert verdict == {"warn/overfitting": True} and "1.300 -> 1.600" in warnings[0]
