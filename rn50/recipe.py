@@ -32,6 +32,8 @@ LOADERS = KINDS
 DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.model
+TRACKERS = ("none", "wandb", "mlflow")  # rn50.tracking's backends
+RANDAUGMENT_MAX = 30  # DALI's auto_aug: magnitudes are bins 0..30 (num_magnitude_bins 31)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,15 @@ class Recipe:
             raise UserError(f"the linear schedule needs epochs ({s.epochs}) > warmup_epochs ({s.warmup_epochs})")
         if list(s.lr_milestones) != sorted(s.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(s.lr_milestones)}")
+        a = self.augmentation  # ranges the loaders cannot take (DALI and torchvision would fail mid-build)
+        if not 0.0 <= a.color_jitter <= 1.0:  # brightness, contrast, saturation factors in [1 - cj, 1 + cj]
+            raise UserError(f"color_jitter must lie in [0, 1] (0: off; the recipe's is 0.4), got {a.color_jitter}")
+        if not 0 <= a.randaugment_magnitude <= RANDAUGMENT_MAX:
+            raise UserError(f"randaugment_magnitude must lie in 0..{RANDAUGMENT_MAX} (0: off; e.g. 7 or 9), got "
+                            f"{a.randaugment_magnitude}")
+        if a.randaugment_layers < 1 or a.randaugment_magnitude_std < 0:
+            raise UserError(f"randaugment_layers must be at least 1 and randaugment_magnitude_std not negative, got "
+                            f"{a.randaugment_layers} and {a.randaugment_magnitude_std}")
         self.augmentation.validate()
         return self
 
@@ -180,6 +191,12 @@ class Machine:
     ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB (all-reduce granularity)")
     ddp_bucket_view: bool = opt(True, "DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
     ddp_fp16_compress: bool = opt(False, "all-reduce gradients in fp16 (halves the traffic; for PCIe machines)")
+    # experiment trackers (rn50/tracking.py): where results go besides the run folder, not what is trained
+    tracker: str = opt("none", "also log to an experiment tracker: none | wandb | mlflow (optional extras: "
+                               "pip install -e '.[wandb]' or '.[mlflow]'; MLflow's server is MLFLOW_TRACKING_URI)")
+    tracker_project: str = opt("rn50", "the W&B project or MLflow experiment the runs go to")
+    tracker_group: str = opt("", "group tracker runs under this name (W&B group, MLflow tag rn50.group); "
+                                 "tools.sweep sets it to the sweep folder's name")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,6 +215,8 @@ class Machine:
             raise UserError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.ddp_bucket_mb < 1:
             raise UserError(f"ddp_bucket_mb must be at least 1, got {self.ddp_bucket_mb}")
+        if self.tracker not in TRACKERS:
+            raise UserError(f"unknown tracker {self.tracker!r}; choose one of {', '.join(TRACKERS)}")
         return self
 
 
@@ -332,9 +351,11 @@ class Resolved:
     overridden: list[str] = field(default_factory=list)  # "b overrides a: batch_size 192 -> 256"
 
 
-def resolve(args: argparse.Namespace, base: Recipe | None = None) -> Resolved:
-    """Defaults (or `base`, a checkpoint's recipe), then each preset left to right, then the flags given."""
-    recipe, machine = base or Recipe(), Machine()
+def resolve(args: argparse.Namespace, base: Recipe | None = None, defaults: dict | None = None) -> Resolved:
+    """Defaults (or `base`, a checkpoint's recipe), then each preset left to right, then the flags given.
+    `defaults`: flat values that replace built-in defaults, below every preset and flag (the harness's CPU
+    sizes)."""
+    recipe, machine = apply(base or Recipe(), Machine(), defaults or {})
     names = tuple(n.strip() for n in (getattr(args, "preset", None) or "").split(",") if n.strip())
     set_by: dict[str, tuple[str, object]] = {}
     overridden = []

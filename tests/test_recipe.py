@@ -177,3 +177,18 @@ def test_resume_accepts_safe_changes_and_says_which_are_not():
 def test_format_recipe_groups_by_section():
     text = format_recipe(Recipe(), Machine())
     assert "[optimisation]\nbatch_size = 256" in text and "[machine]\nloader = \"dali\"" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--color-jitter", "-0.5"], r"^color_jitter must lie in \[0, 1\].*got -0.5$"),
+    (["--color-jitter", "1.5"], r"^color_jitter must lie in \[0, 1\]"),
+    (["--randaugment-magnitude", "99"], r"^randaugment_magnitude must lie in 0\.\.30.*got 99$"),
+    (["--randaugment-magnitude", "-1"], r"^randaugment_magnitude must lie in 0\.\.30"),
+    (["--randaugment-layers", "0"], r"^randaugment_layers must be at least 1"),
+])
+def test_colour_jitter_and_randaugment_ranges_are_checked_at_start_up(flags, message):
+    """Issue 23, 4.3: out-of-range values used to pass and fail later inside DALI or torchvision."""
+    with pytest.raises(UserError, match=message):
+        parse(flags)
+    parse(["--color-jitter", "0", "--randaugment-magnitude", "30"])  # the ends of the ranges are fine
+    parse(["--preset", "kd_lamb_610"])
