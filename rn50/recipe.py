@@ -483,8 +483,53 @@ def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
         name = bad.split("=")[0]
         if PEER_FLAGS.get(name):
             raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
-        raise UserError(f"unknown argument {bad!r}{_closest(name, flags)}")
+        raise UserError(f"unknown argument {bad!r}{_suggest(name, flags)}")
     return args
+
+
+# Names users come with (other scripts, papers, habit) -> our flag and what to know about it. Keys are
+# spelled as _plain spells them: lower case, letters and digits only.
+USER_NAMES = {
+    **dict.fromkeys(("learningrate", "lr", "lrate", "initiallr", "initlr", "maxlr", "peaklr", "baselearningrate"),
+                    ("--base-lr", "the LR per --base-batch images (256 by default), scaled by the global batch")),
+    **dict.fromkeys(("wd", "decay", "l2", "weightdecayrate"),
+                    ("--weight-decay", "never applied to BN parameters and biases")),
+    **dict.fromkeys(("bs", "batch", "batchsz", "minibatch", "minibatchsize", "trainbatchsize", "pergpubatchsize",
+                     "perdevicebatchsize", "perdevicetrainbatchsize"), ("--batch-size", "images per GPU, per process")),
+    **dict.fromkeys(("numworkers", "nworkers", "worker", "dataloaderworkers", "jobs", "numthreads", "threads",
+                     "nthreads"), ("--workers", "torchvision loaders; the DALI loaders take --dali-threads")),
+    **dict.fromkeys(("epoch", "numepochs", "nepochs", "maxepochs", "trainepochs", "numtrainepochs"),
+                    ("--epochs", "")),
+    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"), ("--warmup-epochs", "a linear warmup from 0")),
+    **dict.fromkeys(("model", "network", "net", "architecture", "backbone"), ("--arch", "resnet18 ... resnet152")),
+    **dict.fromkeys(("imgsize", "imsize", "resolution", "res", "size", "inputsize", "cropsize", "trainsize",
+                     "trainresolution"), ("--image-size", "")),
+    **dict.fromkeys(("datadir", "datapath", "dataset", "datasetdir", "root", "dataroot", "imagenet"),
+                    ("--data", "the folder with train/ and val/")),
+    **dict.fromkeys(("output", "outdir", "outputdir", "logdir", "savedir", "checkpointdir", "rundir"),
+                    ("--out", "the run folder")),
+    **dict.fromkeys(("mom", "sgdmomentum"), ("--momentum", "")),
+    **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
+    **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
+                    ("--amp", "on by default; --amp-dtype float16|bfloat16")),
+}
+
+
+def _plain(flag: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", flag.lower())
+
+
+def _suggest(name: str, flags) -> str:
+    """The hint after an unknown flag: ours for a name users come with (USER_NAMES), else the closest
+    spelling among the parser's flags, compared without dashes and underscores."""
+    ours, note = USER_NAMES.get(_plain(name), (None, ""))
+    if ours in flags:
+        return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
+    if "--preset" in flags and name.lstrip("-") in available_presets():
+        return f"; did you mean '--preset {name.lstrip('-')}'?"
+    by_plain = {_plain(f): f for f in flags if f.startswith("--")}
+    match = difflib.get_close_matches(_plain(name), list(by_plain), n=1, cutoff=0.6)
+    return f"; did you mean {by_plain[match[0]]!r}?" if match else _closest(name, flags)
 
 
 def _raise_usage_error(message: str):

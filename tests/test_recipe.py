@@ -192,3 +192,14 @@ def test_colour_jitter_and_randaugment_ranges_are_checked_at_start_up(flags, mes
         parse(flags)
     parse(["--color-jitter", "0", "--randaugment-magnitude", "30"])  # the ends of the ranges are fine
     parse(["--preset", "kd_lamb_610"])
+
+
+@pytest.mark.parametrize("flag, ours", [("--learning-rate", "--base-lr"), ("--learning_rate", "--base-lr"),
+                                        ("--LR", "--base-lr"), ("--bs", "--batch-size"),
+                                        ("--num-workers", "--workers"), ("--weight_decay", "--weight-decay"),
+                                        ("--num-epochs", "--epochs"), ("--smoke", "--preset smoke")])
+def test_names_users_come_with_point_at_ours(flag, ours):
+    """Issue 23, 5.4: --learning-rate used to suggest --end-ramp (the closest spelling, not meaning)."""
+    with pytest.raises(UserError) as error:
+        parse([flag, "1"])
+    assert f"did you mean '{ours}'?" in str(error.value) and "--end-ramp" not in str(error.value)
