@@ -155,6 +155,7 @@ def test_stats_cli_writes_json_and_a_preset_the_recipe_reads(pixel_data, tmp_pat
     data, _ = pixel_data
     ran = cli("tools.stats", data, "--out", tmp_path / "s.json", "--workers", "1")
     assert ran.returncode == 0, ran.stderr
+    assert "stats: 5/5 images (100%)" in ran.stderr  # each of the 5 images counted once (issue 23, 3.9: 10/10)
     report = json.loads((tmp_path / "s.json").read_text())
     assert "--normalize " in ran.stdout and len(report["normalize"]) == 6
     ran = cli("tools.stats", data, "--out", tmp_path / "p.toml", "--workers", "1")

@@ -64,6 +64,13 @@ def image_size(path: str):
         return None
 
 
+def survey(job: tuple[str, bool]) -> tuple:
+    """Worker: one image's (header size or None, measure's result or None): the size of every file, the
+    pixel sums of the sampled ones. One call per image, so the progress bar counts each image once."""
+    path, sampled = job
+    return image_size(path), measure(path)[1] if sampled else None
+
+
 def mean_std(pixels: int, sums, squares) -> tuple[list[float], list[float]]:
     """Per-channel mean and population std on 0-1 pixels from exact integer sums of 0-255 values."""
     mean = [s / (255.0 * pixels) for s in sums]
@@ -95,18 +102,18 @@ def stats(dataset, sample: int | None = None, workers: int | None = None, progre
     workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
 
     sizes, pixels, sums, squares, bad = [], 0, [0, 0, 0], [0, 0, 0], []
-    with progress_bar(len(files) + len(chosen), "stats", unit="images", enabled=progress) as bar:
+    sampled = set(chosen)
+    jobs = [(f, f in sampled) for f in files]
+    with progress_bar(len(files), "stats", unit="images", enabled=progress) as bar:
         pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 else None
         try:
-            run = (lambda f, xs: pool.imap_unordered(f, xs, chunksize=8)) if pool else map
-            for size in run(image_size, files):
+            run = (lambda f, xs: pool.imap(f, xs, chunksize=8)) if pool else map
+            for (path, _), (size, result) in zip(jobs, run(survey, jobs)):
                 if size is not None:
                     sizes.append(size)
-                bar.update(1)
-            for path, result in run(measure, chosen):
                 if isinstance(result, str):
                     bad.append({"path": path, "error": result})
-                else:
+                elif result is not None:
                     n, s, q = result
                     pixels += n
                     sums = [a + b for a, b in zip(sums, s)]
