@@ -34,6 +34,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -e '.[test]'
+	# the DALI wheel built for torch's CUDA major version (a CUDA 12 DALI beside a CUDA 13 torch fails on the GPU)
+	$(PY) -m pipelines.dali_wheel --unwanted | xargs -r $(PY) -m pip uninstall -y
+	$(PY) -m pip install "$$($(PY) -m pipelines.dali_wheel)"
 	touch $@
 
 venv: $(VENV)/.installed

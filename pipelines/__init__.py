@@ -29,6 +29,10 @@ def check_device(kind: str, device) -> None:
     if kind in CUDA_ONLY and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
         raise UserError(f"the {kind} loader {CUDA_ONLY[kind]} but CUDA is not available to this run; "
                         "pass --loader dali-cpu (DALI's CPU operators) or torchvision-gpu (runs on the CPU) here")
+    if kind in CUDA_ONLY:
+        from pipelines.dali_wheel import check_matches_torch
+
+        check_matches_torch()  # a DALI wheel for another CUDA major fails inside its GPU operators
 
 
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
@@ -57,14 +61,17 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
     image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
         if data_dir is not None else None
-    if image_list is not None and kind != "synthetic":
+    if image_list is not None:
         shard_size = len(image_list) // world_size
-        if split == "train" and shard_size < batch_size:  # the same rule for every loader that reads files
+        # the same rule for every loader sized by the data, synthetic included (it mimics the folder's size):
+        # a training share smaller than one batch has no batches at all
+        if split == "train" and shard_size < batch_size:
             raise UserError(
                 f"batch size {batch_size} is larger than this rank's share of {split} "
-                f"({len(image_list)} images over {world_size} ranks = {shard_size}); lower --batch-size"
+                f"({len(image_list)} images over {world_size} {'rank' if world_size == 1 else 'ranks'} = "
+                f"{shard_size}); lower --batch-size"
             )
-        if manifest is None and preflight:
+        if manifest is None and preflight and kind != "synthetic":
             check_files(image_list, rank, world_size, kind)
     common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)

@@ -45,10 +45,12 @@ PLACEMENTS = {"dali": "gpu", "dali-hybrid": "hybrid", "dali-cpu": "cpu"}
 
 def _require_dali() -> None:
     if fn is None:
-        raise UserError(
-            "NVIDIA DALI is not installed; install it with `pip install nvidia-dali-cuda120` "
-            "(nvidia-dali-cuda130 on CUDA 13 drivers), or choose --loader torchvision"
-        )
+        import torch
+
+        from pipelines.dali_wheel import requirement
+
+        raise UserError(f"NVIDIA DALI is not installed; install the wheel for this torch with "
+                        f"`pip install '{requirement(torch.version.cuda)}'`, or choose --loader torchvision")
 
 
 def _decoder_args(placement: str, hw_decoder_load: float) -> dict:
@@ -292,14 +294,18 @@ class DaliLoader:
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
         self.decode = describe_decode(self.training, placement, fused_decode, hw_decoder_load)
         options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
-        # read at every build: a resolution change rebuilds the pipeline at the new size (set_epoch)
-        self._define = lambda: define(files, labels, shard_id=rank, num_shards=world_size,
-                                      aug=replace(aug, image_size=self.image_size) if self.training else aug,
-                                      placement=placement, dtype=dtype, **options)
+        # given the image size at every build: a resolution change rebuilds the pipeline at the new size
+        # (set_epoch). It holds no reference to this loader: a loader <-> pipeline cycle would keep the
+        # pipeline and its buffers alive until the garbage collector ran
+        training = self.training
+        self._define = lambda size: define(files, labels, shard_id=rank, num_shards=world_size,
+                                           aug=replace(aug, image_size=size) if training else aug,
+                                           placement=placement, dtype=dtype, **options)
         self._build(checkpoint=None)
 
     def _build(self, checkpoint):
-        pipe = pipeline_def(self._define, **self._build_args, checkpoint=checkpoint)()
+        define, size = self._define, self.image_size
+        pipe = pipeline_def(lambda: define(size), **self._build_args, checkpoint=checkpoint)()
         self._iterator = make_iterator(pipe, self.training, self._epoch_size)
 
     def __len__(self) -> int:
