@@ -21,10 +21,12 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 class MetricsLog:
     """Appends one flat JSON object per line to metrics.jsonl; names are slash-separated
     (`train/loss`, `val/top1`) and are the TensorBoard tags too, when `tensorboard_dir` is given (every
-    numeric value of a record becomes a scalar at the record's step). Only the main rank writes."""
+    numeric value of a record becomes a scalar at the record's step). Only the main rank writes. `tracker`
+    (rn50.tracking, --tracker): every record goes to it too, under the same names, after the local files."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None, tracker=None):
         self.path, self.enabled = Path(path), enabled
+        self.tracker = tracker
         self.writer = None
         if enabled and tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +43,8 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch"):
                     self.writer.add_scalar(name, value, record["step"])
             self.writer.flush()
+        if self.tracker is not None:  # last: a tracker never raises, and the local files are written first
+            self.tracker.log_metrics(record, record["step"])
 
     def images(self, tag: str, images: torch.Tensor, step: int, count: int = 16,
                normalize: tuple[float, ...] = MEAN + STD) -> None:

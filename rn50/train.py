@@ -36,6 +36,7 @@ from rn50.schedule import PlateauMultiplier, lr_at, set_lr
 from rn50.step import TrainingParts, build_training, replicas_identical, train_step
 from rn50.stopping import judge
 from rn50.telemetry import Telemetry
+from rn50 import tracking
 from rn50.watchdog import Watchdog
 
 EXIT_DIVERGED = 3
@@ -507,6 +508,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)
+    tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost run
     if checkpoint and finished(checkpoint, saved, recipe, args.out):
         # the run's own files stay as they are; a killed checkpoint write's temporary file is no part of them
         if env.is_main:
@@ -542,14 +544,21 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
                     peak_lr=recipe.optimisation.peak_lr(world),
                     amp_in_use=str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else None)
         (args.out / "machine.json").write_text(json.dumps(machine.to_dict(), indent=2) + "\n")
+    # --tracker: rank 0's tracker run (the same one again on resume); every metrics.jsonl line goes to it too
+    trainer.log.tracker = tracking.for_training(recipe, machine, args.out, env, resume=checkpoint is not None, say=say)
     try:
         summary = trainer.run()
+    except BaseException as ended:  # the tracker run ends with the run: preempted (a resume continues it) or failed
+        trainer.log.tracker.close("KILLED" if isinstance(ended, Preempted) else "FAILED")
+        raise
     finally:
         trainer.profiler.close()  # a window the run ended inside is written as far as it got
     summary["data"] = str(args.data.resolve())
     if env.is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_report(summary, args.out)
+        tracking.finish_training(trainer.log.tracker, args.out, summary,
+                                 trainer.history[-1]["step"] if trainer.history else None)
     return summary
 
 
