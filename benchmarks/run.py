@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -42,13 +43,20 @@ from rn50.loaders import build_split
 from rn50.profiling import (TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window,
                             named_range)
 from rn50.provenance import environment
-from rn50.recipe import Machine, Recipe, add_recipe_flags, parse_strict, recipe_from_mapping, resolve
+from rn50.recipe import (Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, recipe_from_mapping,
+                         resolve)
 from rn50.schedule import set_lr
 from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
 LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
 IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
+WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column (torchvision-gpu is the longest)
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 step", "3 steps": console and report lines."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def default_loaders(gpu: bool) -> tuple[str, ...]:
@@ -74,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, plots")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train (default all)")
     parser.add_argument("--loaders", default=None,
-                        help=f"subset of {','.join(LOADERS)} (default: every one this machine can run: all on a "
+                        help=f"subset of {','.join(LOADERS)}, or auto (dali on a GPU machine, dali-cpu without) "
+                             f"(default: every one this machine can run: all on a "
                              f"GPU machine, {','.join(default_loaders(False))} without one)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
@@ -99,18 +108,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine_defaults(args, gpu: bool) -> None:
-    """Fill what the user left open with defaults for the device the harness runs on."""
+    """Fill the harness's own options the user left open with defaults for the device it runs on."""
     if args.loaders is None:  # `--loaders ""` means none: a synthetic-only run
         args.loaders = ",".join(default_loaders(gpu))
+    # `auto`, as rn50.train's --loader auto: dali on a GPU machine, dali-cpu without one
+    args.loaders = ",".join(concrete_loader(name, "cuda" if gpu else "cpu") for name in args.loaders.split(","))
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (20 if gpu else 3)
     args.steps = args.steps if args.steps is not None else (100 if gpu else 6)
     args.repeats = args.repeats if args.repeats is not None else (3 if gpu else 2)
-    if not gpu:  # CPU defaults: the recipe's are sized for GPU machines
-        args.batch_size = args.batch_size or 32  # 256 would be minutes per step
-        # the same cores for every CPU loader (DALI threads, worker processes, reading threads): a fair comparison
-        cores = os.cpu_count() or 1
-        args.dali_threads = args.dali_threads or cores
-        args.workers = args.workers if args.workers is not None else cores
+
+
+def recipe_defaults(gpu: bool) -> dict:
+    """Recipe and machine defaults for the device, by flat name: they go in below every preset and flag
+    (rn50.recipe.resolve's `defaults`), so `--preset rtx3090x4` on a CPU machine keeps its batch of 192."""
+    if gpu:
+        return {}
+    # CPU defaults: the recipe's are sized for GPU machines; 256 images would be minutes per step. The same
+    # cores for every CPU loader (DALI threads, worker processes, reading threads): a fair comparison
+    cores = os.cpu_count() or 1
+    return {"batch_size": 32, "dali_threads": cores, "workers": cores}
 
 
 def make_plan(args) -> Plan:
@@ -141,7 +157,12 @@ def endless(loader):
     epoch = 0
     while True:
         loader.set_epoch(epoch)
-        yield from loader
+        delivered = 0
+        for batch in loader:
+            delivered += 1
+            yield batch
+        if not delivered:  # build_loader refuses a share smaller than a batch; never spin on an empty loader
+            raise UserError(f"the loader delivered no batch in epoch {epoch}; lower --batch-size")
         epoch += 1
 
 
@@ -218,7 +239,15 @@ class Bench:
         return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
 
     def measure(self, mode: str, loader_name: str) -> dict:
-        loader = self.loader(loader_name)  # loader_name is "synthetic" in synthetic mode
+        """One row: `mode` through `loader_name` ("synthetic" in synthetic mode). The row's model, graph pool and
+        pipeline are gone when it returns, so the next row's memory_peak_gib is its own."""
+        try:
+            return self._measure(mode, loader_name)
+        finally:
+            release_memory(self.env.device)
+
+    def _measure(self, mode: str, loader_name: str) -> dict:
+        loader = self.loader(loader_name)
         cuda = self.env.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.env.device)
@@ -252,8 +281,24 @@ class Bench:
             loader = build_split(self.recipe, self.machine, "synthetic", "train", self.data, alone)
             windows, _ = self.train_windows(loader, alone)
             result = statistics.fmean(w.img_per_s for w in windows)
+            del loader
+            release_memory(self.env.device)
         barrier()
         return result
+
+
+def spread(values: list[float]) -> float | None:
+    """(max - min) / mean of a measurement's windows; None with a single window (its spread is unknown)."""
+    return (max(values) - min(values)) / statistics.fmean(values) if len(values) > 1 else None
+
+
+def release_memory(device: torch.device) -> None:
+    """Between rows: collect what is unreachable (nothing should be: the step and the loaders hold no
+    cycles), hand the CUDA cache back and start the peak-memory count afresh."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: list[dict], plan: Plan,
@@ -277,6 +322,10 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "loader": loader_name,
         "img_per_s_per_gpu": total / env.world_size,
         "img_per_s_std": statistics.stdev(per_repeat_total) if plan.repeats > 1 else None,
+        # each timed window's img/s (all ranks) and their spread, (max - min) / mean: what a difference
+        # between two measurements must beat before it means anything (verdicts, levers)
+        "img_per_s_windows": per_repeat_total,
+        "img_per_s_spread": spread(per_repeat_total),
         "step_time": ranks[0]["step_time"],
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.steps,
@@ -303,7 +352,8 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
         stall = train["stall"]["fraction"] if train else None
         ratio = train["img_per_s"] / ceiling["img_per_s"] if train and ceiling else None
         headroom = alone["img_per_s"] / ceiling["img_per_s"] if alone and ceiling else None
-        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom), "stall_fraction": stall,
+        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom, ratio_spread=noise(train, ceiling),
+                                    headroom_spread=noise(alone, ceiling)), "stall_fraction": stall,
                           "stall_basis": train["stall"]["basis"] if train else None,
                           "ratio_to_synthetic": ratio, "stall_cross_check": 1 - ratio if ratio is not None else None,
                           "loader_headroom": headroom}
@@ -320,6 +370,14 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
             ratios[f"{faster}/torchvision"] = pair
     return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios, "ratios_to_dali": to_dali,
             "recommendation": recommend(results, verdicts, to_dali, device_type, env.world_size)}
+
+
+def noise(a: dict | None, b: dict | None) -> float | None:
+    """How far a ratio of two measurements can move by run-to-run noise: their windows' spreads added;
+    None when either was not measured or had a single window."""
+    if not a or not b or a.get("img_per_s_spread") is None or b.get("img_per_s_spread") is None:
+        return None
+    return a["img_per_s_spread"] + b["img_per_s_spread"]
 
 
 def time_to_train(img_per_s: float) -> dict:
@@ -346,7 +404,7 @@ def measure_resolutions(bench: "Bench", plan: Plan, results: list[dict], say) ->
         for mode, loader in kinds:
             img_per_s = at_size.measure("train", loader)["img_per_s"]
             rows.append({"image_size": size, "mode": mode, "loader": loader, "img_per_s": img_per_s})
-            say(f"  {mode:9s} {loader:11s} {img_per_s:10.1f} img/s at {size} px", flush=True)
+            say(f"  {mode:9s} {loader:{WIDTH}s} {img_per_s:10.1f} img/s at {size} px", flush=True)
     return rows
 
 
@@ -426,13 +484,13 @@ def run(args, argv) -> dict:
     env = init_distributed(args.device or "auto")
     machine_defaults(args, env.device.type == "cuda")
     plan = make_plan(args)
-    resolved = resolve(args)
+    resolved = resolve(args, defaults=recipe_defaults(env.device.type == "cuda"))
     recipe, machine = resolved.recipe, resolved.machine
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)
     measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
-    check_window(args.profile_steps, measurement_steps, f"each measurement ({plan.warmup_steps} warm-up steps + "
+    check_window(args.profile_steps, measurement_steps, f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
                  f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
     needs_cuda = [name for name in plan.loaders if name in CUDA_ONLY]
     if env.device.type != "cuda" and needs_cuda:
@@ -447,15 +505,16 @@ def run(args, argv) -> dict:
     probe = bench.loader("synthetic")  # validates the data folder and gives its size
     say = print if env.is_main else (lambda *a, **k: None)
     say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
-        f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders)}; "
-        f"{plan.warmup_steps} warm-up + {plan.steps} timed steps x {plan.repeats}", flush=True)
+        f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders) or 'none'}; "
+        f"{plan.warmup_steps} warm-up + {count(plan.steps, 'timed step')} x {count(plan.repeats, 'window')}",
+        flush=True)
     results = []
     jobs = [("synthetic", "synthetic")] if "synthetic" in plan.modes else []
     jobs += [(mode, name) for name in plan.loaders for mode in ("loader", "train") if mode in plan.modes]
     for mode, name in jobs:
         result = bench.measure(mode, name)
         results.append(result)
-        say(f"  {mode:9s} {name:11s} {result['img_per_s']:10.1f} img/s"
+        say(f"  {mode:9s} {name:{WIDTH}s} {result['img_per_s']:10.1f} img/s"
             + (f"  stall {result['stall']['fraction']:.1%} ({result['stall']['basis']})" if result["stall"] else ""),
             flush=True)
     flops = flops_block(recipe, probe.num_classes, args.peak_tflops)
@@ -507,6 +566,9 @@ def run(args, argv) -> dict:
         report["levers"] = levers_mod.measure_levers(bench, list(plan.levers), plan.modes,
                                                      plan.loaders[0] if plan.loaders else None, mfu_of, results)
         if env.is_main and report["levers"]["best_fields"]:
+            # training's own start-up checks, once more on exactly what is written: a preset it would refuse
+            # is never saved
+            levers_mod.check_preset(report["levers"]["best_fields"], recipe, machine, env.device)
             report["levers"]["preset"] = str(args.out / "levers.toml")
             levers_mod.write_preset(report["levers"]["best_fields"], args.out / "levers.toml")
     if env.is_main:

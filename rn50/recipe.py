@@ -29,6 +29,7 @@ from rn50.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = KINDS
+AUTO_LOADER = "auto"  # Machine.for_device: dali where the process runs on CUDA, dali-cpu elsewhere
 DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.model
@@ -167,12 +168,18 @@ class Recipe:
         return self
 
 
+def concrete_loader(kind: str, device_type: str) -> str:
+    """`auto` as the loader it means on a device of this type (torch.device.type); any other kind as it is."""
+    return ("dali" if device_type == "cuda" else "dali-cpu") if kind == AUTO_LOADER else kind
+
+
 @dataclass(frozen=True)
 class Machine:
     """How this machine runs the recipe: not part of what is trained, saved as machine.json in the run folder,
     free to change on resume and never inherited from a checkpoint."""
-    loader: str = opt("dali", "dali (GPU) | dali-hybrid (CPU decode, GPU augment) | dali-cpu | torchvision-gpu "
-                              "(torchvision's batched decoder) | torchvision | synthetic (docs/loaders.md)")
+    loader: str = opt("auto", "auto: dali on a CUDA device, dali-cpu without one | dali (GPU) | dali-hybrid (CPU "
+                              "decode, GPU augment) | dali-cpu | torchvision-gpu (torchvision's batched decoder) | "
+                              "torchvision | synthetic (docs/loaders.md)")
     device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
                               "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
     dali_threads: int = opt(4, "DALI CPU threads per process")
@@ -201,9 +208,15 @@ class Machine:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def for_device(self, device_type: str) -> "Machine":
+        """These settings with `loader auto` made concrete for the device this process runs on ("cuda" or
+        "cpu", torch.device.type): dali on CUDA, dali-cpu elsewhere. Runs save and compare the concrete one
+        (machine.json, the checkpoint's loader), so a resume on the same machine continues the same stream."""
+        return dataclasses.replace(self, loader=concrete_loader(self.loader, device_type))
+
     def validate(self) -> "Machine":
-        if self.loader not in LOADERS:
-            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.loader not in LOADERS + (AUTO_LOADER,):
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO_LOADER,) + LOADERS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("dali_threads", "log_every", "prefetch"):
@@ -540,6 +553,45 @@ def _raise_usage_error(message: str):
                 "numbers": "comma-separated numbers (e.g. 0.08,1)"}.get(kind, f"a value of type {kind}")
         raise UserError(f"{flag} takes {kind}, got {value}")
     raise UserError(message.removeprefix("argument "))
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+
+def epoch_plan(recipe: Recipe) -> list[str]:
+    """Start-up lines on what the run's epochs hold, counted from 1 as the console counts them: the
+    progressive-resizing plan, and a warning for each part of the recipe that lies beyond --epochs (the
+    resolution ramp, the warm-up, an LR milestone). A preset scaled down with --epochs (`--preset
+    ffcv_16_epochs --epochs 3`) would otherwise lose those parts without a word."""
+    aug, s, lines = recipe.augmentation, recipe.schedule, []
+    epochs = f"{s.epochs} epoch{'s' if s.epochs != 1 else ''}"  # "this run's 1 epoch"
+    if aug.max_res:
+        sizes = aug.train_sizes(s.epochs)
+        runs, first = [], 1
+        for epoch in range(1, s.epochs + 1):
+            if epoch == s.epochs or sizes[epoch] != sizes[epoch - 1]:
+                runs.append(f"{sizes[epoch - 1]} px in {_epochs(first, epoch)}")
+                first = epoch + 1
+        lines.append(f"progressive resizing: {', '.join(runs)} (start_ramp {aug.start_ramp} and end_ramp "
+                     f"{aug.end_ramp} count epochs from 0)")
+        if sizes[-1] != aug.max_res:
+            low = aug.min_res or aug.image_size
+            reached = "every epoch trains at" if sizes[-1] == low else "the resolution only reaches"
+            lines.append(f"warning: the resolution ramp to {aug.max_res} px (start_ramp {aug.start_ramp}, end_ramp "
+                         f"{aug.end_ramp}) lies beyond this run's {epochs}: {reached} {sizes[-1]} px; "
+                         f"scale it down with --start-ramp and --end-ramp below {s.epochs}")
+    if s.warmup_epochs >= s.epochs and s.warmup_epochs > 0:
+        lines.append(f"warning: the warm-up ({s.warmup_epochs:g} epoch{'s' if s.warmup_epochs != 1 else ''}) outlasts this run's "
+                     f"{epochs}: the LR "
+                     f"rises to about {min(1.0, s.epochs / s.warmup_epochs):.0%} of its peak and never decays; "
+                     f"scale it down with --warmup-epochs below {s.epochs}")
+    beyond = [m for m in s.lr_milestones if m >= s.epochs]
+    if s.kind == "step" and beyond:
+        lines.append(f"warning: LR milestone{'s' if len(beyond) > 1 else ''} at epoch{'s' if len(beyond) > 1 else ''} "
+                     f"{', '.join(f'{m:g}' for m in beyond)} lie{'' if len(beyond) > 1 else 's'} beyond this run's "
+                     f"{epochs}: the LR never decays there; scale them down with --lr-milestones")
+    return lines
 
 
 def changes_from_defaults(recipe: Recipe, machine: Machine | None = None) -> list[str]:
