@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 
 import torch
 
@@ -84,7 +85,10 @@ class GraphedStep:
     """
 
     def __init__(self, parts, step, stream: torch.cuda.Stream | None, warmup_steps: int):
-        self.parts, self.step, self.stream, self.warmup_steps = parts, step, stream, warmup_steps
+        # a weak reference: `parts.graphed` is this object, and a cycle would keep the model, the optimizer
+        # and the graph's memory pool alive until the garbage collector ran (the harness builds many)
+        self._parts = weakref.ref(parts)
+        self.step, self.stream, self.warmup_steps = step, stream, warmup_steps
         self.calls = 0
         self.warmup_left = warmup_steps  # eager steps still to run before the next capture
         self.captures = 0  # one per batch shape met (progressive resizing), usually 1
@@ -92,6 +96,11 @@ class GraphedStep:
         self.capture_s: float | None = None  # seconds the last capture took (synchronised)
         self.static_images = self.static_labels = self.static_loss = None
         self.lrs: list[torch.Tensor] = []  # one per param group, read by the captured optimizer step
+
+    @property
+    def parts(self):
+        """The TrainingParts this step belongs to (held weakly: they hold this step)."""
+        return self._parts()
 
     @property
     def captured(self) -> bool:
