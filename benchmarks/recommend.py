@@ -40,16 +40,20 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
     if basis is None:
         return None
     speeds = {r["loader"]: r["img_per_s"] for r in results if r["mode"] == basis}
+    spreads = {r["loader"]: r.get("img_per_s_spread") or 0.0 for r in results if r["mode"] == basis}
     ranked = sorted(speeds, key=speeds.get, reverse=True)
     best = ranked[0]
-    ties = [name for name in ranked[1:] if speeds[name] >= (1 - TIE) * speeds[best]]
+    # a tie: within TIE of the fastest, or within the two measurements' spreads when those are wider
+    margin = {name: max(TIE, spreads[name] + spreads[best]) for name in ranked}
+    ties = [name for name in ranked[1:] if speeds[name] >= (1 - margin[name]) * speeds[best]]
     device = f"{world_size} GPU{'s' if world_size > 1 else ''}" if device_type == "cuda" \
         else f"the CPU, {world_size} process{'es' if world_size > 1 else ''}"
     what = "end to end (feeding the training step)" if basis == "train" else "alone (loader mode, no model)"
     text = [f"On this machine ({device}), {best} is the fastest loader {what}: {speeds[best]:,.0f} img/s."]
     if ties:
+        widest = max(margin[n] for n in ties)
         text.append(f"{_names([f'{n} ({speeds[n]:,.0f})' for n in ties])} {'is' if len(ties) == 1 else 'are'} "
-                    f"within {TIE:.0%} of it, inside run-to-run noise: any of them will do.")
+                    f"within {widest:.0%} of it, inside run-to-run noise: any of them will do.")
     fed = []
     if basis == "train":
         fed = [name for name in ranked if verdicts.get(name, {}).get("verdict") in FED]
@@ -64,6 +68,12 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
             text.append(f"Even {best} leaves the model waiting for input"
                         + (f" ({stall:.0%} of the step)" if stall is not None else "") + f"{ceiling}: every loader "
                         "measured is the bottleneck here; its verdict below lists what to change.")
+        elif verdicts.get(best, {}).get("verdict") == "contended":
+            text.append(f"{best} never leaves the model waiting, but its own work slows the step{ceiling}; its "
+                        "verdict below says what to change.")
+        elif verdicts.get(best, {}).get("verdict") == "within noise":
+            text.append(f"Whether {best} keeps the model fed is within run-to-run noise{ceiling}: more --steps and "
+                        "--repeats will tell.")
         else:
             text.append(f"{best} comes close to keeping the model fed{ceiling}.")
     else:

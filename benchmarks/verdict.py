@@ -42,42 +42,121 @@ NEXT_STEPS = {
         "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
     ],
 }
+# Without CUDA there is no GPU pipeline to switch to: never advise `--loader dali` there
+CPU_NEXT_STEPS = {
+    "dali-cpu": NEXT_STEPS["dali-cpu"][1:],
+    "torchvision-gpu": ["switch to DALI's CPU pipeline (--loader dali-cpu): its threads decode and crop in one pass",
+                        *NEXT_STEPS["torchvision-gpu"][1:]],
+    "torchvision": ["switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker processes",
+                    *NEXT_STEPS["torchvision"][1:]],
+}
 COMPUTE_STEPS = [
     "the input pipeline keeps up: speed up the model step instead",
     "try torch.compile, a larger batch per GPU, or bf16 (--amp-dtype bfloat16) and compare",
     "check channels_last and AMP are on (--channels-last --amp), as the recipe defaults",
 ]
+CPU_COMPUTE_STEPS = [
+    "the input pipeline keeps up: speed up the model step instead",
+    "try torch.compile or a larger batch and compare; on the CPU the step runs in fp32, so a CUDA GPU is the "
+    "change that pays most",
+]
+NOISE_STEPS = ["measure longer: more --steps and --repeats narrow the windows' spread until the figures can decide"]
+
+
+def next_steps(loader: str, device_type: str) -> list[str]:
+    """What to change when `loader` is the bottleneck on this kind of device."""
+    return (NEXT_STEPS if device_type == "cuda" else CPU_NEXT_STEPS).get(loader, [])
+
+
+def _sign(value: float | None, high: float, low: float, noise: float) -> str | None:
+    """"compute" at or above `high`; "noise" below it but within `noise` (the measurements' spread) of 1;
+    "input" below `low`; "between" otherwise; None when not measured."""
+    if value is None:
+        return None
+    if value >= high:
+        return "compute"
+    if 1 - value <= noise:
+        return "noise"
+    return "input" if value < low else "between"
 
 
 def verdict(loader: str, device_type: str, stall: float | None, ratio: float | None,
-            headroom: float | None) -> dict:
-    """`stall`, `ratio`, `headroom` as fractions; any may be None when that mode was not measured."""
+            headroom: float | None, ratio_spread: float | None = None, headroom_spread: float | None = None) -> dict:
+    """`stall`, `ratio`, `headroom` as fractions; any may be None when that mode was not measured.
+    `ratio_spread`, `headroom_spread`: how far the ratios can move by run-to-run noise (the two measurements'
+    windows' spreads, (max - min) / mean, added); None when a measurement had a single window.
+
+    The stall is the direct evidence (the model waited for input, or it did not); the ratio and the headroom
+    confirm it, and count only where they differ from the ceiling by more than their spread. A verdict
+    the figures cannot support is "within noise"; a step that never waits yet runs well below the ceiling
+    beside a loader that alone outruns it is "contended" (the loader's work slows the step), never input-bound.
+    """
     compute_label = "GPU-bound" if device_type == "cuda" else "compute-bound"
+    compute_steps = COMPUTE_STEPS if device_type == "cuda" else CPU_COMPUTE_STEPS
+    if stall is None and ratio is None and headroom is None:
+        return {"verdict": "not available", "evidence": ["measure the train mode (and synthetic) for a verdict"],
+                "next_steps": []}
+    ratio_sign = _sign(ratio, RATIO_HIGH, RATIO_LOW, ratio_spread or 0.0)
+    headroom_sign = _sign(headroom, 1.0, 1.0, headroom_spread or 0.0)
     evidence = []
     if stall is not None:
         evidence.append(f"input stall {stall:.1%} of the end-to-end window")
     if ratio is not None:
-        evidence.append(f"end-to-end at {ratio:.1%} of the synthetic-data ceiling (1 - ratio = {1 - ratio:.1%})")
+        evidence.append(f"end-to-end at {ratio:.1%} of the synthetic-data ceiling (1 - ratio = {1 - ratio:.1%})"
+                        + (f": within the windows' spread ({ratio_spread:.1%}) of the ceiling"
+                           if ratio_sign == "noise" or (ratio > 1 and ratio - 1 <= (ratio_spread or 0)) else ""))
         if ratio > 1:
             evidence.append("a ratio above 100% is measurement noise: more --steps and --repeats tighten it")
     if headroom is not None:
-        evidence.append(f"the loader alone delivers {headroom:.2f}x the ceiling's img/s")
+        evidence.append(f"the loader alone delivers {headroom:.2f}x the ceiling's img/s"
+                        + (f", within the windows' spread ({headroom_spread:.1%}) of it" if headroom_sign == "noise"
+                           else ""))
+    spreads = [s for s in (ratio_spread, headroom_spread) if s is not None]
+    if (ratio is not None or headroom is not None) and not spreads:
+        evidence.append("one timed window per measurement: the spread is unknown (measure with --repeats 2 or more)")
     if device_type != "cuda":
         evidence.append("CPU run: loader and model share the same cores, so the figures interact")
-    if stall is None and ratio is None and headroom is None:
-        return {"verdict": "not available", "evidence": ["measure the train mode (and synthetic) for a verdict"],
-                "next_steps": []}
 
-    input_signs = [stall is not None and stall >= STALL_HIGH, ratio is not None and ratio < RATIO_LOW,
-                   headroom is not None and headroom < 1.0]
-    compute_signs = [stall is None or stall < STALL_LOW, ratio is None or ratio >= RATIO_HIGH,
-                     headroom is None or headroom >= 1.0]
-    if any(input_signs):
-        label, steps = "input-bound", NEXT_STEPS.get(loader, [])
-    elif all(compute_signs):
-        label, steps = compute_label, COMPUTE_STEPS
+    if stall is not None and stall >= STALL_HIGH:
+        label = "input-bound"
+    elif stall is None or stall < STALL_LOW:  # the model (hardly) waited for input, or the stall is unknown
+        if ratio_sign == "input" or ratio_sign == "between":
+            if headroom_sign == "input" or stall is None:
+                label = "input-bound"
+            else:
+                label = "contended" if ratio_sign == "input" else "balanced"
+        elif ratio_sign == "noise" or (headroom_sign == "noise" and ratio_sign is None):
+            label = "within noise"
+        elif headroom_sign == "input" and ratio_sign is None:  # loader mode alone: it cannot keep up
+            label = "input-bound"
+        elif headroom_sign == "input":  # the loader alone is slower, yet the step neither waits nor slows
+            label = "within noise"
+            evidence.append("the figures disagree: the loader alone is slower than the ceiling, yet the step "
+                            "neither waits nor slows")
+        else:
+            label = compute_label
+    else:  # some stall, under STALL_HIGH
+        if ratio_sign == "input" or headroom_sign == "input":
+            label = "input-bound"
+        elif ratio_sign == "noise":
+            label = "within noise"
+        else:
+            label = "balanced"
+
+    if label == "input-bound":
+        steps = next_steps(loader, device_type)
+    elif label == compute_label:
+        steps = compute_steps
+    elif label == "contended":
+        shared = "cores" if device_type != "cuda" else "GPU"
+        evidence.append("the step never waits for input, yet runs below the ceiling"
+                        + (" while the loader alone outruns it" if headroom is not None else "")
+                        + f": the loader's own work takes the {shared} the step needs")
+        steps = ([f"leave the model more {shared}: fewer loader threads (--dali-threads, --workers), or a CUDA GPU"]
+                 if device_type != "cuda" else []) + next_steps(loader, device_type)[:2]
+    elif label == "within noise":
+        steps = NOISE_STEPS
     else:
-        label = "balanced"
         steps = ["the loader and the model are close: both changes below pay a little"] + \
-            NEXT_STEPS.get(loader, [])[:1] + COMPUTE_STEPS[1:2]
+            next_steps(loader, device_type)[:1] + compute_steps[1:2]
     return {"verdict": label, "evidence": evidence, "next_steps": steps}
