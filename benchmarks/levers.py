@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from rn50.device import check_cuda_only_settings
 from rn50.errors import UserError
 from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, apply, get
 
-# one line each: what the lever changes and why it is faster
-GAIN_THRESHOLD = 1.02  # a lever joins the best combination when it is at least 2% faster than the baseline
+# A lever joins the best combination when it is at least 2% faster than the baseline AND its slowest timed
+# window beat the baseline's fastest: a gain inside the windows' spread is noise, not a lever
+GAIN_THRESHOLD = 1.02
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: s
                 return {**row, "measured": False, "reason": str(err)}
             key = "synthetic" if kind == "synthetic" else "end_to_end"
             row[key] = {"img_per_s": result["img_per_s"], "img_per_s_per_gpu": result["img_per_s_per_gpu"],
+                        "img_per_s_windows": result.get("img_per_s_windows"),
+                        "img_per_s_spread": result.get("img_per_s_spread"),
                         "mfu": per_image(result["img_per_s_per_gpu"]),
                         "memory_peak_gib": result.get("memory_peak_gib"), "compile_s": result.get("compile_s")}
             say(f"  lever {name:22s} {state:3s} {key:10s} {result['img_per_s']:10.1f} img/s", flush=True)
@@ -174,22 +178,67 @@ def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: s
         return row
 
     rows = [ratio(row) for row in rows]
-    best_fields = best_combination(rows)
-    if best_fields:
-        rows.append(ratio(row_for("best combination", "every lever that beat the baseline by 2% or more, "
-                                  "together", "on", best_fields)))
+    candidate = best_combination(rows, key, lambda fields: check_preset(fields, recipe, machine, env.device))
+    best_fields, withheld = {}, None
+    if candidate:  # measured before it is written: levers can cost each other what each gained alone
+        combined = ratio(row_for("best combination", "every lever whose gain beat the baseline beyond the "
+                                 "windows' spread, together", "on", candidate))
+        rows.append(combined)
+        if not combined["measured"]:
+            withheld = f"the combination could not be measured: {combined['reason']}"
+        elif not beats_baseline(combined, baseline, key):
+            withheld = (f"the combination measured {combined['ratio_to_baseline']:.2f}x the baseline, not beyond "
+                        "the windows' spread")
+        else:
+            best_fields = candidate
     return {"ranked_by": key, "loader": loader if key == "end_to_end" else None, "rows": rows,
-            "best_fields": best_fields, "preset": None}
+            "candidate_fields": candidate, "best_fields": best_fields, "not_written": withheld, "preset": None}
 
 
-def best_combination(rows: list[dict]) -> dict:
-    """The fields of every measured lever whose state beat the baseline by GAIN_THRESHOLD. A lever measured
-    "off" that beat the baseline means the machine is faster without it: its off setting joins."""
-    fields = {}
-    # slowest first: where two levers set one field (batch256 and batch512), the faster one's value stays
-    for row in sorted(rows[1:], key=lambda r: r.get("ratio_to_baseline", 0)):
-        if row["measured"] and row.get("ratio_to_baseline", 0) >= GAIN_THRESHOLD:
-            fields.update(row["fields"])
+def beats_baseline(row: dict, baseline: dict, key: str) -> bool:
+    """At least GAIN_THRESHOLD faster, and the row's slowest window faster than the baseline's fastest (so
+    the gain beats the spread of both); never with a single window each, whose spread is unknown."""
+    mine, theirs = (row.get(key) or {}).get("img_per_s_windows"), (baseline.get(key) or {}).get("img_per_s_windows")
+    if not mine or not theirs or len(mine) < 2 or len(theirs) < 2:
+        return False
+    return row.get("ratio_to_baseline", 0) >= GAIN_THRESHOLD and min(mine) > max(theirs)
+
+
+def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
+    """Raise UserError if training would refuse these fields over this recipe and machine: the checks
+    rn50.train runs at start-up (Recipe/Machine.validate, check_cuda_only_settings), not a copy of them."""
+    lever_recipe, lever_machine = apply(recipe, machine, fields)
+    check_cuda_only_settings(lever_recipe.validate(), lever_machine.validate(), device)
+
+
+def best_combination(rows: list[dict], key: str, check=None) -> dict:
+    """The fields of every measured lever whose state beat the baseline (rows[0]) beyond the spread
+    (beats_baseline). A lever measured "off" that beat the baseline means the machine is faster without it:
+    its off setting joins. Fastest first: a lever that sets a field a faster one set (batch256 after
+    batch512), or that `check(fields)` refuses beside the faster ones (cuda-graphs with max-autotune), stays
+    out. Each row considered gets "joined" and, when left out, "left_out" (why)."""
+    fields: dict = {}
+    baseline = rows[0]
+    for row in sorted(rows[1:], key=lambda r: r.get("ratio_to_baseline", 0), reverse=True):
+        if not row["measured"]:
+            continue
+        row["joined"], row["left_out"] = False, None
+        if not beats_baseline(row, baseline, key):
+            row["left_out"] = "its gain does not beat the windows' spread" if row.get("ratio_to_baseline", 0) > 1 \
+                else "not faster than the baseline"
+            continue
+        taken = [flat for flat in row["fields"] if flat in fields]
+        if taken:
+            row["left_out"] = f"a faster lever sets {', '.join(taken)}"
+            continue
+        if check is not None:
+            try:
+                check({**fields, **row["fields"]})
+            except UserError as err:
+                row["left_out"] = f"conflicts with the faster levers: {err}"
+                continue
+        fields.update(row["fields"])
+        row["joined"] = True
     return fields
 
 

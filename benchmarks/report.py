@@ -17,6 +17,10 @@ def _num(value, fmt="{:,.1f}") -> str:
     return NA if value is None else fmt.format(value)
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _pct(value) -> str:
     return _num(None if value is None else 100 * value, "{:.1f}%")
 
@@ -27,8 +31,9 @@ def markdown(report: dict) -> str:
         "# Benchmark report",
         "",
         f"{config['arch']} at {config['image_size']} px, batch {config['batch_size']} per GPU "
-        f"x {env['world_size']} = {config['global_batch']}; {config['warmup_steps']} warm-up steps excluded, "
-        f"{config['timed_steps']} timed steps x {config['repeats']} window(s). Created {report['created']}.",
+        f"x {env['world_size']} = {config['global_batch']}; {_count(config['warmup_steps'], 'warm-up step')} "
+        f"excluded, {_count(config['timed_steps'], 'timed step')} x {_count(config['repeats'], 'window')}. "
+        f"Created {report['created']}.",
         "",
         "## Throughput",
         "",
@@ -121,7 +126,7 @@ def markdown(report: dict) -> str:
         lines += [""] + profile_section(report["profile"])
     lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
-              f"{config['dataset']['classes']} classes)", ""]
+              f"{_count(config['dataset']['classes'], 'class', 'classes')})", ""]
     return "\n".join(lines)
 
 
@@ -170,32 +175,58 @@ def levers_table(levers: dict) -> list[str]:
              + (f", loader {levers['loader']}" if levers.get("loader") else "") + "). A lever already on in the "
              "baseline is measured switched off, so its row shows what it is worth.", "",
              "| lever | measured | synthetic img/s | end-to-end img/s | x baseline | % of synthetic | MFU | "
-             "peak memory GiB | why it is faster |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak memory GiB | in the best combination | why it is faster |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in levers["rows"]:
         if not row["measured"]:
-            lines.append(f"| {row['lever']} | not measured: {row['reason']} | | | | | | | {row['why']} |")
+            lines.append(f"| {row['lever']} | not measured: {row['reason']} | | | | | | | | {row['why']} |")
             continue
+        joined = "yes" if row.get("joined") else (f"no: {row['left_out']}" if row.get("left_out") else "")
         synthetic, e2e = row.get("synthetic") or {}, row.get("end_to_end") or {}
         best = e2e or synthetic
         lines.append(f"| {row['lever']} | {row['state']} | {_num(synthetic.get('img_per_s'))} | "
                      f"{_num(e2e.get('img_per_s'))} | {_num(row.get('ratio_to_baseline'), '{:.2f}x')} | "
                      f"{_pct(e2e.get('of_synthetic'))} | {_pct(best.get('mfu'))} | "
-                     f"{_num(best.get('memory_peak_gib'), '{:.2f}')} | {row['why']} |")
+                     f"{_num(best.get('memory_peak_gib'), '{:.2f}')} | {joined} | {row['why']} |")
     if levers.get("preset"):
         lines += ["", f"Best combination saved as `{levers['preset']}` (use with `--preset`)."]
+    elif levers.get("not_written"):
+        lines += ["", f"No preset written: {levers['not_written']}."]
+    elif levers.get("rows") and not levers.get("candidate_fields"):
+        lines += ["", "No preset written: no lever's gain beat the baseline beyond the windows' spread (with one "
+                      "window per measurement the spread is unknown: measure with --repeats 2 or more)."]
     return lines + [""]
 
 
+def throughput_panels(results: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The training steps (the synthetic ceiling and end to end) in one panel and the loaders alone in
+    another, each on its own axis: loader-only figures can be 100x the training ones."""
+    panels = [("training step: synthetic ceiling and end to end", [r for r in results if r["mode"] != "loader"]),
+              ("loaders alone (no model)", [r for r in results if r["mode"] == "loader"])]
+    return [(title, rows) for title, rows in panels if rows]
+
+
+def error_bar(r: dict) -> tuple[float, float]:
+    """Below and above the mean: to the slowest and the fastest timed window (0 with a single window)."""
+    windows = r.get("img_per_s_windows") or [r["img_per_s"]]
+    return r["img_per_s"] - min(windows), max(windows) - r["img_per_s"]
+
+
 def plot_throughput(report: dict, path: Path) -> None:
-    results = report["results"]
-    labels = [f"{r['mode']}\n{r['loader']}" for r in results]
     colours = {"synthetic": "tab:grey", "loader": "tab:blue", "train": "tab:green"}
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(results)), 4))
-    bars = ax.bar(labels, [r["img_per_s"] for r in results], color=[colours[r["mode"]] for r in results])
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel("images / s (all GPUs)")
-    ax.set_title(f"{report['config']['arch']} {report['config']['image_size']} px, "
-                 f"batch {report['config']['global_batch']}")
+    panels = throughput_panels(report["results"])
+    widths = [max(1, len(rows)) for _, rows in panels] or [1]
+    fig, axes = plt.subplots(1, len(panels) or 1, figsize=(max(5, 1.4 * sum(widths) + 1.5), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (title, rows) in zip(axes[0], panels):
+        bars = ax.bar([f"{r['mode']}\n{r['loader']}" for r in rows], [r["img_per_s"] for r in rows],
+                      color=[colours[r["mode"]] for r in rows],
+                      yerr=list(zip(*[error_bar(r) for r in rows])), capsize=4, ecolor="black")
+        ax.bar_label(bars, fmt="%.0f", label_type="center")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("images / s (all GPUs)")
+    fig.suptitle(f"{report['config']['arch']} {report['config']['image_size']} px, "
+                 f"batch {report['config']['global_batch']}; error bars: slowest to fastest timed window",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
