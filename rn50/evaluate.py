@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     state, saved, kind = read_weights(args.weights, args.ema)
     base = recipe_from_mapping(saved) if saved else None
     resolved = resolve(args, base)
-    recipe, machine = resolved.recipe, resolved.machine
+    recipe, machine = resolved.recipe, resolved.machine.for_device(env.device.type)  # --loader auto made concrete
     if machine.loader == "synthetic":
         raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "
                         "torchvision to evaluate")
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     model = model.to(env.device, memory_format=memory_format).eval()
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     say(f"evaluating {args.weights} ({kind}, {spec.arch}{', blurpool' if spec.blurpool else ''}) on "
-        f"{args.data}/val: {num_classes} classes, loader {machine.loader}, {env.world_size} process(es)")
+        f"{args.data}/val: {num_classes} classes, loader {machine.loader}, {env.world_size} process{'es' if env.world_size != 1 else ''}")
 
     results, matrices = [], []  # the matrices go to CSV files, not eval.json (1000 x 1000 for ImageNet)
     for size in sizes or [recipe.augmentation.val_size]:

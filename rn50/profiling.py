@@ -55,7 +55,7 @@ def check_flags(window: tuple[int, int] | None, tool: str, device: torch.device)
 def check_window(window: tuple[int, int] | None, last_step: int, what: str) -> None:
     """At start-up: a window that ends after the last step could never be recorded whole."""
     if window and window[1] > last_step:
-        raise UserError(f"--profile-steps {window[0]}:{window[1]}: {what} has {last_step} steps; "
+        raise UserError(f"--profile-steps {window[0]}:{window[1]}: {what} has {last_step} step{'s' if last_step != 1 else ''}; "
                         f"choose steps within 1:{last_step}")
 
 

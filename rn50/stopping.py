@@ -23,7 +23,8 @@ def judge(history: list[dict], rules: Stopping, target_reached_before: bool = Fa
         verdict["target/time_s"], verdict["target/epochs"] = record["time_s"], record["epoch"]
     best_at = len(top1) - 1 - top1[::-1].index(max(top1))
     if rules.early_stop_patience and len(top1) - 1 - best_at >= rules.early_stop_patience:
-        verdict.setdefault("stop", f"no better validation top-1 for {rules.early_stop_patience} epochs "
+        verdict.setdefault("stop", f"no better validation top-1 for {rules.early_stop_patience} "
+                                   f"epoch{'s' if rules.early_stop_patience != 1 else ''} "
                                    f"(best {max(top1):.2f}% at epoch {history[best_at]['epoch']})")
     window = history[-OVERFIT_WINDOW:]
     gaps = [h["val/loss"] - h["train/loss"] for h in window]

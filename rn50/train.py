@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,9 +31,9 @@ from rn50.metrics import MetricsLog
 from rn50.preemption import EXIT_PREEMPTED, StopRequest
 from rn50.profiling import TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window
 from rn50.provenance import environment
-from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, guard_resume,
-                         parse_strict, recipe_from_mapping, resolve)
-from rn50.schedule import PlateauMultiplier, lr_at, set_lr
+from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, epoch_plan,
+                         guard_resume, parse_strict, recipe_from_mapping, resolve)
+from rn50.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr
 from rn50.step import TrainingParts, build_training, replicas_identical, train_step
 from rn50.stopping import judge
 from rn50.telemetry import Telemetry
@@ -151,6 +152,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
         self.peak_lr = recipe.optimisation.peak_lr(env.world_size)
+        self.peak_lr_reached = peak_reached(recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main, tensorboard_dir=out / "tensorboard")
         self.store = CheckpointStore(out, args.keep_checkpoints)
         self.checkpoint_every = args.checkpoint_every
@@ -159,6 +161,7 @@ class Trainer:
         # --compile: the batch shape compiled for last. The first step at a new shape compiles (the run's
         # first; progressive resizing's first at each size): it is synchronised, timed alone, kept out of img/s
         self.compiled_shape: torch.Size | None = None
+        self.validated_compiled = False  # --compile: whether validation has compiled its graphs in this process
         self.profiler = StepProfiler(args.profile_steps, out / TRACE_DIR, env.rank, env.device, args.profiler, self.say)
         self.start_epoch, self.start_offset = 0, 0  # where a resumed run continues
         self.losses: LossTracker | None = None  # the current epoch's
@@ -178,9 +181,10 @@ class Trainer:
     def run(self) -> dict:
         recipe, epochs = self.recipe, self.recipe.schedule.epochs
         self.say(f"training {recipe.model.arch} on {self.train_loader.num_samples} images ({self.steps_per_epoch} "
-                 f"steps/epoch x {self.env.world_size} ranks x {recipe.optimisation.batch_size}), validating on "
+                 f"steps/epoch x {self.env.world_size} rank{'s' if self.env.world_size != 1 else ''} x "
+                 f"{recipe.optimisation.batch_size}), validating on "
                  f"{self.val_loader.num_samples}; loader {self.machine.loader}, device {self.env.device}, "
-                 f"peak LR {self.peak_lr:.4g}")
+                 f"peak LR {self.peak_lr:.4g}" + _reached(self.peak_lr, self.peak_lr_reached))
         for epoch in range(self.start_epoch, epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
             record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
@@ -216,6 +220,10 @@ class Trainer:
         """Steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch)."""
         parts, spe, freeze = self.parts, self.steps_per_epoch, self.recipe.model.freeze_backbone_epochs
         self.train_loader.set_epoch(epoch)
+        aug = self.recipe.augmentation
+        if epoch > self.start_epoch and aug.train_size(epoch) != aug.train_size(epoch - 1):  # img/s changes with it
+            self.say(f"epoch {epoch + 1}: training at {self.train_loader.image_size} px from now on (progressive "
+                     f"resizing, {aug.train_size(epoch - 1)} px until now)")
         losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
         self.resumed_losses = None
         host_wait = 0.0
@@ -240,16 +248,22 @@ class Trainer:
             if compiling:
                 self._sync()
                 compile_from = time.perf_counter()
-            loss = train_step(parts, images, labels)
+                # the watchdog allows a compile its own, longer limit (max-autotune can take many minutes)
+                with self.watchdog.compiling(f"epoch {epoch + 1} step {i + 1}/{spe}: training step"):
+                    loss = train_step(parts, images, labels)
+                    self._sync()
+            else:
+                loss = train_step(parts, images, labels)
             if compiling:  # synchronised and timed alone: reported as compile_s, kept out of img/s
-                self._sync()
                 took = time.perf_counter() - compile_from
                 compiled, compiled_steps = (compiled or 0.0) + took, compiled_steps + 1
                 at = f" at {images.shape[-1]} px" if self.compiled_shape else ""  # a new size: compiled again
                 self.say(f"compiled in {took:.1f} s (the first step{at}, timed apart; not counted in img/s)")
                 self.compiled_shape = images.shape
             losses.add(loss)
-            if (i + 1) % self.machine.log_every == 0:  # the only per-step host sync, at log intervals
+            # the only per-step host sync: at log intervals, and at the epoch's last step (an epoch shorter
+            # than --log-every still gets its line)
+            if (i + 1) % self.machine.log_every == 0 or i + 1 == spe:
                 self.check_divergence(losses)
                 # epoch counts epochs completed (fractional mid-epoch); train/loss is rank 0's step loss
                 loss_value = loss.item()  # the sync: every step so far has finished, so the clock below is true
@@ -346,7 +360,12 @@ class Trainer:
         broadcast_buffers(self.parts.raw_model)
         progress = lambda b: self.watchdog.progress(f"epoch {epoch + 1}: validation batch {b}")  # noqa: E731
         flip = self.recipe.augmentation.val_flip
-        result = evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype, on_batch=progress, flip=flip)
+        # --compile: this process's first validation compiles the eval-mode graphs (full and last batch)
+        first_compiled = self.machine.compile and not self.validated_compiled
+        self.validated_compiled = self.validated_compiled or self.machine.compile
+        with self.watchdog.compiling(f"epoch {epoch + 1}: validation") if first_compiled else nullcontext():
+            result = evaluate(self.parts.raw_model, self.val_loader, self.parts.amp_dtype, on_batch=progress,
+                              flip=flip)
         if self.parts.ema is not None:
             ema = evaluate(self.parts.ema.module, self.val_loader, self.parts.amp_dtype, on_batch=progress,
                            flip=flip)
@@ -393,7 +412,7 @@ class Trainer:
             self.train_loader.load_state_dict(checkpoint["loader"][self.env.rank])
             self.resumed_losses = (checkpoint.get("epoch_losses") or [None] * self.env.world_size)[self.env.rank]
         return (f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
-                + ("" if same_world else f" (resharded from {checkpoint['world_size']} processes)")
+                + ("" if same_world else f" (resharded from {checkpoint['world_size']} process{'es' if checkpoint['world_size'] != 1 else ''})")
                 + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)"))
 
     def summary(self) -> dict:
@@ -420,6 +439,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "global_batch": recipe.optimisation.batch_size * self.env.world_size,
             "peak_lr": self.peak_lr,
+            "peak_lr_reached": self.peak_lr_reached,  # below peak_lr when the warm-up outlasts the run
             "dataset": {"train_images": self.train_loader.num_samples,
                         "val_images": self.val_loader.num_samples},
             "recipe": recipe.to_dict(),
@@ -444,8 +464,9 @@ def find_resume(args: argparse.Namespace, say) -> tuple[Path | None, dict | None
 def check_world_size(checkpoint: dict, env: DistEnv, reshard: bool) -> None:
     if checkpoint["world_size"] != env.world_size and not reshard:
         raise UserError(
-            f"the checkpoint was written by {checkpoint['world_size']} processes but this run has "
-            f"{env.world_size}; resume with {checkpoint['world_size']} processes in all, or pass "
+            f"the checkpoint was written by {checkpoint['world_size']} process"
+            f"{'es' if checkpoint['world_size'] != 1 else ''} but this run has {env.world_size}; resume with "
+            f"{checkpoint['world_size']} process{'es' if checkpoint['world_size'] != 1 else ''} in all, or pass "
             "--reshard to continue with the new count (the interrupted epoch restarts)"
         )
 
@@ -504,7 +525,9 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     # resume guard accepts only where they do not alter a step (or are named in --allow-change)
     saved = recipe_from_mapping(checkpoint["recipe"]) if checkpoint else None
     resolved = resolve(args, saved)
-    recipe, machine = resolved.recipe, resolved.machine
+    recipe, machine = resolved.recipe, resolved.machine.for_device(env.device.type)  # --loader auto made concrete
+    if resolved.machine.loader != machine.loader:
+        notes.append(f"loader auto: {machine.loader} (this process runs on {env.device})")
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)
@@ -524,7 +547,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     if checkpoint:
         check_world_size(checkpoint, env, args.reshard)
     notes += prepare_out_dir(args.out, resuming=args.resume is not None, is_main=env.is_main)
-    notes += resolved.overridden + [f"changed on resume: {change}" for change in changes]
+    notes += resolved.overridden + [f"changed on resume: {change}" for change in changes] + epoch_plan(recipe)
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
     watchdog.progress("starting: building the model")
@@ -536,7 +559,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
     if checkpoint:
         notes.append(trainer.restore(checkpoint, exact=not changes))
-    for line in notes + startup_summary(recipe, machine, args.preset, args.out, train_loader.num_classes):
+    for line in notes + startup_summary(recipe, resolved.machine, args.preset, args.out, train_loader.num_classes):
         say(line)
     if env.is_main:
         world = env.world_size
@@ -562,6 +585,10 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     return summary
 
 
+def _reached(peak: float, reached: float) -> str:
+    return f", reached only {reached:.4g}: the warm-up outlasts the run" if reached < peak else ""
+
+
 def _rate(img_per_s: float | None) -> str:
     return "n/a" if img_per_s is None else f"{img_per_s:.1f}"
 
@@ -571,7 +598,8 @@ def print_report(summary: dict, out: Path) -> None:
     lines = [
         "",
         f"run folder        {out}",
-        f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g})",
+        f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g}"
+        + _reached(summary["peak_lr"], summary.get("peak_lr_reached", summary["peak_lr"])) + ")",
         f"throughput        {_rate(summary['train/img_per_s'])} img/s in all, "
         f"{_rate(summary['train/img_per_s'] and summary['train/img_per_s'] / summary['world_size'])} per process",
         f"validation        top-1 {final.get('val/top1', math.nan):.2f}%  top-5 {final.get('val/top5', math.nan):.2f}%"
