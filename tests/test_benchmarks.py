@@ -89,7 +89,8 @@ def test_host_side_stall_of_a_loader_that_sleeps():
     (0.20, None, None, "input-bound"),  # stall alone is enough
     (0.01, 0.97, 3.0, "GPU-bound"),
     (0.08, 0.85, 1.5, "balanced"),
-    (0.02, 0.70, 2.0, "input-bound"),   # the cross-check (1 - ratio = 30%) overrules a low stall
+    # never waits, 30% below the ceiling, the loader alone 2x faster: its work slows the step; not input-bound
+    (0.02, 0.70, 2.0, "contended"),
 ])
 def test_verdict_logic(stall, ratio, headroom, expected):
     result = verdict("dali", "cuda", stall, ratio, headroom)
@@ -97,6 +98,39 @@ def test_verdict_logic(stall, ratio, headroom, expected):
     assert result["evidence"] and (result["next_steps"] or expected == "balanced")
     if expected == "input-bound":
         assert any("hw-decoder-load" in step for step in result["next_steps"])
+
+
+def test_a_verdict_follows_from_its_evidence_and_the_spread():
+    """Issue 23 (3.2): torchvision-gpu was called input-bound with a 0.0% stall and a loader 5.9x faster than
+    the ceiling, and compute-bound on the next run. The figures below are that report's."""
+    # with the windows' spread: 1 - 0.70 = 30% is inside 20% + 15%, so neither label can be claimed
+    noisy = verdict("torchvision-gpu", "cpu", 0.0, 0.70, 5.9, ratio_spread=0.35, headroom_spread=0.3)
+    assert noisy["verdict"] == "within noise"
+    assert any("within the windows' spread (35.0%)" in line for line in noisy["evidence"])
+    assert noisy["next_steps"] and "--repeats" in noisy["next_steps"][0]
+    # a gap beyond the spread with no wait: the loader slows the step, it does not starve it
+    tight = verdict("torchvision-gpu", "cpu", 0.0, 0.70, 5.9, ratio_spread=0.04, headroom_spread=0.04)
+    assert tight["verdict"] == "contended" and tight["verdict"] != "input-bound"
+    assert any("never waits for input" in line for line in tight["evidence"])
+    # the model waiting 30% of the window is input-bound whatever the ratio's spread
+    assert verdict("torchvision-gpu", "cpu", 0.30, 0.70, 0.8, ratio_spread=0.5)["verdict"] == "input-bound"
+    # at the ceiling with no wait: compute-bound, spread or not
+    assert verdict("torchvision-gpu", "cpu", 0.0, 0.97, 5.9, 0.04, 0.04)["verdict"] == "compute-bound"
+    # a single window: the spread is unknown, and the evidence says so
+    single = verdict("dali-cpu", "cpu", 0.0, 0.97, 5.9)
+    assert any("spread is unknown" in line for line in single["evidence"])
+
+
+@pytest.mark.parametrize("loader", ["dali-cpu", "torchvision-gpu", "torchvision"])
+@pytest.mark.parametrize("figures", [(0.4, 0.3, 0.5), (0.08, 0.85, 1.5), (0.0, 0.6, 3.0)])
+def test_no_advice_to_use_the_gpu_pipeline_without_cuda(loader, figures):
+    import re
+
+    result = verdict(loader, "cpu", *figures, ratio_spread=0.02, headroom_spread=0.02)
+    assert result["next_steps"]
+    for step in result["next_steps"]:
+        assert not re.search(r"--loader dali(?![-\w])", step), step
+        assert "bfloat16" not in step and "hw-decoder" not in step, step
 
 
 def test_verdict_names_cpu_compute_and_missing_data():
@@ -319,3 +353,164 @@ def test_cpu_machines_default_to_every_loader_that_runs_on_the_cpu(data_dir, tmp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "dali-hybrid needs a CUDA GPU" in err
     assert "--loaders dali-cpu,torchvision-gpu,torchvision" in err
+
+
+def test_ties_widen_to_the_measured_spread():
+    """Two loaders 15% apart whose windows each spread 10% cannot be told apart: a tie, said with its width."""
+    results = [{**result("train", "dali-cpu", 100), "img_per_s_spread": 0.10},
+               {**result("train", "torchvision", 85), "img_per_s_spread": 0.10}]
+    answer = recommend(results, {}, ratios_to_dali(results), "cpu", 1)
+    assert answer["within_noise"] == ["torchvision"] and "within 20% of it" in answer["text"]
+    tight = [{**r, "img_per_s_spread": 0.01} for r in results]  # 15% apart, 1% spreads: dali-cpu is faster
+    assert recommend(tight, {}, ratios_to_dali(tight), "cpu", 1)["within_noise"] == []
+
+
+# --- issue 23: defaults below presets, data smaller than a batch, memory freed between rows, plots, wording -------
+
+def tiny_bench(data_dir, tmp_path, *extra, modes="synthetic", loaders=""):
+    out = tmp_path / "bench"
+    main(["--data", str(data_dir), "--out", str(out), "--modes", modes, "--loaders", loaders, "--arch", "resnet18",
+          "--image-size", "32", "--warmup-steps", "1", "--steps", "2", "--repeats", "1", *extra])
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_cpu_defaults_sit_below_presets_and_flags(data_dir, tmp_path):
+    """The harness's CPU batch (32) and threads used to be written into the flags, so they beat --preset."""
+    import os
+
+    preset = tmp_path / "mine.toml"
+    preset.write_text("[optimisation]\nbatch_size = 12\n\n[machine]\ndali_threads = 1\n")
+    report, _ = tiny_bench(data_dir, tmp_path / "a", "--preset", str(preset))
+    assert report["config"]["batch_size"] == 12 and report["config"]["machine"]["dali_threads"] == 1
+    report, _ = tiny_bench(data_dir, tmp_path / "b", "--preset", str(preset), "--batch-size", "8")
+    assert report["config"]["batch_size"] == 8  # a flag still beats the preset
+    report, _ = tiny_bench(data_dir, tmp_path / "c")
+    assert report["config"]["batch_size"] == 32  # no preset, no flag: the CPU default
+    assert report["config"]["machine"]["dali_threads"] == (os.cpu_count() or 1)
+
+
+def test_a_batch_larger_than_the_data_is_one_line_before_measuring(data_dir, tmp_path, capsys, monkeypatch):
+    """It used to spin forever: the synthetic loader had no batches and endless() looped on it."""
+    monkeypatch.setattr(Bench, "measure", lambda *a, **k: pytest.fail("measured a loader with no batches"))
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_bench(data_dir, tmp_path, "--batch-size", str(N_TRAIN_IMAGES + 16))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"batch size {N_TRAIN_IMAGES + 16} is larger than this rank's share of train ({N_TRAIN_IMAGES} images " \
+           f"over 1 rank = {N_TRAIN_IMAGES}); lower --batch-size" in err
+
+
+def test_endless_refuses_a_loader_without_batches():
+    from benchmarks.run import endless
+    from pipelines.augmentation import Augmentation
+    from pipelines.synthetic import SyntheticLoader
+    from rn50.errors import UserError
+
+    empty = SyntheticLoader("train", image_list=None, batch_size=4, aug=Augmentation(image_size=32), rank=0,
+                            world_size=1, seed=0, device="cpu", dtype=torch.float32, num_samples=3)
+    assert len(empty) == 0
+    with pytest.raises(UserError, match="no batch"):
+        next(endless(empty))
+
+
+def test_the_step_and_the_dali_loader_hold_no_reference_cycles(data_dir):
+    """TrainingParts <-> GraphedStep and DaliLoader <-> its pipeline's define function kept a harness row's model,
+    graph pool and pipeline alive until a garbage collection; with the collector off they must go at once."""
+    import gc
+    import weakref
+
+    from rn50.graphs import GraphedStep
+    from rn50.loaders import build_split
+    from rn50.recipe import Machine
+    from rn50.step import build_training, train_step
+
+    cpu = DistEnv(0, 1, 0, torch.device("cpu"))
+    recipe = with_fields(arch="resnet18", batch_size=4, image_size=32)
+    gc.collect()
+    gc.disable()
+    try:
+        parts = build_training(recipe, 4, cpu)
+        parts.graphed = GraphedStep(parts, train_step, None, 2)
+        model, step = weakref.ref(parts.model), weakref.ref(parts.graphed)
+        assert parts.graphed.parts is parts
+        del parts
+        assert model() is None and step() is None
+        loader = build_split(recipe, Machine(dali_threads=1), "dali-cpu", "train", data_dir, cpu)
+        next(iter(loader))
+        alive, iterator = weakref.ref(loader), weakref.ref(loader._iterator)
+        del loader
+        assert alive() is None and iterator() is None
+    finally:
+        gc.enable()
+
+
+def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
+    import gc
+    import weakref
+
+    import benchmarks.run as run_mod
+    from rn50.recipe import Machine
+
+    made = []
+    real_build, real_loader = run_mod.build_training, Bench.loader
+
+    def build_training(*args, **kwargs):
+        parts = real_build(*args, **kwargs)
+        made.append(weakref.ref(parts.model))
+        return parts
+
+    def loader(self, kind, **overrides):
+        built = real_loader(self, kind, **overrides)
+        made.append(weakref.ref(built))
+        return built
+
+    monkeypatch.setattr(run_mod, "build_training", build_training)
+    monkeypatch.setattr(Bench, "loader", loader)
+    bench = Bench(with_fields(arch="resnet18", batch_size=4, image_size=32), data_dir,
+                  DistEnv(0, 1, 0, torch.device("cpu")), Plan(("train",), ("dali-cpu",), 1, 2, 1), Machine(dali_threads=1))
+    gc.disable()  # only the harness's own clean-up may collect
+    try:
+        row = bench.measure("train", "dali-cpu")
+        assert len(made) == 2 and all(ref() is None for ref in made)
+    finally:
+        gc.enable()
+    assert row["img_per_s"] > 0
+
+
+def test_throughput_plot_puts_loaders_alone_on_their_own_axis_with_window_error_bars(tmp_path):
+    from benchmarks.report import error_bar, plot_throughput, throughput_panels
+
+    rows = [{**result("synthetic", "synthetic", 40.0), "img_per_s_windows": [38.0, 42.0]},
+            {**result("loader", "dali-cpu", 3000.0), "img_per_s_windows": [2900.0, 3100.0]},
+            {**result("train", "dali-cpu", 30.0), "img_per_s_windows": [29.0, 31.5]},
+            result("loader", "torchvision", 2000.0)]  # an older report: no windows, no bar
+    panels = throughput_panels(rows)
+    assert [[(r["mode"], r["loader"]) for r in panel] for _, panel in panels] == [
+        [("synthetic", "synthetic"), ("train", "dali-cpu")], [("loader", "dali-cpu"), ("loader", "torchvision")]]
+    assert error_bar(rows[2]) == (1.0, 1.5) and error_bar(rows[3]) == (0.0, 0.0)
+    report = {"results": rows, "config": {"arch": "resnet18", "image_size": 32, "global_batch": 8}}
+    plot_throughput(report, tmp_path / "throughput.png")
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    assert [title for title, _ in throughput_panels(rows[:1])] == ["training step: synthetic ceiling and end to end"]
+
+
+def test_console_rows_line_up_and_counts_agree_with_their_nouns(data_dir, tmp_path, capsys):
+    report, out = tiny_bench(data_dir, tmp_path, "--batch-size", "8", "--workers", "1", "--dali-threads", "1",
+                             modes="synthetic,loader", loaders="torchvision-gpu,dali-cpu")
+    stdout = capsys.readouterr().out
+    rows = [line for line in stdout.splitlines() if line.endswith("img/s") or "img/s  stall" in line]
+    assert len(rows) == 3 and len({line.index("img/s") for line in rows}) == 1, rows
+    assert "2 timed steps x 1 window\n" in stdout
+    markdown = (out / "report.md").read_text()
+    assert "1 warm-up step excluded, 2 timed steps x 1 window." in markdown and "window(s)" not in markdown
+    assert report["results"][0]["img_per_s_windows"] and report["results"][0]["img_per_s_spread"] is None
+
+
+def test_the_harness_takes_loader_auto_as_training_does(tmp_path):
+    """Issue 23, 3.8: `auto` in --loaders is dali on a GPU machine and dali-cpu without one."""
+    from benchmarks.run import machine_defaults, make_plan, parse_args
+
+    for gpu, meant in ((False, "dali-cpu"), (True, "dali")):
+        args = parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--loaders", "auto,torchvision"])
+        machine_defaults(args, gpu)
+        assert make_plan(args).loaders == (meant, "torchvision")
