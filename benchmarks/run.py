@@ -34,6 +34,7 @@ from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.report import write_reports
 from benchmarks.stall import StepTimer, Window
 from rn50.telemetry import Telemetry
+from rn50 import tracking
 from benchmarks.verdict import verdict
 from pipelines import CUDA_ONLY, KINDS
 from rn50.device import check_cuda_only_settings
@@ -489,6 +490,7 @@ def run(args, argv) -> dict:
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)
+    tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost benchmark
     measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
     check_window(args.profile_steps, measurement_steps, f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
                  f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
@@ -579,6 +581,7 @@ def run(args, argv) -> dict:
         for name, v in report["verdicts"].items():
             print(f"verdict for {name}: {v['verdict']} ({'; '.join(v['evidence'])})", flush=True)
         print(f"wrote {args.out / 'report.json'}, report.md and plots", flush=True)
+        tracking.log_bench(machine, args.out, report)  # --tracker: the report's figures, the report and plots
     return report
 
 

@@ -17,6 +17,8 @@ that resolved peak LR as the run saved it (recipe.json "peak_lr").
   traceback when it was signalled (its report of the signal, not a crash): each becomes one true line.
 - A finished run (summary.json present) is skipped, so running the same command again resumes the sweep;
   an unfinished one (metrics.jsonl but no summary.json) continues from its newest checkpoint.
+- With `-- --tracker wandb|mlflow`, every run is a tracker run of its own, grouped under the sweep folder's
+  name (`--tracker-group`: the W&B group, MLflow's tag `rn50.group`) unless the flags name another group.
 - Outputs: `SWEEP_DIR/sweep.md` and `sweep.json` (one row per run: base LR, batch, global batch, peak LR,
   final and best val top-1, final val loss, epochs, img/s, wall s, status; and the best base LR per batch
   size: highest best top-1, ties to the lower final val loss, then to the lower LR), the same table on
@@ -155,6 +157,17 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
                             "state dict (.pth)")
     # GPUs that CUDA cannot use, --device cuda without one, or the GPU loader without CUDA
     check_device(machine.loader, choose_device(machine.device))
+
+
+def with_tracker_group(extra: list[str], data: Path, out: Path) -> list[str]:
+    """The flags after `--`, plus `--tracker-group <sweep folder name>` when the runs log to a tracker and no
+    group was named: a sweep's runs are found together in W&B and MLflow."""
+    from rn50.recipe import resolve
+
+    machine = resolve(parse_run_flags(extra, data, out)).machine
+    if machine.tracker == "none" or machine.tracker_group:
+        return extra
+    return [*extra, "--tracker-group", out.resolve().name]
 
 
 # ---- one run ----
@@ -487,6 +500,7 @@ def run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; pass a folder for the sweep")
     check_runs(grid, extra, args.data, args.out)
+    extra = with_tracker_group(extra, args.data, args.out)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
