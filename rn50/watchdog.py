@@ -13,6 +13,7 @@ were doing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,10 @@ import torch.distributed as dist
 
 EXIT_HUNG = 4
 _KEY = "rn50/heartbeat/{}"
+# The limit inside a `compiling()` section: torch.compile at a new shape can take many minutes under
+# max-autotune (it benchmarks kernel choices), far past --hang-timeout's 600 s default, without being a hang.
+# An hour still ends a compile that truly hangs.
+COMPILE_TIMEOUT_S = 3600.0
 
 
 def _store():
@@ -49,13 +54,15 @@ def stalest_rank(beats: dict[int, dict], world_size: int, now: float, frozen_aft
 
 
 def hang_report(beats: dict[int, dict], *, world_size: int, now: float, frozen_after_s: float, watcher: str,
-                stalled_s: float, timeout_s: float) -> list[str]:
+                stalled_s: float, timeout_s: float, compiling: bool = False) -> list[str]:
     """The watchdog's message, a pure function of the heartbeats so that it is testable without processes.
 
     beats: rank -> {"beat", "progress" (wall times), "phase", "host", "pid"}, as published to the store;
-    watcher: the rank that noticed, in words (`Watchdog.describe`). The first line names the stalest rank
-    and its last phase; the lines below say who noticed and every rank's state."""
-    limit = f"no progress for {stalled_s:.0f} s (limit {timeout_s:.0f} s, --hang-timeout) on {watcher}"
+    watcher: the rank that noticed, in words (`Watchdog.describe`); compiling: it was inside a compiling
+    section, whose limit is the compile limit. The first line names the stalest rank and its last phase; the
+    lines below say who noticed and every rank's state."""
+    which = "while compiling (torch.compile)" if compiling else "--hang-timeout"
+    limit = f"no progress for {stalled_s:.0f} s (limit {timeout_s:.0f} s, {which}) on {watcher}"
     stalest = stalest_rank(beats, world_size, now, frozen_after_s)
     missing = sorted(set(range(world_size)) - set(beats))
     if stalest is None:  # no store (one process) or it is gone: only this rank can be named
@@ -83,8 +90,13 @@ def hang_report(beats: dict[int, dict], *, world_size: int, now: float, frozen_a
 
 
 class Watchdog:
-    def __init__(self, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, timeout_s: float, compile_timeout_s: float | None = None):
+        """timeout_s: the limit without progress (0: no watchdog); compile_timeout_s: the limit inside a
+        `compiling()` section (default: the larger of COMPILE_TIMEOUT_S and timeout_s)."""
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.compile_timeout_s = max(COMPILE_TIMEOUT_S, timeout_s) if compile_timeout_s is None \
+            else compile_timeout_s
+        self._compiling = False
         self.phase = "starting"
         self.last_progress, self.progress_time = time.monotonic(), time.time()
         self.interval = min(2.0, max(0.5, timeout_s / 5))  # heartbeat period
@@ -97,6 +109,19 @@ class Watchdog:
     def progress(self, phase: str) -> None:
         """Called at every step: cheap (three assignments)."""
         self.phase, self.last_progress, self.progress_time = phase, time.monotonic(), time.time()
+
+    @contextlib.contextmanager
+    def compiling(self, phase: str):
+        """A section that may compile (the first step at a new shape under --compile): no progress is
+        expected inside it for up to compile_timeout_s rather than timeout_s. Leaving it counts as progress,
+        so the time spent compiling is not charged to what follows."""
+        self.progress(f"{phase} (compiling)")
+        self._compiling = True
+        try:
+            yield
+        finally:  # progress first: the watching thread never sees the section closed with the old time
+            self.progress(f"{phase}: compiled")
+            self._compiling = False
 
     def describe(self) -> str:
         return f"rank {self.rank} on {self.host} (pid {os.getpid()}) while {self.phase}"
@@ -132,13 +157,15 @@ class Watchdog:
         self._publish()
         while not self._stop.wait(self.interval):
             self._publish()
+            compiling = self._compiling
+            limit = self.compile_timeout_s if compiling else self.timeout_s
             stalled = time.monotonic() - self.last_progress
-            if stalled > self.timeout_s:
-                self._give_up(stalled)
+            if stalled > limit:
+                self._give_up(stalled, limit, compiling)
 
-    def _give_up(self, stalled: float) -> None:
+    def _give_up(self, stalled: float, limit: float, compiling: bool) -> None:
         lines = hang_report(self.heartbeats(), world_size=self.world_size, now=time.time(),
                             frozen_after_s=3 * self.interval, watcher=self.describe(), stalled_s=stalled,
-                            timeout_s=self.timeout_s)
+                            timeout_s=limit, compiling=compiling)
         print("\n".join(lines), file=sys.stderr, flush=True)
         os._exit(EXIT_HUNG)  # no cleanup: a collective in another thread would block it

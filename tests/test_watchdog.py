@@ -1,11 +1,15 @@
 """The hang watchdog's report, from heartbeats alone (no processes): its first line names the stalest rank
-and that rank's last phase; every rank's state follows. The real two-process hang is in test_multinode.py."""
+and that rank's last phase; every rank's state follows. Its thread, in a child process: a compiling section
+longer than the timeout is not a hang, a real hang is. The real two-process hang is in test_multinode.py."""
 
 from __future__ import annotations
 
 import re
+import sys
 
-from rn50.watchdog import hang_report, stalest_rank
+from rn50.watchdog import EXIT_HUNG, hang_report, stalest_rank
+
+from conftest import run_cli
 
 NOW = 10_000.0
 FROZEN_AFTER = 6.0  # 3 heartbeat intervals of 2 s
@@ -71,3 +75,40 @@ def test_without_heartbeats_the_watcher_names_itself():
     assert report({}, world_size=1) == [f"watchdog: no progress for 9 s (limit 8 s, --hang-timeout) on {WATCHER}; "
                                         "ending the job"]
     assert stalest_rank({}, 2, NOW, FROZEN_AFTER) is None
+
+
+# --- the watching thread, in a child process (it ends its process with os._exit) ------------------------
+
+WATCH = """
+import sys, time
+from rn50.watchdog import Watchdog
+dog = Watchdog(0, 1, timeout_s=1.0, compile_timeout_s={compile_limit})
+with dog.compiling("epoch 1 step 1/6: training step"):
+    time.sleep({compile_s})  # a compile longer than --hang-timeout, with no progress inside
+print("survived the compile", flush=True)
+dog.progress("epoch 1 step 2/6: training step")
+time.sleep(30)  # a real hang: no progress, outside any compiling section
+print("never ends the hang", flush=True)
+"""
+
+
+def watch(compile_limit: float, compile_s: float):
+    return run_cli([sys.executable, "-c", WATCH.format(compile_limit=compile_limit, compile_s=compile_s)], timeout=60)
+
+
+def test_a_compile_longer_than_the_timeout_is_not_a_hang_but_a_real_hang_still_ends_the_job():
+    # timeout 1 s (heartbeat every 0.5 s); the compile lasts 4 s, 4x the limit, so a watchdog that ignored
+    # the section would fire in it on any machine; the 30 s hang after it must end the process with exit 4
+    done = watch(compile_limit=None, compile_s=4.0)
+    assert done.returncode == EXIT_HUNG, (done.returncode, done.stdout, done.stderr)
+    assert "survived the compile" in done.stdout and "never ends the hang" not in done.stdout, done.stdout
+    assert "(limit 1 s, --hang-timeout)" in done.stderr and "while epoch 1 step 2/6: training step" in done.stderr, \
+        done.stderr
+
+
+def test_a_compile_that_hangs_past_its_own_limit_ends_the_job():
+    done = watch(compile_limit=2.0, compile_s=30.0)
+    assert done.returncode == EXIT_HUNG, (done.returncode, done.stdout, done.stderr)
+    assert "survived the compile" not in done.stdout
+    assert "(limit 2 s, while compiling (torch.compile))" in done.stderr, done.stderr
+    assert "epoch 1 step 1/6: training step (compiling)" in done.stderr, done.stderr
