@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects
@@ -34,7 +34,7 @@ class TrainingParts:
     teacher: nn.Module | None = None  # distillation teacher, eval mode, frozen
     kd_alpha: float = 0.8
     kd_temperature: float = 1.0
-    ema: AveragedModel | None = None  # EMA of the weights (and BN buffers)
+    ema: AveragedModel | None = None  # EMA of the weights (and BN buffers): WeightEma
     notes: list[str] = field(default_factory=list)  # what building them did that the user should hear
     graphed: object = None  # --cuda-graphs: the captured step (rn50.graphs.GraphedStep), run by train_step
 
@@ -50,6 +50,47 @@ def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_
     load_weights(teacher, distillation.teacher, replace_classifier=False)
     teacher.eval().requires_grad_(False)
     return teacher.to(env.device, memory_format=memory_format)
+
+
+class WeightEma(AveragedModel):
+    """The EMA of the weights and buffers: torch's AveragedModel with get_ema_multi_avg_fn and use_buffers, the
+    same values and the same state_dict ("module.*", "n_averaged"), without its per-step host sync.
+
+    AveragedModel keeps `n_averaged` on the CPU and copies it to the device at every update (a pageable
+    copy, which blocks the host each step, inside --cuda-graphs runs too) only to hand it to an EMA that
+    never reads it. Here the count stays on the host, where the first-update test and the increment read
+    it, and the update is foreach work queued on the device: lerp for floating point tensors, torch's own
+    formula for the integer buffers (num_batches_tracked)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    def _apply(self, fn, recurse=True):
+        """The count stays on the host when the EMA is moved (.to(device)): only the weights travel."""
+        count = self.n_averaged
+        super()._apply(fn, recurse)
+        self.n_averaged = count
+        return self
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        ours = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if len(ours) != len(theirs):
+            raise ValueError(f"EMA of a model with {len(ours)} tensors updated from one with {len(theirs)}")
+        if int(self.n_averaged) == 0:  # a CPU tensor: reading it does not wait for the device
+            torch._foreach_copy_([a.detach() for a in ours], [b.detach() for b in theirs])
+        else:
+            floats = [(a.detach(), b.detach()) for a, b in zip(ours, theirs) if a.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay)
+            for a, b in zip(ours, theirs):  # what get_ema_multi_avg_fn does for integers, bit for bit
+                if not a.is_floating_point():
+                    a.detach().copy_(a * self.decay + b * (1 - self.decay))
+        self.n_averaged += 1
 
 
 def class_weights(kind: str, class_counts, device) -> torch.Tensor | None:
@@ -92,8 +133,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
     head = model.fc
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(reg.ema_decay), use_buffers=True) \
-        if reg.ema_decay > 0 else None
+    ema = WeightEma(model, reg.ema_decay) if reg.ema_decay > 0 else None
     if machine.compile:
         # in place, before DDP: the module keeps its state_dict keys (no `_orig_mod.`), so checkpoints load
         # into an uncompiled model and back; EMA and the teacher stay eager. dynamic=False: one graph per shape

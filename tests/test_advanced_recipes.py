@@ -10,12 +10,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from rn50.dist import DistEnv
 from rn50.losses import batch_mixing, distillation_loss
 from rn50.recipe import with_fields
 from rn50.schedule import PlateauMultiplier, lr_at
-from rn50.step import build_training, train_step
+from rn50.step import WeightEma, build_training, train_step
 from rn50.train import main
 
 from conftest import CLASSES, run_cli
@@ -77,6 +80,85 @@ def test_ema_update_follows_its_formula():
     name = "layer1.0.conv1.weight"
     assert torch.allclose(ema[name], 0.9 * first[name] + 0.1 * second[name], atol=1e-6)
     assert not torch.equal(ema[name], second[name])
+
+
+def small_bn_model(device="cpu") -> torch.nn.Module:
+    torch.manual_seed(0)  # float weights, float BN statistics and an integer buffer (num_batches_tracked)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(device)
+
+
+def test_ema_values_and_state_are_torch_averaged_models_bit_for_bit():
+    """WeightEma keeps today's EMA: the values of AveragedModel(get_ema_multi_avg_fn, use_buffers=True),
+    bit for bit (the same elementwise ops on the same inputs), and the same checkpoint keys."""
+    model = small_bn_model()
+    ours = WeightEma(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        with torch.no_grad():  # the model moves between updates, as training moves it
+            for tensor in [*model.parameters(), model[1].running_mean, model[1].running_var]:
+                tensor.add_(torch.randn(tensor.shape, generator=generator))
+            model[1].num_batches_tracked += 7
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and "n_averaged" in a
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (key, a[key], b[key])
+    assert int(a["n_averaged"]) == 4 and int(a["module.1.num_batches_tracked"]) > 0
+
+
+class CrossDeviceOps(TorchDispatchMode):
+    """Records every op that touches tensors on two devices: a host<->device copy when one is the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        devices = {t.device.type for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:
+            self.seen.append((str(func), sorted(devices)))
+        return out
+
+
+def test_ema_update_copies_nothing_between_host_and_device():
+    """The "meta" device stands in for the GPU (it runs no kernels, but every op still dispatches on it):
+    torch's AveragedModel copies n_averaged from the host to the device every update (a blocking pageable
+    copy on CUDA); WeightEma keeps the count on the host and copies nothing, even after .to(device)."""
+    model = small_bn_model("meta")
+    ours = WeightEma(small_bn_model(), 0.9).to("meta")
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    assert ours.n_averaged.device.type == "cpu" and next(ours.module.parameters()).device.type == "meta"
+    for ema, expected in ((theirs, "aten._to_copy"), (ours, None)):
+        with CrossDeviceOps() as mode:
+            for _ in range(3):
+                ema.update_parameters(model)
+        if expected is None:
+            assert mode.seen == [], mode.seen
+        else:  # the check sees the copy it guards against (one per dtype group of each averaging update)
+            assert len(mode.seen) >= 2 and all(expected in op for op, _ in mode.seen), mode.seen
+    assert int(ours.n_averaged) == 3 and ours.n_averaged.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_ema_update_does_not_synchronise_the_gpu():
+    model = small_bn_model("cuda")
+    ema = WeightEma(model, 0.9)
+    ema.update_parameters(model)  # the first update copies
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync (a pageable copy too) raises
+    try:
+        for _ in range(3):
+            ema.update_parameters(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(4):
+        reference.update_parameters(model)
+    assert all(torch.equal(a, b.to(a.device)) for a, b in zip(ema.state_dict().values(),
+                                                              reference.state_dict().values()))
 
 
 def test_mixup_and_cutmix_targets_sum_to_one_and_cutmix_area_matches():
