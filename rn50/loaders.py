@@ -13,7 +13,7 @@ import torch
 from pipelines import build_loader
 from rn50.dist import DistEnv
 from rn50.precision import autocast_dtype, batch_dtype
-from rn50.recipe import Machine, Recipe
+from rn50.recipe import Machine, Recipe, concrete_loader
 
 
 def loader_options(recipe: Recipe, machine: Machine, device: torch.device) -> dict:
@@ -31,6 +31,7 @@ def build_split(recipe: Recipe, machine: Machine, kind: str, split: str, data: P
                 manifest: Path | None = None, **overrides):
     """One split's loader for this rank, as the recipe asks; `overrides` replace single options."""
     options = {**loader_options(recipe, machine, env.device), **overrides}
+    kind = concrete_loader(kind, env.device.type)  # `auto`: dali on CUDA, dali-cpu without it
     return build_loader(kind, split, data, batch_size=recipe.optimisation.batch_size,
                         image_size=recipe.augmentation.image_size, rank=env.rank, world_size=env.world_size,
                         local_rank=env.local_rank, seed=recipe.seed, device=env.device, manifest=manifest,

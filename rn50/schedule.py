@@ -38,6 +38,17 @@ def lr_at(schedule: Schedule, peak: float, step: int, steps_per_epoch: int) -> f
     return peak * s.lr_decay**passed
 
 
+def peak_reached(schedule: Schedule, peak: float, steps_per_epoch: int) -> float:
+    """The highest LR that lr_at gives over the run's steps: `peak`, unless the warm-up outlasts the run (then
+    the last step's LR). lr_at rises through the warm-up and never rises after it, so the highest is at the
+    warm-up's last step or the first step after it, whichever the run reaches (the plateau multiplier only
+    lowers it)."""
+    last = schedule.epochs * steps_per_epoch - 1
+    after_warmup = math.ceil(schedule.warmup_epochs * steps_per_epoch)  # the first step past the warm-up
+    return max(lr_at(schedule, peak, min(max(step, 0), last), steps_per_epoch)
+               for step in (after_warmup - 1, after_warmup))
+
+
 def set_lr(optimizer, lr: float, frozen: bool = False) -> None:
     """`frozen`: the backbone's groups get LR 0 (fine-tuning trains only the classifier at first; a zero
     LR rather than requires_grad=False, which DDP does not allow to change after wrapping)."""

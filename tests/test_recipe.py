@@ -33,7 +33,7 @@ def test_defaults_are_the_90_epoch_recipe():
     assert r.precision.amp and r.precision.amp_dtype == "float16" and r.precision.channels_last
     assert r.model.zero_init_residual and (a.image_size, a.color_jitter) == (224, 0.4)
     assert (a.crop_area, a.crop_ratio, a.hflip, a.val_resize_ratio) == ((0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.875)
-    assert Machine().loader == "dali"
+    assert Machine().loader == "auto"  # dali with CUDA, dali-cpu without (issue 23, 3.8)
 
 
 def test_sections_are_frozen():
@@ -176,7 +176,7 @@ def test_resume_accepts_safe_changes_and_says_which_are_not():
 
 def test_format_recipe_groups_by_section():
     text = format_recipe(Recipe(), Machine())
-    assert "[optimisation]\nbatch_size = 256" in text and "[machine]\nloader = \"dali\"" in text
+    assert "[optimisation]\nbatch_size = 256" in text and "[machine]\nloader = \"auto\"" in text
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -203,3 +203,34 @@ def test_names_users_come_with_point_at_ours(flag, ours):
     with pytest.raises(UserError) as error:
         parse([flag, "1"])
     assert f"did you mean '{ours}'?" in str(error.value) and "--end-ramp" not in str(error.value)
+
+
+def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
+    """Issue 23, 3.5: `--preset ffcv_16_epochs --epochs 3` trained every epoch at 160 px without a word (its ramp
+    is at epochs 11-13); the plan is printed in the console's epoch numbers (from 1)."""
+    import re
+
+    from rn50.recipe import epoch_plan
+
+    ffcv = load_presets("ffcv_16_epochs").recipe
+    assert epoch_plan(ffcv)[0].startswith("progressive resizing: 160 px in epochs 1-12, 192 px in epochs 13-16")
+    assert not any("warning" in line for line in epoch_plan(ffcv))
+    lines = epoch_plan(with_fields(ffcv, epochs=3))
+    ramp = [line for line in lines if re.search(r"warn|scal", line, re.I) and re.search(r"ramp|resolution", line, re.I)]
+    assert len(ramp) == 1 and "every epoch trains at 160 px" in ramp[0], lines
+    short = epoch_plan(with_fields(epochs=2))  # the 90-epoch recipe cut to 2: warm-up 5, milestones 30, 60, 80
+    assert any(line.startswith("warning: the warm-up (5 epochs) outlasts this run's 2 epochs") for line in short)
+    assert any(line.startswith("warning: LR milestones at epochs 30, 60, 80 lie beyond") for line in short)
+    assert epoch_plan(Recipe()) == []  # the full recipe holds every part
+    assert epoch_plan(with_fields(epochs=90, lr_milestones=(30.0, 60.0, 90.0)))[0].startswith(
+        "warning: LR milestone at epoch 90 lies beyond")
+
+
+def test_loader_auto_is_the_default_and_becomes_dali_with_cuda_and_dali_cpu_without():
+    """Issue 23, 3.8: the default `dali` failed on a machine without CUDA."""
+    from rn50.recipe import concrete_loader
+
+    assert Machine().loader == "auto" and parse([]).machine.loader == "auto"
+    assert Machine().for_device("cuda").loader == "dali" and Machine().for_device("cpu").loader == "dali-cpu"
+    explicit = parse(["--loader", "torchvision"]).machine
+    assert explicit.for_device("cpu") == explicit and concrete_loader("dali-hybrid", "cpu") == "dali-hybrid"

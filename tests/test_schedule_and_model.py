@@ -81,3 +81,19 @@ def test_optimizer_is_sgd_nesterov_with_the_groups():
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
+
+
+@pytest.mark.parametrize("fields", [dict(epochs=2), dict(epochs=90), dict(epochs=3, warmup_epochs=0.0),
+                                    dict(epochs=5, warmup_epochs=5.0), dict(epochs=4, warmup_epochs=2.5),
+                                    dict(epochs=16, warmup_epochs=2.0, schedule="linear"),
+                                    dict(epochs=6, warmup_epochs=1.0, schedule="cosine", min_lr=0.01)])
+def test_peak_reached_is_the_highest_lr_of_any_step(fields):
+    """Issue 23, 3.5: with a warm-up longer than the run the LR never reaches the peak the summary reported;
+    peak_reached is what the run reaches, checked against every step's LR."""
+    from rn50.schedule import peak_reached
+
+    schedule = with_fields(**fields).schedule
+    for spe in (1, 7, 11):
+        every = [lr_at(schedule, 0.4, step, spe) for step in range(schedule.epochs * spe)]
+        assert peak_reached(schedule, 0.4, spe) == max(every)
+    assert (peak_reached(schedule, 0.4, 7) < 0.4) == (schedule.warmup_epochs >= schedule.epochs)

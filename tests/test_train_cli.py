@@ -126,3 +126,31 @@ def test_a_finished_run_is_one_whose_epochs_are_done_or_whose_unchanged_rules_st
     assert not finished(stopped, recipe, with_fields(recipe, early_stop_patience=5), tmp_path)  # new rules
     (tmp_path / "summary.json").unlink()
     assert not finished(done, recipe, recipe, tmp_path)  # killed before its summary: finish it
+
+
+def test_loader_auto_and_the_progress_a_scaled_down_recipe_prints(data_dir, tmp_path, capsys, monkeypatch):
+    """Issue 23, 3.5, 3.8 and 3.9, on one short run: no --loader is `auto` (dali-cpu here, said at start-up
+    and saved as dali-cpu); a warm-up longer than the run is a warning and the summary reports the peak LR
+    reached; the epoch where progressive resizing changes the size says so, in the console's epoch numbers;
+    an epoch shorter than --log-every still prints its step line."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    main(["--data", str(data_dir), "--out", str(out), "--arch", "resnet18", "--batch-size", "8", "--dali-threads", "1",
+          "--epochs", "2", "--warmup-epochs", "5", "--lr-milestones", "1", "--image-size", "32", "--max-res", "64",
+          "--start-ramp", "0", "--end-ramp", "1", "--log-every", "50"])
+    stdout = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "loader auto: dali-cpu" in stdout
+        assert json.loads((out / "machine.json").read_text())["loader"] == "dali-cpu"
+    assert "progressive resizing: 32 px in epoch 1, 64 px in epoch 2" in stdout
+    assert "epoch 2: training at 64 px from now on (progressive resizing, 32 px until now)" in stdout
+    assert [r["train/resolution"] for r in epoch_records(out)] == [32, 64]
+    assert "warning: the warm-up (5 epochs) outlasts this run's 2 epochs" in stdout
+    spe = 48 // 8
+    assert [line.split(" lr ")[0] for line in stdout.splitlines() if " lr " in line] == [
+        f"epoch 1 step {spe}/{spe}", f"epoch 2 step {spe}/{spe}"]
+    summary = json.loads((out / "summary.json").read_text())
+    last_step = 2 * spe - 1  # the warm-up's ramp stops at the run's last step: peak x (last_step / 5 epochs)
+    assert summary["peak_lr_reached"] == pytest.approx(summary["peak_lr"] * last_step / (5 * spe))
+    assert "reached only" in stdout

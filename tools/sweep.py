@@ -156,7 +156,8 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
             raise UserError(f"{flag} {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
                             "state dict (.pth)")
     # GPUs that CUDA cannot use, --device cuda without one, or the GPU loader without CUDA
-    check_device(machine.loader, choose_device(machine.device))
+    device = choose_device(machine.device)
+    check_device(machine.for_device(device.type).loader, device)  # --loader auto: dali with CUDA, dali-cpu without
 
 
 def with_tracker_group(extra: list[str], data: Path, out: Path) -> list[str]:
