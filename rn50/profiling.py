@@ -10,9 +10,10 @@ plugin open it). With `--profiler nsys` the window is the cudaProfilerApi captur
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,27 +21,7 @@ import torch
 from pipelines import ranges
 from pipelines.ranges import named_range  # also the callers' import: the one way to name a range
 from rn50.errors import UserError
-
-TOOLS = ("torch", "nsys")
-TRACE_DIR = "profile"  # under the run folder (training) or --out (harness)
-
-
-def parse_steps(text: str) -> tuple[int, int]:
-    """'A:B' -> (A, B), 1 <= A <= B; argparse turns the error into one line (exit 2)."""
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise argparse.ArgumentTypeError(f"takes A:B, steps counted from 1 with A <= B (e.g. 10:12), got {text!r}")
-    return int(match[1]), int(match[2])
-
-
-def add_profiling_flags(parser: argparse.ArgumentParser, counted: str) -> None:
-    parser.add_argument("--profile-steps", type=parse_steps, default=None, metavar="A:B",
-                        help=f"profile steps A to B ({counted}; inclusive) into a torch.profiler trace under "
-                             f"{TRACE_DIR}/, with named ranges for the input wait, host-to-device copy, forward, "
-                             "backward, all-reduce and optimizer step (docs/profiling.md; default off)")
-    parser.add_argument("--profiler", choices=TOOLS, default="torch",
-                        help="what records the --profile-steps window: torch (a trace file per rank) or nsys "
-                             "(the cudaProfilerApi capture range of `nsys profile`, NVTX ranges; CUDA only)")
+from rn50.profile_flags import TOOLS, TRACE_DIR, add_profiling_flags, parse_steps  # noqa: F401 - re-exported
 
 
 def check_flags(window: tuple[int, int] | None, tool: str, device: torch.device) -> None:
@@ -57,6 +38,32 @@ def check_window(window: tuple[int, int] | None, last_step: int, what: str) -> N
     if window and window[1] > last_step:
         raise UserError(f"--profile-steps {window[0]}:{window[1]}: {what} has {last_step} step{'s' if last_step != 1 else ''}; "
                         f"choose steps within 1:{last_step}")
+
+
+# Kineto, torch.profiler's C++ side, writes "USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:39]
+# profiler_start" (and profiler_stop) to stderr at every start and stop of a trace: marks for tracing probes,
+# nothing a user can act on. Its one switch, KINETO_LOG_LEVEL, would hide Kineto's errors with them, so these
+# two lines alone are dropped.
+_USDT_MARK = re.compile(rb"^USDT:.*\] profiler_(start|stop)\s*$")
+
+
+def without_usdt_marks(call):
+    """call(), with file descriptor 2 sent to a temporary file meanwhile and written back without Kineto's
+    USDT start/stop lines: whatever else anything wrote to stderr in the meantime still comes out, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            return call()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(keepends=True) if not _USDT_MARK.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 class StepProfiler:
@@ -100,7 +107,7 @@ class StepProfiler:
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         self._profile = torch.profiler.profile(activities=activities, record_shapes=False)
-        self._profile.start()
+        without_usdt_marks(self._profile.start)
 
     def _end_step(self) -> None:
         if self._step is not None:
@@ -149,7 +156,7 @@ class StepProfiler:
             ranges.enable(False)
             self.say(f"profiler: steps {self.first}-{self.last}{cut} were in the nsys capture range")
             return
-        self._profile.stop()
+        without_usdt_marks(self._profile.stop)
         ranges.enable(False)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(str(self.path))

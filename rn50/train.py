@@ -18,27 +18,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
-from rn50.checkpoint import (CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint,
-                             remove_stale_temporaries, restore_training, training_state)
-from rn50.device import check_cuda_only_settings
-from rn50.dist import DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers, init_distributed, shutdown
-from rn50.errors import UserError
-from rn50.evaluate import evaluate
-from rn50.loaders import build_loaders
-from rn50.metrics import MetricsLog
-from rn50.preemption import EXIT_PREEMPTED, StopRequest
-from rn50.profiling import TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window
-from rn50.provenance import environment
+# What reading the flags needs, and nothing heavier: `python -m rn50.train` reads them before the imports
+# below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
+from rn50.errors import UserError, check_flags_first
+from rn50.profile_flags import TRACE_DIR, add_profiling_flags
 from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, epoch_plan,
                          guard_resume, parse_strict, recipe_from_mapping, resolve)
-from rn50.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr
-from rn50.step import TrainingParts, build_training, replicas_identical, train_step
-from rn50.stopping import judge
-from rn50.telemetry import Telemetry
-from rn50 import tracking
-from rn50.watchdog import Watchdog
 
 EXIT_DIVERGED = 3
 
@@ -91,6 +76,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_profiling_flags(parser, "global steps, the run's first is 1")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
+
+
+if __name__ == "__main__":  # `python -m rn50.train`: the flags first (see the light imports at the top)
+    check_flags_first(parse_args)
+
+import torch  # noqa: E402 - below parse_args on purpose: torch and DALI take seconds to import
+
+from rn50.checkpoint import (CheckpointStore, checkpoint_name, latest_checkpoint, load_checkpoint,  # noqa: E402
+                             remove_stale_temporaries, restore_training, training_state)
+from rn50.device import check_cuda_only_settings  # noqa: E402
+from rn50.dist import (DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers,  # noqa: E402
+                       init_distributed, shutdown)
+from rn50.evaluate import evaluate  # noqa: E402
+from rn50.loaders import build_loaders  # noqa: E402
+from rn50.metrics import MetricsLog  # noqa: E402
+from rn50.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
+from rn50.profiling import StepProfiler, check_flags, check_window  # noqa: E402
+from rn50.provenance import environment  # noqa: E402
+from rn50.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr  # noqa: E402
+from rn50.step import TrainingParts, build_training, replicas_identical, train_step  # noqa: E402
+from rn50.stopping import judge  # noqa: E402
+from rn50.telemetry import Telemetry  # noqa: E402
+from rn50 import tracking  # noqa: E402
+from rn50.watchdog import Watchdog  # noqa: E402
 
 
 def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> list[str]:
@@ -448,6 +457,21 @@ class Trainer:
         }
 
 
+def missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    return [folder for folder in (out, *out.parents) if not folder.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, where empty: a failed start leaves no run folder behind that did
+    not exist before it (one that holds a file, a run's or anyone's, stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def find_resume(args: argparse.Namespace, say) -> tuple[Path | None, dict | None]:
     if args.resume is None:
         return None, None
@@ -502,11 +526,14 @@ def run(args: argparse.Namespace) -> dict:
     # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
     # every step; several: every 10, a tiny gloo all-reduce)
     stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
+    created = missing_folders(args.out)  # a start that fails removes them again (while they are empty)
     try:
         return run_with(args, env, watchdog, stop)
     except (UserError, Preempted, Diverged):
+        remove_empty(created)
         raise
     except Exception:
+        remove_empty(created)
         if env.distributed:  # the traceback follows; first say which rank and where, for the job log
             print(f"failed: {watchdog.describe()}", file=sys.stderr, flush=True)
         raise

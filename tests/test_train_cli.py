@@ -154,3 +154,46 @@ def test_loader_auto_and_the_progress_a_scaled_down_recipe_prints(data_dir, tmp_
     last_step = 2 * spe - 1  # the warm-up's ramp stops at the run's last step: peak x (last_step / 5 epochs)
     assert summary["peak_lr_reached"] == pytest.approx(summary["peak_lr"] * last_step / (5 * spe))
     assert "reached only" in stdout
+
+
+# Runs a command's module as `python -m` does, then says whether torch, DALI or torchvision were imported
+RUN_AND_REPORT_IMPORTS = """
+import runpy, sys
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print("heavy:", [m for m in ("torch", "nvidia.dali", "torchvision") if m in sys.modules], flush=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["rn50.train", "rn50.evaluate", "benchmarks.run"])
+def test_a_bad_flag_exits_2_before_torch_or_dali_is_imported(module, tmp_path):
+    """Issue 23, 3.10 and 5.4: a mistyped flag took ~7 s (torch and DALI imported first) to be reported."""
+    out = tmp_path / "new" / "out"
+    extra = ["--weights", str(tmp_path / "w.pt")] if module == "rn50.evaluate" else []
+    done = run_cli([sys.executable, "-c", RUN_AND_REPORT_IMPORTS, module, "--data", str(tmp_path), "--out", str(out),
+                    *extra, "--learning-rate", "0.1"])
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip() == "heavy: []", done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown argument '--learning-rate'"), done.stderr
+    if module != "rn50.evaluate":  # evaluate takes no --base-lr: the closest spelling there
+        assert "did you mean '--base-lr'?" in lines[0]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_start_leaves_no_run_folder_that_did_not_exist_before(data_dir, tmp_path):
+    """Issue 23, 3.10: the run folder (and its new parents) was made before the data and the batch were
+    checked, and stayed behind empty when they failed; a folder that existed stays, as it was."""
+    out = tmp_path / "new" / "run"
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--loader",
+                    "dali-cpu", "--batch-size", "4096"])
+    assert done.returncode == 2 and "lower --batch-size" in done.stderr, done.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(tmp_path / "nowhere"), "--out",
+                    str(tmp_path / "kept"), "--loader", "dali-cpu"])
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+    assert (tmp_path / "kept").is_dir()
