@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,22 @@ class WeightEma(AveragedModel):
         self.n_averaged += 1
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops the one line torch.utils.cpp_extension logs on import when CUDA_HOME exists but no GPU does ("No
+    CUDA runtime is found, using CUDA_HOME=..."): inductor imports it under --compile on every CPU machine
+    with a CUDA toolkit, and nothing there needs CUDA. Its other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found, using CUDA_HOME")
+
+
+def quiet_compile_notes() -> None:
+    """Installs the filter above once (the logger exists by name before torch imports the module)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+
+
 def class_weights(kind: str, class_counts, device) -> torch.Tensor | None:
     """"balanced": class c's loss weighted by N / (C x n_c) (sklearn's "balanced"), so every class carries
     the same total weight in an epoch; a class without images gets weight 0. "none": None (unweighted)."""
@@ -135,6 +152,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     head = model.fc
     ema = WeightEma(model, reg.ema_decay) if reg.ema_decay > 0 else None
     if machine.compile:
+        quiet_compile_notes()
         # in place, before DDP: the module keeps its state_dict keys (no `_orig_mod.`), so checkpoints load
         # into an uncompiled model and back; EMA and the teacher stay eager. dynamic=False: one graph per shape
         # (training's is fixed; validation adds eval mode and its last partial batch), never one per step

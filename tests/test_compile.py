@@ -28,7 +28,7 @@ from rn50.recipe import Machine, with_fields
 from rn50.schedule import set_lr
 from rn50.step import build_training, train_step
 
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, ROOT, run_cli
 from test_reliability import SMALL, epoch_losses, final_weights, kill_when_checkpointed, same_weights, step_losses
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
@@ -114,6 +114,7 @@ def test_compiled_run_resumes_exactly_and_reports_compile_time_apart(data_dir, t
     done = run_cli([*args, "--out", str(tmp_path / "a")], timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("compiled in ") == 1, done.stdout[-2000:]
+    assert NOTE not in done.stderr, done.stderr[-2000:]
 
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     first, second = [r for r in records if "val/count" in r]
@@ -147,3 +148,31 @@ def test_harness_reports_compile_time_apart(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "bench" / "report.json").read_text())["results"]
     assert rows and all(row["compile_s"] > 0 for row in rows)
+
+
+NOTE = "No CUDA runtime is found, using CUDA_HOME"
+IMPORT_AFTER_BUILD = """
+import logging, torch
+from rn50.dist import DistEnv
+from rn50.recipe import Machine, with_fields
+from rn50.step import build_training
+build_training(with_fields(arch="resnet18", batch_size=4), 4, DistEnv(0, 1, 0, torch.device("cpu")),
+               Machine(compile={compile}))
+import torch.utils.cpp_extension  # what inductor imports when it compiles; the note is logged on import
+logging.getLogger("torch.utils.cpp_extension").warning("another warning of that logger")
+"""
+
+
+def test_compile_silences_the_no_cuda_runtime_note_and_nothing_else():
+    """Without --compile the import prints the note on a CPU machine with a CUDA toolkit (the control);
+    with it, the note is gone and the logger's other warnings still come out."""
+    plain = run_cli([sys.executable, "-c", IMPORT_AFTER_BUILD.format(compile=False)], timeout=300,
+                    CUDA_HOME=str(ROOT))  # any existing folder: torch takes it as the toolkit
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, torch prints no such note")
+    assert NOTE in plain.stderr, plain.stderr[-2000:]
+    quiet = run_cli([sys.executable, "-c", IMPORT_AFTER_BUILD.format(compile=True)], timeout=300,
+                    CUDA_HOME=str(ROOT))
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert NOTE not in quiet.stderr and "another warning of that logger" in quiet.stderr, quiet.stderr[-2000:]

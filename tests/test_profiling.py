@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 import pytest
 import torch
 
 from benchmarks import run as bench_run
 from pipelines import ranges
+from rn50 import profiling
 from rn50 import step as step_module
 from rn50.dist import DistEnv
 from rn50.profiling import named_range
@@ -176,3 +178,32 @@ def test_two_process_run_names_the_all_reduce_on_every_rank(data_dir, tmp_path):
         names = annotations(out / "profile" / f"rank{rank}.pt.trace.json")
         assert names["all-reduce"] >= 2  # at least one bucket per step
         assert all(names[name] == 2 for name in STEP_RANGES)
+
+
+def test_profiler_start_and_stop_write_no_usdt_lines_but_other_stderr_passes(capfd):
+    """Kineto prints "USDT:... profiler_start" and "... profiler_stop" at every trace start and stop; they
+    are dropped, and whatever else reaches file descriptor 2 meanwhile still comes out."""
+    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profiling.without_usdt_marks(profile.start)
+    torch.ones(3).add_(1)
+
+    def stop_and_write():
+        profile.stop()
+        os.write(2, b"another line on stderr\n")
+
+    profiling.without_usdt_marks(stop_and_write)
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err and "USDT" not in err, err
+    assert "another line on stderr" in err
+
+
+def test_plain_torch_profiler_prints_the_usdt_lines_the_filter_drops(capfd):
+    """The control for the test above: without the filter, this torch prints the lines (if a later torch
+    stops printing them, the filter has nothing left to do and this says so)."""
+    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profile.start()
+    profile.stop()
+    err = capfd.readouterr().err
+    if "profiler_start" not in err:
+        pytest.skip("this torch's profiler prints no USDT lines")
+    assert any(profiling._USDT_MARK.match(line.encode()) for line in err.splitlines()), err
