@@ -37,6 +37,7 @@ from rn50.telemetry import Telemetry
 from rn50 import tracking
 from benchmarks.verdict import verdict
 from pipelines import CUDA_ONLY, KINDS
+from pipelines.storage import display
 from rn50.device import check_cuda_only_settings
 from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
 from rn50.errors import UserError
@@ -529,7 +530,7 @@ def run(args, argv) -> dict:
         "config": {"arch": arch, "batch_size": batch, "image_size": size,
                    "global_batch": batch * env.world_size, "modes": list(plan.modes),
                    "loaders": list(plan.loaders), "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
-                   "repeats": plan.repeats, "dataset": {"path": str(args.data.resolve()),
+                   "repeats": plan.repeats, "dataset": {"path": display(args.data),
                                                         "train_images": probe.num_samples,
                                                         "classes": probe.num_classes},
                    # the machine's own `loader` setting is not used here: --loaders names the loaders

@@ -59,8 +59,14 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
         raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali, "
                         "dali-hybrid or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
-    image_list = list_split(str(data_dir), split, None if manifest is None else str(manifest)) \
-        if data_dir is not None else None
+    from pipelines.shards import build_shard_loader, is_shards, list_shard_split
+
+    shards = is_shards(data_dir)  # a tools.shard folder or s3://bucket/prefix (pipelines/shards.py)
+    if shards and manifest is not None:
+        raise UserError("--manifest lists files of class folders; with shards, shard from it instead "
+                        "(`python -m tools.shard SRC --manifest SCAN --out DST`) and drop --manifest")
+    image_list = list_shard_split(str(data_dir), split) if shards else \
+        list_split(str(data_dir), split, None if manifest is None else str(manifest)) if data_dir is not None else None
     if image_list is not None:
         shard_size = len(image_list) // world_size
         # the same rule for every loader sized by the data, synthetic included (it mimics the folder's size):
@@ -71,10 +77,12 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                 f"({len(image_list)} images over {world_size} {'rank' if world_size == 1 else 'ranks'} = "
                 f"{shard_size}); lower --batch-size"
             )
-        if manifest is None and preflight and kind != "synthetic":
+        if manifest is None and preflight and kind != "synthetic" and not shards:  # tools.shard checked them
             check_files(image_list, rank, world_size, kind)
     common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
+    if shards and kind != "synthetic":
+        return build_shard_loader(kind, split, common, local_rank=local_rank, options=options)
     if kind in DALI_KINDS:
         from pipelines.dali import PLACEMENTS, DaliLoader
 

@@ -84,6 +84,8 @@ def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
 
 
 def _reader(files, labels, shard_id, num_shards, training):
+    if hasattr(files, "reader"):  # shards: tar members from pipelines.shards, in its own exact order
+        return files.reader()
     # Training: `shuffle_after_epoch` is a real global reshuffle every epoch, identical on every shard
     # (so the shards partition the data). `random_shuffle` would only shuffle within a buffer.
     # Validation: in order, padded so the iterator can drop the padding and count every image once.

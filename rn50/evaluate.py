@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.folder import class_names
+from pipelines.shards import classes_of
+from pipelines.storage import display
 from rn50.dist import all_reduce_sum, init_distributed, shutdown
 from rn50.errors import UserError
 from rn50.loaders import build_split
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write to {args.out} ({exc.strerror}); pass a writable --out") from None
-    classes = list(class_names(str(args.data)))
+    classes = list(classes_of(args.data))  # class folders or shards
     num_classes = len(classes)
     spec = recipe.model
     model = build_model(spec.arch, num_classes, spec.zero_init_residual)
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
             f"({elapsed:.1f} s)")
 
     report = {"weights": str(args.weights), "weights_kind": kind, "arch": spec.arch, "blurpool": spec.blurpool,
-              "data": str(args.data.resolve()), "loader": machine.loader, "world_size": env.world_size,
+              "data": display(args.data), "loader": machine.loader, "world_size": env.world_size,
               "val_flip": recipe.augmentation.val_flip, "amp_dtype": str(amp_dtype).removeprefix("torch.")
               if amp_dtype else None, "classes": classes}
     if env.is_main:

@@ -43,6 +43,18 @@ class Preempted(Exception):
                 "--resume auto to continue")
 
 
+class DataLost(Preempted):
+    """The data source failed mid-epoch after every retry (pipelines.storage.StorageLost). One process saves a
+    checkpoint at the last step trained; with several, the ranks that still read are inside the step's
+    all-reduce, so the last periodic checkpoint is where a resume starts (--checkpoint-every)."""
+
+    def report(self) -> str:
+        saved = f"checkpoint saved to {self.saved}" if self.saved else \
+            "the last checkpoint (--checkpoint-every) is where a resume starts"
+        return (f"stopped: {self.signal_name}; {saved}; exit code {EXIT_PREEMPTED}. When the storage answers "
+                "again, run the same command with --resume auto")
+
+
 class Diverged(Exception):
     pass
 
@@ -92,6 +104,7 @@ from rn50.evaluate import evaluate  # noqa: E402
 from rn50.loaders import build_loaders  # noqa: E402
 from rn50.metrics import MetricsLog  # noqa: E402
 from rn50.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
+from pipelines.storage import StorageLost, display  # noqa: E402
 from rn50.profiling import StepProfiler, check_flags, check_window  # noqa: E402
 from rn50.provenance import environment  # noqa: E402
 from rn50.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr  # noqa: E402
@@ -196,7 +209,11 @@ class Trainer:
                  f"peak LR {self.peak_lr:.4g}" + _reached(self.peak_lr, self.peak_lr_reached))
         for epoch in range(self.start_epoch, epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
-            record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
+            try:
+                record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
+            except StorageLost as lost:  # shard reads failed after every retry: a checkpoint, exit 75, no skipped data
+                raise DataLost(str(lost), self.save(epoch, self.train_loader.position, epoch_end=False)
+                               if self.env.world_size == 1 else None) from None
             record.update(self.validate(epoch))
             record["time_s"] = self.elapsed()
             verdict, warnings = judge(self.history + [record], recipe.stopping,
@@ -603,7 +620,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
         raise
     finally:
         trainer.profiler.close()  # a window the run ended inside is written as far as it got
-    summary["data"] = str(args.data.resolve())
+    summary["data"] = display(args.data)  # an s3:// URI stays one
     if env.is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_report(summary, args.out)
