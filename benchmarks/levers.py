@@ -16,9 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
-from rn50.device import check_cuda_only_settings
 from rn50.errors import UserError
 from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, apply, get
 
@@ -207,6 +204,8 @@ def beats_baseline(row: dict, baseline: dict, key: str) -> bool:
 def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
     """Raise UserError if training would refuse these fields over this recipe and machine: the checks
     rn50.train runs at start-up (Recipe/Machine.validate, check_cuda_only_settings), not a copy of them."""
+    from rn50.device import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
+
     lever_recipe, lever_machine = apply(recipe, machine, fields)
     check_cuda_only_settings(lever_recipe.validate(), lever_machine.validate(), device)
 

@@ -25,30 +25,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from benchmarks import autotune as autotuning
+# What reading the flags needs, and nothing heavier: `python -m benchmarks.run` reads them before the imports
+# below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from benchmarks import levers as levers_mod
-from benchmarks.flops import flops_per_image, mfu, peak_tflops
-from benchmarks.recommend import ratios_to_dali, recommend
-from benchmarks.report import write_reports
-from benchmarks.stall import StepTimer, Window
-from rn50.telemetry import Telemetry
-from rn50 import tracking
-from benchmarks.verdict import verdict
 from pipelines import CUDA_ONLY, KINDS
 from pipelines.storage import display
-from rn50.device import check_cuda_only_settings
-from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown
-from rn50.errors import UserError
-from rn50.loaders import build_split
-from rn50.profiling import (TRACE_DIR, StepProfiler, add_profiling_flags, check_flags, check_window,
-                            named_range)
-from rn50.provenance import environment
+from rn50.errors import UserError, check_flags_first
+from rn50.profile_flags import TRACE_DIR, add_profiling_flags
 from rn50.recipe import (Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, recipe_from_mapping,
                          resolve)
-from rn50.schedule import set_lr
-from rn50.step import build_training, train_step
 
 MODES = ("synthetic", "loader", "train")
 LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
@@ -107,6 +92,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "writes its own trace")
     add_recipe_flags(parser)
     return parse_strict(parser, argv)
+
+
+if __name__ == "__main__":
+    check_flags_first(parse_args)
+
+import torch  # noqa: E402
+
+from benchmarks import autotune as autotuning  # noqa: E402
+from benchmarks.flops import flops_per_image, mfu, peak_tflops  # noqa: E402
+from benchmarks.recommend import ratios_to_dali, recommend  # noqa: E402
+from benchmarks.report import write_reports  # noqa: E402
+from benchmarks.stall import StepTimer, Window  # noqa: E402
+from rn50.telemetry import Telemetry  # noqa: E402
+from rn50 import tracking  # noqa: E402
+from benchmarks.verdict import verdict  # noqa: E402
+from rn50.device import check_cuda_only_settings  # noqa: E402
+from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown  # noqa: E402
+from rn50.loaders import build_split  # noqa: E402
+from rn50.profiling import StepProfiler, check_flags, check_window, named_range  # noqa: E402
+from rn50.provenance import environment  # noqa: E402
+from rn50.schedule import set_lr  # noqa: E402
+from rn50.step import build_training, train_step  # noqa: E402
 
 
 def machine_defaults(args, gpu: bool) -> None:

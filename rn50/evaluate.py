@@ -16,18 +16,50 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from pipelines.shards import classes_of
-from pipelines.storage import display
-from rn50.dist import all_reduce_sum, init_distributed, shutdown
-from rn50.errors import UserError
-from rn50.loaders import build_split
-from rn50.metrics import topk_correct
-from rn50.model import add_blurpool, build_model, load_state, read_weights_file
-from rn50.precision import autocast_dtype
+# What reading the flags needs, and nothing heavier: `python -m rn50.evaluate` reads them before the imports
+# below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
+from rn50.errors import UserError, check_flags_first
 from rn50.recipe import add_recipe_flags, parse_strict, recipe_from_mapping, resolve, with_fields
+
+# the recipe and machine flags that matter to an evaluation (rn50.recipe.add_recipe_flags)
+EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
+              "amp", "amp_dtype", "channels_last", "loader", "device", "dali_threads", "hw_decoder_load",
+              "prefetch", "workers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rn50.evaluate", allow_abbrev=False,
+        description="Evaluate weights on a data folder's validation split (one process or torchrun).",
+        epilog="Writes OUT/eval.json and OUT/confusion.csv (and confusion.png up to 100 classes); with --sizes, "
+               "confusion_<size>.csv/png per size. The classes are DIR/train's class folders.")
+    parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
+    parser.add_argument("--weights", required=True, type=Path,
+                        help="a checkpoint_*.pt of ours (its recipe gives arch, blurpool and sizes) or a "
+                             "torchvision state dict (.pth; --arch names the architecture)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for eval.json and the confusion matrix")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument("--sizes", default=None, metavar="S[,S...]",
+                        help="validation crop sizes to sweep (e.g. 224,256,288): one result per size")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="folder with val.txt from `python -m tools.scan`: evaluate those files only")
+    add_recipe_flags(parser, only=EVAL_FLAGS)
+    return parse_strict(parser, argv)
+
+
+if __name__ == "__main__":
+    check_flags_first(parse_args)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pipelines.shards import classes_of  # noqa: E402
+from pipelines.storage import display  # noqa: E402
+from rn50.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
+from rn50.loaders import build_split  # noqa: E402
+from rn50.metrics import topk_correct  # noqa: E402
+from rn50.model import add_blurpool, build_model, load_state, read_weights_file  # noqa: E402
+from rn50.precision import autocast_dtype  # noqa: E402
 
 
 @torch.no_grad()
@@ -147,30 +179,6 @@ def write_confusion_png(path: Path, confusion, classes: list[str], title: str) -
 # --- the command ----------------------------------------------------------------------------------------
 
 PNG_MAX_CLASSES = 100
-# the recipe and machine flags that matter to an evaluation (rn50.recipe.add_recipe_flags)
-EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
-              "amp", "amp_dtype", "channels_last", "loader", "device", "dali_threads", "hw_decoder_load",
-              "prefetch", "workers")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="rn50.evaluate", allow_abbrev=False,
-        description="Evaluate weights on a data folder's validation split (one process or torchrun).",
-        epilog="Writes OUT/eval.json and OUT/confusion.csv (and confusion.png up to 100 classes); with --sizes, "
-               "confusion_<size>.csv/png per size. The classes are DIR/train's class folders.")
-    parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
-    parser.add_argument("--weights", required=True, type=Path,
-                        help="a checkpoint_*.pt of ours (its recipe gives arch, blurpool and sizes) or a "
-                             "torchvision state dict (.pth; --arch names the architecture)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for eval.json and the confusion matrix")
-    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    parser.add_argument("--sizes", default=None, metavar="S[,S...]",
-                        help="validation crop sizes to sweep (e.g. 224,256,288): one result per size")
-    parser.add_argument("--manifest", type=Path, default=None,
-                        help="folder with val.txt from `python -m tools.scan`: evaluate those files only")
-    add_recipe_flags(parser, only=EVAL_FLAGS)
-    return parse_strict(parser, argv)
 
 
 def parse_sizes(text: str | None) -> list[int] | None:
