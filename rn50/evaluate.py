@@ -76,7 +76,11 @@ def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = Non
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # Nothing in the loop waits for the device: the sums stay there, the image count on the host (a tensor
+    # made from it each batch would be a host-to-device copy), the confusion matrix a fixed-size scatter-add
+    # (CUDA's bincount reads its input's maximum on the host to size its output).
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    seen = 0
     for batch, (images, labels) in enumerate(loader):
         if on_batch is not None:
             on_batch(batch)  # progress for the hang watchdog
@@ -89,8 +93,10 @@ def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = Non
         if confusion is not None:
             classes = confusion.shape[0]
             cells = labels * classes + logits.argmax(dim=1)
-            confusion += torch.bincount(cells, minlength=classes * classes).view(classes, classes)
-        sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(len(labels))])
+            confusion.view(-1).scatter_add_(0, cells, torch.ones_like(cells))
+        sums[:3] += torch.stack([loss.double(), top1.double(), top5.double()])
+        seen += len(labels)
+    sums[3] = seen  # a scalar fill, once
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
     model.train(was_training)
     if count == 0:

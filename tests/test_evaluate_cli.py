@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rn50.evaluate import class_metrics, main as evaluate_main, parse_sizes
+from rn50.evaluate import class_metrics, evaluate, main as evaluate_main, parse_sizes
 from rn50.errors import UserError
 from rn50.model import build_model
 from tests.conftest import CLASSES, N_VAL_IMAGES, run_cli, torchrun
@@ -146,3 +147,30 @@ def test_two_ranks_count_every_image_once(data_dir, checkpoint, tmp_path):
     assert report["world_size"] == 2 and report["val/count"] == N_VAL_IMAGES
     assert sum(c["images"] for c in report["per_class"]) == N_VAL_IMAGES
     assert result.stdout.count("top-1") == 1  # rank 0 alone prints
+
+
+def test_evaluate_sums_and_confusion_match_a_direct_count():
+    """The sums and the scatter-add confusion matrix against the same quantities computed directly (cross
+    entropy summed in float64 in the same order, top-k by sort, the confusion by bincount): equal, over
+    batches of unequal size."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
+    generator = torch.Generator().manual_seed(3)
+    loader = [(torch.randn(n, 3, 8, 8, generator=generator), torch.randint(0, 6, (n,), generator=generator))
+              for n in (5, 5, 3)]
+    confusion = torch.zeros(6, 6, dtype=torch.int64)
+    result = evaluate(model, loader, confusion=confusion)
+
+    loss, top1, top5, expected = torch.zeros((), dtype=torch.float64), 0, 0, torch.zeros(36, dtype=torch.int64)
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images)
+            loss += F.cross_entropy(logits, labels, reduction="sum").double()
+            ranks = logits.argsort(dim=1, descending=True)
+            top1 += int((ranks[:, 0] == labels).sum())
+            top5 += int((ranks[:, :5] == labels[:, None]).any(dim=1).sum())
+            expected += torch.bincount(labels * 6 + logits.argmax(dim=1), minlength=36)
+    assert result["val/count"] == 13
+    assert result["val/top1"] == 100.0 * top1 / 13 and result["val/top5"] == 100.0 * top5 / 13
+    assert result["val/loss"] == float(loss) / 13
+    assert torch.equal(confusion, expected.view(6, 6)) and int(confusion.sum()) == 13
