@@ -22,7 +22,7 @@ import math
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -123,9 +123,8 @@ def draw(aug: Augmentation, heights, widths, generator: torch.Generator) -> Draw
     n = len(heights)
     boxes = random_resized_boxes(heights, widths, tuple(aug.crop_area), tuple(aug.crop_ratio), generator)
     flip = torch.rand(n, generator=generator) < aug.hflip
-    strength = aug.color_jitter
-    jitter = torch.empty(n, 3).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator) \
-        if strength > 0 else torch.ones(n, 3)
+    jitter = torch.empty(n, 3).uniform_(*aug.jitter_range, generator=generator) \
+        if aug.color_jitter > 0 else torch.ones(n, 3)
     return Draws(boxes, flip, jitter)
 
 
@@ -196,6 +195,11 @@ class TorchvisionGpuLoader(EpochPosition):
         items = list(self._readers.map(lambda p: read_image(p, self._decode_in_threads), paths))
         encoded = [i for i, item in enumerate(items) if item.dim() == 1]
         images = to_device([item for item in items if item.dim() == 3], self.device)
+        if encoded and self.device.type == "cuda":
+            # torchvision's CUDA decode_jpeg allocates its outputs on the current stream (ours) but nvJPEG
+            # writes them on a stream of its own: a block freed by kernels still queued on ours could be handed
+            # out and overwritten while they run. Waiting for our stream first closes that window.
+            torch.cuda.current_stream(self.device).synchronize()
         decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device) \
             if encoded else []
         ordered, rest = dict(zip(encoded, decoded)), iter(images)
@@ -243,7 +247,8 @@ class TorchvisionGpuLoader(EpochPosition):
 
     def _validation_pixels(self, images, heights, widths, size: int) -> torch.Tensor:
         """Resize(size / val_resize_ratio) + CenterCrop(size), as torchvision computes them: 0-255 floats."""
-        resized, corners = centre_crops(heights, widths, int(size / self._aug.val_resize_ratio), size)
+        resize_to = replace(self._aug, val_image_size=size).val_resize_to
+        resized, corners = centre_crops(heights, widths, resize_to, size)
         return resized_crops(images, resized, corners, size)
 
     def __iter__(self):
