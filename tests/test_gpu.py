@@ -22,7 +22,9 @@ pytestmark = pytest.mark.gpu
 
 
 def gpu_loader(split, data_dir, **kw):
-    return build_loader("dali", split, data_dir, **{"batch_size": 8, "image_size": 64, "device": "cuda:0", **kw})
+    """The DALI GPU loader in fp16, the dtype the AMP step computes in (build_loader's default is fp32)."""
+    return build_loader("dali", split, data_dir, **{"batch_size": 8, "image_size": 64, "device": "cuda:0",
+                                                    "dtype": torch.float16, **kw})
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -89,6 +91,7 @@ def test_amp_fp16_channels_last_step_on_the_gpu(data_dir):
     assert conv.is_contiguous(memory_format=torch.channels_last)
     losses = []
     for images, labels in gpu_loader("train", data_dir):
+        assert images.dtype == torch.float16  # the AMP step is fed the fp16 batches training gives it
         for group in parts.optimizer.param_groups:
             group["lr"] = 0.01
         losses.append(train_step(parts, images, labels))
@@ -96,10 +99,7 @@ def test_amp_fp16_channels_last_step_on_the_gpu(data_dir):
     assert torch.isfinite(losses).all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--sync-bn", "--ema-decay", "0.99", "--randaugment-magnitude", "7"]])
-def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path, extra):
-    nproc = gpu_ddp_processes(torch.cuda.device_count())
+def gpu_run(data_dir, tmp_path, nproc, extra):
     out = tmp_path / "run"
     done = run_cli(torchrun(nproc, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out),
                             "--loader", "dali", "--epochs", "2", "--batch-size", "8", "--image-size", "64",
@@ -109,8 +109,23 @@ def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path, extra):
     assert summary["final"]["val/count"] == N_VAL_IMAGES
     assert summary["ddp/replicas_identical"] is True
     assert summary["environment"]["gpu"]
-    if nproc < 2:  # the one-process GPU run above was checked; what it cannot show is said, not passed
-        pytest.skip("ran on 1 GPU in one process: NCCL across ranks needs 2 GPUs")
+
+
+EXTRAS = [[], ["--sync-bn", "--ema-decay", "0.99", "--randaugment-magnitude", "7"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_one_process_run_with_the_gpu_pipeline(data_dir, tmp_path, extra):
+    gpu_run(data_dir, tmp_path, 1, extra)  # passes on one GPU: what it checks needs no second one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_nccl_ddp_run_with_the_gpu_pipeline(data_dir, tmp_path, extra):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL across ranks needs 2 GPUs (one process per GPU)")
+    gpu_run(data_dir, tmp_path, gpu_ddp_processes(torch.cuda.device_count()), extra)
 
 
 @pytest.mark.slow
