@@ -15,7 +15,9 @@ run folder's own files (metrics.jsonl, TensorBoard, summary.json, report.json), 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -72,14 +74,35 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_retries():
+    """urllib3 logs a WARNING for every retry of an HTTP request; a tracker whose server went away would add
+    those lines to the job log besides our one warning. Only around our own calls to the tracker."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Tracker:
     """The interface both backends implement. Every method is safe to call: a failure warns once and turns the
     tracker off, it never raises into the training loop."""
 
     kind = "none"
 
-    def __init__(self, say=None):
-        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    def __init__(self):
         self.active = True
         self.run_id: str | None = None
 
@@ -87,12 +110,12 @@ class Tracker:
         if not self.active:
             return None
         try:
-            return call(*args, **kwargs)
+            with _quiet_retries():
+                return call(*args, **kwargs)
         except Exception as exc:  # any backend failure: the run goes on without the tracker
             self.active = False
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            self.say(f"warning: the {self.kind} tracker failed while {what} ({type(exc).__name__}: {reason}); "
-                     "the run goes on without it, and its folder's files stay complete")
+            _warn(f"warning: the {self.kind} tracker failed while {what} ({_reason(exc)}); the run goes on "
+                  "without it, and its folder's files stay complete")
             return None
 
     def log_params(self, params: dict) -> None:
@@ -148,8 +171,8 @@ class MlflowTracker(Tracker):
 
     kind = "mlflow"
 
-    def __init__(self, project: str, name: str, group: str, state: dict | None, say=None):
-        super().__init__(say)
+    def __init__(self, project: str, name: str, group: str, state: dict | None):
+        super().__init__()
         for key, value in MLFLOW_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         import mlflow
@@ -216,8 +239,8 @@ class WandbTracker(Tracker):
 
     kind = "wandb"
 
-    def __init__(self, project: str, name: str, group: str, state: dict | None, run_dir: Path, say=None):
-        super().__init__(say)
+    def __init__(self, project: str, name: str, group: str, state: dict | None, run_dir: Path):
+        super().__init__()
         import wandb
 
         self.resumed = bool(state and state.get("run_id"))
@@ -265,16 +288,13 @@ def open_tracker(kind: str, run_dir: Path, *, project: str, name: str | None = N
         saved = {}
     state = saved.get(kind) if resume else None
     name = name or run_dir.resolve().name
-    warn = say or (lambda text: print(text, file=sys.stderr, flush=True))
     try:
-        if kind == "mlflow":
-            tracker = MlflowTracker(project, name, group, state, say)
-        else:
-            tracker = WandbTracker(project, name, group, state, run_dir, say)
+        with _quiet_retries():
+            tracker = MlflowTracker(project, name, group, state) if kind == "mlflow" else \
+                WandbTracker(project, name, group, state, run_dir)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        warn(f"warning: the {kind} tracker could not start ({type(exc).__name__}: {reason}); the run goes on "
-             "without it, and its folder's files stay complete")
+        _warn(f"warning: the {kind} tracker could not start ({_reason(exc)}); the run goes on without it, and "
+              "its folder's files stay complete")
         return NullTracker()
     saved[kind] = tracker.state()
     try:
