@@ -107,6 +107,9 @@ class ShardList:
 
 def read_dataset(store) -> dict:
     if not store.exists(DATASET_JSON):
+        if is_s3(store.location):
+            raise UserError(f"{store.location}/{DATASET_JSON} does not exist; upload the folder `python -m tools.shard` "
+                            f"wrote (e.g. `aws s3 sync SHARDS {store.location}`) or fix the prefix in --data")
         raise UserError(f"{store.location} holds no {DATASET_JSON}; write shards with `python -m tools.shard SRC "
                         f"--out {store.location}` (or pass a folder with train/<class>/ and val/<class>/)")
     try:
