@@ -31,7 +31,7 @@ from rn50.model import build_model
 from rn50.preemption import EXIT_PREEMPTED
 from rn50.recipe import Machine, with_fields
 from rn50.schedule import set_lr
-from rn50.step import build_training, replicas_identical, train_step
+from rn50.step import build_training, train_step
 
 from conftest import CLASSES, ROOT, run_cli
 from test_reliability import SMALL, epoch_losses, final_weights, kill_when_checkpointed, same_weights, step_losses
@@ -243,8 +243,11 @@ def _ddp_compile_worker(rank: int, init_file: str, out_dir: str) -> None:
         (images, labels), = batches(1, batch=2, seed=rank)
         set_lr(parts.optimizer, 0.01)
         train_step(parts, images, labels)
+        # the parameters, not the BN statistics: those are each rank's own until DDP's next forward broadcasts
+        # rank 0's (training broadcasts them before validating)
+        weights = [p.detach().clone() for p in parts.raw_model.parameters()]
         result = {"lines": records.lines, "keys": list(parts.raw_model.state_dict()),
-                  "identical": replicas_identical(parts.raw_model)}
+                  "weights": [float(w.double().sum()) for w in weights]}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -256,12 +259,15 @@ def test_compiled_ddp_splits_its_graph_at_the_buckets_and_keeps_torchvision_keys
     overlap the rest of the backward. The module is compiled in place before DDP wraps it, and its frames
     compile inside DDP's forward, where dynamo finds the active DDP module and uses DDPOptimizer (checked
     with two gloo processes; resnet18's 45 MB of fp32 gradients in 5 MiB buckets: several buckets). About
-    5 minutes on 2 cores: each process compiles its graphs."""
+    5 minutes on 2 cores the first time (each process compiles its graphs), under a minute from inductor's
+    disk cache."""
     mp.spawn(_ddp_compile_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     keys = list(torchvision.models.resnet18(num_classes=CLASSES).state_dict())
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # one all-reduced step from equal weights: the same weights on both ranks, bit for bit
+    assert results[0]["weights"] == results[1]["weights"]
+    for rank, result in enumerate(results):
         split = [re.search(r"created (\d+) buckets", line) for line in result["lines"]]
         counts = [int(m[1]) for m in split if m]
         assert counts and all(n > 1 for n in counts), (rank, result["lines"])
-        assert result["keys"] == keys and result["identical"] is True, rank
+        assert result["keys"] == keys, (rank, sorted(set(result["keys"]) ^ set(keys))[:8], len(result["keys"]))
