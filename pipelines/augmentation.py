@@ -76,6 +76,18 @@ class Augmentation:
     def val_size(self) -> int:
         return self.val_image_size or self.image_size
 
+    @property
+    def val_resize_to(self) -> int:
+        """The shorter side validation resizes to before the centre crop: val_size / val_resize_ratio truncated,
+        as every loader applies it (36 for 32 px, 292 for 256 px, 256 for 224 px at the default 0.875)."""
+        return int(self.val_size / self.val_resize_ratio)
+
+    @property
+    def jitter_range(self) -> tuple[float, float]:
+        """The range brightness, contrast and saturation factors are drawn from: [max(0, 1 - s), 1 + s] for
+        strength s, torchvision's ColorJitter's (a factor below 0 is no colour at all); every loader's."""
+        return max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter
+
     def validate(self) -> "Augmentation":
         from pipelines.errors import UserError
 

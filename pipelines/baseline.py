@@ -33,7 +33,7 @@ def training_transform(aug: Augmentation) -> v2.Compose:
 def validation_transform(aug: Augmentation) -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(int(aug.val_size / aug.val_resize_ratio), antialias=True),
+        v2.Resize(aug.val_resize_to, antialias=True),
         v2.CenterCrop(aug.val_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(aug.mean, aug.std),

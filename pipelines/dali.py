@@ -34,8 +34,6 @@ try:
 except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
     fn = None
 
-MEAN_255 = [m * 255 for m in MEAN]  # DALI normalises uint8 pixels
-STD_255 = [s * 255 for s in STD]
 # nvJPEG scratch buffers sized for ImageNet, as in NVIDIA's reference pipeline: no re-allocation mid-run
 _DEVICE_PADDING = 211_025_920
 _HOST_PADDING = 140_544_512
@@ -176,7 +174,7 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
         images = _rand_augment(images, aug.randaugment_layers, aug.randaugment_magnitude,
                                aug.randaugment_magnitude_std)
     if aug.color_jitter > 0:
-        strength = [1.0 - aug.color_jitter, 1.0 + aug.color_jitter]
+        strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
         images = fn.color_twist(
             images,
             brightness=fn.random.uniform(range=strength),
@@ -209,7 +207,7 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
     image_size = aug.val_size
-    target = float(int(image_size / aug.val_resize_ratio))
+    target = float(aug.val_resize_to)
     new_h = dmath.floor(target * height / short)
     new_w = dmath.floor(target * width / short)
     images = fn.decoders.image(jpegs, **_decoder_args(placement, hw_decoder_load), output_type=types.RGB)
