@@ -35,15 +35,36 @@ def check_device(kind: str, device) -> None:
         check_matches_torch()  # a DALI wheel for another CUDA major fails inside its GPU operators
 
 
+AUTO_WORKERS = -1  # --workers' default: default_workers()
+MAX_AUTO_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Worker processes (torchvision) or reading threads (torchvision-gpu) per rank when --workers is not
+    given: the cores this process may run on (os.sched_getaffinity) shared by the ranks on this node
+    (LOCAL_WORLD_SIZE, set by torchrun), at least 1 and at most 8. On a 2-core machine: 2 for one process."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks))
+
+
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
-                 manifest=None, preflight: bool = True, augmentation: Augmentation | None = None, **options):
+                 manifest=None, preflight: bool | str = True, augmentation: Augmentation | None = None,
+                 **options):
     """manifest: a `tools.scan` output folder whose <split>.txt lists the files to use (already checked);
-    preflight: without a manifest, check every file's header before the first batch.
+    preflight: without a manifest, check every file's header before the first batch; "split": check them,
+    and count and name only this split's bad files (rn50.evaluate, which reads no other split).
     augmentation: the spec (pipelines.augmentation); single fields of it may also come as options
     (color_jitter=0.0), and image_size always sets its image_size.
     options: dali_threads, hw_decoder_load, fused_decode, prefetch (DALI); workers (torchvision: worker
-    processes; torchvision-gpu: reading threads), prefetch (torchvision-gpu: batches prepared ahead);
+    processes; torchvision-gpu: reading threads; AUTO_WORKERS or absent: default_workers()), prefetch
+    (torchvision-gpu: batches prepared ahead);
     num_classes, num_samples (synthetic). Options a loader does not take are ignored."""
     import torch  # here, not at import time: tools that only need UserError stay light
 
@@ -59,6 +80,8 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
         raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali, "
                         "dali-hybrid or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
+    if options.get("workers", AUTO_WORKERS) == AUTO_WORKERS:
+        options["workers"] = default_workers()
     from pipelines.shards import build_shard_loader, is_shards, list_shard_split
 
     shards = is_shards(data_dir)  # a tools.shard folder or s3://bucket/prefix (pipelines/shards.py)
@@ -78,7 +101,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                 f"{shard_size}); lower --batch-size"
             )
         if manifest is None and preflight and kind != "synthetic" and not shards:  # tools.shard checked them
-            check_files(image_list, rank, world_size, kind)
+            check_files(image_list, rank, world_size, kind, every_split=preflight != "split")
     common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
                   seed=seed, device=device, dtype=dtype, image_list=image_list)
     if shards and kind != "synthetic":
@@ -93,11 +116,11 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     if kind == "torchvision":
         from pipelines.baseline import TorchvisionLoader
 
-        return TorchvisionLoader(split, **common, workers=options.get("workers", 8))
+        return TorchvisionLoader(split, **common, workers=options["workers"])
     if kind == "torchvision-gpu":
         from pipelines.torchvision_gpu import TorchvisionGpuLoader
 
-        return TorchvisionGpuLoader(split, **common, threads=options.get("workers", 8),
+        return TorchvisionGpuLoader(split, **common, threads=options["workers"],
                                     prefetch=options.get("prefetch", 2))
     from pipelines.synthetic import SyntheticLoader
 

@@ -3,13 +3,15 @@ Class folders may also hold .png, .bmp, .tif/.tiff and .webp files (any case of 
 
 Class indices come from the sorted class folder names of the training split, for every split, so a
 validation folder lists its labels in the training order; a validation class that training lacks is an
-error, never a silently shifted label. Every loader (DALI and torchvision) reads the same list.
+error, never a silently shifted label. Every loader (DALI, torchvision, torchvision-gpu) reads the same list.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pipelines.errors import UserError
@@ -28,6 +30,16 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @cached_property
+    def identity(self) -> str:
+        """A digest of the list (classes, each file's path relative to the split folder, or absolute outside
+        it, and its label): a checkpoint keeps it, so a resume on another list is caught. Moving the whole
+        dataset keeps it; adding, removing or renaming a file changes it."""
+        root = str(self.root).rstrip("/") + "/"
+        names = [f[len(root):] if f.startswith(root) else f for f in self.files]
+        blob = json.dumps({"classes": list(self.classes), "files": names, "labels": list(self.labels)})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def class_counts(self) -> tuple[int, ...]:
         """Images per class, by label."""
@@ -69,8 +81,9 @@ def class_names(data_dir: str) -> tuple[str, ...]:
 
 @lru_cache(maxsize=8)
 def list_split(data_dir: str, split: str, manifest: str | None = None) -> ImageList:
-    """All JPEG files of one split with their labels; validates the layout once per process.
-    With `manifest` (a folder written by `python -m tools.scan`), the files listed there instead."""
+    """Every image file of one split (IMAGE_SUFFIXES, any case) with its label, as absolute paths sorted by
+    class folder then name; validates the layout once per process. With `manifest` (a folder written by
+    `python -m tools.scan`), the files listed there instead."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     classes = class_names(data_dir)
@@ -119,8 +132,9 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
 
 
 def _stopping(problems: list[tuple[str, str]], loader: str) -> list[tuple[str, str]]:
-    """The problems that stop `loader`: all of them for the GPU loader, for the CPU loaders (which decode
-    by content) all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
+    """The problems that stop `loader`: all of them for the GPU decoders ("dali", "torchvision-gpu"); for
+    the loaders that decode by content (jpeg_check.CONTENT_DECODERS: "dali-cpu", "dali-hybrid", "torchvision")
+    all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
     from pipelines.jpeg_check import CONTENT_DECODERS, decodes_by_content
 
     if loader not in CONTENT_DECODERS:
@@ -143,14 +157,17 @@ def _accepted_line(accepted: list[tuple[str, str]], split: str, rank: int, world
 
 
 @lru_cache(maxsize=8)  # once per process and split: the harness builds many loaders over the same files
-def check_files(image_list: ImageList, rank: int, world_size: int, loader: str = "dali") -> None:
+def check_files(image_list: ImageList, rank: int, world_size: int, loader: str = "dali",
+                every_split: bool = True) -> None:
     """Pre-flight: one bad file stops a DALI pipeline mid-epoch, hours in. Each rank checks its share
     of the headers (about 15 us a file) and stops before training, naming the file and the fix.
     When it stops, the count it gives covers this rank's share of every split (train and val), so
-    "and N more" is every other bad file the user has to deal with, not only those of this split.
-    `loader` is the loader kind: the CPU loaders ("dali-cpu", "torchvision") decode by content, so CMYK
-    JPEGs and PNG/BMP/TIFF/WebP data behind a .JPEG name do not stop them: one line on stderr counts them
-    and training goes on. The GPU loader ("dali") still stops on them (unverified on the mixed decoder)."""
+    "and N more" is every other bad file the user has to deal with, not only those of this split;
+    `every_split` False (rn50.evaluate, which reads the validation split alone) counts and names this
+    split only. `loader` is the loader kind: those that decode by content ("dali-cpu", "dali-hybrid",
+    "torchvision") read CMYK JPEGs and PNG/BMP/TIFF/WebP data behind a .JPEG name: one line on stderr counts
+    them and training goes on. The GPU decoders ("dali", "torchvision-gpu") still stop on them (unverified
+    on nvJPEG)."""
     import sys
 
     from pipelines.jpeg_check import find_header_problems
@@ -164,16 +181,16 @@ def check_files(image_list: ImageList, rank: int, world_size: int, loader: str =
     if not problems:
         return
     data_dir, this_split = image_list.root.parent, image_list.root.name
-    per_split = {}
+    per_split = {this_split: len(problems)}
     for split in SPLITS:  # the other split too, on the error path only: one more pass over its headers
-        if split == this_split:
-            per_split[split] = len(problems)
+        if split == this_split or not every_split:
             continue
         try:
             other = list_split(str(data_dir), split)
         except UserError:  # a missing or odd split is reported when its own loader is built
             continue
         per_split[split] = len(_stopping(find_header_problems(other.files[rank::world_size]), loader))
+    per_split = {split: per_split[split] for split in SPLITS if split in per_split}  # train first
     total = sum(per_split.values())
     path, reason = problems[0]
     others = ""
@@ -181,7 +198,8 @@ def check_files(image_list: ImageList, rank: int, world_size: int, loader: str =
         where = ", ".join(f"{n} in {split}" for split, n in per_split.items() if n)
         share = f" of rank {rank}'s share" if world_size > 1 else ""
         others = f" and {total - 1} more ({total} bad files{share}: {where})"
+    use, run = ("trained on", "train") if every_split else ("read", "pass")
     raise UserError(
-        f"{path} cannot be trained on ({reason}){others}; run `python -m tools.scan {data_dir} --out SCAN` "
-        f"and train with --manifest SCAN (its list of good files), or remove the {'files' if total > 1 else 'file'}"
+        f"{path} cannot be {use} ({reason}){others}; run `python -m tools.scan {data_dir} --out SCAN` "
+        f"and {run} --manifest SCAN (its list of good files), or remove the {'files' if total > 1 else 'file'}"
     )

@@ -58,7 +58,7 @@ from pipelines.storage import display  # noqa: E402
 from rn50.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
 from rn50.loaders import build_split  # noqa: E402
 from rn50.metrics import topk_correct  # noqa: E402
-from rn50.model import add_blurpool, build_model, load_state, read_weights_file  # noqa: E402
+from rn50.model import add_blurpool, arch_of_weights, build_model, load_state, read_weights_file  # noqa: E402
 from rn50.precision import autocast_dtype  # noqa: E402
 
 
@@ -151,6 +151,12 @@ def write_confusion_csv(path: Path, confusion, classes: list[str]) -> None:
             writer.writerow([name, *row])
 
 
+def confusion_title(weights: str, kind: str, size: int, top1: float) -> str:
+    """The PNG's title: which weights (EMA ones said so: `kind` is read_weights's words), size and top-1."""
+    ema = " (EMA weights)" if "EMA" in kind else ""
+    return f"{weights}{ema} at {size} px: top-1 {top1:.2f}%"
+
+
 def write_confusion_png(path: Path, confusion, classes: list[str], title: str) -> None:
     """A heat map of the row-normalised matrix (each true class's images sum to 1), counts in the cells
     when there are few classes."""
@@ -227,6 +233,12 @@ def run(args: argparse.Namespace) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     state, saved, kind = read_weights(args.weights, args.ema)
     base = recipe_from_mapping(saved) if saved else None
+    found = arch_of_weights(state)  # the weights say which architecture they are: ours and torchvision's alike
+    if found is not None and args.arch is not None and args.arch != found:
+        raise UserError(f"--arch {args.arch} does not fit {args.weights}: it holds {found} weights; drop --arch "
+                        "(the weights say which architecture they are)")
+    if found is not None:
+        base = with_fields(base, arch=found)
     resolved = resolve(args, base)
     recipe, machine = resolved.recipe, resolved.machine.for_device(env.device.type)  # --loader auto made concrete
     if machine.loader == "synthetic":
@@ -257,7 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     results, matrices = [], []  # the matrices go to CSV files, not eval.json (1000 x 1000 for ImageNet)
     for size in sizes or [recipe.augmentation.val_size]:
         sized = with_fields(recipe, val_image_size=size)
-        loader = build_split(sized, machine, machine.loader, "val", args.data, env, args.manifest)
+        # preflight "split": only val/ is read, so only its bad files stop (and are named), never train/'s
+        loader = build_split(sized, machine, machine.loader, "val", args.data, env, args.manifest, preflight="split")
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
         started = time.perf_counter()
         scores = evaluate(model, loader, amp_dtype, flip=sized.augmentation.val_flip, confusion=confusion)
@@ -267,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"confusion matrix holds {int(confusion.sum())} images, val/count {scores['val/count']}")
         metrics = class_metrics(confusion, classes)
         results.append({"image_size": size, "resize_ratio": sized.augmentation.val_resize_ratio,
-                        "resize_to": round(size / sized.augmentation.val_resize_ratio),
+                        "resize_to": sized.augmentation.val_resize_to,  # what every loader applies
                         "top1": scores["val/top1"], "top5": scores["val/top5"], "loss": scores["val/loss"],
                         **scores, **metrics, "wall_s": round(elapsed, 3)})
         matrices.append(confusion)
@@ -286,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
             result["confusion_csv"] = f"{stem}.csv"
             if num_classes <= PNG_MAX_CLASSES:
                 write_confusion_png(args.out / f"{stem}.png", confusion, classes,
-                                    f"{args.weights.name} at {result['image_size']} px: top-1 {result['top1']:.2f}%")
+                                    confusion_title(args.weights.name, kind, result["image_size"], result["top1"]))
                 result["confusion_png"] = f"{stem}.png"
         if sizes is None:
             report.update(results[0])

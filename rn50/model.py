@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torchvision
 
@@ -66,6 +68,23 @@ def read_weights_file(path) -> dict:
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint")
     return loaded
+
+
+def arch_of_weights(state: dict) -> str | None:
+    """The torchvision ResNet (ARCHS) whose parameter and buffer names and shapes, the classifier aside, are
+    those of `state` (a state dict; `module.`/`_orig_mod.` prefixes allowed); None if none is. Built on the
+    meta device: no memory, a few milliseconds per depth."""
+    shapes = {k.removeprefix("module.").removeprefix("_orig_mod."): tuple(getattr(v, "shape", ()))
+              for k, v in state.items()}
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("fc.")}
+    return next((arch for arch in ARCHS if _backbone_shapes(arch) == shapes), None)
+
+
+@lru_cache(maxsize=None)
+def _backbone_shapes(arch: str) -> dict:
+    with torch.device("meta"):
+        model = build_model(arch, 1, zero_init_residual=False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
 def load_state(model: torch.nn.Module, state: dict, path, replace_classifier: bool, fit: str) -> list[str]:
