@@ -121,7 +121,7 @@ def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
 
 def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, plateau: dict,
                    loader_states: list, loader_kind: str, recipe: dict, world_size: int, history: list,
-                   elapsed_s: float, epoch_losses: list | None = None) -> dict | None:
+                   elapsed_s: float, epoch_losses: list | None = None, data: dict | None = None) -> dict | None:
     """Everything an exact resume needs, for a checkpoint; None when the weights hold NaN or inf (a kept
     checkpoint must stay a good one). `parts` is rn50.step.TrainingParts."""
     weights = parts.raw_model.state_dict()
@@ -138,6 +138,8 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
         "plateau": plateau,
         "loader": loader_states,  # one state per rank: its shard and its augmentation stream
         "loader_kind": loader_kind,
+        # the training file list the loader states belong to (rn50.loaders.data_identity): count and digest
+        "data": data,
         # mid-epoch: each rank's running loss sums for the epoch so far (train.LossTracker.state_dict)
         "epoch_losses": epoch_losses,  # another loader cannot take these states: the epoch restarts
         "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.recipe_from_mapping
@@ -147,10 +149,21 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
     }
 
 
-def restore_training(parts, state: dict) -> None:
-    """Weights, optimizer, scaler and EMA from a checkpoint into `parts` (rn50.step.TrainingParts)."""
+def restore_training(parts, state: dict, fresh_optimizer: bool = False) -> None:
+    """Weights, optimizer, scaler and EMA from a checkpoint into `parts` (rn50.step.TrainingParts).
+
+    `fresh_optimizer` (another optimizer than the checkpoint's, allowed on resume): its state starts fresh,
+    since SGD's momentum buffers mean nothing to AdamW. Otherwise the saved state (momentum, Adam moments,
+    step counts) is restored, and the hyperparameters of the groups as this run built them are kept: a
+    weight decay or momentum changed with --allow-change applies (load_state_dict alone would bring back the
+    saved ones; the LR is set every step anyway)."""
     parts.raw_model.load_state_dict(state["model"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scaler.load_state_dict(state["scaler"])
+    if not fresh_optimizer:
+        built = [{k: v for k, v in group.items() if k != "params"} for group in parts.optimizer.param_groups]
+        parts.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(parts.optimizer.param_groups, built):
+            group.update(settings)
+    if state.get("scaler"):  # empty when saved by a disabled GradScaler (no fp16): nothing to bring back
+        parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state.get("ema") is not None:
         parts.ema.load_state_dict(state["ema"])

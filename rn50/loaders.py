@@ -38,6 +38,20 @@ def build_split(recipe: Recipe, machine: Machine, kind: str, split: str, data: P
                         **options)
 
 
+def data_identity(data: Path | None, manifest: Path | None, kind: str) -> dict | None:
+    """The training file list a run reads, as checkpoints record it: {"count": files, "digest": 16 hex digits}
+    (ImageList.identity for class folders and manifests, the shard set's identity for shards); None for
+    synthetic data. The listing is the loaders' own, cached: building them afterwards lists nothing again."""
+    if kind == "synthetic" or data is None:
+        return None
+    from pipelines.folder import list_split
+    from pipelines.shards import is_shards, list_shard_split
+
+    files = list_shard_split(str(data), "train") if is_shards(data) else \
+        list_split(str(data), "train", None if manifest is None else str(manifest))
+    return {"count": len(files), "digest": files.identity}
+
+
 def build_loaders(recipe: Recipe, machine: Machine, data: Path, env: DistEnv, manifest: Path | None = None):
     """The training and validation loaders of a run."""
     return (build_split(recipe, machine, machine.loader, "train", data, env, manifest),

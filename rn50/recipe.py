@@ -187,7 +187,8 @@ class Machine:
     fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region); "
                                    "--no-fused-decode decodes the whole image, then crops")
     prefetch: int = opt(2, "DALI prefetch queue depth; torchvision-gpu: batches prepared ahead")
-    workers: int = opt(8, "torchvision loader processes per GPU; torchvision-gpu: threads reading the files")
+    workers: int = opt(-1, "torchvision loader processes per GPU; torchvision-gpu: threads reading the files; "
+                           "-1: the cores this process may use over the local ranks, 1 to 8")
     log_every: int = opt(50, "steps between host syncs for logging")
     # speed levers (docs/benchmarks.md#speed-levers): how a step runs, not what it computes
     compile: bool = opt(False, "torch.compile the model (compile time is reported apart, never counted in img/s)")
@@ -222,6 +223,9 @@ class Machine:
         for name in ("dali_threads", "log_every", "prefetch"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise UserError(f"workers must be 0 or more (or -1: as many as this machine's cores allow), "
+                            f"got {self.workers}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
         if self.compile_mode not in COMPILE_MODES:
@@ -414,15 +418,28 @@ def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, obj
     return changed
 
 
+# Fields no resume can change: the checkpoint's weights fit its own architecture only. --allow-change does
+# not take them (another architecture is a new run: a new --out, --finetune-from for weights that fit).
+NEVER_ON_RESUME = ("arch",)
+# --allow-change also takes `data`: another list of training files than the checkpoint's (rn50.train checks
+# it); the interrupted epoch then restarts, since the loader's position belongs to the old list.
+DATA_CHANGE = "data"
+
+
 def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
-    """Refuse a resume that changes the meaning of a step, unless each such field is named in --allow-change.
-    Returns the allowed changes, for the log."""
+    """Refuse a resume that changes the meaning of a step, unless each such field is named in --allow-change;
+    a change of a NEVER_ON_RESUME field is refused whatever it names. Returns the allowed changes, for the log."""
     allowed_names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
-    for name in allowed_names:
+    for name in allowed_names - {DATA_CHANGE}:
         if name not in RECIPE_FIELDS:
             hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else _closest(name, RECIPE_FIELDS)
             raise UserError(f"--allow-change names {name!r}, which is not a recipe field{hint}")
     changed = changes_on_resume(saved, now)
+    for flat, before, after in changed:
+        if flat in NEVER_ON_RESUME:
+            raise UserError(f"the checkpoint holds {flat} {before} weights but this run asks for {flat} {after}: "
+                            f"another {flat} is a new run, not a resume; resume with {flat} {before} (drop "
+                            f"--{flat.replace('_', '-')}), or start a new run with a new --out")
     refused = [(f, a, b) for f, a, b in changed if f not in allowed_names]
     if refused:
         flat, before, after = refused[0]

@@ -22,8 +22,9 @@ from pathlib import Path
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from rn50.errors import UserError, check_flags_first
 from rn50.profile_flags import TRACE_DIR, add_profiling_flags
-from rn50.recipe import (Machine, Recipe, add_recipe_flags, available_presets, changes_from_defaults, epoch_plan,
-                         guard_resume, parse_strict, recipe_from_mapping, resolve)
+from rn50.recipe import (DATA_CHANGE, Machine, Recipe, add_recipe_flags, available_presets,
+                         changes_from_defaults, epoch_plan, guard_resume, parse_strict, read_preset,
+                         recipe_from_mapping, resolve, with_fields)
 
 EXIT_DIVERGED = 3
 
@@ -101,7 +102,7 @@ from rn50.device import check_cuda_only_settings  # noqa: E402
 from rn50.dist import (DistEnv, all_gather_objects, all_reduce_sum, any_rank, broadcast_buffers,  # noqa: E402
                        init_distributed, shutdown)
 from rn50.evaluate import evaluate  # noqa: E402
-from rn50.loaders import build_loaders  # noqa: E402
+from rn50.loaders import build_loaders, data_identity  # noqa: E402
 from rn50.metrics import MetricsLog  # noqa: E402
 from rn50.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
 from pipelines.storage import StorageLost, display  # noqa: E402
@@ -192,6 +193,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
+        self.data_identity: dict | None = None  # the training file list's (rn50.loaders.data_identity), checkpointed
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -413,7 +415,8 @@ class Trainer:
                                plateau=self.plateau.state_dict(), loader_states=list(loader_states),
                                epoch_losses=list(epoch_losses) if not epoch_end else None,
                                loader_kind=self.machine.loader, recipe=self.recipe.to_dict(),
-                               world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed())
+                               world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed(),
+                               data=self.data_identity)
         if state is None:  # the kept checkpoints must stay good ones, whatever happens next
             self.say(f"not checkpointing at step {step}: the weights hold NaN or inf")
             return None
@@ -426,20 +429,26 @@ class Trainer:
         data stream is the same (`exact`: same world size, loader and recipe). Otherwise the interrupted
         epoch restarts. Returns the line that says where the run continues."""
         same_world = checkpoint["world_size"] == self.env.world_size
-        restore_training(self.parts, checkpoint)
+        saved_optimizer = recipe_from_mapping(checkpoint["recipe"]).optimisation.optimizer
+        fresh_optimizer = saved_optimizer != self.recipe.optimisation.optimizer  # allowed with --allow-change
+        restore_training(self.parts, checkpoint, fresh_optimizer=fresh_optimizer)
         if checkpoint.get("plateau"):
             self.plateau.load_state_dict(checkpoint["plateau"])
         self.history = list(checkpoint["history"])
         self.elapsed_before = checkpoint["elapsed_s"]
         self.start_epoch = checkpoint["epoch"]
         same_stream = same_world and exact and checkpoint.get("loader_kind", self.machine.loader) == self.machine.loader
+        # an epoch of another length (batch or file count changed) is another stream: its offset means nothing here
+        same_stream = same_stream and checkpoint["steps_per_epoch"] == self.steps_per_epoch
         if same_stream:
             self.start_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
             self.train_loader.load_state_dict(checkpoint["loader"][self.env.rank])
             self.resumed_losses = (checkpoint.get("epoch_losses") or [None] * self.env.world_size)[self.env.rank]
         return (f"resumed at epoch {self.start_epoch + 1}, step {self.start_offset} of {self.steps_per_epoch}"
                 + ("" if same_world else f" (resharded from {checkpoint['world_size']} process{'es' if checkpoint['world_size'] != 1 else ''})")
-                + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)"))
+                + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)")
+                + (f"; the optimizer changed ({saved_optimizer} -> {self.recipe.optimisation.optimizer}): its "
+                   "state starts fresh" if fresh_optimizer else ""))
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
@@ -500,6 +509,45 @@ def find_resume(args: argparse.Namespace, say) -> tuple[Path | None, dict | None
         say(f"--resume auto: continuing from {found[0]}")
         return found
     return Path(args.resume), load_checkpoint(Path(args.resume))
+
+
+def check_data(checkpoint: dict, identity: dict | None, allowed: str | None) -> tuple[bool, list[str]]:
+    """(the same training file list as the checkpoint's, notes). Another list is refused in one line unless
+    --allow-change names `data` (then the interrupted epoch restarts: the loader's position belongs to the
+    checkpoint's list). A checkpoint written before lists were recorded is accepted with a note."""
+    saved = checkpoint.get("data")
+    if identity is None:  # synthetic data: no files
+        return True, []
+    if saved is None:
+        return True, ["note: the checkpoint records no training file list (written before they were recorded): "
+                      "its loader position is used as is; resume with the --data and --manifest it trained on"]
+    if saved == identity:
+        return True, []
+    change = f"{saved['count']} files (digest {saved['digest']}) -> {identity['count']} (digest {identity['digest']})"
+    if DATA_CHANGE in {n.strip() for n in (allowed or "").split(",")}:
+        return False, [f"changed on resume: training files: {change}; the interrupted epoch restarts"]
+    raise UserError(f"the checkpoint was trained on another list of training files than --data/--manifest give "
+                    f"now ({change}), so its position in the epoch means other images; resume with the same "
+                    f"--data and --manifest, or pass --allow-change {DATA_CHANGE} to continue on the new list "
+                    "(the interrupted epoch restarts)")
+
+
+def finetune_arch(recipe: Recipe, args: argparse.Namespace, presets: tuple[str, ...]) -> tuple[Recipe, str | None]:
+    """--finetune-from: the architecture the weights hold (rn50.model.arch_of_weights), checked at start-up.
+    Without --arch (flag or preset) it becomes the run's, with a note; a different --arch is one line."""
+    path = recipe.model.finetune_from
+    if not path:
+        return recipe, None
+    from rn50.model import arch_of_weights, read_weights_file
+
+    loaded = read_weights_file(path)
+    found = arch_of_weights(loaded["model"] if isinstance(loaded.get("model"), dict) else loaded)
+    if found is None or found == recipe.model.arch:
+        return recipe, None  # weights that fit no ResNet are named by build_training's load, with the detail
+    if args.arch is not None or any("arch" in read_preset(name) for name in presets):
+        raise UserError(f"--finetune-from {path} holds {found} weights but this run's arch is {recipe.model.arch}; "
+                        f"drop --arch (the weights say which) or pass --arch {found}")
+    return with_fields(recipe, arch=found), f"arch {found}: read from --finetune-from {path}"
 
 
 def check_world_size(checkpoint: dict, env: DistEnv, reshard: bool) -> None:
@@ -573,6 +621,9 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     if resolved.machine.loader != machine.loader:
         notes.append(f"loader auto: {machine.loader} (this process runs on {env.device})")
     changes = guard_resume(saved, recipe, args.allow_change) if saved else []
+    recipe, arch_note = finetune_arch(recipe, args, resolved.presets) if not saved else (recipe, None)
+    identity = data_identity(args.data, args.manifest, machine.loader)
+    same_data, data_notes = check_data(checkpoint, identity, args.allow_change) if checkpoint else (True, [])
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)
     tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost run
@@ -591,6 +642,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
     if checkpoint:
         check_world_size(checkpoint, env, args.reshard)
     notes += prepare_out_dir(args.out, resuming=args.resume is not None, is_main=env.is_main)
+    notes += data_notes + ([arch_note] if arch_note else [])
     notes += resolved.overridden + [f"changed on resume: {change}" for change in changes] + epoch_plan(recipe)
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, args.data, env, args.manifest)
@@ -601,8 +653,9 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
                            class_counts=train_loader.class_counts)
     notes += parts.notes
     trainer = Trainer(recipe, machine, parts, train_loader, val_loader, env, args.out, args, watchdog, stop)
+    trainer.data_identity = identity
     if checkpoint:
-        notes.append(trainer.restore(checkpoint, exact=not changes))
+        notes.append(trainer.restore(checkpoint, exact=not changes and same_data))
     for line in notes + startup_summary(recipe, resolved.machine, args.preset, args.out, train_loader.num_classes):
         say(line)
     if env.is_main:

@@ -1,0 +1,171 @@
+"""Issue 23: resume checks (architecture, optimizer, the training file list), the validation resize reported as
+applied, one jitter range for every loader, worker defaults from the machine, and rn50.evaluate reading the
+architecture from the weights and only the validation split's files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipelines import default_workers
+from pipelines.augmentation import Augmentation
+from pipelines.baseline import validation_transform
+from pipelines.folder import check_files, list_split
+from rn50.checkpoint import restore_training
+from rn50.errors import UserError
+from rn50.model import arch_of_weights, build_model
+from rn50.recipe import Recipe, guard_resume, with_fields
+from rn50.train import check_data
+from tests.conftest import CLASSES
+
+
+def test_a_new_architecture_is_refused_on_resume_without_offering_allow_change():
+    """5.1: `--arch resnet34 --allow-change arch` crashed in load_state_dict; now one line, no offer."""
+    saved, now = with_fields(Recipe(), arch="resnet18"), with_fields(Recipe(), arch="resnet34")
+    for allowed in (None, "arch"):
+        with pytest.raises(UserError) as refused:
+            guard_resume(saved, now, allowed)
+        assert "resnet18" in str(refused.value) and "--allow-change" not in str(refused.value)
+    assert guard_resume(saved, with_fields(saved, optimizer="adamw"), "optimizer") == ["optimizer: 'sgd' -> 'adamw'"]
+    assert guard_resume(saved, saved, "data") == []  # `data` is a name --allow-change takes
+
+
+def _parts(optimizer_name: str, weight_decay: float):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9) if optimizer_name == "sgd" else \
+        torch.optim.AdamW(groups, lr=0.1)
+    return SimpleNamespace(raw_model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           ema=None)
+
+
+def _one_step(parts):
+    parts.optimizer.zero_grad()
+    parts.raw_model(torch.ones(3, 4)).sum().backward()
+    parts.optimizer.step()
+
+
+def test_another_optimizer_starts_fresh_and_a_changed_weight_decay_applies():
+    """5.1: `--optimizer adamw --allow-change optimizer` died with KeyError 'step' (SGD's state loaded into AdamW);
+    an allowed weight decay change was silently replaced by the saved one."""
+    sgd = _parts("sgd", 1e-4)
+    _one_step(sgd)
+    state = {"model": sgd.raw_model.state_dict(), "optimizer": sgd.optimizer.state_dict(), "scaler": {}}
+
+    adamw = _parts("adamw", 1e-4)
+    restore_training(adamw, state, fresh_optimizer=True)
+    assert adamw.optimizer.state_dict()["state"] == {}
+    _one_step(adamw)  # KeyError: 'step' before the fix
+    assert torch.equal(adamw.raw_model.weight.grad, torch.ones(2, 4) * 3)
+
+    sgd2 = _parts("sgd", 0.05)
+    restore_training(sgd2, state)
+    assert sgd2.optimizer.param_groups[0]["weight_decay"] == 0.05  # this run's, not the checkpoint's 1e-4
+    momentum = sgd2.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, sgd.optimizer.state_dict()["state"][0]["momentum_buffer"])  # state kept
+
+
+def test_the_training_file_list_is_checked_on_resume(data_dir, tmp_path):
+    """4.2: the checkpoint records the list's count and digest; another list is one line unless allowed."""
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    original, same = list_split(str(data_dir), "train"), list_split(str(moved), "train")
+    assert original.identity == same.identity  # the dataset moved, the files are the same
+    (moved / "train" / "n00000001" / sorted((moved / "train" / "n00000001").iterdir())[0].name).unlink()
+    list_split.cache_clear()
+    fewer = list_split(str(moved), "train")
+    assert fewer.identity != original.identity and len(fewer) == len(original) - 1
+
+    saved = {"data": {"count": len(original), "digest": original.identity}}
+    now = {"count": len(fewer), "digest": fewer.identity}
+    assert check_data(saved, dict(saved["data"]), None) == (True, [])
+    with pytest.raises(UserError) as refused:
+        check_data(saved, now, None)
+    message = str(refused.value)
+    assert "\n" not in message and "--allow-change data" in message and original.identity in message
+    same_data, notes = check_data(saved, now, "weight_decay,data")
+    assert not same_data and "the interrupted epoch restarts" in notes[0]
+    assert check_data({}, now, None)[0] and "records no training file list" in check_data({}, now, None)[1][0]
+
+
+@pytest.mark.parametrize("size, resize_to", [(32, 36), (224, 256), (256, 292)])
+def test_the_validation_resize_is_one_number_for_report_and_loaders(size, resize_to):
+    """5.3: eval.json said 37 (round) where the loaders resize to 36 (int)."""
+    aug = Augmentation(image_size=size)
+    assert aug.val_resize_to == resize_to
+    resize = next(t for t in validation_transform(aug).transforms if type(t).__name__ == "Resize")
+    assert resize.size == [resize_to]
+
+
+def test_the_jitter_range_is_clamped_at_zero():
+    """4.4: dali.py drew factors from [1 - s, 1 + s] (negative above s = 1), torchvision_gpu from [0, 1 + s]."""
+    assert Augmentation(color_jitter=0.4).jitter_range == pytest.approx((0.6, 1.4))
+    assert Augmentation(color_jitter=1.5).jitter_range == (0.0, 2.5)
+    import inspect
+
+    import pipelines.dali as dali
+    import pipelines.torchvision_gpu as tvgpu
+    for module in (dali, tvgpu):  # both read the one range, neither computes its own
+        assert "jitter_range" in inspect.getsource(module) and "1.0 - aug.color_jitter" not in inspect.getsource(module)
+
+
+def test_default_workers_follow_the_cores_and_the_local_ranks(monkeypatch):
+    """5.5: 8 worker processes per rank on a 2-core machine; now the cores over the local ranks, 1 to 8."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == max(1, min(8, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
+    assert default_workers() == 1
+
+
+def test_the_architecture_is_read_from_the_weights():
+    """3.7: the weights say which ResNet they are, ours or torchvision's, whatever the classifier."""
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        state = build_model(arch, 7).state_dict()
+        assert arch_of_weights(state) == arch
+        assert arch_of_weights({f"module.{k}": v for k, v in state.items()}) == arch
+    assert arch_of_weights({"weight": torch.zeros(3)}) is None
+
+
+def test_evaluate_refuses_a_contradicting_arch_and_reads_only_val(data_dir, tmp_path, capsys):
+    """3.7: `--arch resnet50` on resnet18 weights said "set --arch for a torchvision state dict"; 3.6: bad files in
+    train/ were counted (and named) in evaluate's refusal although it reads val/ alone; 3.12: the EMA PNG's title."""
+    from rn50.evaluate import confusion_title, main
+
+    weights = tmp_path / "checkpoint_0001.pt"
+    torch.save({"model": build_model("resnet18", CLASSES).state_dict(),
+                "recipe": {"model": {"arch": "resnet18"}, "augmentation": {"image_size": 32}}}, weights)
+    flags = ["--loader", "dali-cpu", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1"]
+
+    def evaluate(*extra, data=data_dir):
+        with pytest.raises(SystemExit) as exited:
+            main(["--data", str(data), "--weights", str(weights), "--out", str(tmp_path / "eval"), *flags, *extra])
+            raise SystemExit(0)
+        return exited.value.code or 0, capsys.readouterr().err.strip().splitlines()
+
+    code, err = evaluate("--arch", "resnet50")
+    assert code == 2 and len(err) == 1 and "holds resnet18 weights" in err[0] and "drop --arch" in err[0]
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "train" / "n00000000" / "empty.JPEG").write_bytes(b"")
+    (data / "val" / "n00000002" / "page.JPEG").write_text("<html>404</html>\n")
+    code, err = evaluate(data=data)
+    assert code == 2 and len(err) == 1 and "page.JPEG" in err[0]
+    assert "train" not in err[0].replace(str(data), "DATA") and "--manifest SCAN" in err[0]
+    (data / "val" / "n00000002" / "page.JPEG").unlink()
+    list_split.cache_clear()
+    check_files.cache_clear()
+    code, _ = evaluate(data=data)  # train/ still holds the bad file: evaluation does not read it
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert code == 0 and report["arch"] == "resnet18" and report["resize_to"] == 36
+
+    assert "EMA" in confusion_title("c.pt", "checkpoint (EMA weights)", 32, 50.0)
+    assert "EMA" not in confusion_title("c.pt", "checkpoint", 32, 50.0)
