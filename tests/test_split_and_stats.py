@@ -81,6 +81,7 @@ def test_split_copy_and_cli(classes, tmp_path):
     ran = cli("tools.split", classes, "--out", out, "--val-fraction", "0.25", "--seed", "0", "--copy")
     assert ran.returncode == 0, ran.stderr
     assert "into 14 train + 4 val (copies)" in ran.stdout and "class d" in ran.stdout
+    assert "left out 1 entry that is not an image file" in ran.stdout  # one notes.txt: not "1 entries"
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) == 18 and not any(f.is_symlink() for f in files)
 

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"split {counts['train'] + counts['val']} images of {counts['classes']} classes into "
           f"{counts['train']} train + {counts['val']} val ({how}) under {args.out} (seed {args.seed})")
     if counts["skipped"]:
-        print(f"left out {counts['skipped']} entries that are not image files in a class folder")
+        n = counts["skipped"]
+        print(f"left out {n} {'entry that is not an image file' if n == 1 else 'entries that are not image files'} "
+              "in a class folder")
     for cls in counts["single"]:
         print(f"warning: class {cls} has fewer than 2 images: no validation image for it")
 
