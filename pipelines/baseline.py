@@ -10,7 +10,7 @@ import itertools
 from dataclasses import replace
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
@@ -41,9 +41,11 @@ def validation_transform(aug: Augmentation) -> v2.Compose:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as DALI's decoder gives it: grayscale and palette expanded, alpha dropped (not blended),
-    CMYK converted, and 16/32-bit grayscale ("I;16", "I") scaled to 8 bit (PIL's convert would clip it to
-    255). A 16-bit RGB PNG already opens as 8-bit RGB."""
+    """8-bit RGB as DALI's decoder gives it: EXIF orientation applied (a photo tagged 3, 6 or 8 comes upright,
+    as DALI's decoders and torchvision's decode_jpeg(apply_exif_orientation=True) show it), grayscale and
+    palette expanded, alpha dropped (not blended), CMYK converted, and 16/32-bit grayscale ("I;16", "I")
+    scaled to 8 bit (PIL's convert would clip it to 255). A 16-bit RGB PNG already opens as 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)  # the same image when it has no orientation tag (or tag 1)
     if image.mode.startswith("I;16") or image.mode == "I":
         import numpy as np
 

@@ -203,7 +203,9 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     accuracies and breaks comparison with torchvision-trained weights (docs/design.md, Validation transform).
     """
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=False)
-    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
+    # H, W, C as decoded: DALI's decoders apply the EXIF orientation, so the shape must too (tags 5-8 swap
+    # height and width); adjust_orientation is DALI's default, spelled out because the sizes depend on it
+    shape = fn.cast(fn.peek_image_shape(jpegs, adjust_orientation=True), dtype=types.FLOAT)
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
     image_size = aug.val_size

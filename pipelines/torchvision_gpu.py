@@ -49,15 +49,34 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def read_image(path: str, decode: bool) -> torch.Tensor:
-    """A file's bytes (uint8 [size]) when it is a JPEG and `decode` is False; otherwise its pixels, uint8
-    CHW RGB: JPEGs by libjpeg-turbo (`decode_jpeg`, the pixels PIL gives), other formats by PIL as the
-    torchvision baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name)."""
+def read_image(path: str, decode: bool) -> tuple[torch.Tensor, int]:
+    """(a file's bytes (uint8 [size]) when it is a JPEG and `decode` is False, else its pixels, uint8 CHW
+    RGB; the EXIF orientation still to apply to them, 1 when none). JPEGs decode by libjpeg-turbo
+    (`decode_jpeg`, the pixels PIL gives, orientation applied), other formats by PIL as the torchvision
+    baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name; orientation applied by to_rgb)."""
     data = read_file(path)
     if bytes(data[:2].tolist()) != JPEG_MAGIC:
         with Image.open(path) as image:
-            return pil_to_tensor(to_rgb(image))
-    return decode_jpeg(data, mode=ImageReadMode.RGB) if decode else data
+            return pil_to_tensor(to_rgb(image)), 1
+    if decode:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True), 1
+    return data, exif_orientation(path)  # CUDA's batched decode_jpeg ignores the tag: orient() after it
+
+
+def exif_orientation(path: str) -> int:
+    """A JPEG's EXIF orientation tag (1-8; 1 without one), read from its header by PIL (no decode)."""
+    with Image.open(path) as image:
+        tag = image.getexif().get(0x0112, 1)
+    return tag if tag in range(1, 9) else 1
+
+
+def orient(image: torch.Tensor, tag: int) -> torch.Tensor:
+    """A CHW image as EXIF orientation `tag` says it is to be shown, as PIL's ImageOps.exif_transpose turns it
+    (tags 5-8 swap height and width)."""
+    if tag in (5, 6, 7, 8):
+        image = image.transpose(1, 2)  # 5: a transpose; 6, 7, 8 follow from it with a flip
+    flips = {2: [2], 3: [1, 2], 4: [1], 6: [2], 7: [1, 2], 8: [1]}.get(tag)
+    return image.flip(flips) if flips else image
 
 
 def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -192,7 +211,7 @@ class TorchvisionGpuLoader(EpochPosition):
     def _decode(self, paths: list[str]) -> list[torch.Tensor]:
         """uint8 CHW images on the device: JPEGs decoded there in one batched call (training on CUDA),
         everything else (and everything on the CPU, and validation) decoded by the threads."""
-        items = list(self._readers.map(lambda p: read_image(p, self._decode_in_threads), paths))
+        items, tags = zip(*self._readers.map(lambda p: read_image(p, self._decode_in_threads), paths))
         encoded = [i for i, item in enumerate(items) if item.dim() == 1]
         images = to_device([item for item in items if item.dim() == 3], self.device)
         if encoded and self.device.type == "cuda":
@@ -202,6 +221,7 @@ class TorchvisionGpuLoader(EpochPosition):
             torch.cuda.current_stream(self.device).synchronize()
         decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device) \
             if encoded else []
+        decoded = [orient(image, tags[i]) for i, image in zip(encoded, decoded)]  # as the CPU decode does
         ordered, rest = dict(zip(encoded, decoded)), iter(images)
         return [ordered[i] if i in ordered else next(rest) for i in range(len(items))]
 
