@@ -36,6 +36,7 @@ from rn50.recipe import (Machine, Recipe, add_recipe_flags, concrete_loader, par
                          resolve)
 
 MODES = ("synthetic", "loader", "train")
+READ_MODE = "read"  # raw reads from the source, no decoding (benchmarks/read.py); asked for by name, not a default
 LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
 IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
 WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column (torchvision-gpu is the longest)
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--levers", default=None, metavar="LEVER[,LEVER...]",
                         help="measure the baseline, each speed lever and the best combination (saved as "
                              f"OUT/levers.toml): {levers_mod.NAMES_HELP} (default none; docs/benchmarks.md#speed-levers)")
+    parser.add_argument("--compare-data", type=Path, default=None, metavar="DATA",
+                        help="read mode: the same data in the other form (shards beside folders, or S3 beside "
+                             "local), read and compared")
     parser.add_argument("--training-runs", type=Path, nargs="*", default=[], metavar="RUN_DIR",
                         help="finished rn50.train run folders whose time-to-accuracy (--target-top1) the report "
                              "lists (default none)")
@@ -100,6 +104,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from benchmarks import autotune as autotuning  # noqa: E402
+from benchmarks import read as read_mod
 from benchmarks.flops import flops_per_image, mfu, peak_tflops  # noqa: E402
 from benchmarks.recommend import ratios_to_dali, recommend  # noqa: E402
 from benchmarks.report import write_reports  # noqa: E402
@@ -147,8 +152,8 @@ def make_plan(args) -> Plan:
         raise UserError("the harness measures the loaders named by --loaders (e.g. --loaders dali,torchvision), "
                         "not --loader")
     for mode in modes:
-        if mode not in MODES:
-            raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode not in MODES and mode != READ_MODE:
+            raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES + (READ_MODE,))}")
     for name in loaders:
         if name not in LOADERS:
             raise UserError(f"unknown loader {name!r}; choose from {', '.join(LOADERS)} "
@@ -581,6 +586,9 @@ def run(args, argv) -> dict:
             levers_mod.check_preset(report["levers"]["best_fields"], recipe, machine, env.device)
             report["levers"]["preset"] = str(args.out / "levers.toml")
             levers_mod.write_preset(report["levers"]["best_fields"], args.out / "levers.toml")
+    if READ_MODE in plan.modes:  # after the loader and train rows, which its verdict weighs
+        report["read"] = read_mod.section(args.data, args.compare_data, results, env, recipe.seed,
+                                          max(8, machine.workers), say)
     if env.is_main:
         write_reports(report, args.out)
         for pair, modes in report["ratios"].items():

@@ -393,3 +393,20 @@ def test_two_ranks_from_shards_count_validation_once(shards, tmp_path):
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["val/count"] == N_VAL_IMAGES
     assert ROOT.exists()
+
+
+# ------------------------------------------------------------------------------------------ harness read mode
+
+
+def test_read_mode_reads_the_same_bytes_from_folders_and_shards_and_judges_the_storage(data_dir, shards):
+    from benchmarks import read
+
+    folders, tars = read.measure(data_dir, images=10**6, threads=2), read.measure(shards, images=10**6, threads=2)
+    assert (folders["kind"], tars["kind"]) == ("folders", "shards")
+    assert folders["images"] == tars["images"] == N_TRAIN_IMAGES
+    assert folders["bytes"] == tars["bytes"] == sum(p.stat().st_size for p in (data_dir / "train").rglob("*.JPEG"))
+    rows = [{"mode": "synthetic", "loader": "synthetic", "img_per_s": 1000.0},
+            {"mode": "loader", "loader": "a", "img_per_s": 400.0}, {"mode": "train", "loader": "a", "img_per_s": 390.0},
+            {"mode": "loader", "loader": "b", "img_per_s": 2000.0}, {"mode": "train", "loader": "b", "img_per_s": 980.0}]
+    assert {k: v["verdict"] for k, v in read.verdict(500.0, rows).items()} == {"a": "storage-bound", "b": "compute-bound"}
+    assert read.verdict(5000.0, rows)["a"]["verdict"] == "decode-bound"
