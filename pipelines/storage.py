@@ -10,7 +10,7 @@ and AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for on-prem stores (MinIO, Ceph, S
 ever enters a message, a log or a state dict: messages name only the bucket, the key and the endpoint.
 
 A read that fails mid-epoch (connection dropped, timeout, 5xx) is retried with backoff
-(RN50_S3_ATTEMPTS tries, default 6, about 30 s in all); when every try failed, `StorageLost` is raised,
+(RN50_S3_ATTEMPTS tries, default 6: 15.5 s of backoff in all); when every try failed, `StorageLost` is raised,
 which rn50.train turns into a checkpoint and exit 75, never a skipped image.
 """
 
