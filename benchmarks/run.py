@@ -104,7 +104,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from benchmarks import autotune as autotuning  # noqa: E402
-from benchmarks import read as read_mod
+from benchmarks import read as read_mod  # noqa: E402
 from benchmarks.flops import flops_per_image, mfu, peak_tflops  # noqa: E402
 from benchmarks.recommend import ratios_to_dali, recommend  # noqa: E402
 from benchmarks.report import write_reports  # noqa: E402
