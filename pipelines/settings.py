@@ -1,0 +1,54 @@
+"""How a machine runs its input pipeline: the one home of the loader settings' defaults.
+
+These settings change how fast batches come, never which batches come (the recipe's augmentation owns
+that). The configuration (rn50.recipe.Machine) takes its defaults from here, flags and presets override
+them there, and every loader receives a complete LoaderSettings: no loader keeps a default of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.errors import UserError
+
+AUTO_WORKERS = -1  # workers: the cores this process may use, shared by the node's ranks (default_workers)
+MAX_AUTO_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    dali_threads: int = 4  # DALI CPU threads per process
+    # share of JPEG decoding sent to the A100/H100/H200 hardware decoder (the rest to nvJPEG's CUDA decoder);
+    # GPUs without one (RTX 3090, V100) ignore it. 0.65 is NVIDIA's reference setting
+    hw_decoder_load: float = 0.65
+    fused_decode: bool = True  # decode fused with RandomResizedCrop: only the crop's region is decoded
+    prefetch: int = 2  # DALI's prefetch queue depth; torchvision-gpu: batches prepared ahead
+    workers: int = AUTO_WORKERS  # torchvision: worker processes; torchvision-gpu: file-reading threads
+
+    def validate(self) -> "LoaderSettings":
+        for name in ("dali_threads", "prefetch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < AUTO_WORKERS:
+            raise UserError(f"workers must be 0 or more (or {AUTO_WORKERS}: as many as this machine's cores "
+                            f"allow), got {self.workers}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
+        return self
+
+    def resolved_workers(self) -> int:
+        return default_workers() if self.workers == AUTO_WORKERS else self.workers
+
+
+def default_workers() -> int:
+    """Worker processes (torchvision) or reading threads (torchvision-gpu) per rank when --workers is not
+    given: the cores this process may run on (os.sched_getaffinity) shared by the ranks on this node
+    (LOCAL_WORLD_SIZE, set by torchrun), at least 1 and at most 8. On a 2-core machine: 2 for one process."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks))
