@@ -28,7 +28,7 @@ else
   BENCH_FLAGS ?= --image-size 224 --batch-size 32
 endif
 
-.PHONY: run test data venv clean
+.PHONY: run test test-fast data venv clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,8 +55,13 @@ run: $(VENV)/.installed $(DATA)/train
 	    --data $(DATA) --out $(RUN_DIR)/bench $(BENCH_FLAGS)
 	@echo "training run and benchmark report in $(RUN_DIR) (report: $(RUN_DIR)/bench/report.md)"
 
+# Every tier: CI's command
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q
+
+# The edit-test loop: unit and component tests without the slow ones (under 3 minutes on 2 cores)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests/unit tests/component -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DATA) *.egg-info

@@ -18,7 +18,14 @@ CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 12, 11
 N_TRAIN_IMAGES, N_VAL_IMAGES = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS
 
 
+TIERS = ("unit", "component", "e2e")  # tests/<tier>/: the folder is the tier (setup.cfg's markers say what each is)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")

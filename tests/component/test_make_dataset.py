@@ -13,7 +13,7 @@ from PIL import Image, JpegImagePlugin
 from rn50.errors import UserError
 from tools.make_dataset import main, make_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(min_side=48, max_side=64)  # decode-cost realism is not under test here: keep it quick
 
 

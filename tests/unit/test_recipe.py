@@ -15,7 +15,7 @@ from rn50.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Machine, Recipe, add_rec
                          flatten, format_recipe, guard_resume, load_presets, parse_strict, read_preset,
                          recipe_from_mapping, resolve, with_fields)
 
-FLAT_PRESETS = Path(__file__).parent / "data" / "flat-presets"  # the presets as they were before sections
+FLAT_PRESETS = Path(__file__).parents[1] / "data" / "flat-presets"  # the presets as they were before sections
 
 
 def parse(argv):
@@ -74,7 +74,7 @@ def test_presets_layer_left_to_right_and_report_what_a_later_one_overrides(tmp_p
 @pytest.mark.parametrize("name", [n for n in available_presets() if (FLAT_PRESETS / f"{n}.toml").exists()])
 def test_every_preset_loads_and_matches_its_flat_form(name):
     """The presets moved to section tables; the flat form they had still loads, to the same values (presets
-    written after the move have no flat form: tests/test_time_to_accuracy.py checks the budget presets)."""
+    written after the move have no flat form: tests/component/test_time_to_accuracy.py checks the budget presets)."""
     sectioned = read_preset(name)
     assert sectioned == read_preset(str(FLAT_PRESETS / f"{name}.toml"))
     resolved = load_presets(name)

@@ -21,7 +21,7 @@ from rn50.recipe import read_preset
 from tools.split import split, val_count
 from tools.stats import stats
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"a": 10, "b": 5, "c": 2, "d": 1}
 
 

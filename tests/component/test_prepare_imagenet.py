@@ -18,7 +18,7 @@ from rn50.errors import UserError
 from tools.prepare_imagenet import (Progress, load_ground_truth, member_name, parse_meta_mat,
                                     prepare_imagenet, run_tasks, verify)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Three classes with unequal sizes, so a count that is right by accident is unlikely.
 TRAIN = {"n01440764": 3, "n01443537": 2, "n01484850": 4}

@@ -18,7 +18,7 @@ from pipelines.jpeg_check import find_header_problems, header_problem
 from tools.make_dataset import make_dataset
 from tools.scan import scan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["n00000000", "n00000001", "n00000002"]
 BAD_CLASS = "n00000001"  # label 1
 # name -> reason the scan must give; the files are written by `inject` below

@@ -20,9 +20,9 @@ import yaml
 
 from rn50.recipe import Recipe, flat_items, load_presets, read_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+SCHEMA = Path(__file__).parents[1] / "data" / "compose-spec.json"
 SBATCH = ROOT / "tools" / "slurm" / "rn50.sbatch"
 
 # ---------------------------------------------------------------------------------------------------------
