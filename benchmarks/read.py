@@ -43,6 +43,16 @@ def _reader(data):
     return "folders", len(files), read
 
 
+def check_source(data) -> None:
+    """List --compare-data as the read mode will (class folders, shards, S3): its one-line error now, if any."""
+    from pipelines.errors import UserError
+
+    try:
+        _reader(data)
+    except UserError as err:
+        raise UserError(f"--compare-data: {err}") from None
+
+
 def measure(data, *, rank: int = 0, world_size: int = 1, seed: int = 0, images: int = 512, threads: int = 8) -> dict:
     """One rank's raw read rate over up to `images` of its training images (the training order, epoch 0)."""
     from pipelines.shards import epoch_order

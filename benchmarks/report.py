@@ -65,6 +65,7 @@ def markdown(report: dict) -> str:
         if v["next_steps"]:
             lines += ["", "Next steps:"] + [f"1. {step}" for step in v["next_steps"]]
         lines.append("")
+    lines += storage_section(report.get("read"))
     if report["time_to_train_90_epochs"]:
         lines += ["## A 90-epoch ImageNet run at these speeds", "",
                   "| loader | training h | validation h (estimated) | total h |", "|---|---|---|---|"]
@@ -128,6 +129,27 @@ def markdown(report: dict) -> str:
     lines += [f"- dataset: {config['dataset']['path']} ({config['dataset']['train_images']} training images, "
               f"{_count(config['dataset']['classes'], 'class', 'classes')})", ""]
     return "\n".join(lines)
+
+
+def storage_section(read: dict | None) -> list[str]:
+    """The `read` mode (benchmarks/read.py): raw reads from each source beside the loaders, and whether the
+    storage, the decode or the model is the limit."""
+    if not read:
+        return []
+    lines = ["## Is the storage the bottleneck? (read mode)", "",
+             "| source | kind | images read | img/s | MiB/s |", "|---|---|---|---|---|"]
+    for row in read["sources"]:
+        lines.append(f"| {row['source']} | {row['kind']} | {row['images']:,} | {_num(row['img_per_s'])} | "
+                     f"{_num(row['bytes_per_s'] / 2**20)} |")
+    if "ratio" in read:
+        first, second = read["sources"][0]["kind"], read["sources"][1]["kind"]
+        lines += ["", f"{second} reads at {read['ratio']:.2f}x the rate of {first}."]
+    if read["verdicts"]:
+        lines += ["", "| loader | verdict | reads img/s | loader img/s | train img/s |", "|---|---|---|---|---|"]
+        for name, v in read["verdicts"].items():
+            lines.append(f"| {name} | {v['verdict']} | {_num(v['read_img_per_s'])} | "
+                         f"{_num(v['loader_img_per_s'])} | {_num(v['train_img_per_s'])} |")
+    return lines + [""]
 
 
 def loader_choice(report: dict) -> list[str]:

@@ -160,6 +160,9 @@ def make_plan(args) -> Plan:
                             "(synthetic data is the 'synthetic' mode)")
     if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
         raise UserError("a timed window needs --steps >= 2 after --warmup-steps >= 1, and --repeats >= 1")
+    if getattr(args, "compare_data", None) is not None and READ_MODE not in modes:
+        raise UserError("--compare-data is compared in the read mode: add read to --modes (e.g. --modes "
+                        "synthetic,loader,train,read)")
     levers = levers_mod.parse_levers(args.levers) if args.levers is not None else ()
     if levers and not {"synthetic", "train"} & set(modes):
         raise UserError("--levers measures training steps: include synthetic or train in --modes")
@@ -513,6 +516,8 @@ def run(args, argv) -> dict:
                         f"benchmark --loaders {','.join(default_loaders(False))} here")
     # every input is checked before the first measurement, which may take many minutes
     accuracy_rows = time_to_accuracy(args.training_runs)
+    if args.compare_data is not None:
+        read_mod.check_source(args.compare_data)  # listed now: a wrong path is one line, not a lost benchmark
     prepare_out(args.out)
     bench = Bench(recipe, args.data, env, plan, machine)
     if args.profile_steps:

@@ -342,22 +342,62 @@ def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
 
 # --- presets ----------------------------------------------------------------------------------------
 
+BASE_SUFFIX = "_base"  # rn50/presets/<x>_base.toml: shared values that presets build on (`base = "<x>_base"`)
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    """The presets a user names with --preset: the files in rn50/presets/, except the bases (`*_base.toml`),
+    which hold values shared by several presets and are not recipes on their own."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.endswith(BASE_SUFFIX))
+
+
+def _preset_path(name: str, relative_to: Path | None = None) -> Path:
+    if not name.endswith(".toml"):
+        return PRESET_DIR / f"{name}.toml"
+    path = Path(name)
+    return relative_to / path if relative_to is not None and not path.is_absolute() else path
+
+
+def _read_preset_file(path: Path, chain: tuple[Path, ...]) -> dict:
+    """A preset file's values by flat name: its base's first (`base = "NAME"`, a preset name or a .toml path
+    relative to the file), then its own over them."""
+    with path.open("rb") as handle:
+        try:
+            raw = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"preset {path} is not valid TOML ({exc}); fix the file") from None
+    base = raw.pop("base", None)
+    values = {}
+    if base is not None:
+        base_path = _preset_path(base, path.parent) if isinstance(base, str) else None
+        if base_path is None or not base_path.is_file():
+            bases = sorted(p.stem for p in PRESET_DIR.glob(f"*{BASE_SUFFIX}.toml"))
+            raise UserError(f"preset {path}: unknown base {base!r}{_closest(str(base), bases)}; a base is one of "
+                            f"{', '.join(bases) or 'none'} or a path to a .toml file")
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(p.stem for p in chain + (base_path.resolve(),))
+            raise UserError(f"preset {path}: its bases form a cycle ({cycle})")
+        values = _read_preset_file(base_path, chain + (base_path.resolve(),))
+    return {**values, **_flat(raw)}
 
 
 def read_preset(name: str) -> dict:
-    """A preset's values by flat name."""
-    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
+    """A preset's values by flat name, its base's included (a preset may start with `base = "ffcv_base"`)."""
+    path = _preset_path(name)
+    if not name.endswith(".toml") and name.endswith(BASE_SUFFIX) and path.is_file():
+        users = [p for p in available_presets() if _mentions_base(p, name)]
+        raise UserError(f"{name} is a base that other presets build on ({', '.join(users) or 'none'}), not a "
+                        "preset of its own; name one of those")
     if not path.is_file():
         presets = available_presets()
         raise UserError(f"no preset {name!r}{_closest(name, presets)}; presets are {', '.join(presets)} "
                         "or a path to a .toml file")
-    with path.open("rb") as handle:
-        try:
-            return flatten(tomllib.load(handle))
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"preset {path} is not valid TOML ({exc}); fix the file") from None
+    return _read_preset_file(path, (path.resolve(),))
+
+
+def _mentions_base(preset: str, base: str) -> bool:
+    with (PRESET_DIR / f"{preset}.toml").open("rb") as handle:
+        return tomllib.load(handle).get("base") == base
 
 
 @dataclass

@@ -224,6 +224,24 @@ def test_harness_user_errors(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--modes", "synthetic,read", "--compare-data", "/no/such/data"], "--compare-data: data folder /no/such/data"),
+    (["--modes", "synthetic", "--compare-data", "/no/such/data"], "add read to --modes"),
+])
+def test_compare_data_is_checked_before_the_first_measurement(extra, expected, data_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before checking --compare-data")
+
+    monkeypatch.setattr(Bench, "measure", measured)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "bench"), "--loaders", "", "--arch", "resnet18",
+              "--image-size", "32", "--batch-size", "8", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bench").exists()
+
+
 @pytest.mark.parametrize("case", ["missing folder", "unfinished run", "not a summary", "report folder is a file"])
 def test_harness_inputs_are_checked_before_the_first_measurement(case, data_dir, tmp_path, capsys, monkeypatch):
     """A bad --training-runs folder or --out used to surface only after every measurement had finished."""

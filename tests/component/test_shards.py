@@ -410,3 +410,20 @@ def test_read_mode_reads_the_same_bytes_from_folders_and_shards_and_judges_the_s
             {"mode": "loader", "loader": "b", "img_per_s": 2000.0}, {"mode": "train", "loader": "b", "img_per_s": 980.0}]
     assert {k: v["verdict"] for k, v in read.verdict(500.0, rows).items()} == {"a": "storage-bound", "b": "compute-bound"}
     assert read.verdict(5000.0, rows)["a"]["verdict"] == "decode-bound"
+
+
+def test_report_md_shows_the_read_block_with_each_source_and_verdict():
+    from benchmarks.report import storage_section
+
+    block = {"sources": [{"source": "/data/folders", "kind": "folders", "images": 48, "img_per_s": 1000.0,
+                          "bytes_per_s": 100 * 2**20},
+                         {"source": "/data/shards", "kind": "shards", "images": 48, "img_per_s": 1500.0,
+                          "bytes_per_s": 150 * 2**20}],
+             "ratio": 1.5, "verdicts": {"dali-cpu": {"verdict": "storage-bound", "read_img_per_s": 1000.0,
+                                                     "loader_img_per_s": 900.0, "train_img_per_s": None}}}
+    text = "\n".join(storage_section(block))
+    assert "| /data/folders | folders | 48 | 1,000.0 | 100.0 |" in text
+    assert "| /data/shards | shards | 48 | 1,500.0 | 150.0 |" in text
+    assert "shards reads at 1.50x the rate of folders" in text
+    assert "| dali-cpu | storage-bound | 1,000.0 | 900.0 | n/a |" in text
+    assert storage_section(None) == []  # no read mode: no section

@@ -83,6 +83,40 @@ def test_every_preset_loads_and_matches_its_flat_form(name):
         assert (getattr(owner, flat) if owner else _get(resolved.recipe, flat)) == value
 
 
+FFCV_SHARED = {  # ffcv_base.toml: what the six budgets share (FFCV's rn50_*_epochs.yaml)
+    "blurpool": True, "image_size": 160, "min_res": 160, "max_res": 192, "val_image_size": 256, "val_flip": True,
+    "color_jitter": 0.0, "batch_size": 512, "base_lr": 1.7, "base_batch": 4096, "nesterov": False,
+    "weight_decay": 0.0001, "warmup_epochs": 2.0, "schedule": "linear", "label_smoothing": 0.1}
+FFCV_BUDGETS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+
+
+@pytest.mark.parametrize("epochs", FFCV_BUDGETS)
+def test_ffcv_presets_are_their_base_and_the_values_that_differ(epochs):
+    """Each ffcv_N_epochs.toml is `base = "ffcv_base"` and its epochs and ramp: the values it resolved to when
+    each was a 45-line file of its own, pinned here."""
+    start, end = FFCV_BUDGETS[epochs]
+    assert read_preset(f"ffcv_{epochs}_epochs") == {**FFCV_SHARED, "start_ramp": start, "end_ramp": end,
+                                                   "epochs": epochs}
+
+
+def test_a_preset_builds_on_its_base(tmp_path):
+    (tmp_path / "shared.toml").write_text("epochs = 10\n[optimisation]\nbatch_size = 64\n")
+    (tmp_path / "mine.toml").write_text('base = "shared.toml"\n[schedule]\nepochs = 12\n')
+    assert read_preset(str(tmp_path / "mine.toml")) == {"epochs": 12, "batch_size": 64}  # its own over the base's
+    (tmp_path / "typo.toml").write_text('base = "ffcv_bsae"\n')
+    with pytest.raises(UserError, match=r"unknown base 'ffcv_bsae'; did you mean 'ffcv_base'") as error:
+        read_preset(str(tmp_path / "typo.toml"))
+    assert "\n" not in str(error.value)
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(UserError, match=r"cycle \(a -> b -> a\)"):
+        read_preset(str(tmp_path / "a.toml"))
+    # a base is not a preset of its own: not listed, and named alone it points at the presets built on it
+    assert "ffcv_base" not in available_presets() and "ffcv_16_epochs" in available_presets()
+    with pytest.raises(UserError, match="ffcv_base is a base .*ffcv_16_epochs"):
+        load_presets("ffcv_base")
+
+
 def _get(recipe, flat):
     from rn50.recipe import get
 
