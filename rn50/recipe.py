@@ -378,7 +378,7 @@ def _read_preset_file(path: Path, chain: tuple[Path, ...]) -> dict:
             cycle = " -> ".join(p.stem for p in chain + (base_path.resolve(),))
             raise UserError(f"preset {path}: its bases form a cycle ({cycle})")
         values = _read_preset_file(base_path, chain + (base_path.resolve(),))
-    return {**values, **_flat(raw)}
+    return {**values, **flatten(raw)}
 
 
 def read_preset(name: str) -> dict:
