@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rn50 import integrity
 from rn50.errors import UserError
 
 _REGULAR = re.compile(r"^checkpoint_\d{4}(_step\d{8})?\.pt$")
@@ -35,13 +36,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are shared artefacts
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            digest, size = integrity.write_with_digest(handle, lambda out: torch.save(state, out))
             handle.flush()
             os.fsync(handle.fileno())
+        integrity.remove_sidecar(path)  # never an old digest beside the new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    integrity.write_sidecar(path, digest, size)  # checkpoint_0003.pt.sha256, checked by load_checkpoint
     _fsync_dir(path.parent)
 
 
@@ -50,6 +53,11 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass --resume with a checkpoint_*.pt from a run folder "
                         "or --resume auto")
+    try:
+        integrity.verify(path)  # against the SHA-256 and size written beside it, where there is one
+    except integrity.Corrupt as exc:
+        raise UserError(f"checkpoint {path} cannot be used: {exc}; resume from an earlier checkpoint in the same "
+                        "run folder") from None
     try:
         # weights_only: a checkpoint is tensors, numbers and strings; nothing in it may run code
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -74,6 +82,8 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
         if _TEMPORARY.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
+    for path in integrity.stale_sidecars(run_dir):  # a digest whose checkpoint is gone, or a half-written one
+        path.unlink(missing_ok=True)
     return sorted(removed)
 
 
@@ -85,10 +95,19 @@ def regular_checkpoints(run_dir: Path) -> list[Path]:
 class CheckpointStore:
     def __init__(self, run_dir: Path, keep_last: int):
         self.run_dir, self.keep_last = Path(run_dir), keep_last
+        integrity.ignore_file_size_signal()  # past `ulimit -f` a save fails with EFBIG (warned), not SIGXFSZ
 
-    def save(self, name: str, state: dict, best: bool = False) -> Path:
+    def save(self, name: str, state: dict, best: bool = False) -> Path | None:
+        """The path written; None when the storage refused it (full, over quota or the file size limit,
+        failing): one warning, the checkpoints already on disk stay, and training goes on."""
         path = self.run_dir / name
-        save_checkpoint(path, state)
+        try:
+            save_checkpoint(path, state)
+        except Exception as exc:
+            if integrity.storage_error(exc) is None:
+                raise
+            integrity.warn_not_written(path, exc, regular_checkpoints(self.run_dir))
+            return None
         if best:
             self._link_best(path)
         self._prune()
@@ -98,13 +117,17 @@ class CheckpointStore:
         tmp = self.run_dir / f".{BEST}.link"
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
+        integrity.remove_sidecar(self.run_dir / BEST)
         os.replace(tmp, self.run_dir / BEST)
+        if integrity.read_sidecar(path):
+            integrity.write_sidecar(self.run_dir / BEST, *integrity.read_sidecar(path))
         _fsync_dir(self.run_dir)
 
     def _prune(self) -> None:
         if self.keep_last > 0:
             for old in regular_checkpoints(self.run_dir)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+                integrity.remove_sidecar(old)
 
 
 def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
