@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,38 @@ def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.Complete
     so that two processes share two cores without oversubscription."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- the shared tiny run ---------------------------------------------------------------------------------
+# One real `python -m rn50.train` per session that many e2e assertions read instead of each starting its own
+# (issue 25): resnet18 at 32 px on the generated data, 2 epochs of 6 steps, a checkpoint every 2 steps (two
+# mid-epoch ones in each epoch), the last 4 kept, started with `--resume auto` on an empty folder. It is read-only:
+# a test that writes into a run folder copies it first (shared_run.copy_to).
+SHARED_RUN_FLAGS = ["--epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "4", "--loader", "dali-cpu",
+                    "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
+                    "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    dir: Path  # the run folder (--out)
+    args: list[str]  # its command without --out and --resume: run it again with other flags, same recipe
+    done: subprocess.CompletedProcess  # its exit code, stdout and stderr
+
+    def copy_to(self, dest: Path) -> Path:
+        import shutil
+
+        shutil.copytree(self.dir, dest)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def shared_run(data_dir, tmp_path_factory) -> SharedRun:
+    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), *SHARED_RUN_FLAGS]
+    out = tmp_path_factory.mktemp("shared-run") / "run"
+    done = run_cli([*args, "--out", str(out), "--resume", "auto"], timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return SharedRun(out, args, done)
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -59,12 +59,8 @@ def kill_when_checkpointed(command, run_dir, signum=signal.SIGTERM, **env):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: what SLURM sends first
-def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path, signum):
-    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2",
-            *SMALL]
-    done = run_cli([*args, "--out", str(tmp_path / "a")])
-    assert done.returncode == 0, done.stderr[-2000:]
-
+def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(shared_run, tmp_path, signum):
+    args = shared_run.args  # the uninterrupted run is the shared one (2 epochs, a checkpoint every 2 steps)
     code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b", signum)
     assert code == EXIT_PREEMPTED, output[-2000:]
     assert f"stopped by {signal.Signals(signum).name}" in output
@@ -74,10 +70,10 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(data_dir
     resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--resume auto: continuing from" in resumed.stdout
-    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")  # every step, bit for bit
+    assert step_losses(shared_run.dir) == step_losses(tmp_path / "b")  # every step, bit for bit
     # the interrupted epoch's mean covers the steps before the stop too (their sums came with the checkpoint)
-    assert epoch_losses(tmp_path / "a") == epoch_losses(tmp_path / "b")
-    assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert epoch_losses(shared_run.dir) == epoch_losses(tmp_path / "b")
+    assert same_weights(final_weights(shared_run.dir), final_weights(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -94,13 +90,11 @@ def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(data_dir, tmp_p
     assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
-def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
-    out = tmp_path / "run"
-    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "3",
-                    "--checkpoint-every", "2", "--keep-checkpoints", "2", *SMALL])
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_keeps_the_last_k_and_the_best(shared_run):
+    out = shared_run.dir  # --checkpoint-every 2 --keep-checkpoints 4 (not the default 3): 6 saved, the last 4 kept
     names = [p.name for p in regular_checkpoints(out)]
-    assert names == ["checkpoint_0002_step00000016.pt", "checkpoint_0003.pt"]
+    assert names == ["checkpoint_0001.pt", "checkpoint_0001_step00000008.pt", "checkpoint_0001_step00000010.pt",
+                     "checkpoint_0002.pt"]
     top1 = [r["val/top1"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/top1" in r]
     best = load_checkpoint(out / BEST)
     latest_best_epoch = len(top1) - top1[::-1].index(max(top1))  # ties: the later epoch is kept
@@ -108,35 +102,28 @@ def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
     assert not list(out.glob(".*tmp"))  # no temporary files left
 
 
-def test_resume_auto_on_a_finished_run_says_so_and_leaves_it_alone(data_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "1", *SMALL]
-    assert run_cli(args).returncode == 0
+def test_resume_auto_on_a_finished_run_says_so_and_leaves_it_alone(shared_run, tmp_path):
+    out = shared_run.copy_to(tmp_path / "run")
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     stale = out / ".checkpoint_0001_step00000099.pt.abc123.tmp"  # a killed checkpoint write: no part of the run
     stale.write_bytes(b"partial")
-    again = run_cli([*args, "--resume", "auto"])
+    again = run_cli([*shared_run.args, "--out", str(out), "--resume", "auto"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "holds a finished run" in again.stdout and "resumed at" not in again.stdout, again.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
     assert not stale.exists()
 
 
-def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):
-    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
-                    "--epochs", "1", "--resume", "auto", *SMALL])
+def test_resume_auto_without_a_checkpoint_starts_fresh(shared_run):
+    done = shared_run.done  # the shared run was started with --resume auto on an empty folder
     assert done.returncode == 0 and "no checkpoint" in done.stdout
 
 
-def test_world_size_change_needs_reshard(data_dir, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--epochs", "1",
-                    *SMALL]).returncode == 0
-    checkpoint = load_checkpoint(out / "checkpoint_0001.pt")
+def test_world_size_change_needs_reshard(shared_run, tmp_path):
+    checkpoint = load_checkpoint(shared_run.dir / "checkpoint_0001.pt")
     checkpoint["world_size"] = 2  # as if two processes had written it
     torch.save(checkpoint, tmp_path / "two.pt")
-    args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--resume",
-            str(tmp_path / "two.pt"), *SMALL]
+    args = [*shared_run.args, "--resume", str(tmp_path / "two.pt")]
     refused = run_cli([*args, "--out", str(tmp_path / "again")])
     assert refused.returncode == 2 and "written by 2 processes" in refused.stderr and "--reshard" in refused.stderr
     resharded = run_cli([*args, "--out", str(tmp_path / "again2"), "--reshard"])

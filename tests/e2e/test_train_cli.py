@@ -48,18 +48,17 @@ def test_two_process_gloo_ddp_run(data_dir, tmp_path):
     assert "top-1" in done.stdout and "img/s" in done.stdout
 
 
-def test_resume_continues_the_schedule_bit_for_bit(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    common = ["--data", str(data_dir), "--loader", "dali-cpu", "--epochs", "3", *SMALL]
-    main([*common, "--out", str(tmp_path / "straight")])
-    main([*common, "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "straight" / "checkpoint_0001.pt")])
-    straight, resumed = epoch_records(tmp_path / "straight"), epoch_records(tmp_path / "resumed")
-    assert [r["epoch"] for r in resumed] == [2, 3]
-    for a, b in zip(straight[1:], resumed):
+def test_resume_continues_the_schedule_bit_for_bit(shared_run, tmp_path):
+    """The shared 2-epoch run is the straight one; a resume from its epoch-1 checkpoint (a path, not auto)
+    must give the same epoch 2 and the same final weights."""
+    straight, resumed = shared_run.dir, tmp_path / "resumed"
+    done = run_cli([*shared_run.args, "--out", str(resumed), "--resume", str(straight / "checkpoint_0001.pt")])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [r["epoch"] for r in epoch_records(resumed)] == [2]
+    for a, b in zip(epoch_records(straight)[1:], epoch_records(resumed), strict=True):
         assert (a["step"], a["lr"], a["train/loss"], a["val/top1"]) == (b["step"], b["lr"], b["train/loss"], b["val/top1"])
-    final_a = torch.load(tmp_path / "straight" / "checkpoint_0003.pt")["model"]
-    final_b = torch.load(tmp_path / "resumed" / "checkpoint_0003.pt")["model"]
+    final_a = torch.load(straight / "checkpoint_0002.pt")["model"]
+    final_b = torch.load(resumed / "checkpoint_0002.pt")["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
@@ -112,7 +111,7 @@ def test_synthetic_validation_batch_is_not_the_training_batch(tmp_path):
 
 def test_a_finished_run_is_one_whose_epochs_are_done_or_whose_unchanged_rules_stopped_it(tmp_path):
     from rn50.recipe import with_fields
-    from rn50.train import finished
+    from rn50.lifecycle import finished
 
     (tmp_path / "summary.json").write_text("{}")
     recipe = with_fields(epochs=4, early_stop_patience=2)
