@@ -11,7 +11,7 @@ import itertools
 import os
 import statistics
 
-from pipelines import DALI_KINDS
+from pipelines.registry import REGISTRY
 from rn50.dist import all_gather_objects
 
 HW_DECODER_LOADS = (0.0, 0.5, 0.65, 0.8, 0.9, 1.0)  # only the GPU pipeline has a hardware decoder
@@ -36,7 +36,7 @@ def grid(loader: str, world_size: int) -> list[dict]:
 def sweep(bench, plan, out) -> dict | None:
     """Loader-mode img/s (all ranks together) for every setting of every DALI loader in the plan."""
     results = {}
-    for loader in (name for name in plan.loaders if name in DALI_KINDS):
+    for loader in (name for name in plan.loaders if REGISTRY[name].dali):
         rows = []
         for setting in grid(loader, bench.env.world_size):
             windows, _ = bench.windows(bench.loader(loader, **setting), None)

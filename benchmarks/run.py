@@ -28,7 +28,7 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m benchmarks.run` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from benchmarks import levers as levers_mod
-from pipelines import CUDA_ONLY, KINDS
+from pipelines.registry import KINDS, REGISTRY, kinds
 from pipelines.storage import display
 from rn50.errors import UserError, check_flags_first
 from rn50.profile_flags import TRACE_DIR, add_profiling_flags
@@ -37,7 +37,7 @@ from rn50.recipe import (Machine, Recipe, add_recipe_flags, concrete_loader, par
 
 MODES = ("synthetic", "loader", "train")
 READ_MODE = "read"  # raw reads from the source, no decoding (benchmarks/read.py); asked for by name, not a default
-LOADERS = tuple(kind for kind in KINDS if kind != "synthetic")  # synthetic data is the 'synthetic' mode
+LOADERS = kinds(reads_images=True)  # synthetic data is the 'synthetic' mode
 IMAGENET_TRAIN, IMAGENET_VAL, RECIPE_EPOCHS = 1_281_167, 50_000, 90
 WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column (torchvision-gpu is the longest)
 
@@ -49,7 +49,7 @@ def count(n: int, noun: str, plural: str | None = None) -> str:
 
 def default_loaders(gpu: bool) -> tuple[str, ...]:
     """Every loader this machine can run: all of them with CUDA, those that run on the CPU without it."""
-    return LOADERS if gpu else tuple(kind for kind in LOADERS if kind not in CUDA_ONLY)
+    return LOADERS if gpu else kinds(reads_images=True, needs_cuda=False)
 
 
 @dataclasses.dataclass
@@ -510,7 +510,7 @@ def run(args, argv) -> dict:
     measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
     check_window(args.profile_steps, measurement_steps, f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
                  f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
-    needs_cuda = [name for name in plan.loaders if name in CUDA_ONLY]
+    needs_cuda = [name for name in plan.loaders if REGISTRY[name].needs_cuda]
     if env.device.type != "cuda" and needs_cuda:
         raise UserError(f"{' and '.join(needs_cuda)} need{'s' if len(needs_cuda) == 1 else ''} a CUDA GPU; "
                         f"benchmark --loaders {','.join(default_loaders(False))} here")

@@ -1,10 +1,13 @@
 """Every input pipeline behind one interface (docs/design.md, The loader interface).
 
-`build_loader(kind, split, data_dir, ...)` returns an iterable of (images, labels): images [N, 3, H, W] in
-channels_last on `device`, in `dtype` (float32 unless asked: callers pass `rn50.precision.batch_dtype`, the
-dtype their training step computes in), labels int64 [N].
-It has len() = steps per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `decode` (the
-decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_state_dict()`.
+`build_loader(kind, split, data_dir, ...)` returns a `Loader` (pipelines.loader): an iterable of (images,
+labels), images [N, 3, H, W] in channels_last on `device`, in `dtype` (float32 unless asked: callers pass
+`rn50.precision.batch_dtype`, the dtype their training step computes in), labels int64 [N]; with len() = steps
+per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `class_counts`, `image_size`,
+`decode` (the decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_state_dict()`.
+
+The kinds, and what each needs and does, are the records of pipelines.registry; how a machine runs them is
+a `LoaderSettings` (pipelines.settings), the one home of those settings' defaults.
 """
 
 from __future__ import annotations
@@ -14,75 +17,74 @@ from dataclasses import fields, replace
 from pipelines.augmentation import Augmentation
 from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
+from pipelines.loader import Loader
+from pipelines.registry import KINDS, REGISTRY, Request, kinds, or_list
+from pipelines.settings import LoaderSettings
 
-KINDS = ("dali", "dali-hybrid", "dali-cpu", "torchvision-gpu", "torchvision", "synthetic")
-# Kinds that need CUDA, with what they do on the GPU (for the error without one)
-CUDA_ONLY = {"dali": "decodes on the GPU", "dali-hybrid": "resizes, jitters and normalises on the GPU"}
-# Kinds whose augmentations run in DALI: RandAugment and repeated augmentation are theirs alone
-DALI_KINDS = ("dali", "dali-hybrid", "dali-cpu")
+__all__ = ["KINDS", "REGISTRY", "Loader", "LoaderSettings", "UserError", "build_loader", "check_device"]
 
 
 def check_device(kind: str, device) -> None:
-    """The loader kind can run on this device: `dali` and `dali-hybrid` need CUDA."""
+    """The loader kind can run on this device: the kinds whose record says `needs_cuda` need CUDA."""
     import torch
 
-    if kind in CUDA_ONLY and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
-        raise UserError(f"the {kind} loader {CUDA_ONLY[kind]} but CUDA is not available to this run; "
+    needs = REGISTRY[kind].needs_cuda if kind in REGISTRY else None
+    if needs and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
+        raise UserError(f"the {kind} loader {needs} but CUDA is not available to this run; "
                         "pass --loader dali-cpu (DALI's CPU operators) or torchvision-gpu (runs on the CPU) here")
-    if kind in CUDA_ONLY:
+    if needs and REGISTRY[kind].dali:
         from pipelines.dali_wheel import check_matches_torch
 
         check_matches_torch()  # a DALI wheel for another CUDA major fails inside its GPU operators
 
 
-AUTO_WORKERS = -1  # --workers' default: default_workers()
-MAX_AUTO_WORKERS = 8
+_SETTINGS_FIELDS = tuple(f.name for f in fields(LoaderSettings))
+_SPEC_FIELDS = tuple(f.name for f in fields(Augmentation))
 
 
-def default_workers() -> int:
-    """Worker processes (torchvision) or reading threads (torchvision-gpu) per rank when --workers is not
-    given: the cores this process may run on (os.sched_getaffinity) shared by the ranks on this node
-    (LOCAL_WORLD_SIZE, set by torchrun), at least 1 and at most 8. On a 2-core machine: 2 for one process."""
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks))
+def _split_fields(given: dict) -> tuple[dict, dict]:
+    """build_loader's loose keywords as (LoaderSettings fields, Augmentation fields); anything else is refused."""
+    unknown = [name for name in given if name not in _SETTINGS_FIELDS and name not in _SPEC_FIELDS]
+    if unknown:
+        raise UserError(
+            f"build_loader does not take {', '.join(sorted(unknown))}; it takes batch_size, image_size, rank, "
+            "world_size, local_rank, seed, device, dtype, manifest, preflight, augmentation (an Augmentation), "
+            "settings (a LoaderSettings), num_classes and num_samples (synthetic), and single fields of the "
+            f"settings ({', '.join(_SETTINGS_FIELDS)}) or of the augmentation spec (e.g. color_jitter)")
+    return ({k: v for k, v in given.items() if k in _SETTINGS_FIELDS},
+            {k: v for k, v in given.items() if k in _SPEC_FIELDS})
 
 
 def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, seed: int = 0, device="cpu", dtype=None,
                  manifest=None, preflight: bool | str = True, augmentation: Augmentation | None = None,
-                 **options):
+                 settings: LoaderSettings | None = None, num_classes: int = 1000, num_samples: int | None = None,
+                 **single_fields) -> Loader:
     """manifest: a `tools.scan` output folder whose <split>.txt lists the files to use (already checked);
     preflight: without a manifest, check every file's header before the first batch; "split": check them,
     and count and name only this split's bad files (rn50.evaluate, which reads no other split).
-    augmentation: the spec (pipelines.augmentation); single fields of it may also come as options
-    (color_jitter=0.0), and image_size always sets its image_size.
-    options: dali_threads, hw_decoder_load, fused_decode, prefetch (DALI); workers (torchvision: worker
-    processes; torchvision-gpu: reading threads; AUTO_WORKERS or absent: default_workers()), prefetch
-    (torchvision-gpu: batches prepared ahead);
-    num_classes, num_samples (synthetic). Options a loader does not take are ignored."""
+    augmentation: the spec (pipelines.augmentation); image_size always sets its image_size.
+    settings: how this machine runs the loader (pipelines.settings.LoaderSettings; its defaults when not given).
+    num_classes, num_samples: the synthetic loader's size without a data folder (with one, it mimics the folder).
+    single_fields: single fields of the settings (workers=0) or of the augmentation spec (color_jitter=0.0),
+    replacing those of `settings` and `augmentation`; any other name is a UserError naming it."""
+    setting_fields, spec_fields = _split_fields(single_fields)
     import torch  # here, not at import time: tools that only need UserError stay light
 
-    if kind not in KINDS:
+    if kind not in REGISTRY:
         raise UserError(f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
+    record = REGISTRY[kind]
     device = torch.device(device)
     check_device(kind, device)
-    spec_fields = {f.name for f in fields(Augmentation)}
-    aug = replace(augmentation or Augmentation(), image_size=image_size,
-                  **{k: options.pop(k) for k in list(options) if k in spec_fields}).validate()
-    if kind not in (*DALI_KINDS, "synthetic") and split == "train" \
+    aug = replace(augmentation or Augmentation(), image_size=image_size, **spec_fields).validate()
+    if record.reads_images and not record.dali and split == "train" \
             and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
-        raise UserError("RandAugment and repeated augmentation run inside the DALI pipelines; use --loader dali, "
-                        "dali-hybrid or dali-cpu with them, or drop --randaugment-magnitude/--repeated-aug")
+        raise UserError(f"RandAugment and repeated augmentation run inside the DALI pipelines; use --loader "
+                        f"{or_list(kinds(dali=True))} with them, or drop --randaugment-magnitude/--repeated-aug")
+    settings = replace(settings or LoaderSettings(), **setting_fields).validate()
+    settings = replace(settings, workers=settings.resolved_workers())
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
-    if options.get("workers", AUTO_WORKERS) == AUTO_WORKERS:
-        options["workers"] = default_workers()
-    from pipelines.shards import build_shard_loader, is_shards, list_shard_split
+    from pipelines.shards import is_shards, list_shard_split
 
     shards = is_shards(data_dir)  # a tools.shard folder or s3://bucket/prefix (pipelines/shards.py)
     if shards and manifest is not None:
@@ -100,28 +102,17 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                 f"({len(image_list)} images over {world_size} {'rank' if world_size == 1 else 'ranks'} = "
                 f"{shard_size}); lower --batch-size"
             )
-        if manifest is None and preflight and kind != "synthetic" and not shards:  # tools.shard checked them
+        if manifest is None and preflight and record.reads_images and not shards:  # tools.shard checked them
             check_files(image_list, rank, world_size, kind, every_split=preflight != "split")
-    common = dict(batch_size=batch_size, aug=aug, rank=rank, world_size=world_size,
-                  seed=seed, device=device, dtype=dtype, image_list=image_list)
-    if shards and kind != "synthetic":
-        return build_shard_loader(kind, split, common, local_rank=local_rank, options=options)
-    if kind in DALI_KINDS:
-        from pipelines.dali import PLACEMENTS, DaliLoader
-
-        dali = {"threads": options.get("dali_threads", 4), "prefetch": options.get("prefetch", 2),
-                "hw_decoder_load": options.get("hw_decoder_load", 0.65),
-                "fused_decode": options.get("fused_decode", True)}
-        return DaliLoader(split, **common, local_rank=local_rank, placement=PLACEMENTS[kind], **dali)
-    if kind == "torchvision":
-        from pipelines.baseline import TorchvisionLoader
-
-        return TorchvisionLoader(split, **common, workers=options["workers"])
-    if kind == "torchvision-gpu":
-        from pipelines.torchvision_gpu import TorchvisionGpuLoader
-
-        return TorchvisionGpuLoader(split, **common, threads=options["workers"],
-                                    prefetch=options.get("prefetch", 2))
-    from pipelines.synthetic import SyntheticLoader
-
-    return SyntheticLoader(split, **common, **options)
+    request = Request(split, image_list, batch_size, aug, rank, world_size, local_rank, seed, device, dtype,
+                      settings, num_classes, num_samples)
+    if not shards:
+        return record.factory(request)
+    if record.reads_images and split == "train" and aug.repeated_aug > 1:
+        raise UserError("repeated augmentation (--repeated-aug) reads class folders; train from the folders, or "
+                        "drop --repeated-aug when reading shards")
+    if not record.reads_shards:
+        raise UserError(f"the {kind} loader does not read shards yet; use --loader "
+                        f"{or_list(kinds(reads_shards=True, reads_images=True))} with shards, or pass the class "
+                        "folders as --data")
+    return record.shard_factory(request)

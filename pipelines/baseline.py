@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from pipelines.augmentation import Augmentation
+from pipelines.loader import EpochPosition
 from pipelines.ranges import named_range
 
 
@@ -82,47 +83,43 @@ class ValidationShard(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
-class EpochPosition:
-    """The resume state of the loaders driven by a sampler (torchvision, torchvision-gpu): the epoch, and the
-    batches of it already delivered, which a resumed epoch skips."""
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"])
-        self.position = state["position"]
-
-
 class TorchvisionLoader(EpochPosition):
     """Training: DistributedSampler(drop_last) + DataLoader(drop_last): floor(floor(N/world)/batch) steps
-    on every rank. set_epoch reseeds the global shuffle."""
+    on every rank. set_epoch reseeds the global shuffle. Over shards (pipelines.shards.ShardList) only the
+    dataset differs: tar members instead of files, the same sharding, order and resume."""
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
-                 workers=8):
-        self.training = split == "train"
+                 workers):
+        self._begin(split, aug, image_list)
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
         self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms"
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch already delivered
-        self._aug, self._list, self._batch_size, self._workers = aug, image_list, batch_size, workers
+        if self._shards is not None:
+            from pipelines.shards import where
+
+            self.decode += f"; bytes from tar members ({where(image_list)})"
+        self._list, self._batch_size, self._workers = image_list, batch_size, workers
         if self.training:
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)
         else:
             self.sampler = ValidationShard(self.num_samples, rank, world_size)
-        self.image_size = aug.train_size(0) if self.training else aug.val_size
-        self._loader = self._make_loader()
+        self._resize()
 
-    def _make_loader(self) -> DataLoader:
+    def _resize(self) -> None:
         """Workers persist across epochs with their copy of the transform: a new resolution (progressive
-        resizing) needs new workers, so set_epoch makes a new DataLoader when the size changes."""
+        resizing) needs new workers, so a size change makes a new DataLoader."""
         transform = training_transform(replace(self._aug, image_size=self.image_size)) if self.training \
             else validation_transform(self._aug)
-        return DataLoader(
-            JpegFolder(self._list.files, self._list.labels, transform),
+        if self._shards is not None:
+            from pipelines.shards import ShardDataset
+
+            dataset = ShardDataset(self._list, transform)
+        else:
+            dataset = JpegFolder(self._list.files, self._list.labels, transform)
+        self._loader = DataLoader(
+            dataset,
             batch_size=self._batch_size,
             sampler=self.sampler,
             num_workers=self._workers,
@@ -147,10 +144,6 @@ class TorchvisionLoader(EpochPosition):
             yield images, labels
         self.position = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _enter_epoch(self, epoch: int) -> None:
         if self.training:
             self.sampler.set_epoch(epoch)
-            if self._aug.train_size(epoch) != self.image_size:
-                self.image_size = self._aug.train_size(epoch)
-                self._loader = self._make_loader()

@@ -7,7 +7,8 @@ Hybrid ("dali-hybrid"):  decode fused with the crop on DALI's CPU threads (libjp
                          the GPU: for GPUs without a hardware JPEG decoder and machines with spare cores.
 CPU ("dali-cpu"):        every operator on the CPU (tests, CI, machines without CUDA).
 
-`placement` names the split: "gpu", "hybrid" or "cpu" (PLACEMENTS maps the loader kinds to it).
+`placement` names the split: "gpu", "hybrid" or "cpu" (each kind's record in pipelines.registry gives it).
+Every setting comes from the loader's LoaderSettings (pipelines.settings); nothing here has a default of its own.
 
 The NHWC batch reaches torch as `permute(0, 3, 1, 2)`: an NCHW tensor in channels_last, no copy.
 """
@@ -24,6 +25,7 @@ import torch
 
 from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.errors import UserError
+from pipelines.loader import DaliCheckpoint
 from pipelines.ranges import named_range
 
 try:
@@ -38,7 +40,6 @@ except ImportError:  # reported when a DALI loader is asked for, so other loader
 _DEVICE_PADDING = 211_025_920
 _HOST_PADDING = 140_544_512
 _READER = "Reader"
-PLACEMENTS = {"dali": "gpu", "dali-hybrid": "hybrid", "dali-cpu": "cpu"}
 
 
 def _require_dali() -> None:
@@ -154,7 +155,7 @@ def _rand_augment_graph(images, layers: int, magnitude: int, magnitude_std: floa
 
 
 def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, placement, dtype,
-                      hw_decoder_load=0.65, fused_decode=True):
+                      hw_decoder_load: float, fused_decode: bool):
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
     decoder = _decoder_args(placement, hw_decoder_load)
     size = aug.image_size
@@ -194,7 +195,7 @@ def _round_half_even(x):
 
 
 def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation, placement, dtype,
-                        hw_decoder_load=0.65):
+                        hw_decoder_load: float):
     """Resize the shorter side to val_size / val_resize_ratio (256 for 224), centre crop val_size (the
     training image_size unless val_image_size sets its own).
 
@@ -254,14 +255,13 @@ def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIG
         )
 
 
-class DaliLoader:
+class DaliLoader(DaliCheckpoint):
     """The loader interface (docs/design.md) over a DALI pipeline and DALIGenericIterator."""
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, local_rank, seed,
-                 device, dtype, placement, threads=4, prefetch=2, hw_decoder_load=0.65, fused_decode=True):
+                 device, dtype, placement, threads: int, prefetch: int, hw_decoder_load: float, fused_decode: bool):
         _require_dali()
-        self.split = split
-        self.training = split == "train"
+        self._begin(split, aug)  # class folders (shards: pipelines.shards.ShardDaliLoader)
         self._list = image_list
         self.class_counts = image_list.class_counts()  # the loader interface: images per class of this split
         self.num_samples = len(self._list)
@@ -269,9 +269,6 @@ class DaliLoader:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._host_batches = placement == "cpu"  # the CPU pipeline's batches live in host memory
-        self.epoch = 0
-        self._aug = aug
-        self.image_size = aug.train_size(0) if self.training else aug.val_size  # progressive resizing: per epoch
         shard_size = self.num_samples // world_size
         define = training_pipeline if self.training else validation_pipeline
         files, labels = self._list.files, self._list.labels
@@ -297,8 +294,8 @@ class DaliLoader:
         self.decode = describe_decode(self.training, placement, fused_decode, hw_decoder_load)
         options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
         # given the image size at every build: a resolution change rebuilds the pipeline at the new size
-        # (set_epoch). It holds no reference to this loader: a loader <-> pipeline cycle would keep the
-        # pipeline and its buffers alive until the garbage collector ran
+        # (pipelines.loader.DaliCheckpoint). It holds no reference to this loader: a loader <-> pipeline cycle
+        # would keep the pipeline and its buffers alive until the garbage collector ran
         training = self.training
         self._define = lambda size: define(files, labels, shard_id=rank, num_shards=world_size,
                                            aug=replace(aug, image_size=size) if training else aug,
@@ -323,22 +320,3 @@ class DaliLoader:
                         images = images.to(self.device, non_blocking=True)
                         labels = labels.to(self.device, non_blocking=True)
             yield images, labels
-
-    def set_epoch(self, epoch: int) -> None:
-        # DALI advances its own epoch (and reshuffle) at every iterator reset; keep the count for resume.
-        self.epoch = epoch
-        if self.training and self._aug.train_size(epoch) != self.image_size:
-            # Progressive resizing: the same graph at another size, continued from the current pipeline's
-            # checkpoint, so the reader's order and the augmentation streams go on as if nothing changed.
-            checkpoint = self._iterator.checkpoints()[0]
-            self.image_size = self._aug.train_size(epoch)
-            self._build(checkpoint=checkpoint)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "dali": self._iterator.checkpoints()[0]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        if self.training:  # the resolution of the checkpoint's epoch
-            self.image_size = self._aug.train_size(self.epoch)
-        self._build(checkpoint=state["dali"])

@@ -133,11 +133,12 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
 
 def _stopping(problems: list[tuple[str, str]], loader: str) -> list[tuple[str, str]]:
     """The problems that stop `loader`: all of them for the GPU decoders ("dali", "torchvision-gpu"); for
-    the loaders that decode by content (jpeg_check.CONTENT_DECODERS: "dali-cpu", "dali-hybrid", "torchvision")
-    all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
-    from pipelines.jpeg_check import CONTENT_DECODERS, decodes_by_content
+    the loaders that decode by content (their registry record says so: "dali-cpu", "dali-hybrid",
+    "torchvision") all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
+    from pipelines.jpeg_check import decodes_by_content
+    from pipelines.registry import REGISTRY
 
-    if loader not in CONTENT_DECODERS:
+    if loader not in REGISTRY or not REGISTRY[loader].decodes_by_content:
         return problems
     return [(path, reason) for path, reason in problems if not decodes_by_content(reason)]
 

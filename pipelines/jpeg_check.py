@@ -179,11 +179,11 @@ def _ends_with_eoi(f, size: int, tail: bytes, sos: int | None) -> bool:
 # both read these by content: checked on DALI's CPU decoder with small generated files (RGB, grayscale,
 # palette, alpha dropped, 16-bit scaled to 8 bit). GIF, HEIF/AVIF and JPEG 2000 are not among them.
 OTHER_FORMATS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WebP"}
-# Loaders whose decoder reads a file by its content, so an odd but readable file trains: "dali-cpu" and
-# "dali-hybrid" (DALI's CPU decoder) and "torchvision" (PIL). The GPU decoders ("dali": nvJPEG through the
-# mixed decoder; "torchvision-gpu": torchvision's nvJPEG batch) are not among them: they have not been seen
-# to decode CMYK JPEGs on a GPU, so these files stop them as before.
-CONTENT_DECODERS = ("dali-cpu", "dali-hybrid", "torchvision")
+# Which loaders' decoders read a file by its content, so that an odd but readable file trains, is their
+# registry record's `decodes_by_content` (pipelines.registry): "dali-cpu" and "dali-hybrid" (DALI's CPU
+# decoder) and "torchvision" (PIL). The GPU decoders ("dali": nvJPEG through the mixed decoder;
+# "torchvision-gpu": torchvision's nvJPEG batch) are not among them: they have not been seen to decode CMYK
+# JPEGs on a GPU, so these files stop them as before.
 
 
 def decodes_by_content(reason: str | None) -> bool:

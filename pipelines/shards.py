@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.loader import DaliCheckpoint
 from pipelines.storage import StorageLost, is_s3, normalise, open_store
 
 FORMAT = "rn50-shards/1"
@@ -177,25 +178,6 @@ def epoch_order(n: int, rank: int, world_size: int, seed: int, epoch: int, train
     return list(iter(sampler))
 
 
-def build_shard_loader(kind: str, split: str, common: dict, *, local_rank: int, options: dict):
-    """The loader of `kind` over shards (pipelines.build_loader calls this when --data names shards)."""
-    aug = common["aug"]
-    if split == "train" and aug.repeated_aug > 1:
-        raise UserError("repeated augmentation (--repeated-aug) reads class folders; train from the folders, or "
-                        "drop --repeated-aug when reading shards")
-    if kind in ("dali", "dali-hybrid", "dali-cpu"):
-        from pipelines.dali import PLACEMENTS
-
-        return ShardDaliLoader(split, **common, local_rank=local_rank, placement=PLACEMENTS[kind],
-                               threads=options.get("dali_threads", 4), prefetch=options.get("prefetch", 2),
-                               hw_decoder_load=options.get("hw_decoder_load", 0.65),
-                               fused_decode=options.get("fused_decode", True))
-    if kind == "torchvision":
-        return ShardTorchvisionLoader(split, **common, workers=options.get("workers", 8))
-    raise UserError(f"the {kind} loader does not read shards yet; use --loader dali, dali-hybrid, dali-cpu or "
-                    "torchvision with shards, or pass the class folders as --data")
-
-
 def where(image_list: ShardList) -> str:
     return "S3" if is_s3(image_list.location) else "local shards"
 
@@ -243,30 +225,30 @@ class _BatchSource:
                                   dtype=[types.UINT8, types.INT32])
 
 
-class ShardDaliLoader:
+class ShardDaliLoader(DaliCheckpoint):
     """The loader interface (docs/design.md) over the DALI pipelines of pipelines/dali.py, fed with tar
-    members by `_BatchSource` instead of fn.readers.file; the graph after the reader is the same."""
+    members by `_BatchSource` instead of fn.readers.file; the graph after the reader is the same. Its resume
+    state is DaliCheckpoint's, with where the pipeline's epochs start (a restarted epoch), the batches
+    delivered and the shard set's identity."""
 
     def __init__(self, split, *, image_list: ShardList, batch_size, aug, rank, world_size, local_rank, seed,
-                 device, dtype, placement, threads=4, prefetch=2, hw_decoder_load=0.65, fused_decode=True):
+                 device, dtype, placement, threads: int, prefetch: int, hw_decoder_load: float, fused_decode: bool):
         import torch
 
         from pipelines.dali import _require_dali, describe_decode, training_pipeline, validation_pipeline
 
         _require_dali()
-        self.split, self.training = split, split == "train"
+        self._begin(split, aug, image_list)
         self._list = image_list
         self.class_counts = image_list.class_counts()
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.batch_size, self.device = batch_size, torch.device(device)
         self._host_batches = placement == "cpu"
-        self._aug, self._rank, self._world, self._seed = aug, rank, world_size, seed
+        self._rank, self._world, self._seed = rank, world_size, seed
         self._threads = max(4, 2 * threads)  # reads wait on storage, not the CPU
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch delivered (the step a StorageLost stops at)
+        # self.position (EpochLoader): batches of the current epoch delivered (the step a StorageLost stops at)
         self._lost_at = None  # the pipeline's checkpoint at the last delivered batch, after a StorageLost
         self._offset, self._dali_epoch = 0, 0  # our epoch = offset + DALI's epoch index
-        self.image_size = aug.train_size(0) if self.training else aug.val_size
         share = len(epoch_order(self.num_samples, rank, world_size, seed, 0, self.training))
         self._steps = share // batch_size if self.training else -(-share // batch_size)
         self._size = self._steps * batch_size if self.training else share
@@ -329,32 +311,26 @@ class ShardDaliLoader:
         self.position = 0
         self._dali_epoch += 1
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _enter_epoch(self, epoch: int) -> None:
         if epoch != self._offset + self._dali_epoch:
             # an epoch this pipeline is not at (a run restarting an interrupted epoch with new sharding):
-            # a fresh pipeline whose first epoch is this one
+            # a fresh pipeline whose first epoch is this one, at this epoch's size
             self._offset, self._dali_epoch, self.position = epoch, 0, 0
-            self.image_size = self._aug.train_size(epoch) if self.training else self.image_size
+            self.image_size = self.size_at(epoch)
             self._build(checkpoint=None)
-        elif self.training and self._aug.train_size(epoch) != self.image_size:
-            # progressive resizing: the same graph at another size, continued from the pipeline's checkpoint
-            checkpoint = self._iterator.checkpoints()[0]
-            self.image_size = self._aug.train_size(epoch)
-            self._build(checkpoint=checkpoint)
+
+    def _checkpoint(self):
+        # after a StorageLost: the pipeline as of the last delivered batch (DALI had read ahead)
+        return self._lost_at if self._lost_at is not None else self._iterator.checkpoints()[0]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self._offset, "dali_epoch": self._dali_epoch,
-                "position": self.position, "data": self._list.identity,
-                "dali": self._lost_at if self._lost_at is not None else self._iterator.checkpoints()[0]}
+        return {**super().state_dict(), "offset": self._offset, "dali_epoch": self._dali_epoch,
+                "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        check_identity(state, self._list)
-        self.epoch, self._offset, self._dali_epoch = state["epoch"], state["offset"], state["dali_epoch"]
-        self.position = state["position"]
-        if self.training:
-            self.image_size = self._aug.train_size(self.epoch)
-        self._build(checkpoint=state["dali"])
+        self._check_identity(state)  # before anything of it is used
+        self._offset, self._dali_epoch, self.position = state["offset"], state["dali_epoch"], state["position"]
+        super().load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- torchvision
@@ -378,44 +354,4 @@ class ShardDataset:
             return self.transform(to_rgb(image)), self.list.labels[index]
 
 
-@lru_cache(maxsize=1)
-def _torchvision_loader_class():
-    from pipelines.baseline import TorchvisionLoader
-
-    class ShardTorchvisionLoader(TorchvisionLoader):
-        """The torchvision baseline (DistributedSampler, DataLoader workers, PIL) reading tar members: only
-        the dataset differs, so its sharding, order and resume are the baseline's."""
-
-        def __init__(self, split, *, image_list, workers=8, **kwargs):
-            super().__init__(split, image_list=image_list, workers=workers, **kwargs)
-            self.decode += f"; bytes from tar members ({where(image_list)})"
-
-        def _make_loader(self):
-            from dataclasses import replace as _replace
-
-            from torch.utils.data import DataLoader
-
-            from pipelines.baseline import training_transform, validation_transform
-
-            transform = training_transform(_replace(self._aug, image_size=self.image_size)) if self.training \
-                else validation_transform(self._aug)
-            return DataLoader(ShardDataset(self._list, transform), batch_size=self._batch_size, sampler=self.sampler,
-                              num_workers=self._workers, pin_memory=self.device.type == "cuda",
-                              drop_last=self.training, persistent_workers=self._workers > 0,
-                              prefetch_factor=4 if self._workers > 0 else None)
-
-        def state_dict(self) -> dict:
-            return {**super().state_dict(), "data": self._list.identity}
-
-        def load_state_dict(self, state: dict) -> None:
-            check_identity(state, self._list)
-            super().load_state_dict(state)
-
-    return ShardTorchvisionLoader
-
-
-def ShardTorchvisionLoader(split, **kwargs):  # noqa: N802 - a class, built on first use (torch imported late)
-    return _torchvision_loader_class()(split, **kwargs)
-
-
-__all__ = ["ShardList", "StorageLost", "build_shard_loader", "is_shards", "list_shard_split", "read_dataset"]
+__all__ = ["ShardList", "StorageLost", "is_shards", "list_shard_split", "read_dataset"]

@@ -31,8 +31,9 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
 
 from pipelines.augmentation import Augmentation
-from pipelines.baseline import EpochPosition, ValidationShard, to_rgb
+from pipelines.baseline import ValidationShard, to_rgb
 from pipelines.errors import UserError
+from pipelines.loader import EpochPosition
 from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
 
@@ -161,24 +162,22 @@ class TorchvisionGpuLoader(EpochPosition):
     """The loader interface (docs/design.md) over torchvision's batched decoder and batched tensor ops."""
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
-                 threads=8, prefetch=2):
+                 threads, prefetch):
         if decode_jpeg is None:
             import torchvision
 
             raise UserError(f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg (its image "
                             "decoders moved to TorchCodec); install torchvision<0.29 beside a matching torch for "
                             "--loader torchvision-gpu, or choose --loader dali or torchvision")
-        self.training = split == "train"
+        self._begin(split, aug)  # reads class folders only (no shard loader yet: pipelines.registry)
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
-        self.epoch, self.position = 0, 0
-        self._aug, self._list, self._batch_size = aug, image_list, batch_size
+        self._list, self._batch_size = image_list, batch_size
         self._rank, self._seed, self._prefetch = rank, seed, max(1, prefetch)
         # normalisation on 0-255 pixels, on the device once rather than copied there every batch
         self._mean, self._std = (torch.tensor(v, device=self.device)[None, :, None, None] * 255
                                  for v in (aug.mean, aug.std))
-        self.image_size = aug.train_size(0) if self.training else aug.val_size
         if self.training:
             self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=True)
@@ -296,8 +295,7 @@ class TorchvisionGpuLoader(EpochPosition):
             yield images, labels
         self.position = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    # a new image size needs nothing rebuilt: every batch is prepared at the size it is submitted with
+    def _enter_epoch(self, epoch: int) -> None:
         if self.training:
             self.sampler.set_epoch(epoch)
-            self.image_size = self._aug.train_size(epoch)

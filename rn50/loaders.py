@@ -1,35 +1,43 @@
 """The recipe's loaders: how training and the benchmark harness ask `pipelines.build_loader` for data.
 
-The only place that turns recipe fields into loader options, so the harness measures exactly the input
-pipeline that training runs, in the dtype the training step computes in.
+The only place that turns recipe fields and machine settings into build_loader's arguments (the
+augmentation spec, the batch dtype, a LoaderSettings), so the harness measures exactly the input pipeline
+that training runs, in the dtype the training step computes in.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from pipelines import build_loader
+from pipelines import LoaderSettings, build_loader
 from rn50.dist import DistEnv
 from rn50.precision import autocast_dtype, batch_dtype
 from rn50.recipe import Machine, Recipe, concrete_loader
 
 
+def loader_settings(machine: Machine) -> LoaderSettings:
+    """This machine's loader settings: the Machine's fields of the same names (dali_threads, hw_decoder_load,
+    fused_decode, prefetch, workers)."""
+    return LoaderSettings(**{f.name: getattr(machine, f.name) for f in fields(LoaderSettings)})
+
+
 def loader_options(recipe: Recipe, machine: Machine, device: torch.device) -> dict:
-    """What build_loader takes besides the split: the augmentation spec, the batch dtype the training step
-    computes in, and this machine's loader settings."""
+    """What build_loader takes besides the split and the sizes: the augmentation spec, the batch dtype the
+    training step computes in, and this machine's LoaderSettings."""
     return dict(
         augmentation=recipe.augmentation,
         dtype=batch_dtype(autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, device)),
-        dali_threads=machine.dali_threads, hw_decoder_load=machine.hw_decoder_load,
-        fused_decode=machine.fused_decode, prefetch=machine.prefetch, workers=machine.workers,
+        settings=loader_settings(machine),
     )
 
 
 def build_split(recipe: Recipe, machine: Machine, kind: str, split: str, data: Path | None, env: DistEnv,
                 manifest: Path | None = None, **overrides):
-    """One split's loader for this rank, as the recipe asks; `overrides` replace single options."""
+    """One split's loader for this rank, as the recipe asks. `overrides`: build_loader's own arguments
+    (preflight="split") or single loader settings replacing the machine's (dali_threads=2: the autotune sweep)."""
     options = {**loader_options(recipe, machine, env.device), **overrides}
     kind = concrete_loader(kind, env.device.type)  # `auto`: dali on CUDA, dali-cpu without it
     return build_loader(kind, split, data, batch_size=recipe.optimisation.batch_size,

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipelines import KINDS
+from pipelines.registry import KINDS, choices_help
 from pipelines.augmentation import Augmentation, opt
 from rn50.errors import UserError
 
@@ -177,9 +177,7 @@ def concrete_loader(kind: str, device_type: str) -> str:
 class Machine:
     """How this machine runs the recipe: not part of what is trained, saved as machine.json in the run folder,
     free to change on resume and never inherited from a checkpoint."""
-    loader: str = opt("auto", "auto: dali on a CUDA device, dali-cpu without one | dali (GPU) | dali-hybrid (CPU "
-                              "decode, GPU augment) | dali-cpu | torchvision-gpu (torchvision's batched decoder) | "
-                              "torchvision | synthetic (docs/loaders.md)")
+    loader: str = opt("auto", f"auto: dali on a CUDA device, dali-cpu without one | {choices_help()} (docs/loaders.md)")
     device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
                               "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
     dali_threads: int = opt(4, "DALI CPU threads per process")

@@ -425,7 +425,7 @@ def test_endless_refuses_a_loader_without_batches():
     from rn50.errors import UserError
 
     empty = SyntheticLoader("train", image_list=None, batch_size=4, aug=Augmentation(image_size=32), rank=0,
-                            world_size=1, seed=0, device="cpu", dtype=torch.float32, num_samples=3)
+                            world_size=1, seed=0, device="cpu", dtype=torch.float32, num_classes=10, num_samples=3)
     assert len(empty) == 0
     with pytest.raises(UserError, match="no batch"):
         next(endless(empty))

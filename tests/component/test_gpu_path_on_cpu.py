@@ -17,6 +17,7 @@ from rn50.errors import UserError
 from rn50.loaders import build_split, loader_options
 from rn50.precision import autocast_dtype, batch_dtype
 from pipelines.augmentation import Augmentation
+from pipelines.settings import LoaderSettings
 from rn50.recipe import Machine, with_fields
 from rn50.step import build_training, train_step
 
@@ -90,7 +91,7 @@ def gpu_graph(define, placement="gpu", **options):
     """The operators of a GPU ("mixed" decode) or hybrid pipeline, as DALI builds its graph (no GPU needed)."""
     pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1,
                                        aug=Augmentation(image_size=32), placement=placement, dtype=torch.float16,
-                                       **options),
+                                       hw_decoder_load=LoaderSettings().hw_decoder_load, **options),
                         batch_size=2, num_threads=1, device_id=None)()
     pipe.serialize()  # builds the graph
     return pipe._ops

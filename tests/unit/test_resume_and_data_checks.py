@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines import default_workers
+from pipelines.settings import default_workers
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import validation_transform
 from pipelines.folder import check_files, list_split

@@ -1,0 +1,138 @@
+"""What every loader is (the `Loader` protocol) and what every loader shares (`EpochLoader`).
+
+The training loop, the harness and evaluation see nothing of a loader but `Loader` (docs/design.md, The
+loader interface). `EpochLoader` holds, once for every loader, the two things that are the same whatever
+decodes the images:
+
+- the epoch's image size: `set_epoch(e)` asks the augmentation spec for it (`Augmentation.train_size(e)`,
+  progressive resizing; validation's size never changes) and, when it changes, calls the loader's one hook,
+  `_resize()`, which rebuilds or reshapes at `self.image_size`;
+- the resume state, of one of two kinds: `EpochPosition` (the epoch and the batches of it already delivered,
+  for the loaders driven by a sampler: torchvision, torchvision-gpu, synthetic) or `DaliCheckpoint` (the epoch
+  and the DALI pipeline's own checkpoint). A loader reading shards adds the shard set's identity to either,
+  and a resume against other shards is refused (pipelines.shards.check_identity).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.augmentation import Augmentation
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """One split's batches for this rank. Iterating yields (images [N, 3, H, W] channels_last in the asked dtype
+    on the device, labels int64 [N] on the same device)."""
+
+    num_samples: int  # images in the split, all ranks together
+    num_classes: int
+    class_counts: tuple[int, ...] | None  # images per class of this split by label; None: synthetic (uniform)
+    image_size: int  # this epoch's crop size (progressive resizing changes it at set_epoch)
+    decode: str  # the decode path in words, for reports
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]: ...
+
+    def __len__(self) -> int:
+        """Steps per epoch for this rank: the same on every rank in training."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EpochLoader:
+    """The epoch, its image size and the shard identity, for every loader. A subclass calls `_begin` first in
+    its constructor, then builds its pipeline at `self.image_size`; it may override `_enter_epoch(epoch)` (a
+    sampler's reshuffle) and `_resize()` (a rebuild at the new `self.image_size`)."""
+
+    training: bool
+    epoch: int
+    position: int
+    image_size: int
+
+    def _begin(self, split: str, aug: "Augmentation", image_list=None) -> None:
+        self.split = split
+        self.training = split == "train"
+        self._aug = aug
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already delivered
+        # a shard set's identity (pipelines.shards.ShardList), kept in the resume state; None for class folders
+        from pipelines.shards import ShardList
+
+        self._shards = image_list if isinstance(image_list, ShardList) else None
+        self.image_size = self.size_at(0)
+
+    def size_at(self, epoch: int) -> int:
+        """The crop size of an epoch: the augmentation spec's, the one rule for every loader."""
+        return self._aug.train_size(epoch) if self.training else self._aug.val_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._enter_epoch(epoch)
+        size = self.size_at(epoch)
+        if size != self.image_size:  # progressive resizing: only training sizes change
+            self.image_size = size
+            self._resize()
+
+    def _enter_epoch(self, epoch: int) -> None:
+        """What a new epoch means besides its size (a sampler's reshuffle); nothing by default."""
+
+    def _resize(self) -> None:
+        """Deliver `self.image_size` from now on; by default the loader reads it at every batch."""
+
+    # the shard identity, part of either resume state
+    def _identity(self) -> dict:
+        return {} if self._shards is None else {"data": self._shards.identity}
+
+    def _check_identity(self, state: dict) -> None:
+        if self._shards is not None:
+            from pipelines.shards import check_identity
+
+            check_identity(state, self._shards)
+
+
+class EpochPosition(EpochLoader):
+    """Resume state of the loaders driven by a sampler: the epoch, and the batches of it already delivered,
+    which a resumed epoch skips (the sampler's order is a function of the seed and the epoch)."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_identity(state)
+        self.set_epoch(state["epoch"])
+        self.position = state["position"]
+
+
+class DaliCheckpoint(EpochLoader):
+    """Resume state of the DALI loaders: the epoch, and the pipeline's own checkpoint (reader position and
+    every random stream), from which `_build(checkpoint)` continues bit for bit. A resolution change is the
+    same graph rebuilt at the new size from the running pipeline's checkpoint."""
+
+    _iterator: object  # DALIGenericIterator
+
+    def _build(self, checkpoint) -> None:
+        raise NotImplementedError
+
+    def _checkpoint(self):
+        return self._iterator.checkpoints()[0]
+
+    def _resize(self) -> None:
+        # from the running pipeline's checkpoint: the reader's order and the augmentation streams go on as if
+        # nothing changed
+        self._build(checkpoint=self._iterator.checkpoints()[0])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, **self._identity(), "dali": self._checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_identity(state)
+        self.epoch = state["epoch"]
+        self.image_size = self.size_at(self.epoch)  # the resolution of the checkpoint's epoch
+        self._build(checkpoint=state["dali"])
