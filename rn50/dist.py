@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rn50.device import choose_device
+from rn50.restart import attempt_store
 
 
 _control_group = None  # a gloo group beside NCCL, set by init_distributed
@@ -43,7 +44,10 @@ def init_distributed(device_request: str = "auto") -> DistEnv:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # under torchrun, a store of this attempt's own: a restarted group must not read the dead one's addresses
+        store = attempt_store(rank, world_size)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
         global _control_group  # small host-side agreements (stop signals) without touching the GPU queue
         _control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistEnv(rank, world_size, local_rank, device)

@@ -22,6 +22,7 @@ from pathlib import Path
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from rn50.errors import UserError, check_flags_first
 from rn50.profile_flags import TRACE_DIR, add_profiling_flags
+from rn50.restart import parse_every
 from rn50.recipe import (DATA_CHANGE, Machine, Recipe, add_recipe_flags, available_presets,
                          changes_from_defaults, epoch_plan, guard_resume, parse_strict, read_preset,
                          recipe_from_mapping, resolve, with_fields)
@@ -77,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "change that alters a step is refused; machine settings change freely)")
     parser.add_argument("--reshard", action="store_true",
                         help="allow resuming with another number of processes (restarts the interrupted epoch)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                        help="also checkpoint every STEPS steps (with the loader state: exact mid-epoch resume)")
+    parser.add_argument("--checkpoint-every", type=parse_every, default=0, metavar="STEPS|TIME",
+                        help="also checkpoint every STEPS steps, or every TIME of training (30s, 10m, 2h; with the "
+                             "loader state: exact mid-epoch resume)")
     parser.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
                         help="keep the last K checkpoints (and the best by top-1); 0 keeps all")
     parser.add_argument("--max-nonfinite-steps", type=int, default=50, metavar="K",
@@ -114,6 +116,7 @@ from rn50.stopping import judge  # noqa: E402
 from rn50.telemetry import Telemetry  # noqa: E402
 from rn50 import tracking  # noqa: E402
 from rn50.watchdog import Watchdog  # noqa: E402
+from rn50 import restart  # noqa: E402
 
 
 def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> list[str]:
@@ -178,7 +181,7 @@ class Trainer:
         self.peak_lr_reached = peak_reached(recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
         self.log = MetricsLog(out / "metrics.jsonl", env.is_main, tensorboard_dir=out / "tensorboard")
         self.store = CheckpointStore(out, args.keep_checkpoints)
-        self.checkpoint_every = args.checkpoint_every
+        self.checkpoint_every = restart.Cadence(args.checkpoint_every, 1 if env.world_size == 1 else 10)  # steps or a time
         self.max_nonfinite = args.max_nonfinite_steps
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
         # --compile: the batch shape compiled for last. The first step at a new shape compiles (the run's
@@ -353,7 +356,7 @@ class Trainer:
         """One path for both mid-epoch checkpoints: the periodic one (--checkpoint-every) and the one a stop
         signal asks for, after which the run ends with exit code 75."""
         stopping, saved = self.stop.agreed(steps_total - 1), None
-        if stopping or (self.checkpoint_every and steps_total % self.checkpoint_every == 0):
+        if stopping or self.checkpoint_every.due(steps_total):
             self.check_divergence(losses)
             saved = self.save(epoch, steps_done, epoch_end=False)
         if stopping:
@@ -593,7 +596,8 @@ def run(args: argparse.Namespace) -> dict:
     stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
     created = missing_folders(args.out)  # a start that fails removes them again (while they are empty)
     try:
-        return run_with(args, env, watchdog, stop)
+        # records how this rank ended, for a restarted attempt's fault report (rn50.restart)
+        return restart.recorded(run_with, env.rank, env.world_size, watchdog.describe, args, env, watchdog, stop)
     except (UserError, Preempted, Diverged):
         remove_empty(created)
         raise
@@ -609,6 +613,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: StopRequest) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
+    job = restart.on_restart(args, say)  # restarted by torchrun after a fault: --resume auto
     # start-up lines wait until every start-up check has passed: an error found there comes alone
     notes: list[str] = []
     watchdog.progress("starting: reading the checkpoint")
@@ -658,6 +663,7 @@ def run_with(args: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: S
         notes.append(trainer.restore(checkpoint, exact=not changes and same_data))
     for line in notes + startup_summary(recipe, resolved.machine, args.preset, args.out, train_loader.num_classes):
         say(line)
+    restart.started(args.out, job, checkpoint, env, len(train_loader), say)  # the fault, steps lost
     if env.is_main:
         world = env.world_size
         recipe.save(args.out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,

@@ -32,7 +32,13 @@ COMPILE_TIMEOUT_S = 3600.0
 
 
 def _store():
-    try:  # the default process group's store: torchrun's rendezvous (private API, hence the guard)
+    from rn50.restart import agent_store
+
+    try:  # torchrun's agent store, which outlives a failed attempt (rn50.restart names the fault from it);
+        # else the default process group's store (private API, hence the guard)
+        store = agent_store()
+        if store is not None:
+            return store
         return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
     except Exception:
         return None
@@ -168,4 +174,7 @@ class Watchdog:
                             frozen_after_s=3 * self.interval, watcher=self.describe(), stalled_s=stalled,
                             timeout_s=limit, compiling=compiling)
         print("\n".join(lines), file=sys.stderr, flush=True)
+        from rn50.restart import record_exit
+
+        record_exit(self.rank, EXIT_HUNG, lines[0])  # for the restarted attempt's fault report
         os._exit(EXIT_HUNG)  # no cleanup: a collective in another thread would block it

@@ -1,0 +1,374 @@
+"""Automatic restart after a fault: under `torchrun --max-restarts N` a worker that dies (SIGKILL, the OOM
+killer, a crash, a hang the watchdog ends) makes torchrun start every worker again; the new workers find
+this out, resume from the newest checkpoint that verifies, name the fault, and count what it cost.
+
+- `attempt_store(rank, world_size)`: a fresh store for this attempt's process group. torchrun's agent keeps
+  ONE store for the whole job and hands its address to every attempt, and torch's env:// set-up no longer
+  keys it by attempt, so a restarted group read the dead group's gloo addresses and failed in
+  `connectFullMesh ... Connection refused` (measured here, torch 2.14). Rank 0 now hosts a new store per
+  attempt and publishes its address in the agent's store with a nonce; the other ranks take the newest
+  address that answers with that nonce.
+- `agent_store()`: the agent's store itself, which outlives the attempts: the watchdog publishes its
+  heartbeats there (keyed by attempt), and every rank records how it ended, so that the next attempt can
+  name the rank that failed first, what it was doing and how far training had got.
+- `on_restart(flags, env, say)`: on a restart of a job that had started training in --out, `--resume auto`
+  (the command line needs no --resume for it).
+- `report_restart(...)`: the restart line and a record in `RUN/faults.jsonl`: the fault, the rank, its phase,
+  the checkpoint resumed from, the steps lost and the seconds from the fault to training again.
+- `Cadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every rank).
+
+Everything here degrades to nothing outside torchrun (one process, srun tasks, a container's restart
+policy): a restart is then a start with `--resume auto`, and the fault is named from the run folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+JOB_FILE = ".job.json"  # the run folder's note of which torchrun job trains in it, and how its attempts ended
+FAULTS_FILE = "faults.jsonl"  # one record per restart after a fault
+_agent = None  # torchrun's agent store (outlives the attempts), or None
+_own_server = None  # rank 0: this attempt's store server, kept alive with the process
+_attempt = ""  # this attempt's nonce: the prefix of its heartbeats and exit records in the agent store
+
+
+def restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def max_restarts() -> int:
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+
+
+def run_id() -> str:
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def _key(*parts) -> str:
+    return "/".join(["rn50", run_id(), *map(str, parts)])
+
+
+# --- the process group's store, fresh for every attempt ------------------------------------------------
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30)):
+    """A store no earlier attempt has written to, for init_process_group; None outside torchrun's shared
+    agent store (there env:// starts a fresh one anyway)."""
+    global _agent, _own_server, _attempt
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed import TCPStore
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    _agent = TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    where = _key("attempt-store")
+    if rank == 0:
+        _attempt = uuid.uuid4().hex
+        _own_server = TCPStore(addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        _own_server.set("rn50/attempt", _attempt)
+        note_attempt(True)  # before the address: a rank that finds this attempt finds it listed
+        _agent.set(where, json.dumps({"addr": addr, "port": _own_server.port, "attempt": _attempt}))
+        return _own_server
+    deadline, refused = time.monotonic() + timeout.total_seconds(), set()
+    while time.monotonic() < deadline:
+        record = _agent.get(where).decode()  # blocks until rank 0 of the first attempt has set it
+        if record not in refused:
+            found = json.loads(record)
+            try:  # an earlier attempt's rank 0 is gone: its port refuses at once
+                socket.create_connection((found["addr"], found["port"]), timeout=5).close()
+                store = TCPStore(found["addr"], found["port"], world_size, is_master=False,
+                                 timeout=timeout, wait_for_workers=False)
+                if store.check(["rn50/attempt"]) and store.get("rn50/attempt").decode() == found["attempt"]:
+                    _attempt = found["attempt"]
+                    return store
+            except (OSError, RuntimeError):
+                pass
+            refused.add(record)
+        time.sleep(0.1)
+    raise RuntimeError(f"rank {rank}: rank 0 never published this attempt's store in torchrun's store at "
+                       f"{addr}:{port} within {timeout.total_seconds():.0f} s")
+
+
+def agent_store():
+    """torchrun's agent store with this attempt's prefix (heartbeats, exit records), or None."""
+    if _agent is None or not _attempt:
+        return None
+    from torch.distributed import PrefixStore
+
+    return PrefixStore(_key(_attempt) + "/", _agent)
+
+
+# --- how each rank ended -----------------------------------------------------------------------------
+
+def exit_code_of(exc: BaseException | None) -> int:
+    if exc is None:
+        return 0
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "UserError" in names:
+        return 2
+    if "Diverged" in names:
+        return 3
+    if "Preempted" in names:
+        return 75
+    return 1
+
+
+def record_exit(rank: int, code: int, reason: str) -> None:
+    """This rank's end, for the next attempt's fault report (nothing outside torchrun)."""
+    store = agent_store()
+    if store is None:
+        return
+    try:
+        store.set(f"exit/{rank}", json.dumps({"code": code, "reason": reason[:300], "time": time.time(),
+                                              "pid": os.getpid(), "host": socket.gethostname()}))
+    except Exception:  # the agent's store may be gone with its node: nothing to record into
+        pass
+
+
+# a collective that failed because another rank is gone (dead, killed, unreachable): gloo and NCCL wordings
+_PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused|"
+                        r"remote process exited|NCCL communicator was aborted|ProcessGroupNCCL.*(abort|timeout)|"
+                        r"Socket Timeout|Timed out waiting", re.I)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    return isinstance(exc, (RuntimeError, OSError)) and bool(_PEER_LOST.search(str(exc)))
+
+
+def recorded(fn, rank: int, world_size: int, describe, *args):
+    """Run `fn(*args)` and record how this rank ended. Where a collective failed because another rank is
+    gone, say so in one line (no traceback: the rank that failed first is the story, and torchrun
+    restarts the job under --max-restarts) and exit 1."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        code = exit_code_of(exc)
+        lost = world_size > 1 and peer_lost(exc)
+        record_exit(rank, code, ("peer lost: " if lost else "") + f"{type(exc).__name__}: {exc}")
+        if lost:
+            text = " ".join(str(exc).split())
+            found = _PEER_LOST.search(text)
+            said = text[max(0, found.start() - 60):found.end()].split("] ", 1)[-1]  # past gloo's source location
+            print(f"failed: {describe()}: a collective failed because another rank is gone ({type(exc).__name__}: "
+                  f"{said}); the rank that failed first is named above or in torchrun's report"
+                  + (f"; torchrun restarts the job (restarts left: {max_restarts() - restart_count()})"
+                     if max_restarts() > restart_count() else ""), file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        raise
+    record_exit(rank, 0, "finished")
+    return result
+
+
+# --- resuming on a restart ---------------------------------------------------------------------------
+
+def _job(out: Path) -> dict:
+    try:
+        return json.loads((Path(out) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def on_restart(flags, say) -> dict | None:
+    """On a restart by torchrun of a job that had started training in --out: resume from the newest
+    checkpoint that verifies, whatever --resume said (none, or a path the run has moved past). Returns the
+    job note of the attempt that failed (None: not a restart)."""
+    if restart_count() == 0 or not run_id():
+        return None
+    job = _job(flags.out)
+    if job.get("run_id") != run_id():  # the failed attempt never got to training: start as it did
+        return None
+    flags.resume = "auto"
+    return job
+
+
+def mark_training(out: Path, is_main: bool) -> None:
+    """Rank 0 notes in the run folder that this job (torchrun's run id) trains in it, before the first step."""
+    if not is_main:
+        return
+    note = {"run_id": run_id(), "restart": restart_count(), "attempt": _attempt, "started": time.time(),
+            "pid": os.getpid(), "host": socket.gethostname()}
+    tmp = Path(out) / f".{JOB_FILE}.tmp"
+    tmp.write_text(json.dumps(note) + "\n")
+    os.replace(tmp, Path(out) / JOB_FILE)
+
+
+_PHASE = re.compile(r"epoch (\d+) (after )?step (\d+)")
+
+
+def step_reached(phase: str, steps_per_epoch: int) -> int | None:
+    """Optimizer steps done in all when a rank was in `phase` (the watchdog's words)."""
+    found = _PHASE.search(phase or "")
+    if not found:
+        return None
+    epoch, after, step = int(found[1]), found[2], int(found[3])
+    return (epoch - 1) * steps_per_epoch + (step if after else step - 1)
+
+
+def previous_attempt(world_size: int) -> dict | None:
+    """The heartbeats and exit records of the attempt before this one, from torchrun's store."""
+    if _agent is None:
+        return None
+    from torch.distributed import PrefixStore
+
+    try:
+        history = json.loads(_agent.get(_key("attempts")).decode()) if _agent.check([_key("attempts")]) else []
+    except Exception:
+        return None
+    earlier = [a for a in history if a != _attempt]
+    if not earlier:
+        return None
+    store = PrefixStore(_key(earlier[-1]) + "/", _agent)
+    beats, exits = {}, {}
+    for rank in range(world_size):
+        for kind, into in (("heartbeat", beats), ("exit", exits)):
+            key = f"{kind}/{rank}" if kind == "exit" else f"rn50/heartbeat/{rank}"
+            try:
+                if store.check([key]):
+                    into[rank] = json.loads(store.get(key))
+            except Exception:
+                pass
+    return {"beats": beats, "exits": exits}
+
+
+def note_attempt(is_main: bool) -> None:
+    """Rank 0 adds this attempt to the job's list in torchrun's store (read by the next attempt)."""
+    if _agent is None or not is_main or not _attempt:
+        return
+    key = _key("attempts")
+    try:
+        history = json.loads(_agent.get(key).decode()) if _agent.check([key]) else []
+        _agent.set(key, json.dumps((history + [_attempt])[-20:]))
+    except Exception:
+        pass
+
+
+def name_fault(previous: dict | None, steps_per_epoch: int) -> dict:
+    """Which rank failed first, how, while doing what, when and at which step, from the failed attempt's
+    heartbeats and exit records. A rank that recorded no exit died without a word (a signal such as SIGKILL,
+    the OOM killer, or its node was lost); a rank whose exit says "peer lost" only saw another one go."""
+    if not previous or not previous["beats"]:
+        return {"cause": "unknown (no record of the failed attempt: it ran outside torchrun's store)"}
+    beats, exits = previous["beats"], previous["exits"]
+    own = {r: e for r, e in exits.items() if not e["reason"].startswith("peer lost")}
+    silent = [r for r in beats if r not in exits]
+    if own:  # a rank that ended on its own account (watchdog, crash, error) before the others saw it
+        rank = min(own, key=lambda r: own[r]["time"])
+        code, reason = own[rank]["code"], own[rank]["reason"]
+        cause = {4: "hung (the watchdog ended it)", 2: "a user error", 3: "diverged", 75: "stopped by a signal"}.get(
+            code, "crashed") + f" (exit {code}: {reason.splitlines()[0][:200]})"
+        when = own[rank]["time"]
+        named = re.search(r"stalest rank (\d+)", reason) if code == 4 else None
+        if named and int(named[1]) in beats:  # the watchdog names the frozen rank, not itself
+            rank = int(named[1])
+            cause = (f"stopped making progress (frozen, stopped or stuck; the watchdog on rank "
+                     f"{min(own, key=lambda r: own[r]['time'])} ended the job after --hang-timeout)")
+            when = beats[rank]["progress"]
+    elif silent:
+        rank = min(silent, key=lambda r: beats[r]["beat"])
+        cause = "died without a word (killed by a signal such as SIGKILL, the OOM killer, or its node was lost)"
+        when = beats[rank]["beat"]
+    else:
+        rank = min(exits, key=lambda r: exits[r]["time"])
+        cause, when = f"ended first (exit {exits[rank]['code']}: {exits[rank]['reason'][:200]})", exits[rank]["time"]
+    beat = beats.get(rank, {})
+    reached = [s for s in (step_reached(b.get("phase", ""), steps_per_epoch) for b in beats.values()) if s is not None]
+    return {"rank": rank, "host": beat.get("host"), "pid": beat.get("pid"), "phase": beat.get("phase"),
+            "cause": cause, "fault_time": when, "step_reached": max(reached) if reached else None}
+
+
+def report_restart(out: Path, job: dict, checkpoint: dict | None, world_size: int, steps_per_epoch: int,
+                   say) -> dict:
+    """The restart line (rank 0) and its record in RUN/faults.jsonl."""
+    fault = name_fault(previous_attempt(world_size), steps_per_epoch)
+    resumed_at = checkpoint["step"] if checkpoint else 0
+    reached = fault.get("step_reached")
+    lost = max(0, reached - resumed_at) if reached is not None else None
+    back_s = time.time() - fault["fault_time"] if fault.get("fault_time") else None
+    record = {"time": time.time(), "restart": restart_count(), "max_restarts": max_restarts(), **fault,
+              "resumed_step": resumed_at, "steps_lost": lost, "restart_s": back_s}
+    who = (f"rank {fault['rank']} (pid {fault['pid']} on {fault['host']}) " if "rank" in fault else "")
+    while_ = f" while {fault['phase']}" if fault.get("phase") else ""
+    say(f"restart {restart_count()} of {max_restarts()} (torchrun --max-restarts) after a fault: {who}{fault['cause']}"
+        f"{while_}; resuming from step {resumed_at}"
+        + (f": {lost} step{'s' if lost != 1 else ''} lost" if lost is not None else "")
+        + (f", training again {back_s:.1f} s after the fault" if back_s is not None else "")
+        + f"; faults so far in {Path(out) / FAULTS_FILE}")
+    try:
+        with open(Path(out) / FAULTS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError:
+        pass
+    return record
+
+
+# --- --checkpoint-every STEPS | DURATION ---------------------------------------------------------------
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Seconds(float):
+    """--checkpoint-every given as a time (10m): checkpoint when this much training time has passed."""
+
+    def __str__(self) -> str:
+        return f"{float(self):g}s"
+
+
+def parse_every(text: str):
+    """`500` -> 500 steps; `30s`, `10m`, `1.5h` -> Seconds; 0 is off."""
+    text = str(text).strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            value = float(text[:-1]) * _UNITS[text[-1]]
+            if value > 0:
+                return Seconds(value)
+        elif int(text) >= 0:
+            return int(text)
+    except ValueError:
+        pass
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"takes a number of steps (500) or a time (30s, 10m, 2h), not {text!r}")
+
+
+class Cadence:
+    """When the periodic checkpoint is due. Steps: every N optimizer steps. Time: every rank looks at its
+    clock at the steps where the stop signal is agreed (every step alone, every `check_every` with several
+    ranks) and all save when any rank's interval has passed, so they save at the same step."""
+
+    def __init__(self, every, check_every: int):
+        self.every, self.check_every = every, check_every
+        self.last = time.monotonic()
+
+    def __bool__(self) -> bool:
+        return bool(self.every)
+
+    def due(self, steps_total: int) -> bool:
+        if not self.every:
+            return False
+        if not isinstance(self.every, Seconds):
+            return steps_total % int(self.every) == 0
+        if steps_total % self.check_every:
+            return False
+        from rn50.dist import any_rank
+
+        if any_rank(time.monotonic() - self.last >= float(self.every)):
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+
+def started(out: Path, job: dict | None, checkpoint: dict | None, env, steps_per_epoch: int, say) -> None:
+    """Before the first step: the run folder's job note, and on a restart its line and fault record."""
+    mark_training(out, env.is_main)
+    if job is not None and env.is_main:
+        report_restart(out, job, checkpoint, env.world_size, steps_per_epoch, say)

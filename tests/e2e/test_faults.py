@@ -1,0 +1,198 @@
+"""Faults survived (issue 27), with real processes: a worker SIGKILLed or frozen with SIGSTOP under
+`torchrun --max-restarts` (real gloo DDP) is restarted, resumes by itself from the newest checkpoint and ends
+with the weights of an uninterrupted run, bit for bit; the fault is named in one line and in
+RUN/faults.jsonl; a storage that refuses writes (a real RLIMIT_FSIZE) costs checkpoints, not the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rn50 import integrity
+from rn50.checkpoint import load_checkpoint, regular_checkpoints
+from tools.make_dataset import make_dataset
+
+from conftest import ROOT, SHARED_RUN_FLAGS, run_cli, torchrun
+
+
+def final_weights(run_dir):
+    return load_checkpoint(regular_checkpoints(run_dir)[-1])["model"]
+
+
+def assert_same_weights(a, b):
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def with_max_restarts(args: list[str], restarts: int = 2) -> list[str]:
+    at = args.index("--nproc-per-node") + 2  # torchrun's own flags end there
+    return [*args[:at], "--max-restarts", str(restarts), *args[at:]]
+
+
+def worker(torchrun_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process with this RANK (read from its environment)."""
+    for child in os.listdir("/proc"):
+        if not child.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{child}/stat").read()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != torchrun_pid:
+                continue
+            env = dict(v.split("=", 1) for v in open(f"/proc/{child}/environ").read().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            return int(child)
+    return None
+
+
+def start(args: list[str], out) -> subprocess.Popen:
+    return subprocess.Popen([*args, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def hit_when(process: subprocess.Popen, ready, signum: int, rank: int = 1) -> int:
+    """Send `signum` to worker `rank` once ready() holds; returns its pid."""
+    deadline = time.time() + 600
+    while not ready() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    victim = worker(process.pid, rank)
+    assert victim is not None and process.poll() is None, "the run ended before the fault could be injected"
+    os.kill(victim, signum)
+    return victim
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(request, data_dir, tmp_path_factory):
+    """An uninterrupted two-rank run: the session's shared one (conftest's shared_ddp_run) where there is one."""
+    try:
+        return request.getfixturevalue("shared_ddp_run")
+    except pytest.FixtureLookupError:
+        pass
+    args = torchrun(2, "-m", "rn50.train", "--data", str(data_dir), *SHARED_RUN_FLAGS, "--base-lr", "0.4")
+    out = tmp_path_factory.mktemp("ddp-reference") / "run"
+    done = run_cli([*args, "--out", str(out)], timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return SimpleNamespace(args=args, dir=out)
+
+
+def faults(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "faults.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(ddp_reference, tmp_path):
+    args = with_max_restarts(ddp_reference.args)
+    out = tmp_path / "b"
+    process = start(args, out)
+    victim = hit_when(process, lambda: len(list(out.glob("checkpoint_*.pt"))) >= 1, signal.SIGKILL)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-4000:]
+    (fault,) = faults(out)
+    assert fault["rank"] == 1 and fault["pid"] == victim and fault["restart"] == 1
+    assert fault["cause"].startswith("died without a word")
+    assert fault["steps_lost"] is not None and 0 <= fault["steps_lost"] <= 2  # a checkpoint every 2 steps
+    assert fault["restart_s"] > 0
+    assert "restart 1 of 2 (torchrun --max-restarts) after a fault: rank 1" in output
+    assert "--resume auto: continuing from" in output
+    # the surviving rank's failed collective is one line, not a traceback wall
+    assert "a collective failed because another rank is gone" in output and "Traceback" not in output, output[-4000:]
+    assert_same_weights(final_weights(ddp_reference.dir), final_weights(out))
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_named_by_the_watchdog_and_the_run_restarts(ddp_reference, tmp_path):
+    """SIGSTOP: the process lives but never moves; the other rank's watchdog ends the job (exit 4), torchrun
+    kills the frozen one and restarts the group."""
+    args = with_max_restarts([*ddp_reference.args, "--hang-timeout", "8"])
+    out = tmp_path / "b"
+    process = start(args, out)
+    victim = hit_when(process, lambda: len(list(out.glob("checkpoint_*.pt"))) >= 1, signal.SIGSTOP)
+    try:
+        output, _ = process.communicate(timeout=900)
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)  # never leave a stopped process behind
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 0, output[-4000:]
+    (fault,) = faults(out)
+    assert fault["rank"] == 1 and fault["pid"] == victim, fault
+    assert fault["cause"].startswith("stopped making progress"), fault
+    assert "watchdog: stalest rank 1" in output and "no heartbeat" in output
+    assert_same_weights(final_weights(ddp_reference.dir), final_weights(out))
+
+
+@pytest.fixture(scope="module")
+def long_validation(tmp_path_factory):
+    """Data whose validation takes many batches (400 images: 25 batches of 8 per rank), so a fault can land
+    in it, and an uninterrupted two-rank run on it."""
+    data = tmp_path_factory.mktemp("data") / "long-val"
+    make_dataset(data, 4, 12, 100, seed=7, min_side=48, max_side=64)
+    args = torchrun(2, "-m", "rn50.train", "--data", str(data), *SHARED_RUN_FLAGS, "--base-lr", "0.4")
+    out = tmp_path_factory.mktemp("long-val-run") / "a"
+    done = run_cli([*args, "--out", str(out)], timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return args, out
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_validation_is_restarted_and_validates_again(long_validation, tmp_path):
+    args, uninterrupted = long_validation
+    out = tmp_path / "b"
+    process = start(with_max_restarts(args), out)
+    lines = []
+
+    def validating() -> bool:  # rank 0 prints the epoch's last step just before validation starts
+        line = process.stdout.readline()
+        lines.append(line)
+        if line.startswith("epoch 1 step 3/3"):
+            time.sleep(0.3)
+            return True
+        return False
+
+    hit_when(process, validating, signal.SIGKILL)
+    rest, _ = process.communicate(timeout=900)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output[-4000:]
+    (fault,) = faults(out)
+    assert "validation" in fault["phase"], fault
+    assert fault["resumed_step"] == 2  # the last checkpoint before epoch 1's end: step 3 and validation again
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val/count" in r] == [1, 2]  # epoch 1 validated once, after the restart
+    assert all(r["val/count"] == 400 for r in records if "val/count" in r)
+    assert_same_weights(final_weights(uninterrupted), final_weights(out))
+
+
+def test_a_storage_that_refuses_checkpoints_costs_them_not_the_run(shared_run, tmp_path):
+    """A real file size limit (RLIMIT_FSIZE, as `ulimit -f`): every checkpoint write fails with EFBIG (a
+    ResNet-18 checkpoint is about 90 MB; the limit is 20 MB). The resumed run trains to its end, warns once
+    per refused checkpoint, and the checkpoints already on disk stay valid."""
+    out = shared_run.copy_to(tmp_path / "run")
+    kept = {p.name: p.read_bytes() for p in regular_checkpoints(out)}
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, 20_000_000))
+
+    done = subprocess.run([*shared_run.args, "--out", str(out), "--resume", "auto", "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          preexec_fn=limited, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warnings) == 3, done.stderr[-3000:]  # epoch 3 (steps 13-18): at steps 14 and 16, and its end
+    assert all("(errno EFBIG)" in w and "training goes on" in w for w in warnings)
+    assert "Traceback" not in done.stderr
+    assert {p.name: p.read_bytes() for p in regular_checkpoints(out)} == kept
+    assert all(integrity.verify(out / name) for name in kept)
+    assert not list(out.glob(".*.tmp"))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "val/count" in line]
+    assert epochs == [1, 2, 3]
