@@ -107,10 +107,10 @@ def _training(folder: Path, summary: dict | None = None) -> dict:
 # ---- one input's settings and rows -----------------------------------------------------------------
 
 def _flat_recipe(recipe: dict) -> dict:
-    from rn50.recipe import flat_items, recipe_from_mapping
+    from rn50.recipe import flat_items, resolve
 
     try:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in flat_items(recipe_from_mapping(recipe)).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in flat_items(resolve(saved=recipe).recipe).items()}
     except (UserError, TypeError, ValueError):  # a recipe of another version: its own keys, flattened
         flat = {}
         for key, value in recipe.items():

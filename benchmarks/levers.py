@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from rn50.errors import UserError
-from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, apply, get
+from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, get, resolve
 
 # A lever joins the best combination when it is at least 2% faster than the baseline AND its slowest timed
 # window beat the baseline's fastest: a gain inside the windows' spread is noise, not a lever
@@ -130,8 +130,7 @@ def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: s
     def row_for(name: str, why: str, state: str, fields: dict) -> dict:
         reuse = done if not fields else {}
         try:
-            lever_recipe, lever_machine = apply(recipe, machine, fields)
-            lever_recipe, lever_machine = lever_recipe.validate(), lever_machine.validate()
+            lever_recipe, lever_machine = with_lever(recipe, machine, fields)
         except UserError as err:
             return {"lever": name, "why": why, "state": state, "fields": fields, "measured": False,
                     "reason": str(err)}
@@ -206,8 +205,14 @@ def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
     rn50.train runs at start-up (Recipe/Machine.validate, check_cuda_only_settings), not a copy of them."""
     from rn50.device import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
 
-    lever_recipe, lever_machine = apply(recipe, machine, fields)
-    check_cuda_only_settings(lever_recipe.validate(), lever_machine.validate(), device)
+    check_cuda_only_settings(*with_lever(recipe, machine, fields), device)
+
+
+def with_lever(recipe, machine, fields: dict):
+    """The baseline's recipe and machine with a lever's fields over them, through rn50.recipe.resolve (the
+    baseline as its lowest layer, the fields as flags), so a lever is checked as any run is."""
+    config = resolve(fields, defaults={**{flat: get(recipe, flat) for flat in RECIPE_FIELDS}, **machine.to_dict()})
+    return config.recipe, config.machine
 
 
 def best_combination(rows: list[dict], key: str, check=None) -> dict:

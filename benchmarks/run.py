@@ -32,8 +32,7 @@ from pipelines.registry import KINDS, REGISTRY, kinds
 from pipelines.storage import display
 from rn50.errors import UserError, check_flags_first
 from rn50.profile_flags import TRACE_DIR, add_profiling_flags
-from rn50.recipe import (Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, recipe_from_mapping,
-                         resolve)
+from rn50.recipe import Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, resolve
 
 MODES = ("synthetic", "loader", "train")
 READ_MODE = "read"  # raw reads from the source, no decoding (benchmarks/read.py); asked for by name, not a default
@@ -468,7 +467,7 @@ def time_to_accuracy(run_dirs: list[Path]) -> list[dict]:
             summary = json.loads(summary_path.read_text())
             target = summary.get("target")
             rows.append({"run": str(run_dir),
-                         "target_top1": recipe_from_mapping(summary["recipe"]).stopping.target_top1 or None,
+                         "target_top1": resolve(saved=summary["recipe"]).recipe.stopping.target_top1 or None,
                          "reached": target is not None, "time_s": target["time_s"] if target else None,
                          "epochs": target["epochs"] if target else None, "best_top1": summary["best/val_top1"],
                          "img_per_s": summary["train/img_per_s"], "world_size": summary["world_size"],
@@ -501,8 +500,9 @@ def run(args, argv) -> dict:
     env = init_distributed(args.device or "auto")
     machine_defaults(args, env.device.type == "cuda")
     plan = make_plan(args)
-    resolved = resolve(args, defaults=recipe_defaults(env.device.type == "cuda"))
-    recipe, machine = resolved.recipe, resolved.machine
+    # the harness's CPU sizes go in as the lowest layer, below every preset and flag
+    config = resolve(args, defaults=recipe_defaults(env.device.type == "cuda"))
+    recipe, machine = config.recipe, config.machine
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(args.profile_steps, args.profiler, env.device)

@@ -163,9 +163,9 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
         "loader_kind": loader_kind,
         # the training file list the loader states belong to (rn50.loaders.data_identity): count and digest
         "data": data,
-        # mid-epoch: each rank's running loss sums for the epoch so far (train.LossTracker.state_dict)
+        # mid-epoch: each rank's running loss sums for the epoch so far (rn50.meter.LossTracker.state_dict)
         "epoch_losses": epoch_losses,  # another loader cannot take these states: the epoch restarts
-        "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.recipe_from_mapping
+        "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.resolve(saved=...)
         "world_size": world_size,
         "history": history,  # one record per finished epoch
         "elapsed_s": elapsed_s,

@@ -19,7 +19,7 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m rn50.evaluate` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from rn50.errors import UserError, check_flags_first
-from rn50.recipe import add_recipe_flags, parse_strict, recipe_from_mapping, resolve, with_fields
+from rn50.recipe import add_recipe_flags, parse_strict, resolve, with_fields
 
 # the recipe and machine flags that matter to an evaluation (rn50.recipe.add_recipe_flags)
 EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
@@ -232,21 +232,21 @@ def run(args: argparse.Namespace) -> dict:
     env = init_distributed(args.device or "auto")
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     state, saved, kind = read_weights(args.weights, args.ema)
-    base = recipe_from_mapping(saved) if saved else None
+    base = resolve(saved=saved).recipe if saved else None
     found = arch_of_weights(state)  # the weights say which architecture they are: ours and torchvision's alike
     if found is not None and args.arch is not None and args.arch != found:
         raise UserError(f"--arch {args.arch} does not fit {args.weights}: it holds {found} weights; drop --arch "
                         "(the weights say which architecture they are)")
     if found is not None:
         base = with_fields(base, arch=found)
-    resolved = resolve(args, base)
-    recipe, machine = resolved.recipe, resolved.machine.for_device(env.device.type)  # --loader auto made concrete
+    config = resolve(args, saved=base)  # the weights' recipe (and arch) < presets < flags
+    recipe, machine = config.recipe, config.machine.for_device(env.device.type)  # --loader auto made concrete
     if machine.loader == "synthetic":
         raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "
                         "torchvision to evaluate")
     if sizes:
         for size in sizes:  # every size's recipe is checked before the first evaluation
-            with_fields(recipe, val_image_size=size).validate()
+            with_fields(recipe, val_image_size=size)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

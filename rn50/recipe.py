@@ -1,16 +1,17 @@
-"""The one recipe: typed, frozen sections whose defaults are the 90-epoch ResNet-50 recipe, and, kept apart,
-the machine settings (how this machine runs the recipe, not what is trained).
+"""The configuration: the one recipe (typed, frozen sections whose defaults are the 90-epoch ResNet-50
+recipe), the machine settings kept apart from it (how this machine runs the recipe, not what is trained),
+and rn50.train's run settings (where it reads and writes, how it resumes), together a `Config`.
 
-Layers, lowest first: the defaults here, presets (TOML, `rn50/presets/<name>.toml`, several applied left to
-right with `--preset a,b`), then single CLI flags. Every field has one flat name, used as its flag
-(`batch_size` is `--batch-size`), its key in presets and in recipe.json; presets may also group keys in
+`resolve` is the one way to build a Config, with one precedence rule, lowest first: the defaults here (the
+loader settings' from pipelines.settings), the saved recipe where resuming (a checkpoint's; never its machine
+settings), presets (TOML, `rn50/presets/<name>.toml`, several applied left to right with `--preset a,b`),
+then single CLI flags; then one validation (Config.validate). Every field has one flat name, used as its
+flag (`batch_size` is `--batch-size`), its key in presets and in recipe.json; presets may also group keys in
 tables named after the sections. An unknown key or flag is an error that suggests the closest name.
 
-A run saves the resolved recipe as `recipe.json` and the machine settings as `machine.json`. On resume the
-recipe comes from the checkpoint, and a change to a field that alters what a step means is refused unless
-named with `--allow-change` (`changes_on_resume`); machine settings are never inherited from a checkpoint.
+A run saves the resolved recipe as `recipe.json` and the machine settings as `machine.json`; the resume
+guard (which changes a resumed run accepts) is rn50.lifecycle's.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,10 @@ from pathlib import Path
 
 from pipelines.registry import KINDS, choices_help
 from pipelines.augmentation import Augmentation, opt
+from pipelines.settings import LoaderSettings
 from rn50.errors import UserError
+from rn50.profile_flags import TOOLS as PROFILERS, add_profiling_flags
+from rn50.restart import parse_every
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = KINDS
@@ -35,6 +39,11 @@ COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile'
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.model
 TRACKERS = ("none", "wandb", "mlflow")  # rn50.tracking's backends
 RANDAUGMENT_MAX = 30  # DALI's auto_aug: magnitudes are bins 0..30 (num_magnitude_bins 31)
+
+
+def _run_opt(default, help: str, **flag):
+    """A run setting: its default, its help and how argparse reads its flag (add_run_flags)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -180,13 +189,17 @@ class Machine:
     loader: str = opt("auto", f"auto: dali on a CUDA device, dali-cpu without one | {choices_help()} (docs/loaders.md)")
     device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
                               "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
-    dali_threads: int = opt(4, "DALI CPU threads per process")
-    hw_decoder_load: float = opt(0.65, "share of JPEG decoding on the A100/H100 hardware decoder")
-    fused_decode: bool = opt(True, "decode fused with RandomResizedCrop (decodes only the crop's region); "
-                                   "--no-fused-decode decodes the whole image, then crops")
-    prefetch: int = opt(2, "DALI prefetch queue depth; torchvision-gpu: batches prepared ahead")
-    workers: int = opt(-1, "torchvision loader processes per GPU; torchvision-gpu: threads reading the files; "
-                           "-1: the cores this process may use over the local ranks, 1 to 8")
+    # the loader settings: their defaults live in pipelines.settings.LoaderSettings, and only there
+    dali_threads: int = opt(LoaderSettings.dali_threads, "DALI CPU threads per process")
+    hw_decoder_load: float = opt(LoaderSettings.hw_decoder_load, "share of JPEG decoding on the A100/H100 "
+                                                                 "hardware decoder")
+    fused_decode: bool = opt(LoaderSettings.fused_decode, "decode fused with RandomResizedCrop (decodes only the "
+                                                          "crop's region); --no-fused-decode decodes the whole "
+                                                          "image, then crops")
+    prefetch: int = opt(LoaderSettings.prefetch, "DALI prefetch queue depth; torchvision-gpu: batches prepared ahead")
+    workers: int = opt(LoaderSettings.workers, "torchvision loader processes per GPU; torchvision-gpu: threads "
+                                               "reading the files; -1: the cores this process may use over the "
+                                               "local ranks, 1 to 8")
     log_every: int = opt(50, "steps between host syncs for logging")
     # speed levers (docs/benchmarks.md#speed-levers): how a step runs, not what it computes
     compile: bool = opt(False, "torch.compile the model (compile time is reported apart, never counted in img/s)")
@@ -207,6 +220,10 @@ class Machine:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def loader_settings(self) -> LoaderSettings:
+        """The settings every loader receives (pipelines.settings.LoaderSettings), as this machine has them."""
+        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings)})
+
     def for_device(self, device_type: str) -> "Machine":
         """These settings with `loader auto` made concrete for the device this process runs on ("cuda" or
         "cpu", torch.device.type): dali on CUDA, dali-cpu elsewhere. Runs save and compare the concrete one
@@ -218,14 +235,9 @@ class Machine:
             raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO_LOADER,) + LOADERS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        for name in ("dali_threads", "log_every", "prefetch"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < -1:
-            raise UserError(f"workers must be 0 or more (or -1: as many as this machine's cores allow), "
-                            f"got {self.workers}")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise UserError(f"hw_decoder_load must lie in [0, 1], got {self.hw_decoder_load}")
+        self.loader_settings().validate()
+        if self.log_every < 1:
+            raise UserError(f"log_every must be at least 1, got {self.log_every}")
         if self.compile_mode not in COMPILE_MODES:
             raise UserError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.ddp_bucket_mb < 1:
@@ -293,10 +305,10 @@ def _coerce(flat: str, value):
     return value
 
 
-def flatten(values: dict) -> dict:
-    """Flat name -> value, from a mapping with flat keys and/or tables named after sections (as presets,
-    recipe.json and checkpoints hold them). Unknown keys are errors: callers drop keys that are not settings
-    (recipe.json's world_size, peak_lr, ...) first, as recipe_from_mapping does."""
+def _flat(values: dict) -> dict:
+    """Flat name -> value, brought to each field's type, from a mapping with flat keys and/or tables named
+    after the sections or `machine` (as presets, recipe.json and checkpoints hold them). Unknown keys are
+    errors: resolve drops the keys of a saved recipe that are not settings (world_size, peak_lr, ...) first."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict) and (key in SECTIONS or key == "machine"):
@@ -313,8 +325,8 @@ def flatten(values: dict) -> dict:
     return {k: _coerce(k, v) for k, v in flat.items()}
 
 
-def apply(recipe: Recipe, machine: Machine, values: dict) -> tuple[Recipe, Machine]:
-    """Layer flat values on a recipe and machine settings."""
+def _layer(recipe: Recipe, machine: Machine, values: dict) -> tuple[Recipe, Machine]:
+    """Flat values laid over a recipe and machine settings (one layer of resolve)."""
     machine = dataclasses.replace(machine, **{k: v for k, v in values.items() if k in MACHINE_FIELDS})
     by_section: dict[str | None, dict] = {}
     for flat, value in values.items():
@@ -326,16 +338,13 @@ def apply(recipe: Recipe, machine: Machine, values: dict) -> tuple[Recipe, Machi
     return dataclasses.replace(recipe, **sections, **top), machine
 
 
-def recipe_from_mapping(values: dict) -> Recipe:
-    """A recipe from a saved recipe.json or a checkpoint's recipe (sectioned, or flat as older runs wrote it).
-    Machine settings and bookkeeping keys in it are ignored: they are not part of what was trained."""
-    known = {k: v for k, v in values.items() if k in SECTIONS or k in RECIPE_FIELDS or k in MACHINE_FIELDS}
-    return apply(Recipe(), Machine(), {k: v for k, v in flatten(known).items() if k in RECIPE_FIELDS})[0]
-
-
 def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
-    """A recipe with some fields changed by flat name: `with_fields(batch_size=8, arch="resnet18")`."""
-    return apply(recipe or Recipe(), Machine(), {k: _coerce(k, v) for k, v in flat.items()})[0]
+    """A recipe with some fields changed by flat name, through resolve (checked as any run's):
+    `with_fields(batch_size=8, arch="resnet18")`, `with_fields(saved, epochs=6)`."""
+    unknown = [name for name in flat if name not in RECIPE_FIELDS]
+    if unknown:
+        raise UserError(f"unknown recipe field {unknown[0]!r}{_closest(unknown[0], RECIPE_FIELDS)}")
+    return resolve(flat, saved=recipe).recipe
 
 
 # --- presets ----------------------------------------------------------------------------------------
@@ -376,7 +385,7 @@ def _read_preset_file(path: Path, chain: tuple[Path, ...]) -> dict:
             cycle = " -> ".join(p.stem for p in chain + (base_path.resolve(),))
             raise UserError(f"preset {path}: its bases form a cycle ({cycle})")
         values = _read_preset_file(base_path, chain + (base_path.resolve(),))
-    return {**values, **flatten(raw)}
+    return {**values, **_flat(raw)}
 
 
 def read_preset(name: str) -> dict:
@@ -398,94 +407,105 @@ def _mentions_base(preset: str, base: str) -> bool:
         return tomllib.load(handle).get("base") == base
 
 
-@dataclass
-class Resolved:
+# --- the one configuration path ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How rn50.train keeps this run: where it reads and writes, how it resumes, checkpoints and watches
+    itself. Neither what is trained (Recipe) nor how this machine runs it (Machine). One flag per field
+    (add_run_flags); the profiling flags are rn50.profile_flags', shared with the harness."""
+    data: Path | None = _run_opt(None, "folder with train/<class>/ and val/<class>/", required=True, type=Path)
+    out: Path | None = _run_opt(None, "run folder for metrics, summary, checkpoints", required=True, type=Path)
+    manifest: Path | None = _run_opt(None, "folder with train.txt/val.txt from `python -m tools.scan`: train on "
+                                           "those files only", type=Path)
+    resume: str | None = _run_opt(None, "checkpoint to continue from, or 'auto': the newest valid one in --out "
+                                        "(none: start)")
+    allow_change: str | None = _run_opt(None, "on --resume, accept these recipe fields differing from the "
+                                              "checkpoint's (any other change that alters a step is refused; "
+                                              "machine settings change freely)", metavar="FIELD[,FIELD]")
+    reshard: bool = _run_opt(False, "allow resuming with another number of processes (restarts the interrupted "
+                                    "epoch)", action="store_true")
+    checkpoint_every: int = _run_opt(0, "also checkpoint every STEPS steps, or every TIME of training (30s, 10m, "
+                                        "2h; with the loader state: exact mid-epoch resume)", type=parse_every,
+                                     metavar="STEPS|TIME")
+    keep_checkpoints: int = _run_opt(3, "keep the last K checkpoints (and the best by top-1); 0 keeps all",
+                                     type=int, metavar="K")
+    max_nonfinite_steps: int = _run_opt(50, "stop when the loss stays NaN/inf for K consecutive steps", type=int,
+                                        metavar="K")
+    hang_timeout: float = _run_opt(600.0, "end the job when a rank makes no progress for this long, naming the "
+                                          "stalled rank and what it was doing (0: off)", type=float,
+                                   metavar="SECONDS")
+    profile_steps: tuple[int, int] | None = None  # --profile-steps A:B (rn50.profile_flags)
+    profiler: str = PROFILERS[0]  # --profiler
+
+    @classmethod
+    def from_flags(cls, values: dict) -> "RunSettings":
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def add_run_flags(parser: argparse.ArgumentParser, counted: str) -> None:
+    """rn50.train's run flags, one per RunSettings field, and the profiling flags (`counted`: what their
+    steps count)."""
+    for f in fields(RunSettings):
+        if "flag" in f.metadata:
+            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
+                                **f.metadata["flag"])
+    add_profiling_flags(parser, counted)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a command runs with: the recipe (what is trained), the machine settings (how this machine
+    runs it) and, for rn50.train, the run settings; built by resolve, and only there."""
     recipe: Recipe
     machine: Machine
-    presets: tuple[str, ...] = ()
-    overridden: list[str] = field(default_factory=list)  # "b overrides a: batch_size 192 -> 256"
+    run: RunSettings | None = None
+    presets: tuple[str, ...] = ()  # the --preset names, in the order applied
+    overridden: list[str] = field(default_factory=list)  # "preset b overrides a: batch_size 192 -> 256"
+    given: frozenset[str] = frozenset()  # flat names that a preset or a flag set
+
+    def validate(self) -> "Config":
+        """Every check of the configuration: the recipe's, then the machine's (the loader settings' own)."""
+        self.recipe.validate()
+        self.machine.validate()
+        return self
 
 
-def resolve(args: argparse.Namespace, base: Recipe | None = None, defaults: dict | None = None) -> Resolved:
-    """Defaults (or `base`, a checkpoint's recipe), then each preset left to right, then the flags given.
-    `defaults`: flat values that replace built-in defaults, below every preset and flag (the harness's CPU
-    sizes)."""
-    recipe, machine = apply(base or Recipe(), Machine(), defaults or {})
-    names = tuple(n.strip() for n in (getattr(args, "preset", None) or "").split(",") if n.strip())
+def resolve(flags=None, *, saved: Recipe | dict | None = None, defaults: dict | None = None,
+            run: type[RunSettings] | None = None) -> Config:
+    """The one way to build a configuration, with one precedence rule. Layers, lowest first:
+
+    1. the built-in defaults (the dataclasses above; the loader settings' from pipelines.settings), with
+       `defaults` in their place: flat values a command puts below everything (the harness's CPU sizes);
+    2. `saved`, where resuming or reading a run: a checkpoint's or recipe.json's recipe (sectioned, or flat
+       as older runs wrote it), or a Recipe. Its machine settings and bookkeeping keys are ignored: a run
+       never inherits how another machine ran;
+    3. each preset of flags["preset"] (`"a,b"`), left to right;
+    4. the flags given (`flags`: an argparse Namespace or a dict by flat name; None means not given).
+
+    `run`: the command's run-settings class, filled from the flags of its fields' names (rn50.train's
+    RunSettings). Validated once, at the end (Config.validate)."""
+    values = dict(vars(flags) if isinstance(flags, argparse.Namespace) else flags or {})
+    recipe, machine = _layer(Recipe(), Machine(), _flat(defaults or {}))
+    if isinstance(saved, Recipe):
+        recipe = saved
+    elif saved is not None:
+        known = {k: v for k, v in saved.items() if k in SECTIONS or k in ALL_FIELDS}
+        recipe = _layer(recipe, machine, {k: v for k, v in _flat(known).items() if k in RECIPE_FIELDS})[0]
+    names = tuple(n.strip() for n in (values.get("preset") or "").split(",") if n.strip())
     set_by: dict[str, tuple[str, object]] = {}
     overridden = []
     for name in names:
-        values = read_preset(name)
-        for flat, value in values.items():
+        preset = read_preset(name)
+        for flat, value in preset.items():
             if flat in set_by and set_by[flat][1] != value:
                 overridden.append(f"preset {name} overrides {set_by[flat][0]}: {flat} {set_by[flat][1]!r} -> {value!r}")
             set_by[flat] = (name, value)
-        recipe, machine = apply(recipe, machine, values)
-    given = {flat: getattr(args, flat) for flat in ALL_FIELDS if getattr(args, flat, None) is not None}
-    recipe, machine = apply(recipe, machine, given)
-    return Resolved(recipe.validate(), machine.validate(), names, overridden)
-
-
-def recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
-    return resolve(args, base).recipe
-
-
-def load_presets(names: str) -> Resolved:
-    """The recipe and machine settings that presets give over the defaults (`"h100x8,kd_lamb_610"`)."""
-    return resolve(argparse.Namespace(preset=names))
-
-
-# --- resume -----------------------------------------------------------------------------------------
-
-# Changes a resumed run makes without --allow-change: they do not alter what any step already taken, or
-# the next one, means. `epochs` only lengthens a step or plateau schedule (milestones are absolute epochs);
-# the stopping rules only decide when to stop.
-SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
-
-
-def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
-    """Fields that differ between the checkpoint's recipe and this run's, except the safe ones."""
-    changed = []
-    for flat in RECIPE_FIELDS:
-        before, after = get(saved, flat), get(now, flat)
-        if before == after or flat in SAFE_ON_RESUME:
-            continue
-        if flat == "epochs" and after > before and now.schedule.kind in ("step", "plateau"):
-            continue  # a longer step/plateau schedule: the steps so far had the same LR they will keep
-        changed.append((flat, before, after))
-    return changed
-
-
-# Fields no resume can change: the checkpoint's weights fit its own architecture only. --allow-change does
-# not take them (another architecture is a new run: a new --out, --finetune-from for weights that fit).
-NEVER_ON_RESUME = ("arch",)
-# --allow-change also takes `data`: another list of training files than the checkpoint's (rn50.train checks
-# it); the interrupted epoch then restarts, since the loader's position belongs to the old list.
-DATA_CHANGE = "data"
-
-
-def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
-    """Refuse a resume that changes the meaning of a step, unless each such field is named in --allow-change;
-    a change of a NEVER_ON_RESUME field is refused whatever it names. Returns the allowed changes, for the log."""
-    allowed_names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
-    for name in allowed_names - {DATA_CHANGE}:
-        if name not in RECIPE_FIELDS:
-            hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else _closest(name, RECIPE_FIELDS)
-            raise UserError(f"--allow-change names {name!r}, which is not a recipe field{hint}")
-    changed = changes_on_resume(saved, now)
-    for flat, before, after in changed:
-        if flat in NEVER_ON_RESUME:
-            raise UserError(f"the checkpoint holds {flat} {before} weights but this run asks for {flat} {after}: "
-                            f"another {flat} is a new run, not a resume; resume with {flat} {before} (drop "
-                            f"--{flat.replace('_', '-')}), or start a new run with a new --out")
-    refused = [(f, a, b) for f, a, b in changed if f not in allowed_names]
-    if refused:
-        flat, before, after = refused[0]
-        more = f" (and {', '.join(f for f, _, _ in refused[1:])})" if len(refused) > 1 else ""
-        raise UserError(f"the checkpoint was trained with {flat} = {before!r} but this run asks for {after!r}{more}; "
-                        f"resume with the same value, or pass --allow-change {','.join(f for f, _, _ in refused)} "
-                        "to continue with the new one")
-    return [f"{f}: {a!r} -> {b!r}" for f, a, b in changed]
+        recipe, machine = _layer(recipe, machine, preset)
+    given = {flat: _coerce(flat, values[flat]) for flat in ALL_FIELDS if values.get(flat) is not None}
+    recipe, machine = _layer(recipe, machine, given)
+    return Config(recipe, machine, run.from_flags(values) if run else None, names, overridden,
+                  frozenset(set_by) | frozenset(given)).validate()
 
 
 # --- the command line -------------------------------------------------------------------------------

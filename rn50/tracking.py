@@ -388,10 +388,10 @@ def log_bench(machine, out: Path, report: dict, say=None) -> None:
                            say=say)
     if not tracker.active:
         return
-    from rn50.recipe import flat_items, recipe_from_mapping
+    from rn50.recipe import flat_items, resolve
 
     config = report["config"]
-    recipe = recipe_from_mapping(config["recipe"])
+    recipe = resolve(saved=config["recipe"]).recipe
     plan = {f"bench/{k}": _param_value(v) for k, v in config.items()
             if k not in ("recipe", "machine", "dataset")}
     plan.update({f"bench/dataset/{k}": v for k, v in config.get("dataset", {}).items()})

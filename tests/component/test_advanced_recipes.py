@@ -274,10 +274,10 @@ def test_unknown_choices_are_user_errors(data_dir, tmp_path):
 
 
 def test_named_presets_resolve_as_documented():
-    from rn50.recipe import available_presets, format_recipe, load_presets
+    from rn50.recipe import available_presets, format_recipe, resolve
 
     assert {"kd_lamb_610", "finetune"} <= set(available_presets())
-    kd = load_presets("kd_lamb_610").recipe
+    kd = resolve({"preset": "kd_lamb_610"}).recipe
     s, o, a, reg = kd.schedule, kd.optimisation, kd.augmentation, kd.regularisation
     assert (o.optimizer, s.kind, s.epochs, s.warmup_epochs, s.cooldown_epochs) == ("lamb", "cosine", 610, 5, 10)
     assert o.peak_lr(world_size=8) == pytest.approx(5e-3) and o.batch_size * 8 == 1536
@@ -287,7 +287,7 @@ def test_named_presets_resolve_as_documented():
     peak = o.peak_lr(8)
     assert lr_at(s, peak, 600 * SPE, SPE) == pytest.approx(s.min_lr)
     assert lr_at(s, peak, 300 * SPE, SPE) > lr_at(s, peak, 500 * SPE, SPE) > s.min_lr
-    tune = load_presets("finetune").recipe
+    tune = resolve({"preset": "finetune"}).recipe
     assert (tune.optimisation.optimizer, tune.schedule.kind, tune.model.freeze_backbone_epochs,
             tune.stopping.early_stop_patience) == ("adamw", "plateau", 1, 5)
     assert "optimizer = \"lamb\"" in format_recipe(kd)  # printed in full when chosen

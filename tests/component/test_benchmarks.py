@@ -211,9 +211,9 @@ def test_autotune_saves_a_preset_train_can_read(data_dir, tmp_path):
     assert report["autotune"]["preset_loader"] == "dali-cpu"
     assert len(tuned["sweep"]) == len({(r["dali_threads"], r["prefetch"]) for r in tuned["sweep"]}) >= 3
     assert tuned["best"]["img_per_s"] == max(r["img_per_s"] for r in tuned["sweep"])
-    from rn50.recipe import load_presets
+    from rn50.recipe import resolve
 
-    machine = load_presets(str(out / "autotuned.toml")).machine  # loader settings: machine, not recipe
+    machine = resolve({"preset": str(out / "autotuned.toml")}).machine  # loader settings: machine, not recipe
     assert (machine.dali_threads, machine.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
     assert machine.loader == "dali-cpu"
 

@@ -176,10 +176,10 @@ def test_normalize_validation_and_flag():
             Augmentation(normalize=bad).validate()
     import argparse
 
-    from rn50.recipe import add_recipe_flags, recipe_from_args
+    from rn50.recipe import add_recipe_flags, resolve
     parser = argparse.ArgumentParser()
     add_recipe_flags(parser)
-    recipe = recipe_from_args(parser.parse_args(["--normalize", "0.5,0.5,0.5,0.25,0.25,0.25"]))
+    recipe = resolve(parser.parse_args(["--normalize", "0.5,0.5,0.5,0.25,0.25,0.25"])).recipe
     assert recipe.augmentation.normalize == (0.5, 0.5, 0.5, 0.25, 0.25, 0.25)
 
 

@@ -10,7 +10,7 @@ from pipelines.augmentation import Augmentation
 from rn50.errors import UserError
 from rn50.evaluate import evaluate
 from rn50.model import _blur_input, add_blurpool, blurred_convolutions, build_model, count_parameters
-from rn50.recipe import load_presets, with_fields
+from rn50.recipe import resolve, with_fields
 from rn50.schedule import lr_at
 
 
@@ -101,7 +101,7 @@ def test_flip_averaging_is_the_mean_of_the_two_logits():
 @pytest.mark.parametrize("epochs, ramp", [(16, (11, 13)), (24, (17, 20)), (32, (23, 27)), (40, (29, 34)),
                                           (56, (41, 48)), (88, (65, 76))])
 def test_budget_presets_mirror_ffcvs_configs(epochs, ramp):
-    recipe = load_presets(f"ffcv_{epochs}_epochs").recipe
+    recipe = resolve({"preset": f"ffcv_{epochs}_epochs"}).recipe
     aug = recipe.augmentation
     assert recipe.schedule.epochs == epochs and recipe.schedule.kind == "linear"
     assert (aug.min_res, aug.max_res, aug.start_ramp, aug.end_ramp) == (160, 192, *ramp)
@@ -160,7 +160,7 @@ def test_dali_resume_across_a_resolution_change_is_exact(data_dir):
 def test_schedule_estimate_takes_each_epoch_at_its_resolutions_speed():
     from benchmarks.run import IMAGENET_TRAIN, IMAGENET_VAL, time_to_train_schedule
 
-    recipe = load_presets("ffcv_16_epochs").recipe  # 12 epochs at 160 px, 4 at 192, validation 256 with flips
+    recipe = resolve({"preset": "ffcv_16_epochs"}).recipe  # 12 epochs at 160 px, 4 at 192, validation 256 with flips
     rows = [{"image_size": 160, "mode": "train", "loader": "dali", "img_per_s": 10_000.0},
             {"image_size": 192, "mode": "train", "loader": "dali", "img_per_s": 8_000.0},
             {"image_size": 160, "mode": "synthetic", "loader": "synthetic", "img_per_s": 12_000.0}]

@@ -12,7 +12,7 @@ from benchmarks.levers import LEVERS, best_combination, parse_levers, variant, w
 from benchmarks.run import Bench, main
 from rn50.dist import DistEnv
 from rn50.errors import UserError
-from rn50.recipe import Machine, Recipe, load_presets
+from rn50.recipe import Machine, Recipe, resolve
 
 
 def test_parse_levers_names_sizes_and_all():
@@ -127,7 +127,7 @@ def test_the_best_combination_is_one_training_accepts_and_is_measured_before_it_
     assert len(bench.log) == 5  # baseline, three levers, then the combination itself
     check_preset(report["best_fields"], Recipe(), Machine(), bench.env.device)  # training accepts it
     write_preset(report["best_fields"], tmp_path / "levers.toml")
-    resolved = load_presets(str(tmp_path / "levers.toml"))
+    resolved = resolve({"preset": str(tmp_path / "levers.toml")})
     check_cuda_only_settings(resolved.recipe, resolved.machine, bench.env.device)
     # cuda-graphs the fastest: neither max-autotune nor the fused optimizer off may join it
     report = measure_levers(FigureBench(lambda r, m: levers_speed(r, m) * (1.5 if m.cuda_graphs else 1.0)), levers,
@@ -149,7 +149,7 @@ def test_the_best_combination_preset_is_read_back_by_the_recipe(tmp_path):
     path = tmp_path / "levers.toml"
     write_preset({"compile": True, "compile_mode": "max-autotune", "batch_size": 512, "amp_dtype": "bfloat16",
                   "channels_last": False}, path)
-    resolved = load_presets(str(path))
+    resolved = resolve({"preset": str(path)})
     assert resolved.machine.compile and resolved.machine.compile_mode == "max-autotune"
     assert resolved.recipe.optimisation.batch_size == 512 and resolved.recipe.precision.amp_dtype == "bfloat16"
     assert resolved.recipe.precision.channels_last is False

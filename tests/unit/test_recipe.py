@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from rn50.errors import UserError
+from rn50.lifecycle import guard_resume
 from rn50.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Machine, Recipe, add_recipe_flags, available_presets,
-                         flatten, format_recipe, guard_resume, load_presets, parse_strict, read_preset,
-                         recipe_from_mapping, resolve, with_fields)
+                         format_recipe, parse_strict, read_preset, resolve, with_fields)
 
 FLAT_PRESETS = Path(__file__).parents[1] / "data" / "flat-presets"  # the presets as they were before sections
 
@@ -59,12 +59,12 @@ def test_machine_settings_are_not_recipe_fields():
 
 
 def test_presets_layer_left_to_right_and_report_what_a_later_one_overrides(tmp_path):
-    resolved = load_presets("rtx3090x4,smoke")
+    resolved = resolve({"preset": "rtx3090x4,smoke"})
     assert resolved.recipe.optimisation.batch_size == 192 and resolved.recipe.schedule.epochs == 4
     assert resolved.machine.dali_threads == 6 and resolved.machine.log_every == 10
     assert resolved.overridden == []  # the two set different fields
     (tmp_path / "big.toml").write_text("[optimisation]\nbatch_size = 256\n")
-    resolved = load_presets(f"rtx3090x4,{tmp_path / 'big.toml'}")
+    resolved = resolve({"preset": f"rtx3090x4,{tmp_path / 'big.toml'}"})
     assert resolved.recipe.optimisation.batch_size == 256
     assert len(resolved.overridden) == 1 and "batch_size 192 -> 256" in resolved.overridden[0]
     flags = parse(["--preset", "smoke,rtx3090x4", "--epochs", "7"]).recipe
@@ -77,7 +77,7 @@ def test_every_preset_loads_and_matches_its_flat_form(name):
     written after the move have no flat form: tests/component/test_time_to_accuracy.py checks the budget presets)."""
     sectioned = read_preset(name)
     assert sectioned == read_preset(str(FLAT_PRESETS / f"{name}.toml"))
-    resolved = load_presets(name)
+    resolved = resolve({"preset": name})
     for flat, value in sectioned.items():
         owner = resolved.machine if flat in MACHINE_FIELDS else None
         assert (getattr(owner, flat) if owner else _get(resolved.recipe, flat)) == value
@@ -114,7 +114,7 @@ def test_a_preset_builds_on_its_base(tmp_path):
     # a base is not a preset of its own: not listed, and named alone it points at the presets built on it
     assert "ffcv_base" not in available_presets() and "ffcv_16_epochs" in available_presets()
     with pytest.raises(UserError, match="ffcv_base is a base .*ffcv_16_epochs"):
-        load_presets("ffcv_base")
+        resolve({"preset": "ffcv_base"})
 
 
 def _get(recipe, flat):
@@ -149,7 +149,7 @@ def test_torchvision_reference_flags_name_ours_and_the_difference(flag, ours):
 
 def test_wrong_type_and_bad_values_are_user_errors():
     with pytest.raises(UserError, match="epochs"):
-        flatten({"epochs": "ninety"})
+        resolve(saved={"epochs": "ninety"})
     with pytest.raises(UserError, match="loader"):
         parse(["--loader", "pil"])
     with pytest.raises(UserError, match="hw_decoder_load"):
@@ -165,10 +165,10 @@ def test_saved_recipe_round_trips_and_older_flat_recipes_still_read(tmp_path):
     r.save(tmp_path / "recipe.json", world_size=2, peak_lr=0.25)
     saved = json.loads((tmp_path / "recipe.json").read_text())
     assert saved["world_size"] == 2 and saved["optimisation"]["batch_size"] == 32
-    assert recipe_from_mapping(saved) == r
+    assert resolve(saved=saved).recipe == r
     # a checkpoint's recipe before sections: flat, with machine settings in it (ignored, never inherited)
     old = {"batch_size": 32, "lr_milestones": [3.0], "kd_alpha": 0.5, "loader": "torchvision", "dali_threads": 9}
-    assert recipe_from_mapping(old) == r
+    assert resolve(saved=old).recipe == r
 
 
 def test_printed_recipe_reads_back_as_a_preset(tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_printed_recipe_reads_back_as_a_preset(tmp_path, capsys):
     argv = ["--preset", "smoke", "--batch-size", "16", "--lr-milestones", "2,3", "--workers", "3"]
     main(argv)
     (tmp_path / "resolved.toml").write_text(capsys.readouterr().out)
-    again = load_presets(str(tmp_path / "resolved.toml"))
+    again = resolve({"preset": str(tmp_path / "resolved.toml")})
     expected = parse(argv)
     assert (again.recipe, again.machine) == (expected.recipe, expected.machine)
 
@@ -246,7 +246,7 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
 
     from rn50.recipe import epoch_plan
 
-    ffcv = load_presets("ffcv_16_epochs").recipe
+    ffcv = resolve({"preset": "ffcv_16_epochs"}).recipe
     assert epoch_plan(ffcv)[0].startswith("progressive resizing: 160 px in epochs 1-12, 192 px in epochs 13-16")
     assert not any("warning" in line for line in epoch_plan(ffcv))
     lines = epoch_plan(with_fields(ffcv, epochs=3))

@@ -18,8 +18,8 @@ from pipelines.folder import check_files, list_split
 from rn50.checkpoint import restore_training
 from rn50.errors import UserError
 from rn50.model import arch_of_weights, build_model
-from rn50.recipe import Recipe, guard_resume, with_fields
-from rn50.train import check_data
+from rn50.lifecycle import check_data, guard_resume
+from rn50.recipe import Recipe, with_fields
 from tests.conftest import CLASSES
 
 
@@ -176,15 +176,15 @@ def test_finetune_reads_the_architecture_from_the_weights(tmp_path):
     now the weights' architecture is the run's (with a note), and a contradicting --arch is refused at start-up."""
     from argparse import Namespace
 
-    from rn50.train import finetune_arch
+    from rn50.lifecycle import finetune_arch
 
     path = tmp_path / "checkpoint_0001.pt"
     torch.save({"model": build_model("resnet18", 3).state_dict(), "recipe": {"model": {"arch": "resnet18"}}}, path)
     recipe = with_fields(Recipe(), finetune_from=str(path))
-    adopted, note = finetune_arch(recipe, Namespace(arch=None), ())
+    adopted, note = finetune_arch(recipe, given=())
     assert adopted.model.arch == "resnet18" and note == f"arch resnet18: read from --finetune-from {path}"
     with pytest.raises(UserError, match="holds resnet18 weights but this run's arch is resnet50"):
-        finetune_arch(with_fields(recipe, arch="resnet50"), Namespace(arch="resnet50"), ())
-    same, note = finetune_arch(with_fields(recipe, arch="resnet18"), Namespace(arch="resnet18"), ())
+        finetune_arch(with_fields(recipe, arch="resnet50"), given={"arch"})
+    same, note = finetune_arch(with_fields(recipe, arch="resnet18"), given={"arch"})
     assert same.model.arch == "resnet18" and note is None
-    assert finetune_arch(Recipe(), Namespace(arch=None), ()) == (Recipe(), None)  # no --finetune-from
+    assert finetune_arch(Recipe(), given=()) == (Recipe(), None)  # no --finetune-from

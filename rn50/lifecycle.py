@@ -1,0 +1,322 @@
+"""A run's life in its folder: start-up, resume and the run folder's files.
+
+Owns what rn50.train does before the first step and after the last: reading the checkpoint to resume from
+(`--resume PATH|auto`), resolving the configuration over it (rn50.recipe.resolve), the resume guard (which
+recipe changes a resume accepts), the checks of the training file list, the world size and the
+architecture of --finetune-from weights, finished-run detection, preparing (and on a failed start cleaning
+up) the run folder, where a resumed run continues, and the files recipe.json, machine.json and
+summary.json. Every check here runs before anything is written into the run folder: a failed start-up is
+one line, exit 2, and leaves the folder as it found it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rn50.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+from rn50.dist import DistEnv
+from rn50.errors import UserError
+from rn50.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Config, Machine, Recipe, RunSettings, _closest,
+                         changes_from_defaults, epoch_plan, get, resolve, with_fields)
+
+# --- the resume guard ---------------------------------------------------------------------------------
+
+# Changes a resumed run makes without --allow-change: they do not alter what any step already taken, or
+# the next one, means. `epochs` only lengthens a step or plateau schedule (milestones are absolute epochs);
+# the stopping rules only decide when to stop.
+SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
+
+
+def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
+    """Fields that differ between the checkpoint's recipe and this run's, except the safe ones."""
+    changed = []
+    for flat in RECIPE_FIELDS:
+        before, after = get(saved, flat), get(now, flat)
+        if before == after or flat in SAFE_ON_RESUME:
+            continue
+        if flat == "epochs" and after > before and now.schedule.kind in ("step", "plateau"):
+            continue  # a longer step/plateau schedule: the steps so far had the same LR they will keep
+        changed.append((flat, before, after))
+    return changed
+
+
+# Fields no resume can change: the checkpoint's weights fit its own architecture only. --allow-change does
+# not take them (another architecture is a new run: a new --out, --finetune-from for weights that fit).
+NEVER_ON_RESUME = ("arch",)
+# --allow-change also takes `data`: another list of training files than the checkpoint's (rn50.train checks
+# it); the interrupted epoch then restarts, since the loader's position belongs to the old list.
+DATA_CHANGE = "data"
+
+
+def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
+    """Refuse a resume that changes the meaning of a step, unless each such field is named in --allow-change;
+    a change of a NEVER_ON_RESUME field is refused whatever it names. Returns the allowed changes, for the log."""
+    allowed_names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
+    for name in allowed_names - {DATA_CHANGE}:
+        if name not in RECIPE_FIELDS:
+            hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else _closest(name, RECIPE_FIELDS)
+            raise UserError(f"--allow-change names {name!r}, which is not a recipe field{hint}")
+    changed = changes_on_resume(saved, now)
+    for flat, before, after in changed:
+        if flat in NEVER_ON_RESUME:
+            raise UserError(f"the checkpoint holds {flat} {before} weights but this run asks for {flat} {after}: "
+                            f"another {flat} is a new run, not a resume; resume with {flat} {before} (drop "
+                            f"--{flat.replace('_', '-')}), or start a new run with a new --out")
+    refused = [(f, a, b) for f, a, b in changed if f not in allowed_names]
+    if refused:
+        flat, before, after = refused[0]
+        more = f" (and {', '.join(f for f, _, _ in refused[1:])})" if len(refused) > 1 else ""
+        raise UserError(f"the checkpoint was trained with {flat} = {before!r} but this run asks for {after!r}{more}; "
+                        f"resume with the same value, or pass --allow-change {','.join(f for f, _, _ in refused)} "
+                        "to continue with the new one")
+    return [f"{f}: {a!r} -> {b!r}" for f, a, b in changed]
+
+
+
+def check_data(checkpoint: dict, identity: dict | None, allowed: str | None) -> tuple[bool, list[str]]:
+    """(the same training file list as the checkpoint's, notes). Another list is refused in one line unless
+    --allow-change names `data` (then the interrupted epoch restarts: the loader's position belongs to the
+    checkpoint's list). A checkpoint written before lists were recorded is accepted with a note."""
+    saved = checkpoint.get("data")
+    if identity is None:  # synthetic data: no files
+        return True, []
+    if saved is None:
+        return True, ["note: the checkpoint records no training file list (written before they were recorded): "
+                      "its loader position is used as is; resume with the --data and --manifest it trained on"]
+    if saved == identity:
+        return True, []
+    change = f"{saved['count']} files (digest {saved['digest']}) -> {identity['count']} (digest {identity['digest']})"
+    if DATA_CHANGE in {n.strip() for n in (allowed or "").split(",")}:
+        return False, [f"changed on resume: training files: {change}; the interrupted epoch restarts"]
+    raise UserError(f"the checkpoint was trained on another list of training files than --data/--manifest give "
+                    f"now ({change}), so its position in the epoch means other images; resume with the same "
+                    f"--data and --manifest, or pass --allow-change {DATA_CHANGE} to continue on the new list "
+                    "(the interrupted epoch restarts)")
+
+
+def check_world_size(checkpoint: dict, env: DistEnv, reshard: bool) -> None:
+    if checkpoint["world_size"] != env.world_size and not reshard:
+        raise UserError(
+            f"the checkpoint was written by {checkpoint['world_size']} process"
+            f"{'es' if checkpoint['world_size'] != 1 else ''} but this run has {env.world_size}; resume with "
+            f"{checkpoint['world_size']} process{'es' if checkpoint['world_size'] != 1 else ''} in all, or pass "
+            "--reshard to continue with the new count (the interrupted epoch restarts)"
+        )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: the epoch, and within it the step, this rank's loader state and loss
+    sums when the data stream is the same one; otherwise the interrupted epoch restarts."""
+    epoch: int
+    offset: int
+    loader_state: dict | None
+    losses: dict | None
+    fresh_optimizer: bool  # another optimizer than the checkpoint's (allowed on resume): its state starts fresh
+    note: str  # the start-up line that says where the run continues
+
+
+def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, env: DistEnv,
+                 steps_per_epoch: int, exact: bool) -> ResumePoint:
+    """`exact`: no recipe change and the same training file list. The stream is the same when the world
+    size, the loader and the epoch's length are too (an epoch of another length, a new batch or file count,
+    is another stream: its offset means nothing here)."""
+    same_world = checkpoint["world_size"] == env.world_size
+    fresh_optimizer = saved.optimisation.optimizer != recipe.optimisation.optimizer
+    same_stream = (same_world and exact and checkpoint.get("loader_kind", loader) == loader
+                   and checkpoint["steps_per_epoch"] == steps_per_epoch)
+    epoch, offset, loader_state, losses = checkpoint["epoch"], 0, None, None
+    if same_stream:
+        offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
+        loader_state = checkpoint["loader"][env.rank]
+        losses = (checkpoint.get("epoch_losses") or [None] * env.world_size)[env.rank]
+    before = checkpoint["world_size"]
+    note = (f"resumed at epoch {epoch + 1}, step {offset} of {steps_per_epoch}"
+            + ("" if same_world else f" (resharded from {before} process{'es' if before != 1 else ''})")
+            + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)")
+            + (f"; the optimizer changed ({saved.optimisation.optimizer} -> {recipe.optimisation.optimizer}): its "
+               "state starts fresh" if fresh_optimizer else ""))
+    return ResumePoint(epoch, offset, loader_state, losses, fresh_optimizer, note)
+
+
+# --- --finetune-from ----------------------------------------------------------------------------------
+
+def finetune_arch(recipe: Recipe, given: frozenset[str] | set[str] | tuple = ()) -> tuple[Recipe, str | None]:
+    """--finetune-from: the architecture the weights hold (rn50.model.arch_of_weights), checked at start-up.
+    Unless a preset or flag set `arch` (`given`: Config.given) it becomes the run's, with a note; a different
+    --arch is one line."""
+    path = recipe.model.finetune_from
+    if not path:
+        return recipe, None
+    from rn50.model import arch_of_weights, read_weights_file
+
+    loaded = read_weights_file(path)
+    found = arch_of_weights(loaded["model"] if isinstance(loaded.get("model"), dict) else loaded)
+    if found is None or found == recipe.model.arch:
+        return recipe, None  # weights that fit no ResNet are named by build_training's load, with the detail
+    if "arch" in given:
+        raise UserError(f"--finetune-from {path} holds {found} weights but this run's arch is {recipe.model.arch}; "
+                        f"drop --arch (the weights say which) or pass --arch {found}")
+    return with_fields(recipe, arch=found), f"arch {found}: read from --finetune-from {path}"
+
+
+# --- the run folder -----------------------------------------------------------------------------------
+
+def find_resume(out: Path, resume: str | None, say) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume names (PATH, or `auto`: the newest valid one in the run folder) and its state."""
+    if resume is None:
+        return None, None
+    if resume == "auto":
+        found = latest_checkpoint(out, say) if out.is_dir() else None
+        if found is None:
+            say(f"--resume auto: no checkpoint in {out}; starting from the beginning")
+            return None, None
+        say(f"--resume auto: continuing from {found[0]}")
+        return found
+    return Path(resume), load_checkpoint(Path(resume))
+
+
+def finished(checkpoint: dict, saved: Recipe, recipe: Recipe, out: Path) -> bool:
+    """The checkpoint ends a run that wrote its summary: every epoch done, or stopped early by rules that
+    have not changed since (a longer --epochs, or new stopping rules, continue it)."""
+    history = checkpoint["history"]
+    stopped = bool(history) and "stop" in history[-1] and history[-1]["epoch"] == checkpoint["epoch"]
+    return (out / "summary.json").is_file() and (
+        checkpoint["epoch"] >= recipe.schedule.epochs or (stopped and saved.stopping == recipe.stopping))
+
+
+def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> list[str]:
+    """Check that the run folder can take this run; returns what was cleaned up, for the start-up lines."""
+    if not resuming and (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
+                        "checkpoints (or --resume auto) to continue it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
+    except OSError as exc:
+        raise UserError(f"cannot write to the run folder {out} ({exc.strerror}); pass a writable --out") from None
+    if not is_main:
+        return []
+    return removed_temporaries(out)
+
+
+def removed_temporaries(out: Path) -> list[str]:
+    """A checkpoint write killed midway leaves its temporary file (checkpoint-sized) behind: removed, and said."""
+    return [f"removed {stale.name}, left by a checkpoint write that never finished"
+            for stale in remove_stale_temporaries(out)]
+
+
+def missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    return [folder for folder in (out, *out.parents) if not folder.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, where empty: a failed start leaves no run folder behind that did
+    not exist before it (one that holds a file, a run's or anyone's, stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def write_run_files(config: Config, env: DistEnv, amp_dtype) -> None:
+    """recipe.json (with what the world size makes of it) and machine.json; rank 0 only."""
+    if not env.is_main:
+        return
+    recipe, out, world = config.recipe, config.run.out, env.world_size
+    recipe.save(out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,
+                peak_lr=recipe.optimisation.peak_lr(world),
+                amp_in_use=str(amp_dtype).removeprefix("torch.") if amp_dtype else None)
+    (out / "machine.json").write_text(json.dumps(config.machine.to_dict(), indent=2) + "\n")
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def startup_summary(config: Config, machine: Machine, num_classes: int) -> list[str]:
+    """A few lines on what this run does that the defaults do not; the whole recipe is in recipe.json.
+    `machine`: as given (`loader auto` is a default, not a change)."""
+    recipe, out, presets = config.recipe, config.run.out, ",".join(config.presets)
+    changed = changes_from_defaults(recipe, machine)
+    lines = [f"recipe{f' (presets {presets})' if presets else ''}: "
+             + (f"the 90-epoch defaults except {', '.join(changed)}" if changed else "the 90-epoch defaults")
+             + f"; all of it in {out / 'recipe.json'}"]
+    kd = recipe.distillation
+    if kd.teacher:
+        lines.append(f"distilling from {kd.teacher} ({kd.teacher_arch}): loss = {kd.alpha:g} x T^2 x "
+                     f"KL(teacher || student) at T = {kd.temperature:g} + {1 - kd.alpha:g} x cross-entropy")
+    if machine.loader == "synthetic":
+        lines.append(f"synthetic data: validation runs on other random images with random labels, so its top-1 "
+                     f"stays near chance ({100 / num_classes:.2g}%); this run measures speed, not learning")
+    return lines
+
+
+# --- start-up -----------------------------------------------------------------------------------------
+
+@dataclass
+class Start:
+    """What start-up settled: the configuration (its machine's `loader auto` made concrete for this
+    process's device), the checkpoint to resume from and what it allows, and the start-up lines so far."""
+    config: Config
+    machine_given: Machine  # the machine settings as resolved, before `auto` was made concrete
+    checkpoint: dict | None = None
+    saved: Recipe | None = None  # the checkpoint's recipe
+    exact: bool = True  # no recipe change and the same training files: the loader's position carries over
+    identity: dict | None = None  # the training file list (rn50.loaders.data_identity), for checkpoints
+    notes: list[str] = field(default_factory=list)
+    finished: dict | None = None  # the summary of a run that is already done: nothing to train
+
+
+def start(flags, env: DistEnv, progress, say) -> Start:
+    """Every start-up check, in order, before anything is written: read the checkpoint (if resuming),
+    resolve the configuration over it, apply the resume guard, read --finetune-from's architecture, check
+    the training file list, the device-only settings, the tracker, a finished run, the world size; then
+    prepare the run folder. `flags`: rn50.train's parsed flags; `progress`: the watchdog's."""
+    from rn50 import tracking
+    from rn50.device import check_cuda_only_settings
+    from rn50.loaders import data_identity
+    from rn50.profiling import check_flags
+
+    notes: list[str] = []  # start-up lines wait until every check has passed: an error found there comes alone
+    progress("starting: reading the checkpoint")
+    checkpoint_path, checkpoint = find_resume(Path(flags.out), flags.resume, notes.append)
+    # a resumed run continues the saved recipe: presets and flags given now are changes to it, which the
+    # resume guard accepts only where they do not alter a step (or are named in --allow-change)
+    saved = resolve(saved=checkpoint["recipe"]).recipe if checkpoint else None
+    config = resolve(flags, saved=saved, run=RunSettings)
+    run, recipe, given = config.run, config.recipe, config.machine
+    machine = given.for_device(env.device.type)  # --loader auto made concrete
+    if given.loader != machine.loader:
+        notes.append(f"loader auto: {machine.loader} (this process runs on {env.device})")
+    changes = guard_resume(saved, recipe, run.allow_change) if saved else []
+    recipe, arch_note = finetune_arch(recipe, config.given) if not saved else (recipe, None)
+    config = dataclasses.replace(config, recipe=recipe, machine=machine)
+    identity = data_identity(run.data, run.manifest, machine.loader)
+    same_data, data_notes = check_data(checkpoint, identity, run.allow_change) if checkpoint else (True, [])
+    check_cuda_only_settings(recipe, machine, env.device)
+    check_flags(run.profile_steps, run.profiler, env.device)
+    tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost run
+    if checkpoint and finished(checkpoint, saved, recipe, run.out):
+        # the run's own files stay as they are; a killed checkpoint write's temporary file is no part of them
+        for line in removed_temporaries(run.out) if env.is_main else []:
+            say(line)
+        stop = checkpoint["history"][-1].get("stop") if checkpoint["history"] else None
+        say(f"{run.out} holds a finished run ({checkpoint_path.name}: {checkpoint['epoch']} of "
+            f"{saved.schedule.epochs} epochs{f'; stopped early: {stop}' if stop else ''}): nothing to do, its "
+            "files are left as they are. To train longer, add a larger --epochs"
+            + ("" if saved.schedule.kind in ("step", "plateau") else " and --allow-change epochs")
+            + "; to start again, pass a new --out")
+        return Start(config, given, finished=json.loads((run.out / "summary.json").read_text()))
+    if checkpoint:
+        check_world_size(checkpoint, env, run.reshard)
+    notes += prepare_out_dir(run.out, resuming=run.resume is not None, is_main=env.is_main)
+    notes += data_notes + ([arch_note] if arch_note else [])
+    notes += config.overridden + [f"changed on resume: {change}" for change in changes] + epoch_plan(recipe)
+    return Start(config, given, checkpoint, saved, not changes and same_data, identity, notes)
