@@ -33,7 +33,7 @@ What stays outside the graph, run eagerly each call (both have host-side logic t
   replay and reads the weights the replay wrote in place, as the eager step does.
 
 What cannot be captured is refused at start-up (`check_capturable`). Verified on a GPU only by the tests
-marked `gpu` (tests/test_graphs.py); on the CPU those tests check this orchestration with the capture and
+marked `gpu` (tests/component/test_graphs.py); on the CPU those tests check this orchestration with the capture and
 replay replaced by eager calls.
 """
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: one small generated dataset per session, real DALI CPU operators, no network."""
+"""Shared fixtures: one small generated dataset per session, real DALI CPU operators, no network; the tiers (each
+folder marks its tests) and the shared tiny runs (docs/testing.md). Imports torch, pytest and the standard library
+alone at the top, so tests/gpu imports with torch, torchvision, numpy, pillow, pytest and DALI."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.make_dataset import make_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
 # 4 classes; 48 training images; 44 validation images: not divisible by 2 ranks x batch 8
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 12, 11
@@ -24,9 +24,11 @@ TIERS = ("unit", "component", "e2e")  # tests/<tier>/: the folder is the tier (s
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        tier = Path(str(item.fspath)).parent.name
-        if tier in TIERS:
-            item.add_marker(getattr(pytest.mark, tier))
+        folder = Path(str(item.fspath)).parent.name
+        if folder in TIERS:
+            item.add_marker(getattr(pytest.mark, folder))
+        elif folder == "gpu":  # tests/gpu/: needs CUDA, whatever its own marks say
+            item.add_marker(pytest.mark.gpu)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
@@ -37,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
+    from tools.make_dataset import make_dataset  # here, not at the top: tests/gpu imports need torch, not tqdm
+
     out = tmp_path_factory.mktemp("data") / "imagenet-like"
     make_dataset(out, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, seed=7, min_side=48, max_side=64)
     return out

@@ -5,7 +5,8 @@ EMA outside the graph, the LR copied into device tensors every call, static inpu
 capture, a new capture at a new image size) gives bit for bit the eager step's losses and weights, with the
 capture and replay replaced by eager calls. The capture itself is tested only under `gpu` (run `pytest -m gpu` on a
 GPU machine): there every call of the graphed step is compared with the eager step one step at a time, from equal
-states (one_step_from_equal_states), never along a trajectory; tests/test_gpu.py does the same under an NCCL DDP group.
+states (one_step_from_equal_states), never along a trajectory; tests/gpu/test_gpu.py does the same under an NCCL DDP
+group.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 progressive resizing on the GPU, and --cuda-graphs under an NCCL DDP group.
 
 Skipped without CUDA; run on a GPU machine with `pytest -m gpu`. The same behaviour is covered on the
-CPU path by the CPU tiers (tests/component: test_pipelines.py, test_shards.py; tests/e2e: test_train_cli.py) and
-test_graphs.py. Everything here needs one GPU only, apart from the NCCL run across two ranks (skipped with one
+CPU path by the CPU tiers (tests/component: test_pipelines.py, test_shards.py, test_graphs.py; tests/e2e:
+test_train_cli.py). Everything here needs one GPU only, apart from the NCCL run across two ranks (skipped with one
 GPU: its one-process twin runs instead, and the NCCL DDP group of one below captures --cuda-graphs).
 """
 
@@ -299,8 +299,9 @@ def test_cuda_graphs_capture_and_capture_again_under_nccl_ddp(tmp_path):
     """--cuda-graphs under DDP on NCCL (torch's recipe: DDP built on the side stream, 11 eager DDP steps, the
     all-reduce inside the capture), on one GPU: a group of one rank over NCCL with a file store. The graphed step
     captures, captures again at a new image size, and every call follows the eager DDP step from equal states."""
-    here = Path(__file__).resolve().parent  # this module and test_graphs; conftest in tests/
-    path = os.pathsep.join(dict.fromkeys(filter(None, [str(ROOT), str(here), str(ROOT / "tests"),
+    here = Path(__file__).resolve().parent  # this module; test_graphs in tests/component; conftest in tests/
+    path = os.pathsep.join(dict.fromkeys(filter(None, [str(ROOT), str(here), str(ROOT / "tests" / "component"),
+                                                       str(ROOT / "tests"),
                                                        os.environ.get("PYTHONPATH", "")])))
     code = "import sys; from test_gpu import cuda_graphs_under_nccl_ddp as check; check(sys.argv[1])"
     done = run_cli([sys.executable, "-c", code, str(tmp_path / "store")], timeout=300, PYTHONPATH=path)
