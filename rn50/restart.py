@@ -122,13 +122,14 @@ def exit_code_of(exc: BaseException | None) -> int:
     return 1
 
 
-def record_exit(rank: int, code: int, reason: str) -> None:
-    """This rank's end, for the next attempt's fault report (nothing outside torchrun)."""
+def record_exit(rank: int, code: int, reason: str, phase: str | None = None) -> None:
+    """This rank's end and what it was doing, for the next attempt's fault report (nothing outside torchrun)."""
     store = agent_store()
     if store is None:
         return
     try:
         store.set(f"exit/{rank}", json.dumps({"code": code, "reason": reason[:300], "time": time.time(),
+                                              "phase": phase,
                                               "pid": os.getpid(), "host": socket.gethostname()}))
     except Exception:  # the agent's store may be gone with its node: nothing to record into
         pass
@@ -153,7 +154,8 @@ def recorded(fn, rank: int, world_size: int, describe, *args):
     except BaseException as exc:
         code = exit_code_of(exc)
         lost = world_size > 1 and peer_lost(exc)
-        record_exit(rank, code, ("peer lost: " if lost else "") + f"{type(exc).__name__}: {exc}")
+        record_exit(rank, code, ("peer lost: " if lost else "") + f"{type(exc).__name__}: {exc}",
+                    describe().partition(" while ")[2])
         if lost:
             text = " ".join(str(exc).split())
             found = _PEER_LOST.search(text)
@@ -206,9 +208,13 @@ _PHASE = re.compile(r"epoch (\d+) (after )?step (\d+)")
 
 def step_reached(phase: str, steps_per_epoch: int) -> int | None:
     """Optimizer steps done in all when a rank was in `phase` (the watchdog's words)."""
+    saving = re.search(r"saving a checkpoint at epoch (\d+) step (\d+)", phase or "")
+    if saving:
+        return (int(saving[1]) - 1) * steps_per_epoch + int(saving[2])
     found = _PHASE.search(phase or "")
     if not found:
-        return None
+        validating = re.search(r"epoch (\d+): validation", phase or "")  # the epoch's steps are done
+        return int(validating[1]) * steps_per_epoch if validating else None
     epoch, after, step = int(found[1]), found[2], int(found[3])
     return (epoch - 1) * steps_per_epoch + (step if after else step - 1)
 
@@ -280,7 +286,10 @@ def name_fault(previous: dict | None, steps_per_epoch: int) -> dict:
         rank = min(exits, key=lambda r: exits[r]["time"])
         cause, when = f"ended first (exit {exits[rank]['code']}: {exits[rank]['reason'][:200]})", exits[rank]["time"]
     beat = beats.get(rank, {})
-    reached = [s for s in (step_reached(b.get("phase", ""), steps_per_epoch) for b in beats.values()) if s is not None]
+    # the survivors' exit records say where they stood when the collective failed; heartbeats lag by up to
+    # their period
+    phases = [b.get("phase") or "" for b in beats.values()] + [e.get("phase") or "" for e in exits.values()]
+    reached = [s for s in (step_reached(phase, steps_per_epoch) for phase in phases) if s is not None]
     return {"rank": rank, "host": beat.get("host"), "pid": beat.get("pid"), "phase": beat.get("phase"),
             "cause": cause, "fault_time": when, "step_reached": max(reached) if reached else None}
 

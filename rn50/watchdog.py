@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -29,6 +30,17 @@ _KEY = "rn50/heartbeat/{}"
 # max-autotune (it benchmarks kernel choices), far past --hang-timeout's 600 s default, without being a hang.
 # An hour still ends a compile that truly hangs.
 COMPILE_TIMEOUT_S = 3600.0
+
+
+_CHANGE_POLL_S = 0.1
+
+
+def _kind(phase: str) -> str:
+    """What a phase is about: a new step is no news, a new kind of work (validation, a save) is."""
+    for kind in ("validation", "saving", "compiling"):
+        if kind in phase:
+            return kind
+    return "training" if re.match(r"epoch \d+ (after )?step", phase) else re.sub(r"\d+", "#", phase)
 
 
 def _store():
@@ -161,8 +173,13 @@ class Watchdog:
 
     def _watch(self) -> None:
         self._publish()
-        while not self._stop.wait(self.interval):
-            self._publish()
+        published, kind = time.monotonic(), _kind(self.phase)
+        while not self._stop.wait(min(_CHANGE_POLL_S, self.interval)):
+            # at the heartbeat period, and at once when the kind of phase changes (training -> validation ->
+            # saving), so that a restarted job's fault report knows what a rank that died was doing
+            if time.monotonic() - published >= self.interval or _kind(self.phase) != kind:
+                self._publish()
+                published, kind = time.monotonic(), _kind(self.phase)
             compiling = self._compiling
             limit = self.compile_timeout_s if compiling else self.timeout_s
             stalled = time.monotonic() - self.last_progress
@@ -176,5 +193,5 @@ class Watchdog:
         print("\n".join(lines), file=sys.stderr, flush=True)
         from rn50.restart import record_exit
 
-        record_exit(self.rank, EXIT_HUNG, lines[0])  # for the restarted attempt's fault report
+        record_exit(self.rank, EXIT_HUNG, lines[0], self.phase)  # for the restarted attempt's fault report
         os._exit(EXIT_HUNG)  # no cleanup: a collective in another thread would block it

@@ -167,6 +167,7 @@ def test_a_worker_killed_during_validation_is_restarted_and_validates_again(long
     (fault,) = faults(out)
     assert "validation" in fault["phase"], fault
     assert fault["resumed_step"] == 2  # the last checkpoint before epoch 1's end: step 3 and validation again
+    assert fault["steps_lost"] == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "val/count" in r] == [1, 2]  # epoch 1 validated once, after the restart
     assert all(r["val/count"] == 400 for r in records if "val/count" in r)

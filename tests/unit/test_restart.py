@@ -38,7 +38,8 @@ def test_cadence_by_steps_and_by_time(monkeypatch):
 def test_step_reached_reads_the_watchdogs_phases():
     assert step_reached("epoch 2 step 3/6: training step", 6) == 8  # step 9 under way: 8 done
     assert step_reached("epoch 2 after step 3: waiting for the next batch", 6) == 9
-    assert step_reached("epoch 1: validation batch 4", 6) is None
+    assert step_reached("epoch 1: validation batch 4", 6) == 6
+    assert step_reached("saving a checkpoint at epoch 2 step 4", 6) == 10
     assert step_reached("starting: building the model", 6) is None
 
 
