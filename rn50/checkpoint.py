@@ -44,7 +44,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    integrity.write_sidecar(path, digest, size)  # checkpoint_0003.pt.sha256, checked by load_checkpoint
+    integrity.write_sidecar(path, digest, size)  # checkpoint_0003.sha256, checked by load_checkpoint
     _fsync_dir(path.parent)
 
 

@@ -42,10 +42,10 @@ def init_distributed(device_request: str = "auto") -> DistEnv:
     device = choose_device(device_request, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # under torchrun, a store of this attempt's own: a restarted group must not read the dead one's addresses
+    store = attempt_store(rank, world_size) if not dist.is_initialized() else None
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        # under torchrun, a store of this attempt's own: a restarted group must not read the dead one's addresses
-        store = attempt_store(rank, world_size)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
         global _control_group  # small host-side agreements (stop signals) without touching the GPU queue

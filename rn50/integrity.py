@@ -3,8 +3,8 @@ and a full or failing disk turned into one warning instead of a lost run.
 
 - `write_with_digest(handle, save)`: runs `save(writer)` through a writer that hashes the bytes as they go
   out (no second read of a 200 MB file) and returns (digest, size).
-- `write_sidecar(path, digest, size)`: `checkpoint_0003.pt.sha256` beside `checkpoint_0003.pt`, in
-  `sha256sum` format (`sha256sum -c checkpoint_0003.pt.sha256` checks it by hand), written atomically.
+- `write_sidecar(path, digest, size)`: `checkpoint_0003.sha256` beside `checkpoint_0003.pt`, in
+  `sha256sum` format (`sha256sum -c checkpoint_0003.sha256` checks it by hand), written atomically.
 - `verify(path)`: raises `Corrupt` when the file is shorter than written (truncated: a copy or a disk that
   lost its tail) or its digest differs (bit rot, a partial overwrite). A checkpoint without a sidecar
   (written before sidecars existed, or killed between the rename and the sidecar) is accepted unchecked.
@@ -80,7 +80,8 @@ def write_with_digest(handle, save) -> tuple[str, int]:
 
 
 def sidecar(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + SUFFIX)
+    """checkpoint_0003.pt -> checkpoint_0003.sha256: beside it, but outside globs such as `*.pt*`."""
+    return Path(path).with_suffix(SUFFIX)
 
 
 def write_sidecar(path: Path, digest: str, size: int) -> None:
@@ -141,7 +142,7 @@ def stale_sidecars(run_dir: Path) -> list[Path]:
     """Sidecars whose checkpoint is gone, and sidecar writes that never finished."""
     run_dir = Path(run_dir)
     stale = [p for p in run_dir.glob(f".checkpoint_*{SUFFIX}.tmp") if p.is_file()]
-    stale += [p for p in run_dir.glob(f"checkpoint_*.pt{SUFFIX}") if not p.with_name(p.name[:-len(SUFFIX)]).exists()]
+    stale += [p for p in run_dir.glob(f"checkpoint_*{SUFFIX}") if not p.with_suffix(".pt").exists()]
     return sorted(stale)
 
 

@@ -59,8 +59,9 @@ def _key(*parts) -> str:
 # --- the process group's store, fresh for every attempt ------------------------------------------------
 
 def attempt_store(rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30)):
-    """A store no earlier attempt has written to, for init_process_group; None outside torchrun's shared
-    agent store (there env:// starts a fresh one anyway)."""
+    """A store no earlier attempt has written to, for init_process_group; None in one process and outside
+    torchrun's shared agent store (there env:// starts a fresh one anyway). Connects to the agent's store
+    (agent_store) in every case where torchrun shares one."""
     global _agent, _own_server, _attempt
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
@@ -69,6 +70,10 @@ def attempt_store(rank: int, world_size: int, timeout: timedelta = timedelta(min
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     _agent = TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
     where = _key("attempt-store")
+    if world_size == 1:  # no process group to set up; the agent's store still keeps the fault records
+        _attempt = uuid.uuid4().hex
+        note_attempt(True)
+        return None
     if rank == 0:
         _attempt = uuid.uuid4().hex
         _own_server = TCPStore(addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)

@@ -30,7 +30,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 1
     # no temporary file left behind; the first checkpoint's digest stays beside it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.sha256"]
 
 
 def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):

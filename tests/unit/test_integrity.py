@@ -23,9 +23,9 @@ def test_the_sidecar_holds_the_files_sha256_in_sha256sum_format(tmp_path):
     path = tmp_path / "checkpoint_0001.pt"
     save_checkpoint(path, {"epoch": 1, "model": {"w": torch.randn(100)}})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert (tmp_path / "checkpoint_0001.pt.sha256").read_text().splitlines()[0] == f"{digest}  checkpoint_0001.pt"
+    assert (tmp_path / "checkpoint_0001.sha256").read_text().splitlines()[0] == f"{digest}  checkpoint_0001.pt"
     assert integrity.verify(path) is True
-    checked = subprocess.run(["sha256sum", "-c", "checkpoint_0001.pt.sha256"], cwd=tmp_path, capture_output=True,
+    checked = subprocess.run(["sha256sum", "-c", "checkpoint_0001.sha256"], cwd=tmp_path, capture_output=True,
                              text=True)
     assert checked.returncode == 0 and "OK" in checked.stdout
 
@@ -69,15 +69,15 @@ def test_pruning_and_best_keep_their_sidecars_in_step(tmp_path):
     for epoch in range(1, 5):
         store.save(f"checkpoint_{epoch:04d}.pt", {"epoch": epoch}, best=epoch == 2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint_0003.pt", "checkpoint_0003.pt.sha256", "checkpoint_0004.pt",
-                     "checkpoint_0004.pt.sha256", "checkpoint_best.pt", "checkpoint_best.pt.sha256"]
+    assert names == ["checkpoint_0003.pt", "checkpoint_0003.sha256", "checkpoint_0004.pt",
+                     "checkpoint_0004.sha256", "checkpoint_best.pt", "checkpoint_best.sha256"]
     assert load_checkpoint(tmp_path / "checkpoint_best.pt")["epoch"] == 2  # checked against its own sidecar
-    (tmp_path / "checkpoint_0009.pt.sha256").write_text("x")  # its checkpoint is gone
-    (tmp_path / ".checkpoint_0005.pt.sha256.tmp").write_text("x")  # a sidecar write killed midway
+    (tmp_path / "checkpoint_0009.sha256").write_text("x")  # its checkpoint is gone
+    (tmp_path / ".checkpoint_0005.sha256.tmp").write_text("x")  # a sidecar write killed midway
     remove_stale_temporaries(tmp_path)
-    assert not (tmp_path / "checkpoint_0009.pt.sha256").exists()
-    assert not (tmp_path / ".checkpoint_0005.pt.sha256.tmp").exists()
-    assert (tmp_path / "checkpoint_0004.pt.sha256").exists()
+    assert not (tmp_path / "checkpoint_0009.sha256").exists()
+    assert not (tmp_path / ".checkpoint_0005.sha256.tmp").exists()
+    assert (tmp_path / "checkpoint_0004.sha256").exists()
 
 
 def test_a_refused_write_is_one_warning_and_the_checkpoints_on_disk_stay(tmp_path, monkeypatch, capsys):
@@ -94,7 +94,7 @@ def test_a_refused_write_is_one_warning_and_the_checkpoints_on_disk_stay(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "warning: checkpoint checkpoint_0002.pt not written" in err
     assert "no space left on the device (errno ENOSPC)" in err and "checkpoint_0001.pt" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0001.pt", "checkpoint_0001.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0001.pt", "checkpoint_0001.sha256"]
     assert store.save("checkpoint_0002.pt", {"epoch": 2}) is not None  # the next one tries again
 
 
