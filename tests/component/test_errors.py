@@ -75,7 +75,7 @@ CASES = {
     "gpu loader without cuda": (lambda d, t, m: ["--data", str(d), "--loader", "dali", "--device", "cpu"],
                                 "CUDA is not available", "--loader dali-cpu"),
     "gpus present, cuda unusable": (gpus_without_usable_cuda, "CUDA up to 12.2", "whl/cu121"),
-    "dali not installed": (no_dali, "DALI is not installed", "pip install nvidia-dali"),
+    "dali not installed": (no_dali, "DALI is not installed", "pip install 'nvidia-dali"),
     "resume with another world size": (other_world_size, "written by 4 processes", "--reshard"),
     "corrupt checkpoint": (corrupt_checkpoint, "cannot be read", "earlier checkpoint"),
     "unwritable output folder": (unwritable_out, "cannot write to the run folder", "writable --out"),
