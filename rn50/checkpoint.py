@@ -95,19 +95,21 @@ def regular_checkpoints(run_dir: Path) -> list[Path]:
 class CheckpointStore:
     def __init__(self, run_dir: Path, keep_last: int):
         self.run_dir, self.keep_last = Path(run_dir), keep_last
-        integrity.ignore_file_size_signal()  # past `ulimit -f` a save fails with EFBIG (warned), not SIGXFSZ
+        integrity.ignore_file_size_signal()  # past `ulimit -f` a save fails with EFBIG (reported), not SIGXFSZ
 
-    def save(self, name: str, state: dict, best: bool = False) -> Path | None:
-        """The path written; None when the storage refused it (full, over quota or the file size limit,
-        failing): one warning, the checkpoints already on disk stay, and training goes on."""
+    def save(self, name: str, state: dict, best: bool = False) -> Path:
+        """The path written. A storage that refuses it (full, over quota, the file size limit, failing)
+        raises integrity.NotWritten: the checkpoints already on disk stay as they were."""
         path = self.run_dir / name
         try:
             save_checkpoint(path, state)
         except Exception as exc:
             if integrity.storage_error(exc) is None:
                 raise
-            integrity.warn_not_written(path, exc, regular_checkpoints(self.run_dir))
-            return None
+            on_disk = regular_checkpoints(self.run_dir)
+            previous = [p for p in on_disk if p != path]
+            raise integrity.not_written(path, exc, on_disk, previous[-1].stat().st_size if previous else None) \
+                from None
         if best:
             self._link_best(path)
         self._prune()

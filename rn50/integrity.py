@@ -1,5 +1,5 @@
 """Checkpoint integrity and storage faults: a SHA-256 beside every checkpoint, checked before it is loaded,
-and a full or failing disk turned into one warning instead of a lost run.
+and a full or failing disk turned into one line and a stop, with the previous checkpoint intact.
 
 - `write_with_digest(handle, save)`: runs `save(writer)` through a writer that hashes the bytes as they go
   out (no second read of a 200 MB file) and returns (digest, size).
@@ -9,8 +9,9 @@ and a full or failing disk turned into one warning instead of a lost run.
   lost its tail) or its digest differs (bit rot, a partial overwrite). A checkpoint without a sidecar
   (written before sidecars existed, or killed between the rename and the sidecar) is accepted unchecked.
 - `storage_error(exc)`: the words for an OSError of the storage (ENOSPC, EDQUOT, EFBIG, EIO, EROFS), or
-  None for other errors; `ignore_file_size_signal()` makes RLIMIT_FSIZE (`ulimit -f`) give EFBIG instead of
-  killing the process with SIGXFSZ.
+  None for other errors; `NotWritten` the stop it causes (exit EXIT_STORAGE), its line naming the path, the
+  space needed and the space free; `ignore_file_size_signal()` makes RLIMIT_FSIZE (`ulimit -f`) give EFBIG
+  instead of killing the process with SIGXFSZ.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import signal
-import sys
 from pathlib import Path
 
 SUFFIX = ".sha256"
+# sysexits' EX_IOERR: the storage failed. Not 75 (EX_TEMPFAIL): a requeue would meet the same full disk
+EXIT_STORAGE = 74
 _CHUNK = 1 << 22
 
 # errors that mean the storage cannot take the file (and that freeing space or another --out cures)
@@ -157,17 +160,25 @@ def storage_error(exc: BaseException) -> str | None:
     return None
 
 
-def warn_not_written(path: Path, exc: BaseException, on_disk: list[Path]) -> str:
-    """One warning line on stderr for a checkpoint the storage refused; returns it. Training goes on: the
-    checkpoints on disk stay good (the write went to a temporary file, now removed), and the next one tries
-    again."""
-    newest = next((p.name for p in reversed(on_disk) if p != Path(path)), None)
-    line = (f"warning: checkpoint {Path(path).name} not written to {Path(path).parent}: {storage_error(exc)}; "
-            + (f"the newest checkpoint on disk is {newest}" if newest else "no checkpoint is on disk yet")
-            + "; training goes on and the next checkpoint tries again (free space there, or stop and rerun "
-              "with another --out holding the run folder's files and --resume auto)")
-    print(line, file=sys.stderr, flush=True)
-    return line
+class NotWritten(Exception):
+    """A checkpoint the storage refused: the run stops (exit EXIT_STORAGE) with `line`, the previous
+    checkpoint intact (the write went to a temporary file, now removed). Training on without checkpoints
+    would put every later step at risk without a word."""
+
+
+def not_written(path: Path, exc: BaseException, on_disk: list[Path], needed: int | None) -> NotWritten:
+    """The stop for a checkpoint the storage refused: one line naming the path, the space the checkpoint
+    needs (`needed`: its size as written so far, or the previous one's) and the space free there."""
+    path = Path(path)
+    previous = next((p for p in reversed(on_disk) if p != path), None)
+    free = shutil.disk_usage(path.parent).free
+    size = f"it needs about {_mb(needed)}, " if needed else ""
+    line = (f"checkpoint {path} could not be written: {storage_error(exc)}; {size}{_mb(free)} free in "
+            f"{path.parent}. " + (f"The previous checkpoint {previous.name} is intact: free space (or raise the "
+                                  "limit) and run the same command with --resume auto"
+                                  if previous else "No checkpoint was written yet: free space (or raise the limit) "
+                                                   "and run the same command again"))
+    return NotWritten(line)
 
 
 def ignore_file_size_signal() -> None:

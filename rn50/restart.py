@@ -124,6 +124,8 @@ def exit_code_of(exc: BaseException | None) -> int:
         return 3
     if "Preempted" in names:
         return 75
+    if "NotWritten" in names:  # rn50.integrity.EXIT_STORAGE: the storage refused a checkpoint
+        return 74
     return 1
 
 

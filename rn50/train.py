@@ -88,6 +88,7 @@ from rn50.step import TrainingParts, build_training, replicas_identical, train_s
 from rn50.stopping import judge  # noqa: E402
 from rn50.watchdog import Watchdog  # noqa: E402
 from rn50 import restart  # noqa: E402
+from rn50.integrity import EXIT_STORAGE, NotWritten  # noqa: E402
 
 
 class Trainer:
@@ -274,8 +275,18 @@ class Trainer:
         self.watchdog.progress(f"saving a checkpoint at epoch {epoch + 1} step {steps_done}")
         losses = self.losses.state_dict() if self.losses is not None and not epoch_end else None
         loader_states, epoch_losses = zip(*all_gather_objects((self.train_loader.state_dict(), losses)))
-        if not self.env.is_main:
-            return None
+        refused, saved = None, None
+        if self.env.is_main:
+            try:
+                saved = self._write_checkpoint(epoch, steps_done, epoch_end, loader_states, epoch_losses)
+            except NotWritten as err:
+                refused = err
+        # every rank stops together when the storage refused it, so no rank trains on with nothing saved
+        if any_rank(refused is not None):
+            raise refused or NotWritten("")
+        return saved
+
+    def _write_checkpoint(self, epoch, steps_done, epoch_end, loader_states, epoch_losses) -> Path | None:
         epochs_done = epoch + 1 if epoch_end else epoch
         step = epoch * self.steps_per_epoch + steps_done
         state = training_state(self.parts, epochs_done=epochs_done, step=step, steps_per_epoch=self.steps_per_epoch,
@@ -351,7 +362,7 @@ def run(flags: argparse.Namespace) -> dict:
     try:
         # records how this rank ended, for a restarted attempt's fault report (rn50.restart)
         return restart.recorded(run_with, env.rank, env.world_size, watchdog.describe, flags, env, watchdog, stop)
-    except (UserError, Preempted, Diverged):
+    except (UserError, Preempted, Diverged, NotWritten):
         lifecycle.remove_empty(created)
         raise
     except Exception:
@@ -445,6 +456,10 @@ def main(argv=None) -> None:
         print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "
               "(--base-lr) or check the data", file=sys.stderr, flush=True)
         code = EXIT_DIVERGED
+    except NotWritten as err:
+        if str(err):  # rank 0, which tried the write, says why; the others stop with it
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        code = EXIT_STORAGE
     finally:
         shutdown()
     if code:

@@ -1,7 +1,7 @@
 """Faults survived (issue 27), with real processes: a worker SIGKILLed or frozen with SIGSTOP under
 `torchrun --max-restarts` (real gloo DDP) is restarted, resumes by itself from the newest checkpoint and ends
 with the weights of an uninterrupted run, bit for bit; the fault is named in one line and in
-RUN/faults.jsonl; a storage that refuses writes (a real RLIMIT_FSIZE) costs checkpoints, not the run."""
+RUN/faults.jsonl; a storage that refuses a write (a real RLIMIT_FSIZE) stops the run in one line, exit 74."""
 
 from __future__ import annotations
 
@@ -174,26 +174,24 @@ def test_a_worker_killed_during_validation_is_restarted_and_validates_again(long
     assert_same_weights(final_weights(uninterrupted), final_weights(out))
 
 
-def test_a_storage_that_refuses_checkpoints_costs_them_not_the_run(shared_run, tmp_path):
-    """A real file size limit (RLIMIT_FSIZE, as `ulimit -f`): every checkpoint write fails with EFBIG (a
-    ResNet-18 checkpoint is about 90 MB; the limit is 20 MB). The resumed run trains to its end, warns once
-    per refused checkpoint, and the checkpoints already on disk stay valid."""
+def test_a_storage_that_refuses_a_checkpoint_stops_the_run_in_one_line_and_keeps_the_previous(shared_run, tmp_path):
+    """A real file size limit (RLIMIT_FSIZE, as `ulimit -f`): the next checkpoint write fails with EFBIG (a
+    ResNet-18 checkpoint is about 90 MB; the limit is 20 MB). The run stops at that checkpoint with one line
+    naming the path and the space needed, exit 74, and the checkpoints already on disk stay valid."""
     out = shared_run.copy_to(tmp_path / "run")
     kept = {p.name: p.read_bytes() for p in regular_checkpoints(out)}
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, 20_000_000))
 
-    done = subprocess.run([*shared_run.args, "--out", str(out), "--resume", "auto", "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          preexec_fn=limited, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: checkpoint")]
-    assert len(warnings) == 3, done.stderr[-3000:]  # epoch 3 (steps 13-18): at steps 14 and 16, and its end
-    assert all("(errno EFBIG)" in w and "training goes on" in w for w in warnings)
+    done = subprocess.run([*shared_run.args, "--out", str(out), "--resume", "auto", "--epochs", "3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, preexec_fn=limited,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 74, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not be written" in errors[0] and "(errno EFBIG)" in errors[0], done.stderr[-3000:]
+    assert "it needs about" in errors[0] and "free in" in errors[0] and "is intact" in errors[0]
     assert "Traceback" not in done.stderr
     assert {p.name: p.read_bytes() for p in regular_checkpoints(out)} == kept
     assert all(integrity.verify(out / name) for name in kept)
     assert not list(out.glob(".*.tmp"))
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if "val/count" in line]
-    assert epochs == [1, 2, 3]

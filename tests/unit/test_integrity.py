@@ -1,6 +1,7 @@
 """Checkpoint integrity (issue 27): a SHA-256 and size beside every checkpoint, checked on load; a truncated
 or altered newest checkpoint is skipped for the previous one; a storage that refuses a write (full disk,
-quota, RLIMIT_FSIZE) costs one warning and that checkpoint, never the run or the checkpoints on disk."""
+quota, RLIMIT_FSIZE) stops the run with one line naming the path and the space needed, and never costs the
+checkpoints on disk."""
 
 from __future__ import annotations
 
@@ -80,22 +81,25 @@ def test_pruning_and_best_keep_their_sidecars_in_step(tmp_path):
     assert (tmp_path / "checkpoint_0004.sha256").exists()
 
 
-def test_a_refused_write_is_one_warning_and_the_checkpoints_on_disk_stay(tmp_path, monkeypatch, capsys):
+def test_a_refused_write_is_one_line_naming_the_space_and_the_checkpoints_on_disk_stay(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path, keep_last=2)
-    store.save("checkpoint_0001.pt", {"epoch": 1})
+    first = store.save("checkpoint_0001.pt", {"epoch": 1})
 
     def full(obj, handle):
         handle.write(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    assert store.save("checkpoint_0002.pt", {"epoch": 2}) is None
+    with pytest.raises(integrity.NotWritten) as refused:
+        store.save("checkpoint_0002.pt", {"epoch": 2})
     monkeypatch.undo()
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "warning: checkpoint checkpoint_0002.pt not written" in err
-    assert "no space left on the device (errno ENOSPC)" in err and "checkpoint_0001.pt" in err
+    line = str(refused.value)
+    assert "\n" not in line and f"checkpoint {tmp_path / 'checkpoint_0002.pt'} could not be written" in line
+    assert "no space left on the device (errno ENOSPC)" in line
+    assert f"it needs about {integrity._mb(first.stat().st_size)}" in line and f"free in {tmp_path}" in line
+    assert "The previous checkpoint checkpoint_0001.pt is intact" in line and "--resume auto" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0001.pt", "checkpoint_0001.sha256"]
-    assert store.save("checkpoint_0002.pt", {"epoch": 2}) is not None  # the next one tries again
+    assert integrity.verify(first)
 
 
 def test_a_real_file_size_limit_gives_efbig_not_a_killed_process(tmp_path):
@@ -108,12 +112,13 @@ def test_a_real_file_size_limit_gives_efbig_not_a_killed_process(tmp_path):
         "store = CheckpointStore(sys.argv[1], keep_last=0)\n"
         "store.save('checkpoint_0001.pt', {'w': torch.zeros(1000)})\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
-        "print(store.save('checkpoint_0002.pt', {'w': torch.zeros(100_000)}))\n"
-        "print(store.save('checkpoint_0003.pt', {'w': torch.zeros(1000)}))\n")
+        "try:\n"
+        "    store.save('checkpoint_0002.pt', {'w': torch.zeros(100_000)})\n"
+        "except integrity.NotWritten as err:\n"
+        "    print(err)\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[0] == "None" and done.stdout.splitlines()[1].endswith("checkpoint_0003.pt")
-    assert "file too large for the file system or the process's file size limit (ulimit -f) (errno EFBIG)" in done.stderr
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed by SIGXFSZ
+    assert "file too large for the file system or the process's file size limit (ulimit -f) (errno EFBIG)" in done.stdout
     assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob(".checkpoint_*.tmp"))
