@@ -91,6 +91,17 @@ def shared_run(data_dir, tmp_path_factory) -> SharedRun:
     return SharedRun(out, args, done)
 
 
+@pytest.fixture(scope="session")
+def shared_ddp_run(data_dir, tmp_path_factory) -> SharedRun:
+    """The same flags on two ranks through torchrun (real gloo DDP), base LR 0.4 (peak 0.4 x 16 / 256): 3 steps
+    per epoch, so checkpoints at steps 2, 3 (epoch 1's end), 4 and 6 (epoch 2's end)."""
+    args = torchrun(2, "-m", "rn50.train", "--data", str(data_dir), *SHARED_RUN_FLAGS, "--base-lr", "0.4")
+    out = tmp_path_factory.mktemp("shared-ddp-run") / "run"
+    done = run_cli([*args, "--out", str(out)], timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return SharedRun(out, args, done)
+
+
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
 

@@ -16,7 +16,7 @@ from rn50.checkpoint import BEST, load_checkpoint, regular_checkpoints
 from rn50.preemption import EXIT_PREEMPTED
 from rn50.train import EXIT_DIVERGED
 
-from conftest import ROOT, run_cli, torchrun
+from conftest import ROOT, run_cli
 
 SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
          "--dali-threads", "1", "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
@@ -77,17 +77,15 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(shared_r
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(data_dir, tmp_path):
-    args = ["-m", "rn50.train", "--data", str(data_dir), "--epochs", "2", "--checkpoint-every", "2", *SMALL]
-    done = run_cli(torchrun(2, *args, "--out", str(tmp_path / "a")))
-    assert done.returncode == 0, done.stderr[-2000:]
-    code, output = kill_when_checkpointed(torchrun(2, *args, "--out", str(tmp_path / "b")), tmp_path / "b")
+def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(shared_ddp_run, tmp_path):
+    args = shared_ddp_run.args  # the uninterrupted run is the shared two-rank one (a checkpoint every 2 steps)
+    code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b")
     assert code != 0 and "stopped by SIGTERM" in output, output[-3000:]
-    resumed = run_cli(torchrun(2, *args, "--out", str(tmp_path / "b"), "--resume", "auto"))
+    resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
-    assert epoch_losses(tmp_path / "a") == epoch_losses(tmp_path / "b")
-    assert same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert step_losses(shared_ddp_run.dir) == step_losses(tmp_path / "b")
+    assert epoch_losses(shared_ddp_run.dir) == epoch_losses(tmp_path / "b")
+    assert same_weights(final_weights(shared_ddp_run.dir), final_weights(tmp_path / "b"))
 
 
 def test_keeps_the_last_k_and_the_best(shared_run):

@@ -11,7 +11,7 @@ import torch
 
 from rn50.train import main
 
-from conftest import N_VAL_IMAGES, run_cli, torchrun
+from conftest import N_VAL_IMAGES, run_cli
 
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
          "--warmup-epochs", "1", "--lr-milestones", "2", "--log-every", "3"]
@@ -26,13 +26,10 @@ def epoch_records(run_dir):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_run(data_dir, tmp_path):
-    out = tmp_path / "run"
-    done = run_cli(torchrun(2, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--loader",
-                            "dali-cpu", "--epochs", "3", "--base-lr", "0.4", *SMALL))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+def test_two_process_gloo_ddp_run(shared_ddp_run):
+    out, done = shared_ddp_run.dir, shared_ddp_run.done  # torchrun, 2 ranks, 2 epochs, base LR 0.4
     epochs = epoch_records(out)
-    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(r["val/count"] == N_VAL_IMAGES for r in epochs)  # 44 over 2 ranks, each image once
     assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
     summary = json.loads((out / "summary.json").read_text())
@@ -43,8 +40,10 @@ def test_two_process_gloo_ddp_run(data_dir, tmp_path):
     assert recipe["peak_lr"] == pytest.approx(0.4 * 16 / 256) and recipe["optimisation"]["batch_size"] == 8
     machine = json.loads((out / "machine.json").read_text())
     assert machine["loader"] == "dali-cpu" and "loader" not in json.dumps(recipe)
-    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [f"checkpoint_000{i}.pt" for i in (1, 2, 3)] + [
-        "checkpoint_best.pt"]
+    # 3 steps per epoch, a checkpoint every 2 steps, --keep-checkpoints 4: every one kept, and the best
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [
+        "checkpoint_0000_step00000002.pt", "checkpoint_0001.pt", "checkpoint_0001_step00000004.pt",
+        "checkpoint_0002.pt", "checkpoint_best.pt"]
     assert "top-1" in done.stdout and "img/s" in done.stdout
 
 
@@ -78,6 +77,13 @@ def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_unknown_choices_are_user_errors(data_dir, tmp_path):
+    """(moved from tests/component/test_advanced_recipes.py: it starts the command)"""
+    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                    "--loader", "dali-cpu", *SMALL, "--optimizer", "adam"])
+    assert done.returncode == 2 and "optimizer must be one of sgd, adamw, lamb" in done.stderr
 
 
 def test_start_up_says_what_differs_from_the_defaults_and_synthetic_validation_is_not_learning(
