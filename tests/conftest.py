@@ -52,6 +52,21 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+def with_odd_files(data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the generated data with two files raw ImageNet holds in train/: a PNG and a CMYK JPEG, each
+    behind a .JPEG name (issue 17)."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    c = data / "train" / "n00000001"
+    Image.new("RGB", (320, 300), (9, 99, 199)).save(c / "png_inside.JPEG", format="PNG")
+    Image.new("CMYK", (320, 300), (9, 99, 199, 0)).save(c / "cmyk.JPEG", format="JPEG")
+    return data
+
+
 def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
     """Run a command of ours (`-m module ...` or torchrun) from the project root, one thread per process
     so that two processes share two cores without oversubscription."""

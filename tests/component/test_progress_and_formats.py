@@ -1,12 +1,7 @@
-"""Issue 17: image formats beyond JPEG, raw ImageNet's odd files through the CPU loaders without a scan, and
-the live progress on rank 0's step line."""
+"""Issue 17: image formats beyond JPEG, and raw ImageNet's odd files through the CPU loaders without a scan (the
+training runs on them and rank 0's live step line: tests/e2e/test_formats_cli.py)."""
 
 from __future__ import annotations
-
-import json
-import re
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -18,35 +13,7 @@ from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
 from pipelines.jpeg_check import decodes_by_content, header_problem
 
-from conftest import N_TRAIN_IMAGES, N_VAL_IMAGES, run_cli
-
-ACCEPTANCE = ["--workers", "1", "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
-              "--seed", "1", "--dali-threads", "1"]
-STEP_LINE = re.compile(
-    r"^epoch 1 step (\d+)/(\d+) lr \S+ loss \S+ \| ([\d.]+) img/s, input wait (\d+)%, "
-    r"eta epoch (\d+:\d\d) run (\d+:\d\d)(, peak mem [\d.]+ GiB)?$", re.M)
-
-
-def with_odd_files(data_dir, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
-    c = data / "train" / "n00000001"
-    Image.new("RGB", (320, 300), (9, 99, 199)).save(c / "png_inside.JPEG", format="PNG")
-    Image.new("CMYK", (320, 300), (9, 99, 199, 0)).save(c / "cmyk.JPEG", format="JPEG")
-    return data
-
-
-@pytest.mark.parametrize("loader", ["dali-cpu", "torchvision"])
-def test_cmyk_and_png_behind_a_jpeg_name_train_with_the_cpu_loaders(data_dir, tmp_path, loader):
-    data = with_odd_files(data_dir, tmp_path)
-    out = tmp_path / "run"
-    ran = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data), "--out", str(out), "--loader", loader,
-                   *ACCEPTANCE])
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "train: 2 files decode by content: 1 CMYK JPEG, 1 PNG behind a .JPEG name" in ran.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["dataset"]["train_images"] == N_TRAIN_IMAGES + 2
-    assert summary["final"]["val/count"] == N_VAL_IMAGES
+from conftest import with_odd_files
 
 
 def test_the_gpu_loader_and_undecodable_files_still_stop(data_dir, tmp_path):
@@ -61,30 +28,6 @@ def test_the_gpu_loader_and_undecodable_files_still_stop(data_dir, tmp_path):
     for split in ("train", "val"):  # the odd files do not count among the bad ones: 1 in train, 1 in val
         with pytest.raises(UserError, match=r"and 1 more \(2 bad files: 1 in train, 1 in val\)"):
             check_files(list_split(str(data), split), 0, 1, "torchvision")
-
-
-def test_png_class_folders_train_with_dali_cpu_and_the_step_line_shows_progress(data_dir, tmp_path):
-    data = tmp_path / "png"
-    for path in data_dir.rglob("*.JPEG"):
-        dest = data / path.relative_to(data_dir).with_suffix(".png")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as im:
-            im.save(dest, format="PNG")
-    out = tmp_path / "run"
-    ran = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data), "--out", str(out), "--loader",
-                   "dali-cpu", *ACCEPTANCE, "--log-every", "3"])
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "decode by content" not in ran.stderr  # PNG under its own name is not odd
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["dataset"]["train_images"] == N_TRAIN_IMAGES
-    assert summary["final"]["val/count"] == N_VAL_IMAGES
-    lines = STEP_LINE.findall(ran.stdout)
-    assert [int(step) for step, *_ in lines] == [3, 6, 9, 12], ran.stdout
-    for step, spe, img_s, wait, eta_epoch, eta_run, peak in lines:
-        assert int(spe) == N_TRAIN_IMAGES // 4 and float(img_s) > 0 and 0 <= int(wait) <= 100
-        assert eta_epoch == eta_run  # one epoch: the run ends with it
-        assert peak == ""  # no CUDA here
-    assert lines[-1][4] == "0:00"  # the epoch's last step
 
 
 def write_formats(folder):

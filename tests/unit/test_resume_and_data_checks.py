@@ -1,10 +1,9 @@
 """Issue 23: resume checks (architecture, optimizer, the training file list), the validation resize reported as
 applied, one jitter range for every loader, worker defaults from the machine, and rn50.evaluate reading the
-architecture from the weights and only the validation split's files."""
+architecture from the weights (its check on a real pipeline: tests/component/test_evaluate_checks.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from types import SimpleNamespace
 
@@ -14,13 +13,12 @@ import torch
 from pipelines.settings import default_workers
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import validation_transform
-from pipelines.folder import check_files, list_split
+from pipelines.folder import list_split
 from rn50.checkpoint import restore_training
 from rn50.errors import UserError
 from rn50.model import arch_of_weights, build_model
 from rn50.lifecycle import check_data, guard_resume
 from rn50.recipe import Recipe, with_fields
-from tests.conftest import CLASSES
 
 
 def test_a_new_architecture_is_refused_on_resume_without_offering_allow_change():
@@ -132,43 +130,6 @@ def test_the_architecture_is_read_from_the_weights():
         assert arch_of_weights(state) == arch
         assert arch_of_weights({f"module.{k}": v for k, v in state.items()}) == arch
     assert arch_of_weights({"weight": torch.zeros(3)}) is None
-
-
-def test_evaluate_refuses_a_contradicting_arch_and_reads_only_val(data_dir, tmp_path, capsys):
-    """3.7: `--arch resnet50` on resnet18 weights said "set --arch for a torchvision state dict"; 3.6: bad files in
-    train/ were counted (and named) in evaluate's refusal although it reads val/ alone; 3.12: the EMA PNG's title."""
-    from rn50.evaluate import confusion_title, main
-
-    weights = tmp_path / "checkpoint_0001.pt"
-    torch.save({"model": build_model("resnet18", CLASSES).state_dict(),
-                "recipe": {"model": {"arch": "resnet18"}, "augmentation": {"image_size": 32}}}, weights)
-    flags = ["--loader", "dali-cpu", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1"]
-
-    def evaluate(*extra, data=data_dir):
-        with pytest.raises(SystemExit) as exited:
-            main(["--data", str(data), "--weights", str(weights), "--out", str(tmp_path / "eval"), *flags, *extra])
-            raise SystemExit(0)
-        return exited.value.code or 0, capsys.readouterr().err.strip().splitlines()
-
-    code, err = evaluate("--arch", "resnet50")
-    assert code == 2 and len(err) == 1 and "holds resnet18 weights" in err[0] and "drop --arch" in err[0]
-
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
-    (data / "train" / "n00000000" / "empty.JPEG").write_bytes(b"")
-    (data / "val" / "n00000002" / "page.JPEG").write_text("<html>404</html>\n")
-    code, err = evaluate(data=data)
-    assert code == 2 and len(err) == 1 and "page.JPEG" in err[0]
-    assert "train" not in err[0].replace(str(data), "DATA") and "--manifest SCAN" in err[0]
-    (data / "val" / "n00000002" / "page.JPEG").unlink()
-    list_split.cache_clear()
-    check_files.cache_clear()
-    code, _ = evaluate(data=data)  # train/ still holds the bad file: evaluation does not read it
-    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert code == 0 and report["arch"] == "resnet18" and report["resize_to"] == 36
-
-    assert "EMA" in confusion_title("c.pt", "checkpoint (EMA weights)", 32, 50.0)
-    assert "EMA" not in confusion_title("c.pt", "checkpoint", 32, 50.0)
 
 
 def test_finetune_reads_the_architecture_from_the_weights(tmp_path):
