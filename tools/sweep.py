@@ -147,7 +147,7 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
     resolved = resolve(args)  # a preset name or a field value that rn50.train would refuse, for every point
     for point in grid:  # the grid's values applied as each run applies them (--base-lr, --batch-size)
         try:
-            resolve({**vars(args), "base_lr": point.base_lr, "batch_size": point.batch_size})
+            resolve(argparse.Namespace(**{**vars(args), "base_lr": point.base_lr, "batch_size": point.batch_size}))
         except UserError as err:
             raise UserError(f"grid point {point.label}: {err}") from None
     recipe, machine = resolved.recipe, resolved.machine

@@ -151,10 +151,10 @@ def test_each_grid_points_recipe_is_resolved_before_the_first_run(data_dir, tmp_
 
     resolve = rn50.recipe.resolve
 
-    def strict(args, base=None):
+    def strict(args, **layers):
         if getattr(args, "batch_size", None) == 64:
             raise UserError("batch_size 64 is refused by this recipe")
-        return resolve(args, base)
+        return resolve(args, **layers)
 
     monkeypatch.setattr(rn50.recipe, "resolve", strict)
     with pytest.raises(SystemExit) as stop:
