@@ -8,6 +8,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +126,19 @@ def gpu_ddp_processes(gpus: int) -> int:
     """Processes for the NCCL test: two when there are two GPUs (NCCL across ranks; one process per GPU),
     never more, so its 48 training images keep a batch of 8 on every rank whatever the GPU count."""
     return max(1, min(gpus, 2))
+
+
+class SleepyLoader:
+    """Yields a batch after sleeping `delay` seconds: an input pipeline of known cost (the harness's stall
+    tests, on the CPU and on the GPU timeline)."""
+
+    def __init__(self, delay, batch=4, steps=50):
+        self.delay, self.batch, self.steps = delay, batch, steps
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            time.sleep(self.delay)
+            yield torch.zeros(self.batch, 3, 2, 2), torch.zeros(self.batch, dtype=torch.long)

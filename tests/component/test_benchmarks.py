@@ -17,7 +17,7 @@ from benchmarks.verdict import verdict
 from rn50.dist import DistEnv
 from rn50.recipe import with_fields
 
-from conftest import N_TRAIN_IMAGES
+from conftest import N_TRAIN_IMAGES, SleepyLoader
 
 
 def test_flops_per_image_counted_on_the_real_model():
@@ -54,21 +54,6 @@ def test_percentile_matches_numpy_linear():
     values = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2]
     for q in (0, 50, 95, 100):
         assert percentile(sorted(values), q) == pytest.approx(float(np.percentile(values, q)))
-
-
-class SleepyLoader:
-    """Yields a batch after sleeping `delay` seconds: an input pipeline of known cost."""
-
-    def __init__(self, delay, batch=4, steps=50):
-        self.delay, self.batch, self.steps = delay, batch, steps
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            time.sleep(self.delay)
-            yield torch.zeros(self.batch, 3, 2, 2), torch.zeros(self.batch, dtype=torch.long)
 
 
 def test_host_side_stall_of_a_loader_that_sleeps():

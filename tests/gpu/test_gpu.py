@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from rn50.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP
 from rn50.recipe import Machine, with_fields
 from rn50.step import build_training, train_step
 
-from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, ROOT, gpu_ddp_processes, run_cli, torchrun
+from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, ROOT, SleepyLoader, gpu_ddp_processes, run_cli, torchrun
 
 pytestmark = pytest.mark.gpu
 
@@ -349,22 +348,6 @@ def test_training_runs_with_the_other_gpu_loaders(gpu_data, tmp_path, kind):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val/count"] == N_VAL_IMAGES and summary["ddp/replicas_identical"] is True
-
-
-class SleepyLoader:
-    """Yields a batch after sleeping `delay` seconds: an input pipeline of known cost (as tests/component's
-    test_benchmarks has it; a copy, so that this module imports without the other tiers on the path)."""
-
-    def __init__(self, delay, batch=4, steps=50):
-        self.delay, self.batch, self.steps = delay, batch, steps
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            time.sleep(self.delay)
-            yield torch.zeros(self.batch, 3, 2, 2), torch.zeros(self.batch, dtype=torch.long)
 
 
 def test_gpu_timeline_stall_of_a_loader_that_sleeps():
