@@ -11,11 +11,12 @@ from dataclasses import replace
 
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipelines.augmentation import Augmentation
 from pipelines.loader import EpochPosition
+from pipelines.order import GlobalOrder
 from pipelines.ranges import named_range
 
 
@@ -101,8 +102,8 @@ class TorchvisionLoader(EpochPosition):
             self.decode += f"; bytes from tar members ({where(image_list)})"
         self._list, self._batch_size, self._workers = image_list, batch_size, workers
         if self.training:
-            self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
-                                              shuffle=True, seed=seed, drop_last=True)
+            # DistributedSampler's order (drop_last), over one permutation whatever the world size
+            self.sampler = GlobalOrder(self.num_samples, rank, world_size, seed, batch_size)
         else:
             self.sampler = ValidationShard(self.num_samples, rank, world_size)
         self._resize()
@@ -130,13 +131,15 @@ class TorchvisionLoader(EpochPosition):
         )
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return len(self._loader) + self.first  # an elastic segment's loader holds the epoch's rest only
 
     def __iter__(self):
         # A resumed epoch skips the batches already trained on. The sampler's order is exact (seeded by
         # the epoch); the random augmentations of worker processes are not reproduced (DALI's are).
-        batches = itertools.islice(self._loader, self.position, None)
+        batches = itertools.islice(self._loader, self.position - self.first, None)
         for self.position, (images, labels) in enumerate(batches, start=self.position + 1):
+            if self.training:
+                self.sampler.log(self.position - 1 - self.first)  # RN50_SAMPLE_LOG only
             with named_range("host-to-device copy"):  # with the cast to the step's dtype and channels_last
                 images = images.to(self.device, non_blocking=True).to(self.dtype)
                 images = images.contiguous(memory_format=torch.channels_last)

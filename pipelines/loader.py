@@ -99,15 +99,32 @@ class EpochLoader:
 
 class EpochPosition(EpochLoader):
     """Resume state of the loaders driven by a sampler: the epoch, and the batches of it already delivered,
-    which a resumed epoch skips (the sampler's order is a function of the seed and the epoch)."""
+    which a resumed epoch skips (the sampler's order is a function of the seed and the epoch, whatever the
+    world size: pipelines.order.GlobalOrder).
+
+    After an elastic change of the world size (rn50.lifecycle.resume_point) the epoch continues as a
+    segment: from step `first` on, this rank's batches start at the epoch's global slot `start` (the images
+    the earlier group consumed); both are 0 in a whole epoch, and reset by set_epoch."""
+
+    start = 0  # global samples of the epoch consumed before this segment
+    first = 0  # the step at which this segment starts (its batches are numbered first, first + 1, ...)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.start = self.first = 0
+        super().set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+        segment = {"start": self.start, "first": self.first} if self.start or self.first else {}  # elastic only
+        return {"epoch": self.epoch, "position": self.position, **segment, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         self._check_identity(state)
         self.set_epoch(state["epoch"])
         self.position = state["position"]
+        self.start, self.first = state.get("start", 0), state.get("first", 0)
+        sampler = getattr(self, "sampler", None)
+        if self.training and hasattr(sampler, "start"):  # pipelines.order.GlobalOrder
+            sampler.start = self.start
 
 
 class DaliCheckpoint(EpochLoader):

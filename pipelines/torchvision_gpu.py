@@ -27,13 +27,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
 
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import ValidationShard, to_rgb
 from pipelines.errors import UserError
 from pipelines.loader import EpochPosition
+from pipelines.order import GlobalOrder
 from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
 
@@ -179,8 +179,8 @@ class TorchvisionGpuLoader(EpochPosition):
         self._mean, self._std = (torch.tensor(v, device=self.device)[None, :, None, None] * 255
                                  for v in (aug.mean, aug.std))
         if self.training:
-            self.sampler = DistributedSampler(range(self.num_samples), num_replicas=world_size, rank=rank,
-                                              shuffle=True, seed=seed, drop_last=True)
+            # DistributedSampler's order (drop_last), over one permutation whatever the world size
+            self.sampler = GlobalOrder(self.num_samples, rank, world_size, seed, batch_size)
         else:
             self.sampler = ValidationShard(self.num_samples, rank, world_size)
         self._readers = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tv-gpu-read")
@@ -196,12 +196,12 @@ class TorchvisionGpuLoader(EpochPosition):
                        f"centre crop batched on {self.device.type}")
 
     def __len__(self) -> int:
-        return len(self.sampler) // self._batch_size if self.training \
+        return len(self.sampler) // self._batch_size + self.first if self.training \
             else math.ceil(len(self.sampler) / self._batch_size)
 
     def _batches(self) -> list[list[int]]:
         ids, size = list(self.sampler), self._batch_size
-        return [ids[start:start + size] for start in range(0, len(self) * size, size)]
+        return [ids[start:start + size] for start in range(0, (len(self) - self.first) * size, size)]
 
     def _generator(self, epoch: int, number: int) -> torch.Generator:
         state = np.random.SeedSequence([self._seed, self._rank, epoch, number]).generate_state(1)[0]
@@ -272,7 +272,7 @@ class TorchvisionGpuLoader(EpochPosition):
 
     def __iter__(self):
         # A resumed epoch starts at `position`; the batches in flight run on in the stage thread.
-        ahead = iter(list(enumerate(self._batches(), start=0))[self.position:])
+        ahead = iter(list(enumerate(self._batches(), start=self.first))[self.position - self.first:])
         pending = deque()
 
         def submit_next():
@@ -292,6 +292,8 @@ class TorchvisionGpuLoader(EpochPosition):
                     labels.record_stream(current)
             submit_next()
             self.position += 1
+            if self.training:
+                self.sampler.log(self.position - 1 - self.first)  # RN50_SAMPLE_LOG only
             yield images, labels
         self.position = 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,13 +99,24 @@ def check_data(checkpoint: dict, identity: dict | None, allowed: str | None) -> 
                     "(the interrupted epoch restarts)")
 
 
+# The loaders whose epoch order is one global permutation whatever the world size (pipelines.order): a change
+# of world size continues their interrupted epoch exactly. The DALI loaders restart it.
+ELASTIC_LOADERS = ("torchvision", "torchvision-gpu", "synthetic")
+
+
+def elastic_launch() -> bool:
+    """Started by torchrun's elastic agent (a restart, a membership change of --nnodes MIN:MAX, or a first
+    start): there a new world size is an elastic change, accepted without --reshard."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") is not None
+
+
 def check_world_size(checkpoint: dict, env: DistEnv, reshard: bool) -> None:
-    if checkpoint["world_size"] != env.world_size and not reshard:
+    if checkpoint["world_size"] != env.world_size and not reshard and not elastic_launch():
         raise UserError(
             f"the checkpoint was written by {checkpoint['world_size']} process"
             f"{'es' if checkpoint['world_size'] != 1 else ''} but this run has {env.world_size}; resume with "
             f"{checkpoint['world_size']} process{'es' if checkpoint['world_size'] != 1 else ''} in all, or pass "
-            "--reshard to continue with the new count (the interrupted epoch restarts)"
+            "--reshard to continue with the new count"
         )
 
 
@@ -121,23 +133,45 @@ class ResumePoint:
 
 
 def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, env: DistEnv,
-                 steps_per_epoch: int, exact: bool) -> ResumePoint:
+                 steps_per_epoch: int, exact: bool, train_images: int | None = None) -> ResumePoint:
     """`exact`: no recipe change and the same training file list. The stream is the same when the world
     size, the loader and the epoch's length are too (an epoch of another length, a new batch or file count,
-    is another stream: its offset means nothing here)."""
+    is another stream: its offset means nothing here).
+
+    Another world size (an elastic change, or --reshard) with a loader of ELASTIC_LOADERS and an exact
+    resume continues the interrupted epoch: the old group consumed the epoch's global slots [0, consumed)
+    (pipelines.order), the new one splits the rest into whole global batches (the tail short of one is
+    dropped, as an uninterrupted epoch drops it) and numbers them so that the epoch ends at its usual step,
+    `steps_per_epoch`: the LR schedule, a function of the fractional epoch, goes on where it was."""
     same_world = checkpoint["world_size"] == env.world_size
     fresh_optimizer = saved.optimisation.optimizer != recipe.optimisation.optimizer
-    same_stream = (same_world and exact and checkpoint.get("loader_kind", loader) == loader
-                   and checkpoint["steps_per_epoch"] == steps_per_epoch)
+    same_kind = checkpoint.get("loader_kind", loader) == loader
+    same_stream = same_world and exact and same_kind and checkpoint["steps_per_epoch"] == steps_per_epoch
+    elastic = (not same_world and exact and same_kind and loader in ELASTIC_LOADERS and train_images is not None)
     epoch, offset, loader_state, losses = checkpoint["epoch"], 0, None, None
+    before = checkpoint["world_size"]
+    old_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
+    moved = ""
     if same_stream:
-        offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
+        offset = old_offset
         loader_state = checkpoint["loader"][env.rank]
         losses = (checkpoint.get("epoch_losses") or [None] * env.world_size)[env.rank]
-    before = checkpoint["world_size"]
+    elif elastic and old_offset > 0:
+        old, batch = checkpoint["loader"][0], recipe.optimisation.batch_size
+        consumed = old.get("start", 0) + (old_offset - old.get("first", 0)) * batch * before
+        rest = max(0, train_images - consumed) // (batch * env.world_size)
+        offset = steps_per_epoch - rest
+        loader_state = {**{k: v for k, v in old.items() if k == "data"}, "epoch": checkpoint["epoch"],
+                        "position": offset, "start": consumed, "first": offset}
+        moved = (f"; {consumed} of {train_images} images of the epoch done, the other "
+                 f"{train_images - consumed} over {env.world_size} process{'es' if env.world_size != 1 else ''}: "
+                 f"{rest} step{'s' if rest != 1 else ''}"
+                 + (f", the last {train_images - consumed - rest * batch * env.world_size} dropped (short of a "
+                    "global batch)" if train_images - consumed - rest * batch * env.world_size else ""))
     note = (f"resumed at epoch {epoch + 1}, step {offset} of {steps_per_epoch}"
-            + ("" if same_world else f" (resharded from {before} process{'es' if before != 1 else ''})")
-            + ("" if same_stream or not same_world else " (the data stream changed: the epoch restarts)")
+            + ("" if same_world else f" (resharded from {before} process{'es' if before != 1 else ''}{moved})")
+            + (" (the data stream changed: the epoch restarts)"
+               if not same_stream and not elastic and (same_world or old_offset) else "")
             + (f"; the optimizer changed ({saved.optimisation.optimizer} -> {recipe.optimisation.optimizer}): its "
                "state starts fresh" if fresh_optimizer else ""))
     return ResumePoint(epoch, offset, loader_state, losses, fresh_optimizer, note)

@@ -304,7 +304,8 @@ def name_fault(previous: dict | None, steps_per_epoch: int) -> dict:
 def report_restart(out: Path, job: dict, checkpoint: dict | None, world_size: int, steps_per_epoch: int,
                    say) -> dict:
     """The restart line (rank 0) and its record in RUN/faults.jsonl."""
-    fault = name_fault(previous_attempt(world_size), steps_per_epoch)
+    # the failed attempt's steps: numbered as its checkpoint numbers them (an elastic change alters the count)
+    fault = name_fault(previous_attempt(world_size), checkpoint["steps_per_epoch"] if checkpoint else steps_per_epoch)
     resumed_at = checkpoint["step"] if checkpoint else 0
     reached = fault.get("step_reached")
     lost = max(0, reached - resumed_at) if reached is not None else None

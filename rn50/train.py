@@ -101,6 +101,7 @@ class Trainer:
         self.watchdog, self.stop = watchdog, stop
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps_per_epoch = len(train_loader)
+        self.lr_world = env.world_size  # the world size whose peak LR this run uses (--elastic-lr keep: the first)
         self.peak_lr = self.recipe.optimisation.peak_lr(env.world_size)
         self.peak_lr_reached = peak_reached(self.recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
         self.log = MetricsLog(self.out / "metrics.jsonl", env.is_main, tensorboard_dir=self.out / "tensorboard")
@@ -177,6 +178,7 @@ class Trainer:
         losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
         self.resumed_losses = None
         meter = self.meter.epoch(epoch, first)
+        lr = self.set_lr(epoch * spe + first)  # (an elastic change can leave an epoch no whole global batch)
         # global steps from 1: the --profile-steps window, and an "input wait" range around each batch in it
         batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe)
         for i, (images, labels) in enumerate(meter.batches(batches), start=first):
@@ -197,7 +199,7 @@ class Trainer:
             self.watchdog.progress(f"epoch {epoch + 1} after step {i + 1}: waiting for the next batch")
         self.check_divergence(losses)
         figures = meter.finish()
-        return {"lr": lr, "train/loss": losses.mean(self.env.world_size),
+        return {"lr": lr, "train/loss": losses.mean(self.env.world_size) if losses.steps else math.nan,
                 "train/resolution": self.train_loader.image_size,  # progressive resizing: this epoch's size
                 **figures}
 
@@ -295,6 +297,8 @@ class Trainer:
                                loader_kind=self.machine.loader, recipe=self.recipe.to_dict(),
                                world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed(),
                                data=self.data_identity)
+        if state is not None:
+            state["lr_world"] = self.lr_world
         if state is None:  # the kept checkpoints must stay good ones, whatever happens next
             self.say(f"not checkpointing at step {step}: the weights hold NaN or inf")
             return None
@@ -307,7 +311,11 @@ class Trainer:
         and the epoch's loss sums too where lifecycle.resume_point finds the same data stream. Returns the
         line that says where the run continues."""
         point = lifecycle.resume_point(checkpoint, saved, self.recipe, self.machine.loader, self.env,
-                                       self.steps_per_epoch, exact)
+                                       self.steps_per_epoch, exact, train_images=self.train_loader.num_samples)
+        if self.config.run.elastic_lr == "keep":  # the peak LR of the world size the run trained with
+            self.lr_world = checkpoint.get("lr_world", checkpoint["world_size"])
+            self.peak_lr = self.recipe.optimisation.peak_lr(self.lr_world)
+            self.peak_lr_reached = peak_reached(self.recipe.schedule, self.peak_lr, self.steps_per_epoch)
         restore_training(self.parts, checkpoint, fresh_optimizer=point.fresh_optimizer)
         if checkpoint.get("plateau"):
             self.plateau.load_state_dict(checkpoint["plateau"])
