@@ -15,7 +15,9 @@ The NHWC batch reaches torch as `permute(0, 3, 1, 2)`: an NCHW tensor in channel
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -35,6 +37,11 @@ try:
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
     fn = None
+
+# A forked child (a torchvision DataLoader worker, a harness row after a DALI one) that frees a DALI pipeline
+# left in the parent as cyclic garbage (a traceback's frames, say) waits forever in its destructor for DALI
+# threads that do not exist in the child. Collecting in the parent before every fork leaves it nothing to free.
+os.register_at_fork(before=gc.collect)
 
 # nvJPEG scratch buffers sized for ImageNet, as in NVIDIA's reference pipeline: no re-allocation mid-run
 _DEVICE_PADDING = 211_025_920

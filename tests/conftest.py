@@ -4,7 +4,6 @@ alone at the top, so tests/gpu imports with torch, torchvision, numpy, pillow, p
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -20,11 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 12, 11
 N_TRAIN_IMAGES, N_VAL_IMAGES = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS
 
-
-# A DataLoader worker (torchvision loader) is a fork of the test process. A DALI pipeline left there as cyclic garbage
-# by an earlier test (a traceback's frames, say) would be freed in the child, whose DALI threads do not exist, and
-# its destructor waits for them forever: the suite hung there. Collect in the parent, before each fork.
-os.register_at_fork(before=gc.collect)
 
 TIERS = ("unit", "component", "e2e")  # tests/<tier>/: the folder is the tier (setup.cfg's markers say what each is)
 

@@ -304,3 +304,34 @@ def test_randaugment_silences_only_dalis_own_deprecation_warnings(one_image_data
     assert not [m for m in messages if "nvidia.dali.fn.experimental" in m], messages
     assert "unrelated test deprecation" in messages
     assert messages.count("some_other_api is deprecated") == 5  # one per RandAugment branch (m-2..m+2)
+
+
+def test_a_forked_child_never_frees_a_dali_pipeline_left_as_garbage(data_dir):
+    """A forked child (a torchvision DataLoader worker, a harness row after a DALI one) that frees a DALI
+    pipeline hangs in its destructor, waiting for DALI threads the child does not have (seen: the suite hung
+    at a torchvision loader test). pipelines.dali collects in the parent before every fork, so the child
+    finds nothing to free. Without that hook this child hangs (checked by hand)."""
+    import gc
+    import os
+    import time
+
+    loader = build_loader("dali-cpu", "val", data_dir, batch_size=4, image_size=32)
+    next(iter(loader))  # its pipeline built, its threads running
+    loader.cycle = loader  # cyclic garbage once the name goes, as a traceback's frames would leave it
+    del loader
+    gc.disable()  # nothing but the fork hook may collect it in the parent
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: free whatever garbage came with the fork, then leave
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 120  # the child needs well under a second; a hang never ends
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung freeing a DALI pipeline left as garbage in its parent")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
