@@ -386,6 +386,13 @@ class Cadence:
 
 def started(out: Path, job: dict | None, checkpoint: dict | None, env, steps_per_epoch: int, say) -> None:
     """Before the first step: the run folder's job note, and on a restart its line and fault record."""
+    previous = job.get("restart") if job is not None else None
     mark_training(out, env.is_main)
-    if job is not None and env.is_main:
-        report_restart(out, job, checkpoint, env.world_size, steps_per_epoch, say)
+    if job is None or not env.is_main:
+        return
+    if previous == restart_count():  # torchrun restarted the group without counting it: a membership change
+        say(f"the group changed membership (torchrun --nnodes MIN:MAX: a node joined), now {env.world_size} "
+            f"process{'es' if env.world_size != 1 else ''}: no fault, resuming from step "
+            f"{checkpoint['step'] if checkpoint else 0}")
+        return
+    report_restart(out, job, checkpoint, env.world_size, steps_per_epoch, say)

@@ -151,6 +151,7 @@ def test_shrink_and_grow_use_every_image_once(tmp_path):
     resumes = re.findall(r"resumed at epoch (\d+), step \d+ of \d+ \(resharded from (\d) process(?:es)?; "
                          r"(\d+) of 48 images of the epoch done[^)]*\)", text)
     assert len(resumes) >= 2, text[-4000:]  # the shrink and the grow, each continuing its epoch
+    assert "the group changed membership" in text  # the grow: no fault
     for epoch, ids in sorted(kept(found).items()):
         assert len(ids) == len(set(ids)), f"epoch {epoch + 1}: an image used twice"
         assert set(ids) <= set(range(TRAIN))
