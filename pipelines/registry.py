@@ -116,7 +116,7 @@ _KINDS = (
     LoaderKind("torchvision-gpu", "torchvision alone: files read by `workers` threads, one batched decode_jpeg "
                                   "on the device (nvJPEG; the CPU without CUDA), crops, flips, jitter and "
                                   "normalisation as batched tensor ops",
-               _torchvision_gpu, tag="torchvision's batched decoder"),
+               _torchvision_gpu, _torchvision_gpu, tag="torchvision's batched decoder"),
     LoaderKind("torchvision", "PIL and torchvision transforms in `workers` DataLoader processes, then one copy to "
                               "the device",
                _torchvision, _torchvision, decodes_by_content=True),

@@ -18,11 +18,13 @@ DistributedSampler order, every rank the same number of full training batches, e
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
 
 try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; a later release drops them
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # reported when this loader is asked for
     decode_jpeg = None
 # One warning per decoded batch that no user of ours can act on (docs/loaders.md says what replaces them).
@@ -50,23 +52,24 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def read_image(path: str, decode: bool) -> tuple[torch.Tensor, int]:
-    """(a file's bytes (uint8 [size]) when it is a JPEG and `decode` is False, else its pixels, uint8 CHW
-    RGB; the EXIF orientation still to apply to them, 1 when none). JPEGs decode by libjpeg-turbo
+def read_image(raw: bytes, decode: bool) -> tuple[torch.Tensor, int]:
+    """(an image file's bytes (uint8 [size]) when it is a JPEG and `decode` is False, else its pixels, uint8
+    CHW RGB; the EXIF orientation still to apply to them, 1 when none). JPEGs decode by libjpeg-turbo
     (`decode_jpeg`, the pixels PIL gives, orientation applied), other formats by PIL as the torchvision
-    baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name; orientation applied by to_rgb)."""
-    data = read_file(path)
-    if bytes(data[:2].tolist()) != JPEG_MAGIC:
-        with Image.open(path) as image:
+    baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name; orientation applied by to_rgb).
+    Bytes, not a path: a file of a class folder and a tar member of a shard read alike."""
+    if raw[:2] != JPEG_MAGIC:
+        with Image.open(io.BytesIO(raw)) as image:
             return pil_to_tensor(to_rgb(image)), 1
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if decode:
         return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True), 1
-    return data, exif_orientation(path)  # CUDA's batched decode_jpeg ignores the tag: orient() after it
+    return data, exif_orientation(raw)  # CUDA's batched decode_jpeg ignores the tag: orient() after it
 
 
-def exif_orientation(path: str) -> int:
+def exif_orientation(raw: bytes) -> int:
     """A JPEG's EXIF orientation tag (1-8; 1 without one), read from its header by PIL (no decode)."""
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(raw)) as image:
         tag = image.getexif().get(0x0112, 1)
     return tag if tag in range(1, 9) else 1
 
@@ -169,7 +172,7 @@ class TorchvisionGpuLoader(EpochPosition):
             raise UserError(f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg (its image "
                             "decoders moved to TorchCodec); install torchvision<0.29 beside a matching torch for "
                             "--loader torchvision-gpu, or choose --loader dali or torchvision")
-        self._begin(split, aug)  # reads class folders only (no shard loader yet: pipelines.registry)
+        self._begin(split, aug, image_list)  # class folders or shards: only where the bytes come from differs
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
@@ -194,6 +197,10 @@ class TorchvisionGpuLoader(EpochPosition):
                        if self.training else
                        f"torchvision.io.decode_jpeg (libjpeg-turbo) on {threads} CPU threads, then resize and "
                        f"centre crop batched on {self.device.type}")
+        if self._shards is not None:
+            from pipelines.shards import where
+
+            self.decode += f"; bytes from tar members ({where(image_list)})"
 
     def __len__(self) -> int:
         return len(self.sampler) // self._batch_size + self.first if self.training \
@@ -207,10 +214,21 @@ class TorchvisionGpuLoader(EpochPosition):
         state = np.random.SeedSequence([self._seed, self._rank, epoch, number]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(state))
 
-    def _decode(self, paths: list[str]) -> list[torch.Tensor]:
+    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+        """In a reading thread: one image's bytes (a file, or a tar member of a shard), decoded there unless
+        the batched GPU decode takes it (read_image). A file that cannot be read says which."""
+        raw = self._list.read(index) if self._shards is not None else Path(self._list.files[index]).read_bytes()
+        try:
+            return read_image(raw, self._decode_in_threads)
+        except Exception as exc:
+            name = "{} (the tar member at byte {})".format(*self._list.member(index)[:2]) \
+                if self._shards is not None else self._list.files[index]
+            raise RuntimeError(f"cannot decode {name}: {exc}") from exc
+
+    def _decode(self, ids: list[int]) -> list[torch.Tensor]:
         """uint8 CHW images on the device: JPEGs decoded there in one batched call (training on CUDA),
         everything else (and everything on the CPU, and validation) decoded by the threads."""
-        items, tags = zip(*self._readers.map(lambda p: read_image(p, self._decode_in_threads), paths))
+        items, tags = zip(*self._readers.map(self._read, ids))
         encoded = [i for i, item in enumerate(items) if item.dim() == 1]
         images = to_device([item for item in items if item.dim() == 3], self.device)
         if encoded and self.device.type == "cuda":
@@ -236,10 +254,9 @@ class TorchvisionGpuLoader(EpochPosition):
 
     def _prepare(self, epoch: int, number: int, ids: list[int], image_size: int):
         """One batch, in the stage thread: decoded, augmented, on the device (on the loader's stream)."""
-        paths = [self._list.files[i] for i in ids]
         labels = torch.tensor([self._list.labels[i] for i in ids])
         with self._on_device():
-            images = self._decode(paths)
+            images = self._decode(ids)
             heights = torch.tensor([image.shape[1] for image in images])  # shapes are known on the host
             widths = torch.tensor([image.shape[2] for image in images])
             pixels = self._training_pixels(images, heights, widths, self._generator(epoch, number), image_size) \
