@@ -191,12 +191,15 @@ def test_the_harness_logs_its_report_to_mlflow(mlflow_server, tracker_env, data_
 
 # ---- W&B (offline) --------------------------------------------------------------------------------------
 
-def wandb_records(path: Path):
+def wandb_records(path: Path) -> list | None:
     """The records of an offline run file (run-<id>.wandb): W&B's LevelDB-style log of protobuf records, a
-    7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks (crc32c, length, type)."""
+    7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks (crc32c, length, type). None while
+    the file is incomplete: W&B's service process may still be writing it after wandb.finish() returned (seen
+    in CI: a record cut short); a finished run's last record is its `exit`."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -208,18 +211,33 @@ def wandb_records(path: Path):
             pos += left
             continue
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if len(chunk) < length:
+            return None  # the tail is still being written
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):  # full, or the last of several
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
+            try:
+                record.ParseFromString(pending)
+            except DecodeError:
+                return None  # a record still being written
+            records.append(record)
+    return records if records and records[-1].WhichOneof("record_type") == "exit" else None
+
+
+def finished_wandb_records(path: Path, timeout: float = 120.0) -> list:
+    """The records of a run file once W&B's service has written all of it (its `exit` record last)."""
+    deadline = time.monotonic() + timeout
+    while (records := wandb_records(path)) is None:
+        assert time.monotonic() < deadline, f"{path} never held a complete run (no exit record)"
+        time.sleep(0.5)
+    return records
 
 
 def read_wandb_run(run_dir: Path) -> dict:
     """Config, history rows and saved file names of every offline run W&B wrote under run_dir/wandb."""
     result = {"ids": [], "config": {}, "history": [], "files": set(), "groups": set()}
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
+        for record in finished_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 result["ids"].append(record.run.run_id)
