@@ -12,7 +12,7 @@ import os
 import statistics
 
 from pipelines.registry import REGISTRY
-from rn50.dist import all_gather_objects
+from rn50.system.dist import all_gather_objects
 
 HW_DECODER_LOADS = (0.0, 0.5, 0.65, 0.8, 0.9, 1.0)  # only the GPU pipeline has a hardware decoder
 PREFETCH_DEPTHS = (1, 2, 3)

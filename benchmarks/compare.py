@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 
 # Settings under which two img/s figures are not like for like: a difference is flagged, not compared away
 KEY_SETTINGS = ("image_size", "batch_size", "loader", "arch", "amp", "amp_dtype", "channels_last", "precision")
@@ -107,7 +107,7 @@ def _training(folder: Path, summary: dict | None = None) -> dict:
 # ---- one input's settings and rows -----------------------------------------------------------------
 
 def _flat_recipe(recipe: dict) -> dict:
-    from rn50.recipe import flat_items, resolve
+    from rn50.config.recipe import flat_items, resolve
 
     try:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in flat_items(resolve(saved=recipe).recipe).items()}

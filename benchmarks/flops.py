@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rn50.model import add_blurpool, build_model
+from rn50.core.model import add_blurpool, build_model
 
 # Peak dense tensor throughput, TFLOP/s, fp16/bf16 inputs (docs/design.md#peak-tensor-throughput-for-mfu).
 # Matched against the CUDA device name in order: more specific names first ("H100 PCIe" before "H100",

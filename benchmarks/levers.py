@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rn50.errors import UserError
-from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, get, resolve
+from rn50.config.errors import UserError
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, get, resolve
 
 # A lever joins the best combination when it is at least 2% faster than the baseline AND its slowest timed
 # window beat the baseline's fastest: a gain inside the windows' spread is noise, not a lever
@@ -203,13 +203,13 @@ def beats_baseline(row: dict, baseline: dict, key: str) -> bool:
 def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
     """Raise UserError if training would refuse these fields over this recipe and machine: the checks
     rn50.train runs at start-up (Recipe/Machine.validate, check_cuda_only_settings), not a copy of them."""
-    from rn50.device import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
+    from rn50.system.device import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
 
     check_cuda_only_settings(*with_lever(recipe, machine, fields), device)
 
 
 def with_lever(recipe, machine, fields: dict):
-    """The baseline's recipe and machine with a lever's fields over them, through rn50.recipe.resolve (the
+    """The baseline's recipe and machine with a lever's fields over them, through rn50.config.recipe.resolve (the
     baseline as its lowest layer, the fields as flags), so a lever is checked as any run is."""
     config = resolve(fields, defaults={**{flat: get(recipe, flat) for flat in RECIPE_FIELDS}, **machine.to_dict()})
     return config.recipe, config.machine

@@ -91,7 +91,7 @@ def verdict(read_img_per_s: float, results: list[dict]) -> dict:
 
 def section(data, compare, results: list[dict], env, seed: int, threads: int, say) -> dict:
     """The report's `read` block: every source read on every rank, rates summed over ranks, the verdicts."""
-    from rn50.dist import all_gather_objects
+    from rn50.system.dist import all_gather_objects
 
     rows = []
     for source in [data] + ([compare] if compare is not None else []):

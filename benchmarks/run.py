@@ -1,6 +1,6 @@
 """Benchmark harness: `python -m benchmarks.run --data DIR --out DIR` (also under torchrun).
 
-Measures, on the same data, batch, resolution and training step (rn50.step.train_step, the one training
+Measures, on the same data, batch, resolution and training step (rn50.core.step.train_step, the one training
 uses):
   synthetic  the training step on a device-resident batch: the GPU ceiling
   loader     each input pipeline alone: the img/s it can deliver
@@ -30,9 +30,9 @@ from pathlib import Path
 from benchmarks import levers as levers_mod
 from pipelines.registry import KINDS, REGISTRY, kinds
 from pipelines.storage import display
-from rn50.errors import UserError, check_flags_first
-from rn50.profile_flags import TRACE_DIR, add_profiling_flags
-from rn50.recipe import Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, resolve
+from rn50.config.errors import UserError, check_flags_first
+from rn50.config.profile_flags import TRACE_DIR, add_profiling_flags
+from rn50.config.recipe import Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, resolve
 
 MODES = ("synthetic", "loader", "train")
 READ_MODE = "read"  # raw reads from the source, no decoding (benchmarks/read.py); asked for by name, not a default
@@ -108,16 +108,16 @@ from benchmarks.flops import flops_per_image, mfu, peak_tflops  # noqa: E402
 from benchmarks.recommend import ratios_to_dali, recommend  # noqa: E402
 from benchmarks.report import write_reports  # noqa: E402
 from benchmarks.stall import StepTimer, Window  # noqa: E402
-from rn50.telemetry import Telemetry  # noqa: E402
-from rn50 import tracking  # noqa: E402
+from rn50.system.telemetry import Telemetry  # noqa: E402
+from rn50.observe import tracking  # noqa: E402
 from benchmarks.verdict import verdict  # noqa: E402
-from rn50.device import check_cuda_only_settings  # noqa: E402
-from rn50.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown  # noqa: E402
-from rn50.loaders import build_split  # noqa: E402
-from rn50.profiling import StepProfiler, check_flags, check_window, named_range  # noqa: E402
-from rn50.provenance import environment  # noqa: E402
-from rn50.schedule import set_lr  # noqa: E402
-from rn50.step import build_training, train_step  # noqa: E402
+from rn50.system.device import check_cuda_only_settings  # noqa: E402
+from rn50.system.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown  # noqa: E402
+from rn50.core.loaders import build_split  # noqa: E402
+from rn50.observe.profiling import StepProfiler, check_flags, check_window, named_range  # noqa: E402
+from rn50.system.provenance import environment  # noqa: E402
+from rn50.core.schedule import set_lr  # noqa: E402
+from rn50.core.step import build_training, train_step  # noqa: E402
 
 
 def machine_defaults(args, gpu: bool) -> None:
@@ -133,7 +133,7 @@ def machine_defaults(args, gpu: bool) -> None:
 
 def recipe_defaults(gpu: bool) -> dict:
     """Recipe and machine defaults for the device, by flat name: they go in below every preset and flag
-    (rn50.recipe.resolve's `defaults`), so `--preset rtx3090x4` on a CPU machine keeps its batch of 192."""
+    (rn50.config.recipe.resolve's `defaults`), so `--preset rtx3090x4` on a CPU machine keeps its batch of 192."""
     if gpu:
         return {}
     # CPU defaults: the recipe's are sized for GPU machines; 256 images would be minutes per step. The same

@@ -2,7 +2,7 @@
 
 `build_loader(kind, split, data_dir, ...)` returns a `Loader` (pipelines.loader): an iterable of (images,
 labels), images [N, 3, H, W] in channels_last on `device`, in `dtype` (float32 unless asked: callers pass
-`rn50.precision.batch_dtype`, the dtype their training step computes in), labels int64 [N]; with len() = steps
+`rn50.core.precision.batch_dtype`, the dtype their training step computes in), labels int64 [N]; with len() = steps
 per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `class_counts`, `image_size`,
 `decode` (the decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_state_dict()`.
 

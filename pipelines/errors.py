@@ -1,6 +1,6 @@
 """The one exception type for user-caused failures (see docs/design.md, Errors).
 
-It lives here, at the bottom of the import graph (pipelines/ imports nothing of ours), and rn50.errors
+It lives here, at the bottom of the import graph (pipelines/ imports nothing of ours), and rn50.config.errors
 re-exports it, so every layer raises the same type and every CLI catches it once.
 """
 

@@ -102,7 +102,7 @@ class EpochPosition(EpochLoader):
     which a resumed epoch skips (the sampler's order is a function of the seed and the epoch, whatever the
     world size: pipelines.order.GlobalOrder).
 
-    After an elastic change of the world size (rn50.lifecycle.resume_point) the epoch continues as a
+    After an elastic change of the world size (rn50.reliability.lifecycle.resume_point) the epoch continues as a
     segment: from step `first` on, this rank's batches start at the epoch's global slot `start` (the images
     the earlier group consumed); both are 0 in a whole epoch, and reset by set_epoch."""
 

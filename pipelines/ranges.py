@@ -1,6 +1,6 @@
 """Named profiler ranges: torch.profiler.record_function, and NVTX on CUDA so that `nsys profile` shows the
 same names. Off (a shared no-op, about 0.2 us) unless a profiled step window turned them on: an idle
-record_function still costs several microseconds. rn50/profiling.py owns the switch; it lives here because
+record_function still costs several microseconds. rn50/observe/profiling.py owns the switch; it lives here because
 the loaders name their host-to-device copy and pipelines/ imports nothing of rn50/.
 """
 

@@ -2,7 +2,7 @@
 harness (its default loader sets, the DALI settings sweep), the errors (CUDA, RandAugment, shards, the
 pre-flight check) and the docs (docs/loaders.md's table, checked by a test) all read.
 
-Light on purpose: no torch, no DALI at import time (rn50.recipe reads it before the flags are parsed);
+Light on purpose: no torch, no DALI at import time (rn50.config.recipe reads it before the flags are parsed);
 each factory imports its loader when it is called.
 
 docs/loaders.md's table is `markdown_table()` (tests/unit/test_loader_boundary.py keeps it current):

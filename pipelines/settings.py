@@ -1,7 +1,7 @@
 """How a machine runs its input pipeline: the one home of the loader settings' defaults.
 
 These settings change how fast batches come, never which batches come (the recipe's augmentation owns
-that). The configuration (rn50.recipe.Machine) takes its defaults from here, flags and presets override
+that). The configuration (rn50.config.recipe.Machine) takes its defaults from here, flags and presets override
 them there, and every loader receives a complete LoaderSettings: no loader keeps a default of its own.
 """
 

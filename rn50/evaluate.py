@@ -18,10 +18,10 @@ from pathlib import Path
 
 # What reading the flags needs, and nothing heavier: `python -m rn50.evaluate` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
-from rn50.errors import UserError, check_flags_first
-from rn50.recipe import add_recipe_flags, parse_strict, resolve, with_fields
+from rn50.config.errors import UserError, check_flags_first
+from rn50.config.recipe import add_recipe_flags, parse_strict, resolve, with_fields
 
-# the recipe and machine flags that matter to an evaluation (rn50.recipe.add_recipe_flags)
+# the recipe and machine flags that matter to an evaluation (rn50.config.recipe.add_recipe_flags)
 EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
               "amp", "amp_dtype", "channels_last", "loader", "device", "dali_threads", "hw_decoder_load",
               "prefetch", "workers")
@@ -55,11 +55,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from pipelines.shards import classes_of  # noqa: E402
 from pipelines.storage import display  # noqa: E402
-from rn50.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
-from rn50.loaders import build_split  # noqa: E402
-from rn50.metrics import topk_correct  # noqa: E402
-from rn50.model import add_blurpool, arch_of_weights, build_model, load_state, read_weights_file  # noqa: E402
-from rn50.precision import autocast_dtype  # noqa: E402
+from rn50.system.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
+from rn50.core.loaders import build_split  # noqa: E402
+from rn50.observe.metrics import topk_correct  # noqa: E402
+from rn50.core.model import add_blurpool, arch_of_weights, build_model, load_state, read_weights_file  # noqa: E402
+from rn50.core.precision import autocast_dtype  # noqa: E402
 
 
 @torch.no_grad()

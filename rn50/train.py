@@ -18,9 +18,9 @@ from pathlib import Path
 
 # What reading the flags needs, and nothing heavier: `python -m rn50.train` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
-from rn50.errors import UserError, check_flags_first
-from rn50.profile_flags import TRACE_DIR
-from rn50.recipe import Config, add_recipe_flags, add_run_flags, available_presets, parse_strict
+from rn50.config.errors import UserError, check_flags_first
+from rn50.config.profile_flags import TRACE_DIR
+from rn50.config.recipe import Config, add_recipe_flags, add_run_flags, available_presets, parse_strict
 
 EXIT_DIVERGED = 3
 
@@ -72,23 +72,24 @@ if __name__ == "__main__":  # `python -m rn50.train`: the flags first (see the l
 
 import torch  # noqa: E402 - below parse_args on purpose: torch and DALI take seconds to import
 
-from rn50 import lifecycle, tracking  # noqa: E402
-from rn50.checkpoint import CheckpointStore, checkpoint_name, restore_training, training_state  # noqa: E402
-from rn50.dist import DistEnv, all_gather_objects, any_rank, broadcast_buffers, init_distributed, shutdown  # noqa: E402
+from rn50.observe import tracking  # noqa: E402
+from rn50.reliability import lifecycle  # noqa: E402
+from rn50.reliability.checkpoint import CheckpointStore, checkpoint_name, restore_training, training_state  # noqa: E402
+from rn50.system.dist import DistEnv, all_gather_objects, any_rank, broadcast_buffers, init_distributed, shutdown  # noqa: E402
 from rn50.evaluate import evaluate  # noqa: E402
-from rn50.loaders import build_loaders  # noqa: E402
-from rn50.meter import LossTracker, Meter  # noqa: E402
-from rn50.metrics import MetricsLog  # noqa: E402
-from rn50.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
+from rn50.core.loaders import build_loaders  # noqa: E402
+from rn50.observe.meter import LossTracker, Meter  # noqa: E402
+from rn50.observe.metrics import MetricsLog  # noqa: E402
+from rn50.reliability.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
 from pipelines.storage import StorageLost, display  # noqa: E402
-from rn50.profiling import StepProfiler, check_window  # noqa: E402
-from rn50.provenance import environment  # noqa: E402
-from rn50.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr  # noqa: E402
-from rn50.step import TrainingParts, build_training, replicas_identical, train_step  # noqa: E402
-from rn50.stopping import judge  # noqa: E402
-from rn50.watchdog import Watchdog  # noqa: E402
-from rn50 import restart  # noqa: E402
-from rn50.integrity import EXIT_STORAGE, NotWritten  # noqa: E402
+from rn50.observe.profiling import StepProfiler, check_window  # noqa: E402
+from rn50.system.provenance import environment  # noqa: E402
+from rn50.core.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr  # noqa: E402
+from rn50.core.step import TrainingParts, build_training, replicas_identical, train_step  # noqa: E402
+from rn50.core.stopping import judge  # noqa: E402
+from rn50.reliability.watchdog import Watchdog  # noqa: E402
+from rn50.reliability import restart  # noqa: E402
+from rn50.reliability.integrity import EXIT_STORAGE, NotWritten  # noqa: E402
 
 
 class Trainer:
@@ -120,7 +121,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
-        self.data_identity = data_identity  # the training file list's (rn50.loaders.data_identity), checkpointed
+        self.data_identity = data_identity  # the training file list's (rn50.core.loaders.data_identity), checkpointed
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -220,7 +221,7 @@ class Trainer:
         return lr
 
     def train_step(self, images, labels, meter, where: str) -> torch.Tensor:
-        """rn50.step.train_step; a step that compiles (--compile) is timed apart, and the watchdog allows it
+        """rn50.core.step.train_step; a step that compiles (--compile) is timed apart, and the watchdog allows it
         its own, longer limit (max-autotune can take many minutes)."""
         if not meter.compiles(images.shape):
             return train_step(self.parts, images, labels)
@@ -368,7 +369,7 @@ def run(flags: argparse.Namespace) -> dict:
     stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
     created = lifecycle.missing_folders(flags.out)  # a start that fails removes them again (while they are empty)
     try:
-        # records how this rank ended, for a restarted attempt's fault report (rn50.restart)
+        # records how this rank ended, for a restarted attempt's fault report (rn50.reliability.restart)
         return restart.recorded(run_with, env.rank, env.world_size, watchdog.describe, flags, env, watchdog, stop)
     except (UserError, Preempted, Diverged, NotWritten):
         lifecycle.remove_empty(created)

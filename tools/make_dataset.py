@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from tools.progress import bar as progress_bar
 
 # Texture strengths, tuned so default-size images average ~100-110 KB (~4 bits/pixel),

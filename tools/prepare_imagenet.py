@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from tools.progress import LOG_EVERY, bar as progress_bar
 
 EXPECT_TRAIN, EXPECT_VAL, EXPECT_CLASSES = 1_281_167, 50_000, 1_000

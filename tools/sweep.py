@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 
 EXIT_SOME_FAILED = 1
 EXIT_PREEMPTED = 75  # as rn50.train: "a temporary failure, run the same command again"
@@ -141,8 +141,8 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
     args = parse_run_flags(extra, data, out / grid[0].name)
     check_data(data, args.manifest)
     from pipelines import check_device
-    from rn50.device import choose_device
-    from rn50.recipe import resolve
+    from rn50.system.device import choose_device
+    from rn50.config.recipe import resolve
 
     resolved = resolve(args)  # a preset name or a field value that rn50.train would refuse, for every point
     for point in grid:  # the grid's values applied as each run applies them (--base-lr, --batch-size)
@@ -163,7 +163,7 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
 def with_tracker_group(extra: list[str], data: Path, out: Path) -> list[str]:
     """The flags after `--`, plus `--tracker-group <sweep folder name>` when the runs log to a tracker and no
     group was named: a sweep's runs are found together in W&B and MLflow."""
-    from rn50.recipe import resolve
+    from rn50.config.recipe import resolve
 
     machine = resolve(parse_run_flags(extra, data, out)).machine
     if machine.tracker == "none" or machine.tracker_group:

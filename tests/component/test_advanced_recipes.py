@@ -13,11 +13,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rn50.dist import DistEnv
-from rn50.losses import batch_mixing, distillation_loss
-from rn50.recipe import with_fields
-from rn50.schedule import PlateauMultiplier, lr_at
-from rn50.step import WeightEma, build_training, train_step
+from rn50.system.dist import DistEnv
+from rn50.core.losses import batch_mixing, distillation_loss
+from rn50.config.recipe import with_fields
+from rn50.core.schedule import PlateauMultiplier, lr_at
+from rn50.core.step import WeightEma, build_training, train_step
 from rn50.train import main
 
 from conftest import CLASSES
@@ -267,7 +267,7 @@ def test_tensorboard_event_files_read_back_with_tensorboards_reader(data_dir, tm
 
 
 def test_named_presets_resolve_as_documented():
-    from rn50.recipe import available_presets, format_recipe, resolve
+    from rn50.config.recipe import available_presets, format_recipe, resolve
 
     assert {"kd_lamb_610", "finetune"} <= set(available_presets())
     kd = resolve({"preset": "kd_lamb_610"}).recipe
@@ -289,8 +289,8 @@ def test_named_presets_resolve_as_documented():
 def test_finetune_from_a_torchvision_state_dict(tmp_path):
     import torchvision
 
-    from rn50.errors import UserError
-    from rn50.model import build_model, load_weights
+    from rn50.config.errors import UserError
+    from rn50.core.model import build_model, load_weights
 
     source = torchvision.models.resnet18(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")  # torchvision's own format

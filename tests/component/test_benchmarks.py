@@ -14,8 +14,8 @@ from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.run import Bench, Plan, main, time_to_train
 from benchmarks.stall import percentile
 from benchmarks.verdict import verdict
-from rn50.dist import DistEnv
-from rn50.recipe import with_fields
+from rn50.system.dist import DistEnv
+from rn50.config.recipe import with_fields
 
 from conftest import N_TRAIN_IMAGES, SleepyLoader
 
@@ -196,7 +196,7 @@ def test_autotune_saves_a_preset_train_can_read(data_dir, tmp_path):
     assert report["autotune"]["preset_loader"] == "dali-cpu"
     assert len(tuned["sweep"]) == len({(r["dali_threads"], r["prefetch"]) for r in tuned["sweep"]}) >= 3
     assert tuned["best"]["img_per_s"] == max(r["img_per_s"] for r in tuned["sweep"])
-    from rn50.recipe import resolve
+    from rn50.config.recipe import resolve
 
     machine = resolve({"preset": str(out / "autotuned.toml")}).machine  # loader settings: machine, not recipe
     assert (machine.dali_threads, machine.prefetch) == (tuned["best"]["dali_threads"], tuned["best"]["prefetch"])
@@ -385,7 +385,7 @@ def test_endless_refuses_a_loader_without_batches():
     from benchmarks.run import endless
     from pipelines.augmentation import Augmentation
     from pipelines.synthetic import SyntheticLoader
-    from rn50.errors import UserError
+    from rn50.config.errors import UserError
 
     empty = SyntheticLoader("train", image_list=None, batch_size=4, aug=Augmentation(image_size=32), rank=0,
                             world_size=1, seed=0, device="cpu", dtype=torch.float32, num_classes=10, num_samples=3)
@@ -400,10 +400,10 @@ def test_the_step_and_the_dali_loader_hold_no_reference_cycles(data_dir):
     import gc
     import weakref
 
-    from rn50.graphs import GraphedStep
-    from rn50.loaders import build_split
-    from rn50.recipe import Machine
-    from rn50.step import build_training, train_step
+    from rn50.core.graphs import GraphedStep
+    from rn50.core.loaders import build_split
+    from rn50.config.recipe import Machine
+    from rn50.core.step import build_training, train_step
 
     cpu = DistEnv(0, 1, 0, torch.device("cpu"))
     recipe = with_fields(arch="resnet18", batch_size=4, image_size=32)
@@ -430,7 +430,7 @@ def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
     import weakref
 
     import benchmarks.run as run_mod
-    from rn50.recipe import Machine
+    from rn50.config.recipe import Machine
 
     made = []
     real_build, real_loader = run_mod.build_training, Bench.loader

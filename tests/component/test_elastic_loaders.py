@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipelines import build_loader
-from rn50.dist import DistEnv
-from rn50.lifecycle import resume_point
-from rn50.recipe import Recipe, with_fields
+from rn50.system.dist import DistEnv
+from rn50.reliability.lifecycle import resume_point
+from rn50.config.recipe import Recipe, with_fields
 
 BATCH = 4
 

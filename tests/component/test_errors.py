@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import pipelines.dali
-import rn50.device
+import rn50.system.device
 from pipelines.folder import list_split
-from rn50.checkpoint import load_checkpoint
-from rn50.device import CudaProbe
+from rn50.reliability.checkpoint import load_checkpoint
+from rn50.system.device import CudaProbe
 from rn50.train import main
 
 SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
@@ -61,7 +61,7 @@ def no_dali(data_dir, tmp_path, monkeypatch):
 
 def gpus_without_usable_cuda(data_dir, tmp_path, monkeypatch):
     """A CUDA 13 torch on a CUDA 12 driver: the GPUs are there, torch.cuda.is_available() is false."""
-    monkeypatch.setattr(rn50.device, "probe_cuda", lambda: CudaProbe(
+    monkeypatch.setattr(rn50.system.device, "probe_cuda", lambda: CudaProbe(
         gpus_visible=8, cuda_available=False, torch_cuda="13.0", driver="535.104.05", driver_cuda="12.2"))
     return ["--data", str(data_dir)]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.folder import check_files, list_split
-from rn50.model import build_model
+from rn50.core.model import build_model
 
 from conftest import CLASSES
 

@@ -11,15 +11,15 @@ import torch
 from nvidia.dali import pipeline_def
 
 from pipelines.dali import describe_decode, training_pipeline, validation_pipeline
-from rn50.device import CudaProbe, choose_device, cuda_unusable_message
-from rn50.dist import DistEnv
-from rn50.errors import UserError
-from rn50.loaders import build_split, loader_options
-from rn50.precision import autocast_dtype, batch_dtype
+from rn50.system.device import CudaProbe, choose_device, cuda_unusable_message
+from rn50.system.dist import DistEnv
+from rn50.config.errors import UserError
+from rn50.core.loaders import build_split, loader_options
+from rn50.core.precision import autocast_dtype, batch_dtype
 from pipelines.augmentation import Augmentation
 from pipelines.settings import LoaderSettings
-from rn50.recipe import Machine, with_fields
-from rn50.step import build_training, train_step
+from rn50.config.recipe import Machine, with_fields
+from rn50.core.step import build_training, train_step
 
 from conftest import N_TRAIN_IMAGES, gpu_ddp_processes
 

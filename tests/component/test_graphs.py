@@ -1,4 +1,4 @@
-"""--cuda-graphs: the whole training step captured once and replayed (rn50/graphs.py).
+"""--cuda-graphs: the whole training step captured once and replayed (rn50/core/graphs.py).
 
 On the CPU: what cannot be captured is refused at start-up, and the graphed step's orchestration (mixing and
 EMA outside the graph, the LR copied into device tensors every call, static input buffers, warm-up then
@@ -17,14 +17,14 @@ import json
 import pytest
 import torch
 
-from rn50.device import check_cuda_only_settings
-from rn50.dist import DistEnv
-from rn50.errors import UserError
-from rn50.graphs import WARMUP_STEPS, GraphedStep
-from rn50.precision import batch_dtype
-from rn50.recipe import Machine, with_fields
-from rn50.schedule import set_lr
-from rn50.step import build_training, train_step
+from rn50.system.device import check_cuda_only_settings
+from rn50.system.dist import DistEnv
+from rn50.config.errors import UserError
+from rn50.core.graphs import WARMUP_STEPS, GraphedStep
+from rn50.core.precision import batch_dtype
+from rn50.config.recipe import Machine, with_fields
+from rn50.core.schedule import set_lr
+from rn50.core.step import build_training, train_step
 
 from conftest import CLASSES, gpu_ddp_processes, run_cli, torchrun
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from tools.make_dataset import main, make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

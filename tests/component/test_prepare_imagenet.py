@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from tools.prepare_imagenet import (Progress, load_ground_truth, member_name, parse_meta_mat,
                                     prepare_imagenet, run_tasks, verify)
 

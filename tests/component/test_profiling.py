@@ -12,11 +12,11 @@ import torch
 
 from benchmarks import run as bench_run
 from pipelines import ranges
-from rn50 import profiling
-from rn50 import step as step_module
-from rn50.dist import DistEnv
-from rn50.profiling import named_range
-from rn50.recipe import Machine, with_fields
+from rn50.observe import profiling
+from rn50.core import step as step_module
+from rn50.system.dist import DistEnv
+from rn50.observe.profiling import named_range
+from rn50.config.recipe import Machine, with_fields
 from rn50.train import main as train_main
 
 from conftest import run_cli, torchrun

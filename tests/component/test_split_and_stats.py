@@ -17,7 +17,7 @@ from PIL import Image
 from pipelines import build_loader
 from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.errors import UserError
-from rn50.recipe import read_preset
+from rn50.config.recipe import read_preset
 from tools.split import split, val_count
 from tools.stats import stats
 
@@ -176,7 +176,7 @@ def test_normalize_validation_and_flag():
             Augmentation(normalize=bad).validate()
     import argparse
 
-    from rn50.recipe import add_recipe_flags, resolve
+    from rn50.config.recipe import add_recipe_flags, resolve
     parser = argparse.ArgumentParser()
     add_recipe_flags(parser)
     recipe = resolve(parser.parse_args(["--normalize", "0.5,0.5,0.5,0.25,0.25,0.25"])).recipe
@@ -199,7 +199,7 @@ def test_loaders_apply_the_recipe_normalize(tmp_path, kind, split_name):
 
 
 def test_balanced_class_weights_give_every_class_the_same_total_weight():
-    from rn50.step import class_weights
+    from rn50.core.step import class_weights
 
     weights = class_weights("balanced", (30, 10, 0, 20), "cpu")
     # N / (C x n_c) = 60 / (4 x n_c): 0.5, 1.5, 0 (no images), 0.75
@@ -212,9 +212,9 @@ def test_balanced_class_weights_give_every_class_the_same_total_weight():
 def test_a_run_with_balanced_weights_uses_them_in_its_loss(data_dir, tmp_path):
     import torch
 
-    from rn50.dist import DistEnv
-    from rn50.recipe import with_fields
-    from rn50.step import build_training
+    from rn50.system.dist import DistEnv
+    from rn50.config.recipe import with_fields
+    from rn50.core.step import build_training
 
     parts = build_training(with_fields(arch="resnet18", class_weights="balanced", label_smoothing=0.0), 4,
                            DistEnv(0, 1, 0, torch.device("cpu")), class_counts=(12, 12, 6, 18))

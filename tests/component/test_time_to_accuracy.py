@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipelines.augmentation import Augmentation
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from rn50.evaluate import evaluate
-from rn50.model import _blur_input, add_blurpool, blurred_convolutions, build_model, count_parameters
-from rn50.recipe import resolve, with_fields
-from rn50.schedule import lr_at
+from rn50.core.model import _blur_input, add_blurpool, blurred_convolutions, build_model, count_parameters
+from rn50.config.recipe import resolve, with_fields
+from rn50.core.schedule import lr_at
 
 
 def test_resolution_schedule_at_chosen_epochs():

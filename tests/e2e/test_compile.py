@@ -24,14 +24,14 @@ import torch.multiprocessing as mp
 import torchvision
 from torch._dynamo.utils import counters
 
-from rn50.checkpoint import restore_training, training_state
-from rn50.dist import DistEnv
+from rn50.reliability.checkpoint import restore_training, training_state
+from rn50.system.dist import DistEnv
 from rn50.evaluate import evaluate
-from rn50.model import build_model
-from rn50.preemption import EXIT_PREEMPTED
-from rn50.recipe import Machine, with_fields
-from rn50.schedule import set_lr
-from rn50.step import build_training, train_step
+from rn50.core.model import build_model
+from rn50.reliability.preemption import EXIT_PREEMPTED
+from rn50.config.recipe import Machine, with_fields
+from rn50.core.schedule import set_lr
+from rn50.core.step import build_training, train_step
 
 from conftest import CLASSES, ROOT, run_cli
 from test_reliability import SMALL, epoch_losses, final_weights, kill_when_checkpointed, same_weights, step_losses
@@ -195,9 +195,9 @@ def test_harness_reports_compile_time_apart(data_dir, tmp_path):
 NOTE = "No CUDA runtime is found, using CUDA_HOME"
 IMPORT_AFTER_BUILD = """
 import logging, torch
-from rn50.dist import DistEnv
-from rn50.recipe import Machine, with_fields
-from rn50.step import build_training
+from rn50.system.dist import DistEnv
+from rn50.config.recipe import Machine, with_fields
+from rn50.core.step import build_training
 build_training(with_fields(arch="resnet18", batch_size=4), 4, DistEnv(0, 1, 0, torch.device("cpu")),
                Machine(compile={compile}))
 import torch.utils.cpp_extension  # what inductor imports when it compiles; the note is logged on import

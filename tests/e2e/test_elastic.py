@@ -170,7 +170,7 @@ def test_elastic_lr_keep_holds_the_peak_lr_the_run_trained_with(tmp_path):
     of the world size the checkpoint trained at; scale (the default) follows the new global batch."""
     import torch
 
-    from rn50.checkpoint import load_checkpoint
+    from rn50.reliability.checkpoint import load_checkpoint
 
     from conftest import run_cli
 

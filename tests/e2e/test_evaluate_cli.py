@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from rn50.evaluate import class_metrics, evaluate, main as evaluate_main, parse_sizes
-from rn50.errors import UserError
-from rn50.model import build_model
+from rn50.config.errors import UserError
+from rn50.core.model import build_model
 from tests.conftest import CLASSES, N_VAL_IMAGES, run_cli, torchrun
 
 FLAGS = ["--loader", "dali-cpu", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1"]

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rn50 import integrity
-from rn50.checkpoint import load_checkpoint, regular_checkpoints
+from rn50.reliability import integrity
+from rn50.reliability.checkpoint import load_checkpoint, regular_checkpoints
 from tools.make_dataset import make_dataset
 
 from conftest import ROOT, SHARED_RUN_FLAGS, run_cli, torchrun

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 from tools.sweep import StderrRelay, best_per_batch, error_line, main, parse_grid
 
 from conftest import ROOT, run_cli
@@ -147,16 +147,16 @@ def test_bad_rn50_train_flag_reported_as_a_user_error_keeps_its_wording(data_dir
 def test_each_grid_points_recipe_is_resolved_before_the_first_run(data_dir, tmp_path, capsys, monkeypatch):
     """A grid value the recipe refuses names its grid point, before anything runs (today the recipe refuses
     only batch sizes below 1, which --batch-sizes already rejects: a stricter recipe is simulated)."""
-    import rn50.recipe
+    import rn50.config.recipe
 
-    resolve = rn50.recipe.resolve
+    resolve = rn50.config.recipe.resolve
 
     def strict(args, **layers):
         if getattr(args, "batch_size", None) == 64:
             raise UserError("batch_size 64 is refused by this recipe")
         return resolve(args, **layers)
 
-    monkeypatch.setattr(rn50.recipe, "resolve", strict)
+    monkeypatch.setattr(rn50.config.recipe, "resolve", strict)
     with pytest.raises(SystemExit) as stop:
         main(["--data", str(data_dir), "--out", str(tmp_path / "sweep"), "--lrs", "0.1,0.2", "--batch-sizes", "16,64",
               "--", "--loader", "dali-cpu"])

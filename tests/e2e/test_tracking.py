@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from benchmarks.run import main as bench_main
-from rn50 import tracking
-from rn50.metrics import MetricsLog
+from rn50.observe import tracking
+from rn50.observe.metrics import MetricsLog
 from rn50.train import main as train_main
 
 SECRET = "s3cr3t-value-never-logged"

@@ -116,8 +116,8 @@ def test_synthetic_validation_batch_is_not_the_training_batch(tmp_path):
 
 
 def test_a_finished_run_is_one_whose_epochs_are_done_or_whose_unchanged_rules_stopped_it(tmp_path):
-    from rn50.recipe import with_fields
-    from rn50.lifecycle import finished
+    from rn50.config.recipe import with_fields
+    from rn50.reliability.lifecycle import finished
 
     (tmp_path / "summary.json").write_text("{}")
     recipe = with_fields(epochs=4, early_stop_patience=2)

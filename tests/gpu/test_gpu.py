@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from pipelines import build_loader
 from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.folder import list_split
-from rn50.dist import DistEnv
-from rn50.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP
-from rn50.recipe import Machine, with_fields
-from rn50.step import build_training, train_step
+from rn50.system.dist import DistEnv
+from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP
+from rn50.config.recipe import Machine, with_fields
+from rn50.core.step import build_training, train_step
 
 from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, ROOT, SleepyLoader, gpu_ddp_processes, run_cli, torchrun
 

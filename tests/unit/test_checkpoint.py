@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rn50.checkpoint import load_checkpoint, save_checkpoint
-from rn50.errors import UserError
+from rn50.reliability.checkpoint import load_checkpoint, save_checkpoint
+from rn50.config.errors import UserError
 
 
 def test_round_trip(tmp_path):
@@ -46,14 +46,14 @@ def test_remove_stale_temporaries_removes_only_our_own(tmp_path):
     import subprocess
     import sys
 
-    from rn50.checkpoint import remove_stale_temporaries
+    from rn50.reliability.checkpoint import remove_stale_temporaries
 
     from conftest import ROOT
 
     # a real writer killed mid-write (SIGKILL inside torch.save): the temporary it leaves has the real name
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys, torch\n"
-        "from rn50.checkpoint import save_checkpoint\n"
+        "from rn50.reliability.checkpoint import save_checkpoint\n"
         "def dies(obj, handle):\n"
         "    handle.write(b'half a checkpoint'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = dies\n"
@@ -80,7 +80,7 @@ def test_remove_stale_temporaries_removes_only_our_own(tmp_path):
 
 
 def test_remove_stale_temporaries_leaves_a_finished_checkpoint(tmp_path):
-    from rn50.checkpoint import remove_stale_temporaries
+    from rn50.reliability.checkpoint import remove_stale_temporaries
 
     save_checkpoint(tmp_path / "checkpoint_0001.pt", {"epoch": 1})
     assert remove_stale_temporaries(tmp_path) == []

@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from pipelines.order import GlobalOrder
-from rn50.dist import DistEnv
-from rn50.lifecycle import check_world_size, resume_point
-from rn50.errors import UserError
-from rn50.recipe import Recipe, with_fields
+from rn50.system.dist import DistEnv
+from rn50.reliability.lifecycle import check_world_size, resume_point
+from rn50.config.errors import UserError
+from rn50.config.recipe import Recipe, with_fields
 
 
 @pytest.mark.parametrize("size,world,batch", [(48, 2, 4), (50, 3, 4), (7, 2, 1), (1000, 4, 5)])

@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from rn50 import integrity
-from rn50.checkpoint import CheckpointStore, latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from rn50.errors import UserError
+from rn50.reliability import integrity
+from rn50.reliability.checkpoint import CheckpointStore, latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from rn50.config.errors import UserError
 
 from conftest import ROOT
 
@@ -106,8 +106,8 @@ def test_a_real_file_size_limit_gives_efbig_not_a_killed_process(tmp_path):
     """RLIMIT_FSIZE is a real storage limit the kernel enforces: past it a write fails (SIGXFSZ ignored)."""
     code = (
         "import resource, sys, torch\n"
-        "from rn50 import integrity\n"
-        "from rn50.checkpoint import CheckpointStore\n"
+        "from rn50.reliability import integrity\n"
+        "from rn50.reliability.checkpoint import CheckpointStore\n"
         "integrity.ignore_file_size_signal()\n"
         "store = CheckpointStore(sys.argv[1], keep_last=0)\n"
         "store.save('checkpoint_0001.pt', {'w': torch.zeros(1000)})\n"

@@ -8,9 +8,9 @@ import torch
 
 from benchmarks.levers import LEVERS, best_combination, parse_levers, variant, why_not_here, write_preset
 from benchmarks.run import Bench, main
-from rn50.dist import DistEnv
-from rn50.errors import UserError
-from rn50.recipe import Machine, Recipe, resolve
+from rn50.system.dist import DistEnv
+from rn50.config.errors import UserError
+from rn50.config.recipe import Machine, Recipe, resolve
 
 
 def test_parse_levers_names_sizes_and_all():
@@ -111,7 +111,7 @@ def levers_speed(recipe, machine, together=True):
 def test_the_best_combination_is_one_training_accepts_and_is_measured_before_it_is_written(tmp_path):
     """Issue 23 (2.5): cuda-graphs joined max-autotune (or the fused optimizer off), a levers.toml training refused."""
     from benchmarks.levers import check_preset, measure_levers
-    from rn50.device import check_cuda_only_settings
+    from rn50.system.device import check_cuda_only_settings
 
     bench = FigureBench(levers_speed)
     levers = parse_levers("compile-max-autotune,cuda-graphs,fused-sgd")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rn50.evaluate import evaluate
-from rn50.metrics import MetricsLog, topk_correct
+from rn50.observe.metrics import MetricsLog, topk_correct
 
 
 def test_topk_correct_counts_by_hand():

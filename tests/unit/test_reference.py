@@ -1,12 +1,12 @@
-"""docs/reference.md is generated from the recipe's field list (rn50/reference.py) and kept current: a field,
+"""docs/reference.md is generated from the recipe's field list (rn50/config/reference.py) and kept current: a field,
 default, help text or preset changed in the code without regenerating the page fails here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rn50.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets
-from rn50.reference import COMMAND, reference
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets
+from rn50.config.reference import COMMAND, reference
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 

@@ -1,5 +1,5 @@
-"""The replica check behind summary["ddp/replicas_identical"]: rn50.step.state_digest sees a change of one
-ulp in one weight and a change in a BN buffer, and rn50.step.replicas_identical says False on every rank
+"""The replica check behind summary["ddp/replicas_identical"]: rn50.core.step.state_digest sees a change of one
+ulp in one weight and a change in a BN buffer, and rn50.core.step.replicas_identical says False on every rank
 when one rank's weights differ (two real gloo processes), True when none do."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rn50.step import replicas_identical, state_digest
+from rn50.core.step import replicas_identical, state_digest
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

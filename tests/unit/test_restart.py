@@ -1,4 +1,4 @@
-"""rn50.restart's pure parts (issue 27): --checkpoint-every as steps or a time, the step a phase had
+"""rn50.reliability.restart's pure parts (issue 27): --checkpoint-every as steps or a time, the step a phase had
 reached, and naming the fault of a failed attempt from its heartbeats and exit records."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import argparse
 
 import pytest
 
-from rn50 import restart
-from rn50.restart import Cadence, Seconds, name_fault, parse_every, step_reached
+from rn50.reliability import restart
+from rn50.reliability.restart import Cadence, Seconds, name_fault, parse_every, step_reached
 
 
 def test_checkpoint_every_takes_steps_or_a_time():

@@ -14,11 +14,11 @@ from pipelines.settings import default_workers
 from pipelines.augmentation import Augmentation
 from pipelines.baseline import validation_transform
 from pipelines.folder import list_split
-from rn50.checkpoint import restore_training
-from rn50.errors import UserError
-from rn50.model import arch_of_weights, build_model
-from rn50.lifecycle import check_data, guard_resume
-from rn50.recipe import Recipe, with_fields
+from rn50.reliability.checkpoint import restore_training
+from rn50.config.errors import UserError
+from rn50.core.model import arch_of_weights, build_model
+from rn50.reliability.lifecycle import check_data, guard_resume
+from rn50.config.recipe import Recipe, with_fields
 
 
 def test_a_new_architecture_is_refused_on_resume_without_offering_allow_change():
@@ -137,7 +137,7 @@ def test_finetune_reads_the_architecture_from_the_weights(tmp_path):
     now the weights' architecture is the run's (with a note), and a contradicting --arch is refused at start-up."""
     from argparse import Namespace
 
-    from rn50.lifecycle import finetune_arch
+    from rn50.reliability.lifecycle import finetune_arch
 
     path = tmp_path / "checkpoint_0001.pt"
     torch.save({"model": build_model("resnet18", 3).state_dict(), "recipe": {"model": {"arch": "resnet18"}}}, path)

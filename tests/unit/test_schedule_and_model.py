@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from rn50.model import build_model, count_parameters
-from rn50.optim import build_optimizer, parameter_groups
-from rn50.recipe import Recipe, with_fields
-from rn50.schedule import lr_at
+from rn50.core.model import build_model, count_parameters
+from rn50.core.optim import build_optimizer, parameter_groups
+from rn50.config.recipe import Recipe, with_fields
+from rn50.core.schedule import lr_at
 
 SPE = 100  # steps per epoch
 
@@ -90,7 +90,7 @@ def test_optimizer_is_sgd_nesterov_with_the_groups():
 def test_peak_reached_is_the_highest_lr_of_any_step(fields):
     """Issue 23, 3.5: with a warm-up longer than the run the LR never reaches the peak the summary reported;
     peak_reached is what the run reaches, checked against every step's LR."""
-    from rn50.schedule import peak_reached
+    from rn50.core.schedule import peak_reached
 
     schedule = with_fields(**fields).schedule
     for spe in (1, 7, 11):

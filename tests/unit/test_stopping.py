@@ -1,9 +1,9 @@
-"""The stopping rules as a pure function of the epoch history (rn50.stopping.judge)."""
+"""The stopping rules as a pure function of the epoch history (rn50.core.stopping.judge)."""
 
 from __future__ import annotations
 
-from rn50.recipe import Stopping
-from rn50.stopping import judge
+from rn50.config.recipe import Stopping
+from rn50.core.stopping import judge
 
 
 def epoch(n, top1, val_loss=1.0, train_loss=1.0):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import sys
 
-from rn50.watchdog import EXIT_HUNG, hang_report, stalest_rank
+from rn50.reliability.watchdog import EXIT_HUNG, hang_report, stalest_rank
 
 from conftest import run_cli
 
@@ -81,7 +81,7 @@ def test_without_heartbeats_the_watcher_names_itself():
 
 WATCH = """
 import sys, time
-from rn50.watchdog import Watchdog
+from rn50.reliability.watchdog import Watchdog
 dog = Watchdog(0, 1, timeout_s=1.0, compile_timeout_s={compile_limit})
 with dog.compiling("epoch 1 step 1/6: training step"):
     time.sleep({compile_s})  # a compile longer than --hang-timeout, with no progress inside

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
-from rn50.dist import all_reduce_sum
-from rn50.telemetry import Telemetry
+from rn50.system.dist import all_reduce_sum
+from rn50.system.telemetry import Telemetry
 
 
 class LossTracker:
@@ -149,7 +149,7 @@ class EpochMeter:
         }
 
     def gpu_telemetry(self, images: int) -> dict:
-        """This rank's GPU over the epoch (NVML, sampled by rn50.telemetry, as the harness does) and its peak
+        """This rank's GPU over the epoch (NVML, sampled by rn50.system.telemetry, as the harness does) and its peak
         memory; nothing on the CPU, and only the memory where NVML cannot be read."""
         device = self.run.device
         if device.type != "cuda":

@@ -1,5 +1,5 @@
 """The profiling flags alone (`--profile-steps A:B`, `--profiler`), with nothing heavier than argparse: the
-commands read their flags before torch and DALI load (rn50.errors.check_flags_first). rn50.profiling, which
+commands read their flags before torch and DALI load (rn50.config.errors.check_flags_first). rn50.observe.profiling, which
 re-exports these, does the profiling."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rn50.device import choose_device
-from rn50.restart import attempt_store
+from rn50.system.device import choose_device
+from rn50.reliability.restart import attempt_store
 
 
 _control_group = None  # a gloo group beside NCCL, set by init_distributed
@@ -35,7 +35,7 @@ class DistEnv:
 
 
 def init_distributed(device_request: str = "auto") -> DistEnv:
-    """device_request: auto | cuda | cpu (rn50.device.choose_device)."""
+    """device_request: auto | cuda | cpu (rn50.system.device.choose_device)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

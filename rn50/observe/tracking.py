@@ -24,8 +24,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from rn50.errors import UserError
-from rn50.recipe import TRACKERS  # declared once, with the other machine settings
+from rn50.config.errors import UserError
+from rn50.config.recipe import TRACKERS  # declared once, with the other machine settings
 
 STATE_FILE = "tracker.json"
 EXTRA = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # tracker: (module, pip extra)
@@ -317,8 +317,8 @@ def for_training(recipe, machine, out: Path, env, *, resume: bool, say=None) -> 
     machine setting under its flat name (`batch_size`, `loader`), what recipe.json adds to the recipe
     (world_size, global_batch, peak_lr, amp_in_use), the provenance block as `env/...` and the performance
     environment variables as `envvar/NAME`. Called after recipe.json is written."""
-    from rn50.provenance import environment
-    from rn50.recipe import flat_items
+    from rn50.system.provenance import environment
+    from rn50.config.recipe import flat_items
 
     tracker = open_tracker(machine.tracker, out, project=machine.tracker_project, group=machine.tracker_group,
                            resume=resume, enabled=env.is_main, say=say)
@@ -388,7 +388,7 @@ def log_bench(machine, out: Path, report: dict, say=None) -> None:
                            say=say)
     if not tracker.active:
         return
-    from rn50.recipe import flat_items, resolve
+    from rn50.config.recipe import flat_items, resolve
 
     config = report["config"]
     recipe = resolve(saved=config["recipe"]).recipe

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from rn50.recipe import Stopping
+from rn50.config.recipe import Stopping
 
 OVERFIT_WINDOW = 4  # epochs whose validation-minus-training loss gap must grow at every step
 

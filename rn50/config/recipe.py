@@ -4,13 +4,13 @@ and rn50.train's run settings (where it reads and writes, how it resumes), toget
 
 `resolve` is the one way to build a Config, with one precedence rule, lowest first: the defaults here (the
 loader settings' from pipelines.settings), the saved recipe where resuming (a checkpoint's; never its machine
-settings), presets (TOML, `rn50/presets/<name>.toml`, several applied left to right with `--preset a,b`),
+settings), presets (TOML, `rn50/config/presets/<name>.toml`, several applied left to right with `--preset a,b`),
 then single CLI flags; then one validation (Config.validate). Every field has one flat name, used as its
 flag (`batch_size` is `--batch-size`), its key in presets and in recipe.json; presets may also group keys in
 tables named after the sections. An unknown key or flag is an error that suggests the closest name.
 
 A run saves the resolved recipe as `recipe.json` and the machine settings as `machine.json`; the resume
-guard (which changes a resumed run accepts) is rn50.lifecycle's.
+guard (which changes a resumed run accepts) is rn50.reliability.lifecycle's.
 """
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ from pathlib import Path
 from pipelines.registry import KINDS, choices_help
 from pipelines.augmentation import Augmentation, opt
 from pipelines.settings import LoaderSettings
-from rn50.errors import UserError
-from rn50.profile_flags import TOOLS as PROFILERS, add_profiling_flags
-from rn50.restart import parse_every
+from rn50.config.errors import UserError
+from rn50.config.profile_flags import TOOLS as PROFILERS, add_profiling_flags
+from rn50.reliability.restart import parse_every
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LOADERS = KINDS
 AUTO_LOADER = "auto"  # Machine.for_device: dali where the process runs on CUDA, dali-cpu elsewhere
-DEVICES = ("auto", "cuda", "cpu")  # rn50.device.choose_device
+DEVICES = ("auto", "cuda", "cpu")  # rn50.system.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.model
-TRACKERS = ("none", "wandb", "mlflow")  # rn50.tracking's backends
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.core.model
+TRACKERS = ("none", "wandb", "mlflow")  # rn50.observe.tracking's backends
 RANDAUGMENT_MAX = 30  # DALI's auto_aug: magnitudes are bins 0..30 (num_magnitude_bins 31)
 
 
@@ -123,7 +123,7 @@ class Stopping:
 
 @dataclass(frozen=True)
 class Recipe:
-    """What is trained. Functions take the section they need (rn50.schedule the schedule, ...)."""
+    """What is trained. Functions take the section they need (rn50.core.schedule the schedule, ...)."""
     model: Model = field(default_factory=Model)
     augmentation: Augmentation = field(default_factory=Augmentation)
     optimisation: Optimisation = field(default_factory=Optimisation)
@@ -148,7 +148,7 @@ class Recipe:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        for arch in (self.model.arch, self.distillation.teacher_arch):  # rn50.model.build_model builds these
+        for arch in (self.model.arch, self.distillation.teacher_arch):  # rn50.core.model.build_model builds these
             if arch not in ARCHS:
                 raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         for name in ("epochs", "batch_size", "base_batch"):  # image_size: Augmentation.validate below
@@ -210,7 +210,7 @@ class Machine:
     ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB (all-reduce granularity)")
     ddp_bucket_view: bool = opt(True, "DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
     ddp_fp16_compress: bool = opt(False, "all-reduce gradients in fp16 (halves the traffic; for PCIe machines)")
-    # experiment trackers (rn50/tracking.py): where results go besides the run folder, not what is trained
+    # experiment trackers (rn50/observe/tracking.py): where results go besides the run folder, not what is trained
     tracker: str = opt("none", "also log to an experiment tracker: none | wandb | mlflow (optional extras: "
                                "pip install -e '.[wandb]' or '.[mlflow]'; MLflow's server is MLFLOW_TRACKING_URI)")
     tracker_project: str = opt("rn50", "the W&B project or MLflow experiment the runs go to")
@@ -349,11 +349,11 @@ def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
 
 # --- presets ----------------------------------------------------------------------------------------
 
-BASE_SUFFIX = "_base"  # rn50/presets/<x>_base.toml: shared values that presets build on (`base = "<x>_base"`)
+BASE_SUFFIX = "_base"  # rn50/config/presets/<x>_base.toml: shared values that presets build on (`base = "<x>_base"`)
 
 
 def available_presets() -> list[str]:
-    """The presets a user names with --preset: the files in rn50/presets/, except the bases (`*_base.toml`),
+    """The presets a user names with --preset: the files in rn50/config/presets/, except the bases (`*_base.toml`),
     which hold values shared by several presets and are not recipes on their own."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.endswith(BASE_SUFFIX))
 
@@ -413,7 +413,7 @@ def _mentions_base(preset: str, base: str) -> bool:
 class RunSettings:
     """How rn50.train keeps this run: where it reads and writes, how it resumes, checkpoints and watches
     itself. Neither what is trained (Recipe) nor how this machine runs it (Machine). One flag per field
-    (add_run_flags); the profiling flags are rn50.profile_flags', shared with the harness."""
+    (add_run_flags); the profiling flags are rn50.config.profile_flags', shared with the harness."""
     data: Path | None = _run_opt(None, "folder with train/<class>/ and val/<class>/", required=True, type=Path)
     out: Path | None = _run_opt(None, "run folder for metrics, summary, checkpoints", required=True, type=Path)
     manifest: Path | None = _run_opt(None, "folder with train.txt/val.txt from `python -m tools.scan`: train on "
@@ -439,7 +439,7 @@ class RunSettings:
     hang_timeout: float = _run_opt(600.0, "end the job when a rank makes no progress for this long, naming the "
                                           "stalled rank and what it was doing (0: off)", type=float,
                                    metavar="SECONDS")
-    profile_steps: tuple[int, int] | None = None  # --profile-steps A:B (rn50.profile_flags)
+    profile_steps: tuple[int, int] | None = None  # --profile-steps A:B (rn50.config.profile_flags)
     profiler: str = PROFILERS[0]  # --profiler
 
     @classmethod
@@ -706,10 +706,10 @@ def format_recipe(recipe: Recipe, machine: Machine | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    """`python -m rn50.recipe [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
+    """`python -m rn50.config.recipe [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="rn50.recipe", description=main.__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="rn50.config.recipe", description=main.__doc__, allow_abbrev=False)
     add_recipe_flags(parser)
     try:
         resolved = resolve(parse_strict(parser, argv))

@@ -44,9 +44,9 @@ def _kind(phase: str) -> str:
 
 
 def _store():
-    from rn50.restart import agent_store
+    from rn50.reliability.restart import agent_store
 
-    try:  # torchrun's agent store, which outlives a failed attempt (rn50.restart names the fault from it);
+    try:  # torchrun's agent store, which outlives a failed attempt (rn50.reliability.restart names the fault from it);
         # else the default process group's store (private API, hence the guard)
         store = agent_store()
         if store is not None:
@@ -191,7 +191,7 @@ class Watchdog:
                             frozen_after_s=3 * self.interval, watcher=self.describe(), stalled_s=stalled,
                             timeout_s=limit, compiling=compiling)
         print("\n".join(lines), file=sys.stderr, flush=True)
-        from rn50.restart import record_exit
+        from rn50.reliability.restart import record_exit
 
         record_exit(self.rank, EXIT_HUNG, lines[0], self.phase)  # for the restarted attempt's fault report
         os._exit(EXIT_HUNG)  # no cleanup: a collective in another thread would block it

@@ -12,16 +12,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from rn50.device import check_cuda_only_settings
-from rn50.dist import DistEnv, all_gather_objects
-from rn50.errors import UserError
-from rn50.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, on_stream
-from rn50.losses import batch_mixing, distillation_loss
-from rn50.model import add_blurpool, build_model, count_parameters, load_weights
-from rn50.optim import build_optimizer
-from rn50.precision import autocast_dtype
-from rn50.profiling import named_all_reduce, named_range
-from rn50.recipe import Distillation, Machine, Recipe
+from rn50.system.device import check_cuda_only_settings
+from rn50.system.dist import DistEnv, all_gather_objects
+from rn50.config.errors import UserError
+from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, on_stream
+from rn50.core.losses import batch_mixing, distillation_loss
+from rn50.core.model import add_blurpool, build_model, count_parameters, load_weights
+from rn50.core.optim import build_optimizer
+from rn50.core.precision import autocast_dtype
+from rn50.observe.profiling import named_all_reduce, named_range
+from rn50.config.recipe import Distillation, Machine, Recipe
 
 
 @dataclass
@@ -31,13 +31,13 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     amp_dtype: torch.dtype | None  # None: full fp32 (CPU runs)
-    mix: object = None  # MixUp/CutMix on the batch (rn50.losses.batch_mixing), or None
+    mix: object = None  # MixUp/CutMix on the batch (rn50.core.losses.batch_mixing), or None
     teacher: nn.Module | None = None  # distillation teacher, eval mode, frozen
     kd_alpha: float = 0.8
     kd_temperature: float = 1.0
     ema: AveragedModel | None = None  # EMA of the weights (and BN buffers): WeightEma
     notes: list[str] = field(default_factory=list)  # what building them did that the user should hear
-    graphed: object = None  # --cuda-graphs: the captured step (rn50.graphs.GraphedStep), run by train_step
+    graphed: object = None  # --cuda-graphs: the captured step (rn50.core.graphs.GraphedStep), run by train_step
 
     @property
     def raw_model(self) -> nn.Module:
@@ -211,7 +211,7 @@ def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor)
     Returns the detached loss tensor without synchronising with the device: callers read it with
     .item() only at log intervals.
     """
-    if parts.graphed is not None:  # --cuda-graphs: this body, captured once and replayed (rn50/graphs.py)
+    if parts.graphed is not None:  # --cuda-graphs: this body, captured once and replayed (rn50/core/graphs.py)
         return parts.graphed(images, labels)
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.mix is not None:

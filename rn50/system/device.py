@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from rn50.errors import UserError
-from rn50.graphs import check_capturable
-from rn50.recipe import DEVICES
+from rn50.config.errors import UserError
+from rn50.core.graphs import check_capturable
+from rn50.config.recipe import DEVICES
 
 # CUDA versions of the published torch wheels (download.pytorch.org/whl/cuXYZ), oldest first
 TORCH_WHEEL_CUDA = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))

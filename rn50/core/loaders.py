@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from pipelines import LoaderSettings, build_loader
-from rn50.dist import DistEnv
-from rn50.precision import autocast_dtype, batch_dtype
-from rn50.recipe import Machine, Recipe, concrete_loader
+from rn50.system.dist import DistEnv
+from rn50.core.precision import autocast_dtype, batch_dtype
+from rn50.config.recipe import Machine, Recipe, concrete_loader
 
 
 def loader_settings(machine: Machine) -> LoaderSettings:

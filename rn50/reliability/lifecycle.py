@@ -1,7 +1,7 @@
 """A run's life in its folder: start-up, resume and the run folder's files.
 
 Owns what rn50.train does before the first step and after the last: reading the checkpoint to resume from
-(`--resume PATH|auto`), resolving the configuration over it (rn50.recipe.resolve), the resume guard (which
+(`--resume PATH|auto`), resolving the configuration over it (rn50.config.recipe.resolve), the resume guard (which
 recipe changes a resume accepts), the checks of the training file list, the world size and the
 architecture of --finetune-from weights, finished-run detection, preparing (and on a failed start cleaning
 up) the run folder, where a resumed run continues, and the files recipe.json, machine.json and
@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rn50.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
-from rn50.dist import DistEnv
-from rn50.errors import UserError
-from rn50.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Config, Machine, Recipe, RunSettings, _closest,
+from rn50.reliability.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+from rn50.system.dist import DistEnv
+from rn50.config.errors import UserError
+from rn50.config.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Config, Machine, Recipe, RunSettings, _closest,
                          changes_from_defaults, epoch_plan, get, resolve, with_fields)
 
 # --- the resume guard ---------------------------------------------------------------------------------
@@ -180,13 +180,13 @@ def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, e
 # --- --finetune-from ----------------------------------------------------------------------------------
 
 def finetune_arch(recipe: Recipe, given: frozenset[str] | set[str] | tuple = ()) -> tuple[Recipe, str | None]:
-    """--finetune-from: the architecture the weights hold (rn50.model.arch_of_weights), checked at start-up.
+    """--finetune-from: the architecture the weights hold (rn50.core.model.arch_of_weights), checked at start-up.
     Unless a preset or flag set `arch` (`given`: Config.given) it becomes the run's, with a note; a different
     --arch is one line."""
     path = recipe.model.finetune_from
     if not path:
         return recipe, None
-    from rn50.model import arch_of_weights, read_weights_file
+    from rn50.core.model import arch_of_weights, read_weights_file
 
     loaded = read_weights_file(path)
     found = arch_of_weights(loaded["model"] if isinstance(loaded.get("model"), dict) else loaded)
@@ -303,7 +303,7 @@ class Start:
     checkpoint: dict | None = None
     saved: Recipe | None = None  # the checkpoint's recipe
     exact: bool = True  # no recipe change and the same training files: the loader's position carries over
-    identity: dict | None = None  # the training file list (rn50.loaders.data_identity), for checkpoints
+    identity: dict | None = None  # the training file list (rn50.core.loaders.data_identity), for checkpoints
     notes: list[str] = field(default_factory=list)
     finished: dict | None = None  # the summary of a run that is already done: nothing to train
 
@@ -313,10 +313,10 @@ def start(flags, env: DistEnv, progress, say) -> Start:
     resolve the configuration over it, apply the resume guard, read --finetune-from's architecture, check
     the training file list, the device-only settings, the tracker, a finished run, the world size; then
     prepare the run folder. `flags`: rn50.train's parsed flags; `progress`: the watchdog's."""
-    from rn50 import tracking
-    from rn50.device import check_cuda_only_settings
-    from rn50.loaders import data_identity
-    from rn50.profiling import check_flags
+    from rn50.observe import tracking
+    from rn50.system.device import check_cuda_only_settings
+    from rn50.core.loaders import data_identity
+    from rn50.observe.profiling import check_flags
 
     notes: list[str] = []  # start-up lines wait until every check has passed: an error found there comes alone
     progress("starting: reading the checkpoint")

@@ -7,8 +7,8 @@ from functools import lru_cache
 import torch
 import torchvision
 
-from rn50.errors import UserError
-from rn50.recipe import ARCHS
+from rn50.config.errors import UserError
+from rn50.config.recipe import ARCHS
 
 
 

@@ -22,7 +22,7 @@ class MetricsLog:
     """Appends one flat JSON object per line to metrics.jsonl; names are slash-separated
     (`train/loss`, `val/top1`) and are the TensorBoard tags too, when `tensorboard_dir` is given (every
     numeric value of a record becomes a scalar at the record's step). Only the main rank writes. `tracker`
-    (rn50.tracking, --tracker): every record goes to it too, under the same names, after the local files."""
+    (rn50.observe.tracking, --tracker): every record goes to it too, under the same names, after the local files."""
 
     def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None, tracker=None):
         self.path, self.enabled = Path(path), enabled

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from rn50.recipe import Schedule
+from rn50.config.recipe import Schedule
 
 
 def lr_at(schedule: Schedule, peak: float, step: int, steps_per_epoch: int) -> float:

@@ -20,8 +20,8 @@ import torch
 
 from pipelines import ranges
 from pipelines.ranges import named_range  # also the callers' import: the one way to name a range
-from rn50.errors import UserError
-from rn50.profile_flags import TOOLS, TRACE_DIR, add_profiling_flags, parse_steps  # noqa: F401 - re-exported
+from rn50.config.errors import UserError
+from rn50.config.profile_flags import TOOLS, TRACE_DIR, add_profiling_flags, parse_steps  # noqa: F401 - re-exported
 
 
 def check_flags(window: tuple[int, int] | None, tool: str, device: torch.device) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rn50.recipe import Optimisation
+from rn50.config.recipe import Optimisation
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -15,7 +15,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, head: nn.Module | No
 
     Decided by module type and parameter name, not by tensor rank, so a future 1-d weight of a
     non-norm layer still gets its decay. With `head` (the classifier), its parameters get groups of their
-    own marked "head", so fine-tuning can freeze the backbone by LR alone (rn50.schedule.set_lr).
+    own marked "head", so fine-tuning can freeze the backbone by LR alone (rn50.core.schedule.set_lr).
     """
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     groups = {}
@@ -35,7 +35,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, head: nn.Module | No
 def build_optimizer(model: nn.Module, optimisation: Optimisation, head: nn.Module | None = None,
                     fused: bool = True) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (the recipe's), AdamW (torch) or LAMB (timm's, a well-kept
-    implementation). The LR is set every step by rn50.schedule; fused kernels where CUDA has them
+    implementation). The LR is set every step by rn50.core.schedule; fused kernels where CUDA has them
     (`fused`: the machine's fused_optimizer; the CPU runs the for-each kernels either way)."""
     opt = optimisation
     groups = parameter_groups(model, opt.weight_decay, head)

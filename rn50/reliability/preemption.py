@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 
-from rn50.dist import any_rank
+from rn50.system.dist import any_rank
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: a temporary failure, run the same command again
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -1,6 +1,6 @@
 """`--cuda-graphs`: the whole training step captured once in a CUDA graph and replayed every step after.
 
-What one replay runs is the body of `rn50.step.train_step`, captured as it is (there is one copy of the
+What one replay runs is the body of `rn50.core.step.train_step`, captured as it is (there is one copy of the
 step): the forward pass under autocast, the loss (distillation included: the frozen teacher's forward has
 static shapes and no host sync), the scaled backward pass with DDP's all-reduce, GradScaler's inf check,
 the fused optimizer step and the scale update. The shape that makes this capturable, from PyTorch's CUDA
@@ -46,7 +46,7 @@ import weakref
 
 import torch
 
-from rn50.errors import UserError
+from rn50.config.errors import UserError
 
 WARMUP_STEPS = 3  # eager steps before the capture in one process (torch's whole-network example)
 WARMUP_STEPS_DDP = 11  # torch's CUDA-graph notes: at least 11 DDP-enabled eager iterations before capture
@@ -78,9 +78,9 @@ def on_stream(stream: torch.cuda.Stream | None):
 
 
 class GraphedStep:
-    """`train_step` for `--cuda-graphs`: `parts.graphed`, called by `rn50.step.train_step` in its place.
+    """`train_step` for `--cuda-graphs`: `parts.graphed`, called by `rn50.core.step.train_step` in its place.
 
-    `step` is the eager step (`rn50.step.train_step`); it runs, with the mixing and the EMA left out, for
+    `step` is the eager step (`rn50.core.step.train_step`); it runs, with the mixing and the EMA left out, for
     the warm-up and inside the capture. Returns the step's loss as a fresh tensor, without a host sync.
     """
 

@@ -124,7 +124,7 @@ def exit_code_of(exc: BaseException | None) -> int:
         return 3
     if "Preempted" in names:
         return 75
-    if "NotWritten" in names:  # rn50.integrity.EXIT_STORAGE: the storage refused a checkpoint
+    if "NotWritten" in names:  # rn50.reliability.integrity.EXIT_STORAGE: the storage refused a checkpoint
         return 74
     return 1
 
@@ -375,7 +375,7 @@ class Cadence:
             return steps_total % int(self.every) == 0
         if steps_total % self.check_every:
             return False
-        from rn50.dist import any_rank
+        from rn50.system.dist import any_rank
 
         if any_rank(time.monotonic() - self.last >= float(self.every)):
             self.last = time.monotonic()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rn50 import integrity
-from rn50.errors import UserError
+from rn50.reliability import integrity
+from rn50.config.errors import UserError
 
 _REGULAR = re.compile(r"^checkpoint_\d{4}(_step\d{8})?\.pt$")
 BEST = "checkpoint_best.pt"
@@ -148,7 +148,7 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
                    loader_states: list, loader_kind: str, recipe: dict, world_size: int, history: list,
                    elapsed_s: float, epoch_losses: list | None = None, data: dict | None = None) -> dict | None:
     """Everything an exact resume needs, for a checkpoint; None when the weights hold NaN or inf (a kept
-    checkpoint must stay a good one). `parts` is rn50.step.TrainingParts."""
+    checkpoint must stay a good one). `parts` is rn50.core.step.TrainingParts."""
     weights = parts.raw_model.state_dict()
     if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
         return None
@@ -163,11 +163,11 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
         "plateau": plateau,
         "loader": loader_states,  # one state per rank: its shard and its augmentation stream
         "loader_kind": loader_kind,
-        # the training file list the loader states belong to (rn50.loaders.data_identity): count and digest
+        # the training file list the loader states belong to (rn50.core.loaders.data_identity): count and digest
         "data": data,
-        # mid-epoch: each rank's running loss sums for the epoch so far (rn50.meter.LossTracker.state_dict)
+        # mid-epoch: each rank's running loss sums for the epoch so far (rn50.observe.meter.LossTracker.state_dict)
         "epoch_losses": epoch_losses,  # another loader cannot take these states: the epoch restarts
-        "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.recipe.resolve(saved=...)
+        "recipe": recipe,  # sectioned (older checkpoints: flat), read with rn50.config.recipe.resolve(saved=...)
         "world_size": world_size,
         "history": history,  # one record per finished epoch
         "elapsed_s": elapsed_s,
@@ -175,7 +175,7 @@ def training_state(parts, *, epochs_done: int, step: int, steps_per_epoch: int, 
 
 
 def restore_training(parts, state: dict, fresh_optimizer: bool = False) -> None:
-    """Weights, optimizer, scaler and EMA from a checkpoint into `parts` (rn50.step.TrainingParts).
+    """Weights, optimizer, scaler and EMA from a checkpoint into `parts` (rn50.core.step.TrainingParts).
 
     `fresh_optimizer` (another optimizer than the checkpoint's, allowed on resume): its state starts fresh,
     since SGD's momentum buffers mean nothing to AdamW. Otherwise the saved state (momentum, Adam moments,
