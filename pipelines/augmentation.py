@@ -16,6 +16,9 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+RANDAUGMENT_MAX = 30  # DALI's auto_aug: magnitudes are bins 0..30 (num_magnitude_bins 31)
+
+
 def opt(default, help: str, flat: str | None = None):
     """A spec field with its help text and, where the section's context makes a shorter name read better
     in code, its flat name (the CLI flag and the key in presets and recipe.json)."""
@@ -120,4 +123,13 @@ class Augmentation:
             raise UserError(f"normalize values must be finite numbers, got {list(self.normalize)}")
         if not 0 < self.val_resize_ratio <= 1:
             raise UserError(f"val_resize_ratio must lie in (0, 1], got {self.val_resize_ratio}")
+        # ranges the loaders cannot take (DALI and torchvision would fail mid-build)
+        if not 0.0 <= self.color_jitter <= 1.0:  # brightness, contrast, saturation factors in [1 - cj, 1 + cj]
+            raise UserError(f"color_jitter must lie in [0, 1] (0: off; the recipe's is 0.4), got {self.color_jitter}")
+        if not 0 <= self.randaugment_magnitude <= RANDAUGMENT_MAX:
+            raise UserError(f"randaugment_magnitude must lie in 0..{RANDAUGMENT_MAX} (0: off; e.g. 7 or 9), got "
+                            f"{self.randaugment_magnitude}")
+        if self.randaugment_layers < 1 or self.randaugment_magnitude_std < 0:
+            raise UserError(f"randaugment_layers must be at least 1 and randaugment_magnitude_std not negative, got "
+                            f"{self.randaugment_layers} and {self.randaugment_magnitude_std}")
         return self
