@@ -203,7 +203,7 @@ def beats_baseline(row: dict, baseline: dict, key: str) -> bool:
 def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
     """Raise UserError if training would refuse these fields over this recipe and machine: the checks
     rn50.train runs at start-up (Recipe/Machine.validate, check_cuda_only_settings), not a copy of them."""
-    from rn50.system.device import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
+    from rn50.core.step import check_cuda_only_settings  # torch: here, so the harness's flags parse without it
 
     check_cuda_only_settings(*with_lever(recipe, machine, fields), device)
 

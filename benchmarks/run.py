@@ -32,7 +32,9 @@ from pipelines.registry import KINDS, REGISTRY, kinds
 from pipelines.storage import display
 from rn50.config.errors import UserError, check_flags_first
 from rn50.config.profile_flags import TRACE_DIR, add_profiling_flags
-from rn50.config.recipe import Machine, Recipe, add_recipe_flags, concrete_loader, parse_strict, resolve
+from rn50.config.machine import Machine, concrete_loader
+from rn50.config.recipe import Recipe, resolve
+from rn50.config.cli import add_recipe_flags, parse_strict
 
 MODES = ("synthetic", "loader", "train")
 READ_MODE = "read"  # raw reads from the source, no decoding (benchmarks/read.py); asked for by name, not a default
@@ -111,7 +113,7 @@ from benchmarks.stall import StepTimer, Window  # noqa: E402
 from rn50.system.telemetry import Telemetry  # noqa: E402
 from rn50.observe import tracking  # noqa: E402
 from benchmarks.verdict import verdict  # noqa: E402
-from rn50.system.device import check_cuda_only_settings  # noqa: E402
+from rn50.core.step import check_cuda_only_settings  # noqa: E402
 from rn50.system.dist import DistEnv, all_gather_objects, barrier, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_split  # noqa: E402
 from rn50.observe.profiling import StepProfiler, check_flags, check_window, named_range  # noqa: E402

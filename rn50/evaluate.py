@@ -19,7 +19,8 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m rn50.evaluate` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from rn50.config.errors import UserError, check_flags_first
-from rn50.config.recipe import add_recipe_flags, parse_strict, resolve, with_fields
+from rn50.config.cli import add_recipe_flags, parse_strict
+from rn50.config.recipe import resolve, with_fields
 
 # the recipe and machine flags that matter to an evaluation (rn50.config.recipe.add_recipe_flags)
 EVAL_FLAGS = ("arch", "blurpool", "image_size", "val_image_size", "val_resize_ratio", "val_flip", "batch_size",
@@ -228,9 +229,9 @@ def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # the door: the configuration resolved once, over the weights' recipe, before the process group and the
+    # device exist; the device is the resolved machine's (a preset's [machine] device too)
     sizes = parse_sizes(args.sizes)
-    env = init_distributed(args.device or "auto")
-    say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     state, saved, kind = read_weights(args.weights, args.ema)
     base = resolve(saved=saved).recipe if saved else None
     found = arch_of_weights(state)  # the weights say which architecture they are: ours and torchvision's alike
@@ -240,6 +241,8 @@ def run(args: argparse.Namespace) -> dict:
     if found is not None:
         base = with_fields(base, arch=found)
     config = resolve(args, saved=base)  # the weights' recipe (and arch) < presets < flags
+    env = init_distributed(config.machine.device)
+    say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     recipe, machine = config.recipe, config.machine.for_device(env.device.type)  # --loader auto made concrete
     if machine.loader == "synthetic":
         raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "

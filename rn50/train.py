@@ -20,41 +20,9 @@ from pathlib import Path
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from rn50.config.errors import UserError, check_flags_first
 from rn50.config.profile_flags import TRACE_DIR
-from rn50.config.recipe import Config, add_recipe_flags, add_run_flags, available_presets, parse_strict
-
-EXIT_DIVERGED = 3
-
-
-class Preempted(Exception):
-    """A stop signal, after the checkpoint it asked for (`saved`: its path on rank 0; None elsewhere, or
-    where the weights held NaN and no checkpoint could be written)."""
-
-    def __init__(self, signal_name: str, saved: Path | None):
-        super().__init__(signal_name)
-        self.signal_name, self.saved = signal_name, saved
-
-    def report(self) -> str:
-        """The run's last line: under torchrun, the agent's own SignalException report follows it."""
-        saved = f"checkpoint saved to {self.saved}" if self.saved else "no new checkpoint (the weights held NaN or inf)"
-        return (f"stopped by {self.signal_name}: {saved}; exit code {EXIT_PREEMPTED}. Run the same command with "
-                "--resume auto to continue")
-
-
-class DataLost(Preempted):
-    """The data source failed mid-epoch after every retry (pipelines.storage.StorageLost). One process saves a
-    checkpoint at the last step trained; with several, the ranks that still read are inside the step's
-    all-reduce, so the last periodic checkpoint is where a resume starts (--checkpoint-every)."""
-
-    def report(self) -> str:
-        saved = f"checkpoint saved to {self.saved}" if self.saved else \
-            "the last checkpoint (--checkpoint-every) is where a resume starts"
-        return (f"stopped: {self.signal_name}; {saved}; exit code {EXIT_PREEMPTED}. When the storage answers "
-                "again, run the same command with --resume auto")
-
-
-class Diverged(Exception):
-    pass
-
+from rn50.config.recipe import Config, available_presets, resolve
+from rn50.config.cli import add_recipe_flags, parse_strict
+from rn50.config.run_settings import RunSettings, add_run_flags
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -80,7 +48,7 @@ from rn50.evaluate import evaluate  # noqa: E402
 from rn50.core.loaders import build_loaders  # noqa: E402
 from rn50.observe.meter import LossTracker, Meter  # noqa: E402
 from rn50.observe.metrics import MetricsLog  # noqa: E402
-from rn50.reliability.preemption import EXIT_PREEMPTED, StopRequest  # noqa: E402
+from rn50.reliability.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, DataLost, Diverged, Preempted, StopRequest  # noqa: E402
 from pipelines.storage import StorageLost, display  # noqa: E402
 from rn50.observe.profiling import StepProfiler, check_window  # noqa: E402
 from rn50.system.provenance import environment  # noqa: E402
@@ -136,7 +104,7 @@ class Trainer:
                  f"steps/epoch x {self.env.world_size} rank{'s' if self.env.world_size != 1 else ''} x "
                  f"{recipe.optimisation.batch_size}), validating on "
                  f"{self.val_loader.num_samples}; loader {self.machine.loader}, device {self.env.device}, "
-                 f"peak LR {self.peak_lr:.4g}" + _reached(self.peak_lr, self.peak_lr_reached))
+                 f"peak LR {self.peak_lr:.4g}" + lifecycle.reached(self.peak_lr, self.peak_lr_reached))
         for epoch in range(self.start_epoch, epochs):
             record = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch}
             try:
@@ -152,7 +120,7 @@ class Trainer:
             self.log.write(record)
             self.history.append(record)
             self.say(f"epoch {epoch + 1}/{epochs}: train loss {record['train/loss']:.4f}, "
-                     f"{_rate(record['train/img_per_s'])} img/s; val loss {record['val/loss']:.4f} "
+                     f"{lifecycle.rate(record['train/img_per_s'])} img/s; val loss {record['val/loss']:.4f} "
                      f"top-1 {record['val/top1']:.2f}% top-5 {record['val/top5']:.2f}% "
                      f"on {record['val/count']} images"
                      + (f"; EMA top-1 {record['val_ema/top1']:.2f}%" if "val_ema/top1" in record else ""))
@@ -361,16 +329,28 @@ class Trainer:
         }
 
 
-def run(flags: argparse.Namespace) -> dict:
-    env = init_distributed(flags.device or "auto")
-    watchdog = Watchdog(env.rank, env.world_size, flags.hang_timeout)
+def configure(flags: argparse.Namespace) -> tuple[Config, lifecycle.Resume]:
+    """The door: the configuration, resolved once from the flags before the process group and the device
+    exist, and the checkpoint to resume from (on a restart by torchrun, the newest: rn50.reliability.restart).
+    A resumed run continues the checkpoint's recipe: the presets and flags given now are changes to it, which
+    the resume guard (lifecycle.start) accepts only where they do not alter a step (or are named in
+    --allow-change). Nothing below this function sees the flags."""
+    resume, job = restart.resume_on_restart(flags.out, flags.resume)
+    found = lifecycle.find_resume(flags.out, resume, job)
+    return resolve({**vars(flags), "resume": resume}, saved=found.saved, run=RunSettings), found
+
+
+def run(config: Config, resume: lifecycle.Resume) -> dict:
+    env = init_distributed(config.machine.device)  # the resolved machine's device: a preset's [machine] too
+    watchdog = Watchdog(env.rank, env.world_size, config.run.hang_timeout)
     # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
     # every step; several: every 10, a tiny gloo all-reduce)
     stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
-    created = lifecycle.missing_folders(flags.out)  # a start that fails removes them again (while they are empty)
+    created = lifecycle.missing_folders(config.run.out)  # a start that fails removes them again (while they are empty)
     try:
         # records how this rank ended, for a restarted attempt's fault report (rn50.reliability.restart)
-        return restart.recorded(run_with, env.rank, env.world_size, watchdog.describe, flags, env, watchdog, stop)
+        return restart.recorded(run_with, env.rank, env.world_size, watchdog.describe, config, resume, env,
+                                watchdog, stop)
     except (UserError, Preempted, Diverged, NotWritten):
         lifecycle.remove_empty(created)
         raise
@@ -384,10 +364,10 @@ def run(flags: argparse.Namespace) -> dict:
         stop.close()
 
 
-def run_with(flags: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: StopRequest) -> dict:
+def run_with(config: Config, resume: lifecycle.Resume, env: DistEnv, watchdog: Watchdog, stop: StopRequest) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
-    job = restart.on_restart(flags, say)  # restarted by torchrun after a fault: --resume auto
-    start = lifecycle.start(flags, env, watchdog.progress, say)  # every start-up check, then the run folder
+    watchdog.progress("starting: the start-up checks")
+    start = lifecycle.start(config, resume, env, say)  # every start-up check, then the run folder
     if start.finished is not None:
         return start.finished
     config = start.config
@@ -405,7 +385,7 @@ def run_with(flags: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: 
         notes.append(trainer.restore(start.checkpoint, start.saved, start.exact))
     for line in notes + lifecycle.startup_summary(config, start.machine_given, train_loader.num_classes):
         say(line)
-    restart.started(settings.out, job, start.checkpoint, env, len(train_loader), say)  # the fault, steps lost
+    restart.started(settings.out, resume.job, start.checkpoint, env, len(train_loader), say)  # the fault, steps lost
     lifecycle.write_run_files(config, env, parts.amp_dtype)
     # --tracker: rank 0's tracker run (the same one again on resume); every metrics.jsonl line goes to it too
     trainer.log.tracker = tracking.for_training(recipe, machine, settings.out, env,
@@ -420,40 +400,16 @@ def run_with(flags: argparse.Namespace, env: DistEnv, watchdog: Watchdog, stop: 
     summary["data"] = display(settings.data)  # an s3:// URI stays one
     if env.is_main:
         lifecycle.write_summary(settings.out, summary)
-        print_report(summary, settings.out)
+        lifecycle.print_report(summary, settings.out)
         tracking.finish_training(trainer.log.tracker, settings.out, summary,
                                  trainer.history[-1]["step"] if trainer.history else None)
     return summary
 
 
-def _reached(peak: float, reached: float) -> str:
-    return f", reached only {reached:.4g}: the warm-up outlasts the run" if reached < peak else ""
-
-
-def _rate(img_per_s: float | None) -> str:
-    return "n/a" if img_per_s is None else f"{img_per_s:.1f}"
-
-
-def print_report(summary: dict, out: Path) -> None:
-    final = summary["final"]
-    lines = [
-        "",
-        f"run folder        {out}",
-        f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g}"
-        + _reached(summary["peak_lr"], summary.get("peak_lr_reached", summary["peak_lr"])) + ")",
-        f"throughput        {_rate(summary['train/img_per_s'])} img/s in all, "
-        f"{_rate(summary['train/img_per_s'] and summary['train/img_per_s'] / summary['world_size'])} per process",
-        f"validation        top-1 {final.get('val/top1', math.nan):.2f}%  top-5 {final.get('val/top5', math.nan):.2f}%"
-        f"  on {final.get('val/count')} of {summary['dataset']['val_images']} images",
-        f"wall time         {summary['wall_s']:.1f} s",
-    ]
-    print("\n".join(lines), flush=True)
-
-
 def main(argv=None) -> None:
     code = 0
     try:
-        run(parse_args(argv))
+        run(*configure(parse_args(argv)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2

@@ -1,6 +1,7 @@
 """The configuration: the one recipe (typed, frozen sections whose defaults are the 90-epoch ResNet-50
-recipe), the machine settings kept apart from it (how this machine runs the recipe, not what is trained),
-and rn50.train's run settings (where it reads and writes, how it resumes), together a `Config`.
+recipe), with the machine settings kept apart from it (rn50.config.machine: how this machine runs the
+recipe, not what is trained) and rn50.train's run settings (rn50.config.run_settings: where it reads and
+writes, how it resumes), together a `Config`.
 
 `resolve` is the one way to build a Config, with one precedence rule, lowest first: the defaults here (the
 loader settings' from pipelines.settings), the saved recipe where resuming (a checkpoint's; never its machine
@@ -18,32 +19,18 @@ import argparse
 import dataclasses
 import difflib
 import json
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipelines.registry import KINDS, choices_help
 from pipelines.augmentation import Augmentation, opt
-from pipelines.settings import LoaderSettings
 from rn50.config.errors import UserError
-from rn50.config.profile_flags import TOOLS as PROFILERS, add_profiling_flags
-from rn50.reliability.restart import parse_every
+from rn50.config.machine import Machine
+from rn50.config.run_settings import RunSettings
 
 PRESET_DIR = Path(__file__).parent / "presets"
-LOADERS = KINDS
-AUTO_LOADER = "auto"  # Machine.for_device: dali where the process runs on CUDA, dali-cpu elsewhere
-DEVICES = ("auto", "cuda", "cpu")  # rn50.system.device.choose_device
-COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.core.model
-TRACKERS = ("none", "wandb", "mlflow")  # rn50.observe.tracking's backends
-RANDAUGMENT_MAX = 30  # DALI's auto_aug: magnitudes are bins 0..30 (num_magnitude_bins 31)
-
-
-def _run_opt(default, help: str, **flag):
-    """A run setting: its default, its help and how argparse reads its flag (add_run_flags)."""
-    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -164,86 +151,7 @@ class Recipe:
             raise UserError(f"the linear schedule needs epochs ({s.epochs}) > warmup_epochs ({s.warmup_epochs})")
         if list(s.lr_milestones) != sorted(s.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(s.lr_milestones)}")
-        a = self.augmentation  # ranges the loaders cannot take (DALI and torchvision would fail mid-build)
-        if not 0.0 <= a.color_jitter <= 1.0:  # brightness, contrast, saturation factors in [1 - cj, 1 + cj]
-            raise UserError(f"color_jitter must lie in [0, 1] (0: off; the recipe's is 0.4), got {a.color_jitter}")
-        if not 0 <= a.randaugment_magnitude <= RANDAUGMENT_MAX:
-            raise UserError(f"randaugment_magnitude must lie in 0..{RANDAUGMENT_MAX} (0: off; e.g. 7 or 9), got "
-                            f"{a.randaugment_magnitude}")
-        if a.randaugment_layers < 1 or a.randaugment_magnitude_std < 0:
-            raise UserError(f"randaugment_layers must be at least 1 and randaugment_magnitude_std not negative, got "
-                            f"{a.randaugment_layers} and {a.randaugment_magnitude_std}")
         self.augmentation.validate()
-        return self
-
-
-def concrete_loader(kind: str, device_type: str) -> str:
-    """`auto` as the loader it means on a device of this type (torch.device.type); any other kind as it is."""
-    return ("dali" if device_type == "cuda" else "dali-cpu") if kind == AUTO_LOADER else kind
-
-
-@dataclass(frozen=True)
-class Machine:
-    """How this machine runs the recipe: not part of what is trained, saved as machine.json in the run folder,
-    free to change on resume and never inherited from a checkpoint."""
-    loader: str = opt("auto", f"auto: dali on a CUDA device, dali-cpu without one | {choices_help()} (docs/loaders.md)")
-    device: str = opt("auto", "auto: this process's GPU when CUDA works, else the CPU (an error when NVIDIA GPUs "
-                              "are present but CUDA is unusable) | cuda | cpu: the CPU even on a GPU machine")
-    # the loader settings: their defaults live in pipelines.settings.LoaderSettings, and only there
-    dali_threads: int = opt(LoaderSettings.dali_threads, "DALI CPU threads per process")
-    hw_decoder_load: float = opt(LoaderSettings.hw_decoder_load, "share of JPEG decoding on the A100/H100 "
-                                                                 "hardware decoder")
-    fused_decode: bool = opt(LoaderSettings.fused_decode, "decode fused with RandomResizedCrop (decodes only the "
-                                                          "crop's region); --no-fused-decode decodes the whole "
-                                                          "image, then crops")
-    prefetch: int = opt(LoaderSettings.prefetch, "DALI prefetch queue depth; torchvision-gpu: batches prepared ahead")
-    workers: int = opt(LoaderSettings.workers, "torchvision loader processes per GPU; torchvision-gpu: threads "
-                                               "reading the files; -1: the cores this process may use over the "
-                                               "local ranks, 1 to 8")
-    log_every: int = opt(50, "steps between host syncs for logging")
-    # speed levers (docs/benchmarks.md#speed-levers): how a step runs, not what it computes
-    compile: bool = opt(False, "torch.compile the model (compile time is reported apart, never counted in img/s)")
-    compile_mode: str = opt("default", "torch.compile mode: default | max-autotune | reduce-overhead")
-    cuda_graphs: bool = opt(False, "capture the whole training step in a CUDA graph and replay it (CUDA only)")
-    fused_optimizer: bool = opt(True, "the optimizer's fused CUDA kernel (one launch for all parameters; CUDA only)")
-    cudnn_benchmark: bool = opt(True, "let cuDNN time its kernels once per shape and keep the fastest")
-    ddp_bucket_mb: int = opt(25, "DDP gradient bucket size in MiB (all-reduce granularity)")
-    ddp_bucket_view: bool = opt(True, "DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
-    ddp_fp16_compress: bool = opt(False, "all-reduce gradients in fp16 (halves the traffic; for PCIe machines)")
-    # experiment trackers (rn50/observe/tracking.py): where results go besides the run folder, not what is trained
-    tracker: str = opt("none", "also log to an experiment tracker: none | wandb | mlflow (optional extras: "
-                               "pip install -e '.[wandb]' or '.[mlflow]'; MLflow's server is MLFLOW_TRACKING_URI)")
-    tracker_project: str = opt("rn50", "the W&B project or MLflow experiment the runs go to")
-    tracker_group: str = opt("", "group tracker runs under this name (W&B group, MLflow tag rn50.group); "
-                                 "tools.sweep sets it to the sweep folder's name")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def loader_settings(self) -> LoaderSettings:
-        """The settings every loader receives (pipelines.settings.LoaderSettings), as this machine has them."""
-        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings)})
-
-    def for_device(self, device_type: str) -> "Machine":
-        """These settings with `loader auto` made concrete for the device this process runs on ("cuda" or
-        "cpu", torch.device.type): dali on CUDA, dali-cpu elsewhere. Runs save and compare the concrete one
-        (machine.json, the checkpoint's loader), so a resume on the same machine continues the same stream."""
-        return dataclasses.replace(self, loader=concrete_loader(self.loader, device_type))
-
-    def validate(self) -> "Machine":
-        if self.loader not in LOADERS + (AUTO_LOADER,):
-            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO_LOADER,) + LOADERS)}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        self.loader_settings().validate()
-        if self.log_every < 1:
-            raise UserError(f"log_every must be at least 1, got {self.log_every}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise UserError(f"unknown compile mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-        if self.ddp_bucket_mb < 1:
-            raise UserError(f"ddp_bucket_mb must be at least 1, got {self.ddp_bucket_mb}")
-        if self.tracker not in TRACKERS:
-            raise UserError(f"unknown tracker {self.tracker!r}; choose one of {', '.join(TRACKERS)}")
         return self
 
 
@@ -286,7 +194,8 @@ def flat_items(recipe: Recipe) -> dict:
     return {flat: get(recipe, flat) for flat in RECIPE_FIELDS}
 
 
-def _closest(name: str, candidates) -> str:
+def did_you_mean(name: str, candidates) -> str:
+    """"; did you mean 'x'?" for the closest of `candidates`, or nothing."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
@@ -316,12 +225,12 @@ def _flat(values: dict) -> dict:
             by_name = {f.name: f.flat for f in _fields_of(section_cls, key)}
             for name, inner in value.items():
                 if name not in by_name and name not in ALL_FIELDS:
-                    raise UserError(f"unknown key {name!r} in [{key}]{_closest(name, by_name)}")
+                    raise UserError(f"unknown key {name!r} in [{key}]{did_you_mean(name, by_name)}")
                 flat[by_name.get(name, name)] = inner
         elif key in ALL_FIELDS:
             flat[key] = value
         else:
-            raise UserError(f"unknown recipe key {key!r}{_closest(key, ALL_FIELDS)}")
+            raise UserError(f"unknown recipe key {key!r}{did_you_mean(key, ALL_FIELDS)}")
     return {k: _coerce(k, v) for k, v in flat.items()}
 
 
@@ -343,7 +252,7 @@ def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
     `with_fields(batch_size=8, arch="resnet18")`, `with_fields(saved, epochs=6)`."""
     unknown = [name for name in flat if name not in RECIPE_FIELDS]
     if unknown:
-        raise UserError(f"unknown recipe field {unknown[0]!r}{_closest(unknown[0], RECIPE_FIELDS)}")
+        raise UserError(f"unknown recipe field {unknown[0]!r}{did_you_mean(unknown[0], RECIPE_FIELDS)}")
     return resolve(flat, saved=recipe).recipe
 
 
@@ -379,7 +288,7 @@ def _read_preset_file(path: Path, chain: tuple[Path, ...]) -> dict:
         base_path = _preset_path(base, path.parent) if isinstance(base, str) else None
         if base_path is None or not base_path.is_file():
             bases = sorted(p.stem for p in PRESET_DIR.glob(f"*{BASE_SUFFIX}.toml"))
-            raise UserError(f"preset {path}: unknown base {base!r}{_closest(str(base), bases)}; a base is one of "
+            raise UserError(f"preset {path}: unknown base {base!r}{did_you_mean(str(base), bases)}; a base is one of "
                             f"{', '.join(bases) or 'none'} or a path to a .toml file")
         if base_path.resolve() in chain:
             cycle = " -> ".join(p.stem for p in chain + (base_path.resolve(),))
@@ -397,7 +306,7 @@ def read_preset(name: str) -> dict:
                         "preset of its own; name one of those")
     if not path.is_file():
         presets = available_presets()
-        raise UserError(f"no preset {name!r}{_closest(name, presets)}; presets are {', '.join(presets)} "
+        raise UserError(f"no preset {name!r}{did_you_mean(name, presets)}; presets are {', '.join(presets)} "
                         "or a path to a .toml file")
     return _read_preset_file(path, (path.resolve(),))
 
@@ -408,53 +317,6 @@ def _mentions_base(preset: str, base: str) -> bool:
 
 
 # --- the one configuration path ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How rn50.train keeps this run: where it reads and writes, how it resumes, checkpoints and watches
-    itself. Neither what is trained (Recipe) nor how this machine runs it (Machine). One flag per field
-    (add_run_flags); the profiling flags are rn50.config.profile_flags', shared with the harness."""
-    data: Path | None = _run_opt(None, "folder with train/<class>/ and val/<class>/", required=True, type=Path)
-    out: Path | None = _run_opt(None, "run folder for metrics, summary, checkpoints", required=True, type=Path)
-    manifest: Path | None = _run_opt(None, "folder with train.txt/val.txt from `python -m tools.scan`: train on "
-                                           "those files only", type=Path)
-    resume: str | None = _run_opt(None, "checkpoint to continue from, or 'auto': the newest valid one in --out "
-                                        "(none: start)")
-    allow_change: str | None = _run_opt(None, "on --resume, accept these recipe fields differing from the "
-                                              "checkpoint's (any other change that alters a step is refused; "
-                                              "machine settings change freely)", metavar="FIELD[,FIELD]")
-    reshard: bool = _run_opt(False, "allow resuming with another number of processes (restarts the interrupted "
-                                    "epoch)", action="store_true")
-    elastic_lr: str = _run_opt("scale", "when the world size changes on resume (an elastic change or --reshard): "
-                                        "scale: the peak LR follows the new global batch (the linear scaling "
-                                        "rule); keep: it stays the one the run trained with",
-                               choices=("scale", "keep"))
-    checkpoint_every: int = _run_opt(0, "also checkpoint every STEPS steps, or every TIME of training (30s, 10m, "
-                                        "2h; with the loader state: exact mid-epoch resume)", type=parse_every,
-                                     metavar="STEPS|TIME")
-    keep_checkpoints: int = _run_opt(3, "keep the last K checkpoints (and the best by top-1); 0 keeps all",
-                                     type=int, metavar="K")
-    max_nonfinite_steps: int = _run_opt(50, "stop when the loss stays NaN/inf for K consecutive steps", type=int,
-                                        metavar="K")
-    hang_timeout: float = _run_opt(600.0, "end the job when a rank makes no progress for this long, naming the "
-                                          "stalled rank and what it was doing (0: off)", type=float,
-                                   metavar="SECONDS")
-    profile_steps: tuple[int, int] | None = None  # --profile-steps A:B (rn50.config.profile_flags)
-    profiler: str = PROFILERS[0]  # --profiler
-
-    @classmethod
-    def from_flags(cls, values: dict) -> "RunSettings":
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-
-
-def add_run_flags(parser: argparse.ArgumentParser, counted: str) -> None:
-    """rn50.train's run flags, one per RunSettings field, and the profiling flags (`counted`: what their
-    steps count)."""
-    for f in fields(RunSettings):
-        if "flag" in f.metadata:
-            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
-                                **f.metadata["flag"])
-    add_profiling_flags(parser, counted)
 
 
 @dataclass(frozen=True)
@@ -510,216 +372,3 @@ def resolve(flags=None, *, saved: Recipe | dict | None = None, defaults: dict | 
     recipe, machine = _layer(recipe, machine, given)
     return Config(recipe, machine, run.from_flags(values) if run else None, names, overridden,
                   frozenset(set_by) | frozenset(given)).validate()
-
-
-# --- the command line -------------------------------------------------------------------------------
-
-def _flag_type(kind):
-    if typing.get_origin(kind) is tuple:
-        return numbers
-    return kind
-
-
-def numbers(text: str) -> tuple[float, ...]:
-    """A flag's comma-separated numbers (`--crop-area 0.08,1`)."""
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def add_recipe_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per field, defaulting to None so that only flags the user gave override a preset.
-    `only`: just these fields' flags (flat names; "preset" for --preset), for commands that need a few."""
-    for title, table in (("recipe (defaults: the 90-epoch recipe)", RECIPE_FIELDS),
-                         ("machine settings (not part of the recipe; free to change on resume)", MACHINE_FIELDS)):
-        group = parser.add_argument_group(title)
-        if table is RECIPE_FIELDS and (only is None or "preset" in only):
-            group.add_argument("--preset", default=None, metavar="NAME[,NAME...]",
-                               help=f"recipe presets, applied left to right: {', '.join(available_presets())} "
-                                    "or paths to .toml files")
-        for f in table.values():
-            if only is not None and f.flat not in only:
-                continue
-            flag = "--" + f.flat.replace("_", "-")
-            text = f"{f.help} (default {f.default})".strip().replace("%", "%%")
-            if f.kind is bool:
-                group.add_argument(flag, dest=f.flat, action=argparse.BooleanOptionalAction, default=None, help=text)
-            else:
-                metavar = "A,B,..." if typing.get_origin(f.kind) is tuple else f.kind.__name__.upper()
-                group.add_argument(flag, dest=f.flat, type=_flag_type(f.kind), default=None, metavar=metavar,
-                                   help=text)
-
-
-# Flags of torchvision's reference script (references/classification/train.py), which people bring along
-PEER_FLAGS = {
-    "--lr": "use --base-lr: ours is the LR per 256 images, scaled by the global batch (torchvision's --lr is "
-            "the LR of the whole global batch)",
-    "-b": "use --batch-size (per GPU, as torchvision's -b)",
-    "--wd": "use --weight-decay (never applied to BN parameters and biases here)",
-    "-j": "use --workers (torchvision loader) or --dali-threads (DALI loaders)",
-    "--lr-warmup-epochs": "use --warmup-epochs (a linear warmup from 0, updated every step)",
-    "--print-freq": "use --log-every (steps between logged losses)",
-    "--test-only": "for a validation-only run use `python -m rn50.evaluate --data DIR --weights PATH --out DIR` "
-                   "(our checkpoints or torchvision weights)",
-    "--lr-scheduler": "use --schedule step|cosine|plateau",
-}
-
-
-def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """parse_args, but an unknown flag is a UserError naming the closest known flag, or, for a flag of
-    torchvision's reference script, ours and how it differs. Every other mistake argparse finds (a value
-    of the wrong type, a missing required flag) is a UserError too: one line, exit 2, no usage dump."""
-    parser.error = _raise_usage_error
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [o for a in parser._actions for o in a.option_strings]
-        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        name = bad.split("=")[0]
-        if PEER_FLAGS.get(name):
-            raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
-        raise UserError(f"unknown argument {bad!r}{_suggest(name, flags)}")
-    return args
-
-
-# Names users come with (other scripts, papers, habit) -> our flag and what to know about it. Keys are
-# spelled as _plain spells them: lower case, letters and digits only.
-USER_NAMES = {
-    **dict.fromkeys(("learningrate", "lr", "lrate", "initiallr", "initlr", "maxlr", "peaklr", "baselearningrate"),
-                    ("--base-lr", "the LR per --base-batch images (256 by default), scaled by the global batch")),
-    **dict.fromkeys(("wd", "decay", "l2", "weightdecayrate"),
-                    ("--weight-decay", "never applied to BN parameters and biases")),
-    **dict.fromkeys(("bs", "batch", "batchsz", "minibatch", "minibatchsize", "trainbatchsize", "pergpubatchsize",
-                     "perdevicebatchsize", "perdevicetrainbatchsize"), ("--batch-size", "images per GPU, per process")),
-    **dict.fromkeys(("numworkers", "nworkers", "worker", "dataloaderworkers", "jobs", "numthreads", "threads",
-                     "nthreads"), ("--workers", "torchvision loaders; the DALI loaders take --dali-threads")),
-    **dict.fromkeys(("epoch", "numepochs", "nepochs", "maxepochs", "trainepochs", "numtrainepochs"),
-                    ("--epochs", "")),
-    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"), ("--warmup-epochs", "a linear warmup from 0")),
-    **dict.fromkeys(("model", "network", "net", "architecture", "backbone"), ("--arch", "resnet18 ... resnet152")),
-    **dict.fromkeys(("imgsize", "imsize", "resolution", "res", "size", "inputsize", "cropsize", "trainsize",
-                     "trainresolution"), ("--image-size", "")),
-    **dict.fromkeys(("datadir", "datapath", "dataset", "datasetdir", "root", "dataroot", "imagenet"),
-                    ("--data", "the folder with train/ and val/")),
-    **dict.fromkeys(("output", "outdir", "outputdir", "logdir", "savedir", "checkpointdir", "rundir"),
-                    ("--out", "the run folder")),
-    **dict.fromkeys(("mom", "sgdmomentum"), ("--momentum", "")),
-    **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
-    **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
-                    ("--amp", "on by default; --amp-dtype float16|bfloat16")),
-}
-
-
-def _plain(flag: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", flag.lower())
-
-
-def _suggest(name: str, flags) -> str:
-    """The hint after an unknown flag: ours for a name users come with (USER_NAMES), else the closest
-    spelling among the parser's flags, compared without dashes and underscores."""
-    ours, note = USER_NAMES.get(_plain(name), (None, ""))
-    if ours in flags:
-        return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
-    if "--preset" in flags and name.lstrip("-") in available_presets():
-        return f"; did you mean '--preset {name.lstrip('-')}'?"
-    by_plain = {_plain(f): f for f in flags if f.startswith("--")}
-    match = difflib.get_close_matches(_plain(name), list(by_plain), n=1, cutoff=0.6)
-    return f"; did you mean {by_plain[match[0]]!r}?" if match else _closest(name, flags)
-
-
-def _raise_usage_error(message: str):
-    wrong_type = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)", message)
-    if wrong_type:
-        flag, kind, value = wrong_type.groups()
-        kind = {"int": "a whole number", "float": "a number",
-                "numbers": "comma-separated numbers (e.g. 0.08,1)"}.get(kind, f"a value of type {kind}")
-        raise UserError(f"{flag} takes {kind}, got {value}")
-    raise UserError(message.removeprefix("argument "))
-
-
-def _epochs(first: int, last: int) -> str:
-    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
-
-
-def epoch_plan(recipe: Recipe) -> list[str]:
-    """Start-up lines on what the run's epochs hold, counted from 1 as the console counts them: the
-    progressive-resizing plan, and a warning for each part of the recipe that lies beyond --epochs (the
-    resolution ramp, the warm-up, an LR milestone). A preset scaled down with --epochs (`--preset
-    ffcv_16_epochs --epochs 3`) would otherwise lose those parts without a word."""
-    aug, s, lines = recipe.augmentation, recipe.schedule, []
-    epochs = f"{s.epochs} epoch{'s' if s.epochs != 1 else ''}"  # "this run's 1 epoch"
-    if aug.max_res:
-        sizes = aug.train_sizes(s.epochs)
-        runs, first = [], 1
-        for epoch in range(1, s.epochs + 1):
-            if epoch == s.epochs or sizes[epoch] != sizes[epoch - 1]:
-                runs.append(f"{sizes[epoch - 1]} px in {_epochs(first, epoch)}")
-                first = epoch + 1
-        lines.append(f"progressive resizing: {', '.join(runs)} (start_ramp {aug.start_ramp} and end_ramp "
-                     f"{aug.end_ramp} count epochs from 0)")
-        if sizes[-1] != aug.max_res:
-            low = aug.min_res or aug.image_size
-            reached = "every epoch trains at" if sizes[-1] == low else "the resolution only reaches"
-            lines.append(f"warning: the resolution ramp to {aug.max_res} px (start_ramp {aug.start_ramp}, end_ramp "
-                         f"{aug.end_ramp}) lies beyond this run's {epochs}: {reached} {sizes[-1]} px; "
-                         f"scale it down with --start-ramp and --end-ramp below {s.epochs}")
-    if s.warmup_epochs >= s.epochs and s.warmup_epochs > 0:
-        lines.append(f"warning: the warm-up ({s.warmup_epochs:g} epoch{'s' if s.warmup_epochs != 1 else ''}) outlasts this run's "
-                     f"{epochs}: the LR "
-                     f"rises to about {min(1.0, s.epochs / s.warmup_epochs):.0%} of its peak and never decays; "
-                     f"scale it down with --warmup-epochs below {s.epochs}")
-    beyond = [m for m in s.lr_milestones if m >= s.epochs]
-    if s.kind == "step" and beyond:
-        lines.append(f"warning: LR milestone{'s' if len(beyond) > 1 else ''} at epoch{'s' if len(beyond) > 1 else ''} "
-                     f"{', '.join(f'{m:g}' for m in beyond)} lie{'' if len(beyond) > 1 else 's'} beyond this run's "
-                     f"{epochs}: the LR never decays there; scale them down with --lr-milestones")
-    return lines
-
-
-def changes_from_defaults(recipe: Recipe, machine: Machine | None = None) -> list[str]:
-    """`field=value` for every field that differs from the 90-epoch recipe's defaults (and the machine's)."""
-    default_recipe, default_machine = Recipe(), Machine()
-    changed = [f"{flat}={_toml(value)}" for flat, value in flat_items(recipe).items()
-               if value != get(default_recipe, flat)]
-    if machine is not None:
-        changed += [f"{flat}={_toml(getattr(machine, f.name))}" for flat, f in MACHINE_FIELDS.items()
-                    if getattr(machine, f.name) != getattr(default_machine, f.name)]
-    return changed
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return "[" + ", ".join(repr(v) for v in value) + "]"
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
-
-def format_recipe(recipe: Recipe, machine: Machine | None = None) -> str:
-    """The resolved recipe (and machine settings) as a TOML preset: `field = value` lines by flat name,
-    one table per section, so it can be saved and loaded with --preset."""
-    lines = [f"seed = {_toml(recipe.seed)}"]
-    tables = [(name, [f for f in RECIPE_FIELDS.values() if f.section == name]) for name in SECTIONS]
-    if machine is not None:
-        tables.append(("machine", list(MACHINE_FIELDS.values())))
-    for name, table in tables:
-        owner = machine if name == "machine" else getattr(recipe, name)
-        lines += ["", f"[{name}]"] + [f"{f.flat} = {_toml(getattr(owner, f.name))}" for f in table]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    """`python -m rn50.config.recipe [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="rn50.config.recipe", description=main.__doc__, allow_abbrev=False)
-    add_recipe_flags(parser)
-    try:
-        resolved = resolve(parse_strict(parser, argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    for note in resolved.overridden:
-        print(f"# {note}")
-    print(format_recipe(resolved.recipe, resolved.machine))
-
-
-if __name__ == "__main__":
-    main()

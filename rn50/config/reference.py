@@ -67,14 +67,14 @@ def reference() -> str:
         f"<!-- generated from rn50/config/recipe.py's field list by `{COMMAND}`; do not edit by hand "
         "(tests/unit/test_reference.py fails when it is stale) -->",
         "",
-        "Every setting of `rn50.train` (and of `benchmarks.run`, `rn50.config.recipe` and `tools.sweep` after `--`): its "
+        "Every setting of `rn50.train` (and of `benchmarks.run`, `rn50.config` and `tools.sweep` after `--`): its "
         "flag, its type, its default and what it does. The field's name is its key in a preset and in "
         "`recipe.json` / `machine.json`; a preset may also set it inside the table of its section "
         "(`[schedule]` then `epochs = 16`), under the name in brackets where that differs. Layers, lowest first: these defaults, the "
         "presets given with `--preset a,b` (left to right), then single flags. "
         "[recipe.md](recipe.md) explains the 90-epoch recipe's choices, "
         "[recipes-advanced.md](recipes-advanced.md) the fields beyond it, [presets.md](presets.md) the presets. "
-        "`python -m rn50.config.recipe --preset NAME` prints a preset resolved.",
+        "`python -m rn50.config --preset NAME` prints a preset resolved.",
         "",
         f"{len(RECIPE_FIELDS)} recipe fields and {len(MACHINE_FIELDS)} machine settings.",
         "",

@@ -15,7 +15,8 @@ import torch
 from pipelines import LoaderSettings, build_loader
 from rn50.system.dist import DistEnv
 from rn50.core.precision import autocast_dtype, batch_dtype
-from rn50.config.recipe import Machine, Recipe, concrete_loader
+from rn50.config.machine import Machine, concrete_loader
+from rn50.config.recipe import Recipe
 
 
 def loader_settings(machine: Machine) -> LoaderSettings:

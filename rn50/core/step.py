@@ -12,16 +12,31 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from rn50.system.device import check_cuda_only_settings
 from rn50.system.dist import DistEnv, all_gather_objects
 from rn50.config.errors import UserError
-from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, on_stream
+from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, check_capturable, on_stream
 from rn50.core.losses import batch_mixing, distillation_loss
 from rn50.core.model import add_blurpool, build_model, count_parameters, load_weights
 from rn50.core.optim import build_optimizer
 from rn50.core.precision import autocast_dtype
 from rn50.observe.profiling import named_all_reduce, named_range
-from rn50.config.recipe import Distillation, Machine, Recipe
+from rn50.config.recipe import Distillation, Recipe
+from rn50.config.machine import Machine
+
+
+def check_cuda_only_settings(recipe, machine, device: torch.device) -> None:
+    """Settings that only exist on CUDA GPUs, refused at start-up on any other device (before the data is
+    listed or a model built) with the flag to drop; on CUDA, what --cuda-graphs cannot capture."""
+    if device.type == "cuda":
+        if machine.cuda_graphs:
+            check_capturable(recipe, machine)
+        return
+    if recipe.model.sync_bn:
+        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
+                        "drop --sync-bn on this machine")
+    if machine.cuda_graphs:
+        raise UserError("--cuda-graphs needs a CUDA GPU (it captures the step's GPU kernels and replays them); "
+                        "drop --cuda-graphs on this machine")
 
 
 @dataclass

@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from rn50.config.errors import UserError
-from rn50.config.recipe import TRACKERS  # declared once, with the other machine settings
+from rn50.config.machine import TRACKERS # declared once, with the other machine settings
 
 STATE_FILE = "tracker.json"
 EXTRA = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # tracker: (module, pip extra)

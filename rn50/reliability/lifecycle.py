@@ -1,8 +1,8 @@
 """A run's life in its folder: start-up, resume and the run folder's files.
 
-Owns what rn50.train does before the first step and after the last: reading the checkpoint to resume from
-(`--resume PATH|auto`), resolving the configuration over it (rn50.config.recipe.resolve), the resume guard (which
-recipe changes a resume accepts), the checks of the training file list, the world size and the
+Owns what rn50.train does before the first step and after the last: finding the checkpoint to resume from
+(`--resume PATH|auto`: `find_resume`, called at rn50.train's door, which resolves the configuration over its
+recipe), the resume guard (which recipe changes a resume accepts), the checks of the training file list, the world size and the
 architecture of --finetune-from weights, finished-run detection, preparing (and on a failed start cleaning
 up) the run folder, where a resumed run continues, and the files recipe.json, machine.json and
 summary.json. Every check here runs before anything is written into the run folder: a failed start-up is
@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rn50.config.describe import changes_from_defaults, epoch_plan
+from rn50.config.errors import UserError
+from rn50.config.machine import Machine
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, Config, Recipe, did_you_mean, get, resolve, with_fields
+from rn50.core.loaders import data_identity
+from rn50.core.model import arch_of_weights, read_weights_file
+from rn50.core.step import check_cuda_only_settings
+from rn50.observe import tracking
+from rn50.observe.profiling import check_flags
 from rn50.reliability.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
 from rn50.system.dist import DistEnv
-from rn50.config.errors import UserError
-from rn50.config.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Config, Machine, Recipe, RunSettings, _closest,
-                         changes_from_defaults, epoch_plan, get, resolve, with_fields)
 
 # --- the resume guard ---------------------------------------------------------------------------------
 
@@ -59,7 +66,7 @@ def guard_resume(saved: Recipe, now: Recipe, allowed: str | None) -> list[str]:
     allowed_names = {n.strip() for n in (allowed or "").split(",") if n.strip()}
     for name in allowed_names - {DATA_CHANGE}:
         if name not in RECIPE_FIELDS:
-            hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else _closest(name, RECIPE_FIELDS)
+            hint = " (a machine setting: it may change freely)" if name in MACHINE_FIELDS else did_you_mean(name, RECIPE_FIELDS)
             raise UserError(f"--allow-change names {name!r}, which is not a recipe field{hint}")
     changed = changes_on_resume(saved, now)
     for flat, before, after in changed:
@@ -186,8 +193,6 @@ def finetune_arch(recipe: Recipe, given: frozenset[str] | set[str] | tuple = ())
     path = recipe.model.finetune_from
     if not path:
         return recipe, None
-    from rn50.core.model import arch_of_weights, read_weights_file
-
     loaded = read_weights_file(path)
     found = arch_of_weights(loaded["model"] if isinstance(loaded.get("model"), dict) else loaded)
     if found is None or found == recipe.model.arch:
@@ -200,18 +205,34 @@ def finetune_arch(recipe: Recipe, given: frozenset[str] | set[str] | tuple = ())
 
 # --- the run folder -----------------------------------------------------------------------------------
 
-def find_resume(out: Path, resume: str | None, say) -> tuple[Path | None, dict | None]:
-    """The checkpoint --resume names (PATH, or `auto`: the newest valid one in the run folder) and its state."""
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, found before its configuration is resolved (rn50.train's door):
+    its path and state, its recipe, the job note of a failed attempt that torchrun restarted
+    (rn50.reliability.restart), and the lines to say once start-up has passed its checks. All None: a start."""
+    path: Path | None = None
+    checkpoint: dict | None = None
+    saved: Recipe | None = None  # the checkpoint's recipe
+    job: dict | None = None
+    notes: tuple[str, ...] = ()
+
+
+def find_resume(out: Path, resume: str | None, job: dict | None = None) -> Resume:
+    """The checkpoint --resume names (PATH, or `auto`: the newest valid one in the run folder), its state and
+    its recipe. `job`: the failed attempt's note, where torchrun restarted the job."""
+    notes: list[str] = []
     if resume is None:
-        return None, None
+        return Resume(job=job)
     if resume == "auto":
-        found = latest_checkpoint(out, say) if out.is_dir() else None
+        found = latest_checkpoint(out, notes.append) if out.is_dir() else None
         if found is None:
-            say(f"--resume auto: no checkpoint in {out}; starting from the beginning")
-            return None, None
-        say(f"--resume auto: continuing from {found[0]}")
-        return found
-    return Path(resume), load_checkpoint(Path(resume))
+            return Resume(job=job, notes=(*notes, f"--resume auto: no checkpoint in {out}; starting from the "
+                                                  "beginning"))
+        notes.append(f"--resume auto: continuing from {found[0]}")
+        path, checkpoint = found
+    else:
+        path, checkpoint = Path(resume), load_checkpoint(Path(resume))
+    return Resume(path, checkpoint, resolve(saved=checkpoint["recipe"]).recipe, job, tuple(notes))
 
 
 def finished(checkpoint: dict, saved: Recipe, recipe: Recipe, out: Path) -> bool:
@@ -274,6 +295,33 @@ def write_summary(out: Path, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def reached(peak: float, top: float) -> str:
+    """", reached only X": the LR the run reaches, where a warm-up outlasts it (nothing otherwise)."""
+    return f", reached only {top:.4g}: the warm-up outlasts the run" if top < peak else ""
+
+
+def rate(img_per_s: float | None) -> str:
+    """img/s for a console line ("n/a": no timed step)."""
+    return "n/a" if img_per_s is None else f"{img_per_s:.1f}"
+
+
+def print_report(summary: dict, out: Path) -> None:
+    """The run's closing lines on the console: where its files are, its throughput and its validation."""
+    final = summary["final"]
+    lines = [
+        "",
+        f"run folder        {out}",
+        f"processes         {summary['world_size']} (global batch {summary['global_batch']}, peak LR {summary['peak_lr']:.4g}"
+        + reached(summary["peak_lr"], summary.get("peak_lr_reached", summary["peak_lr"])) + ")",
+        f"throughput        {rate(summary['train/img_per_s'])} img/s in all, "
+        f"{rate(summary['train/img_per_s'] and summary['train/img_per_s'] / summary['world_size'])} per process",
+        f"validation        top-1 {final.get('val/top1', math.nan):.2f}%  top-5 {final.get('val/top5', math.nan):.2f}%"
+        f"  on {final.get('val/count')} of {summary['dataset']['val_images']} images",
+        f"wall time         {summary['wall_s']:.1f} s",
+    ]
+    print("\n".join(lines), flush=True)
+
+
 def startup_summary(config: Config, machine: Machine, num_classes: int) -> list[str]:
     """A few lines on what this run does that the defaults do not; the whole recipe is in recipe.json.
     `machine`: as given (`loader auto` is a default, not a change)."""
@@ -308,23 +356,13 @@ class Start:
     finished: dict | None = None  # the summary of a run that is already done: nothing to train
 
 
-def start(flags, env: DistEnv, progress, say) -> Start:
-    """Every start-up check, in order, before anything is written: read the checkpoint (if resuming),
-    resolve the configuration over it, apply the resume guard, read --finetune-from's architecture, check
-    the training file list, the device-only settings, the tracker, a finished run, the world size; then
-    prepare the run folder. `flags`: rn50.train's parsed flags; `progress`: the watchdog's."""
-    from rn50.observe import tracking
-    from rn50.system.device import check_cuda_only_settings
-    from rn50.core.loaders import data_identity
-    from rn50.observe.profiling import check_flags
-
-    notes: list[str] = []  # start-up lines wait until every check has passed: an error found there comes alone
-    progress("starting: reading the checkpoint")
-    checkpoint_path, checkpoint = find_resume(Path(flags.out), flags.resume, notes.append)
-    # a resumed run continues the saved recipe: presets and flags given now are changes to it, which the
-    # resume guard accepts only where they do not alter a step (or are named in --allow-change)
-    saved = resolve(saved=checkpoint["recipe"]).recipe if checkpoint else None
-    config = resolve(flags, saved=saved, run=RunSettings)
+def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
+    """Every start-up check, in order, before anything is written: the resume guard, --finetune-from's
+    architecture, the training file list, the device-only settings, the profiler, the tracker, a finished
+    run, the world size; then prepare the run folder. `config`: resolved at the door, over the checkpoint's
+    recipe where resuming (`resume`: what rn50.train's door found)."""
+    notes = list(resume.notes)  # start-up lines wait until every check has passed: an error found there comes alone
+    checkpoint_path, checkpoint, saved = resume.path, resume.checkpoint, resume.saved
     run, recipe, given = config.run, config.recipe, config.machine
     machine = given.for_device(env.device.type)  # --loader auto made concrete
     if given.loader != machine.loader:

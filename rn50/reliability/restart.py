@@ -2,17 +2,12 @@
 killer, a crash, a hang the watchdog ends) makes torchrun start every worker again; the new workers find
 this out, resume from the newest checkpoint that verifies, name the fault, and count what it cost.
 
-- `attempt_store(rank, world_size)`: a fresh store for this attempt's process group. torchrun's agent keeps
-  ONE store for the whole job and hands its address to every attempt, and torch's env:// set-up no longer
-  keys it by attempt, so a restarted group read the dead group's gloo addresses and failed in
-  `connectFullMesh ... Connection refused` (measured here, torch 2.14). Rank 0 now hosts a new store per
-  attempt and publishes its address in the agent's store with a nonce; the other ranks take the newest
-  address that answers with that nonce.
-- `agent_store()`: the agent's store itself, which outlives the attempts: the watchdog publishes its
-  heartbeats there (keyed by attempt), and every rank records how it ended, so that the next attempt can
-  name the rank that failed first, what it was doing and how far training had got.
-- `on_restart(flags, env, say)`: on a restart of a job that had started training in --out, `--resume auto`
-  (the command line needs no --resume for it).
+- The stores (rn50.system.store): a fresh process-group store per attempt, and torchrun's agent store, which
+  outlives the attempts: the watchdog publishes its heartbeats there, and every rank records how it ended
+  (`recorded`), so that the next attempt can name the rank that failed first, what it was doing and how far
+  training had got.
+- `resume_on_restart(out, resume)`: on a restart of a job that had started training in --out, `--resume
+  auto` (the command line needs no --resume for it): the resume choice, returned, never written back.
 - `report_restart(...)`: the restart line and a record in `RUN/faults.jsonl`: the fault, the rank, its phase,
   the checkpoint resumed from, the steps lost and the seconds from the fault to training again.
 - `Cadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every rank).
@@ -29,103 +24,31 @@ import re
 import socket
 import sys
 import time
-import uuid
-from datetime import timedelta
 from pathlib import Path
+
+from rn50.config.errors import UserError
+from rn50.config.run_settings import Seconds
+from rn50.reliability.integrity import EXIT_STORAGE, NotWritten
+from rn50.reliability.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted
+from rn50.system.dist import any_rank
+from rn50.system.store import agent_store, attempt_id, earlier_attempt_store, max_restarts, restart_count, run_id
 
 JOB_FILE = ".job.json"  # the run folder's note of which torchrun job trains in it, and how its attempts ended
 FAULTS_FILE = "faults.jsonl"  # one record per restart after a fault
-_agent = None  # torchrun's agent store (outlives the attempts), or None
-_own_server = None  # rank 0: this attempt's store server, kept alive with the process
-_attempt = ""  # this attempt's nonce: the prefix of its heartbeats and exit records in the agent store
-
-
-def restart_count() -> int:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def max_restarts() -> int:
-    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-
-
-def run_id() -> str:
-    return os.environ.get("TORCHELASTIC_RUN_ID", "")
-
-
-def _key(*parts) -> str:
-    return "/".join(["rn50", run_id(), *map(str, parts)])
-
-
-# --- the process group's store, fresh for every attempt ------------------------------------------------
-
-def attempt_store(rank: int, world_size: int, timeout: timedelta = timedelta(minutes=30)):
-    """A store no earlier attempt has written to, for init_process_group; None in one process and outside
-    torchrun's shared agent store (there env:// starts a fresh one anyway). Connects to the agent's store
-    (agent_store) in every case where torchrun shares one."""
-    global _agent, _own_server, _attempt
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    from torch.distributed import TCPStore
-
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    _agent = TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
-    where = _key("attempt-store")
-    if world_size == 1:  # no process group to set up; the agent's store still keeps the fault records
-        _attempt = uuid.uuid4().hex
-        note_attempt(True)
-        return None
-    if rank == 0:
-        _attempt = uuid.uuid4().hex
-        _own_server = TCPStore(addr, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-        _own_server.set("rn50/attempt", _attempt)
-        note_attempt(True)  # before the address: a rank that finds this attempt finds it listed
-        _agent.set(where, json.dumps({"addr": addr, "port": _own_server.port, "attempt": _attempt}))
-        return _own_server
-    deadline, refused = time.monotonic() + timeout.total_seconds(), set()
-    while time.monotonic() < deadline:
-        record = _agent.get(where).decode()  # blocks until rank 0 of the first attempt has set it
-        if record not in refused:
-            found = json.loads(record)
-            try:  # an earlier attempt's rank 0 is gone: its port refuses at once
-                socket.create_connection((found["addr"], found["port"]), timeout=5).close()
-                store = TCPStore(found["addr"], found["port"], world_size, is_master=False,
-                                 timeout=timeout, wait_for_workers=False)
-                if store.check(["rn50/attempt"]) and store.get("rn50/attempt").decode() == found["attempt"]:
-                    _attempt = found["attempt"]
-                    return store
-            except (OSError, RuntimeError):
-                pass
-            refused.add(record)
-        time.sleep(0.1)
-    raise RuntimeError(f"rank {rank}: rank 0 never published this attempt's store in torchrun's store at "
-                       f"{addr}:{port} within {timeout.total_seconds():.0f} s")
-
-
-def agent_store():
-    """torchrun's agent store with this attempt's prefix (heartbeats, exit records), or None."""
-    if _agent is None or not _attempt:
-        return None
-    from torch.distributed import PrefixStore
-
-    return PrefixStore(_key(_attempt) + "/", _agent)
 
 
 # --- how each rank ended -----------------------------------------------------------------------------
 
 def exit_code_of(exc: BaseException | None) -> int:
+    """The exit code `exc` ends this rank with (rn50.train's: 2 a user error, 3 diverged, 75 stopped, 74 the
+    storage refused a checkpoint)."""
     if exc is None:
         return 0
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "UserError" in names:
-        return 2
-    if "Diverged" in names:
-        return 3
-    if "Preempted" in names:
-        return 75
-    if "NotWritten" in names:  # rn50.reliability.integrity.EXIT_STORAGE: the storage refused a checkpoint
-        return 74
+    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (Preempted, EXIT_PREEMPTED), (NotWritten, EXIT_STORAGE)):
+        if isinstance(exc, kind):
+            return code
     return 1
 
 
@@ -186,24 +109,23 @@ def _job(out: Path) -> dict:
         return {}
 
 
-def on_restart(flags, say) -> dict | None:
-    """On a restart by torchrun of a job that had started training in --out: resume from the newest
-    checkpoint that verifies, whatever --resume said (none, or a path the run has moved past). Returns the
-    job note of the attempt that failed (None: not a restart)."""
+def resume_on_restart(out: Path, resume: str | None) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from, the job note of the attempt that failed). On a restart by torchrun of a
+    job that had started training in --out: `auto`, the newest checkpoint that verifies, whatever --resume
+    said (none, or a path the run has moved past). Otherwise --resume as given and no job note."""
     if restart_count() == 0 or not run_id():
-        return None
-    job = _job(flags.out)
+        return resume, None
+    job = _job(out)
     if job.get("run_id") != run_id():  # the failed attempt never got to training: start as it did
-        return None
-    flags.resume = "auto"
-    return job
+        return resume, None
+    return "auto", job
 
 
 def mark_training(out: Path, is_main: bool) -> None:
     """Rank 0 notes in the run folder that this job (torchrun's run id) trains in it, before the first step."""
     if not is_main:
         return
-    note = {"run_id": run_id(), "restart": restart_count(), "attempt": _attempt, "started": time.time(),
+    note = {"run_id": run_id(), "restart": restart_count(), "attempt": attempt_id(), "started": time.time(),
             "pid": os.getpid(), "host": socket.gethostname()}
     tmp = Path(out) / f".{JOB_FILE}.tmp"
     tmp.write_text(json.dumps(note) + "\n")
@@ -228,18 +150,9 @@ def step_reached(phase: str, steps_per_epoch: int) -> int | None:
 
 def previous_attempt(world_size: int) -> dict | None:
     """The heartbeats and exit records of the attempt before this one, from torchrun's store."""
-    if _agent is None:
+    store = earlier_attempt_store()
+    if store is None:
         return None
-    from torch.distributed import PrefixStore
-
-    try:
-        history = json.loads(_agent.get(_key("attempts")).decode()) if _agent.check([_key("attempts")]) else []
-    except Exception:
-        return None
-    earlier = [a for a in history if a != _attempt]
-    if not earlier:
-        return None
-    store = PrefixStore(_key(earlier[-1]) + "/", _agent)
     beats, exits = {}, {}
     for rank in range(world_size):
         for kind, into in (("heartbeat", beats), ("exit", exits)):
@@ -250,18 +163,6 @@ def previous_attempt(world_size: int) -> dict | None:
             except Exception:
                 pass
     return {"beats": beats, "exits": exits}
-
-
-def note_attempt(is_main: bool) -> None:
-    """Rank 0 adds this attempt to the job's list in torchrun's store (read by the next attempt)."""
-    if _agent is None or not is_main or not _attempt:
-        return
-    key = _key("attempts")
-    try:
-        history = json.loads(_agent.get(key).decode()) if _agent.check([key]) else []
-        _agent.set(key, json.dumps((history + [_attempt])[-20:]))
-    except Exception:
-        pass
 
 
 def name_fault(previous: dict | None, steps_per_epoch: int) -> dict:
@@ -327,34 +228,7 @@ def report_restart(out: Path, job: dict, checkpoint: dict | None, world_size: in
     return record
 
 
-# --- --checkpoint-every STEPS | DURATION ---------------------------------------------------------------
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class Seconds(float):
-    """--checkpoint-every given as a time (10m): checkpoint when this much training time has passed."""
-
-    def __str__(self) -> str:
-        return f"{float(self):g}s"
-
-
-def parse_every(text: str):
-    """`500` -> 500 steps; `30s`, `10m`, `1.5h` -> Seconds; 0 is off."""
-    text = str(text).strip().lower()
-    try:
-        if text and text[-1] in _UNITS:
-            value = float(text[:-1]) * _UNITS[text[-1]]
-            if value > 0:
-                return Seconds(value)
-        elif int(text) >= 0:
-            return int(text)
-    except ValueError:
-        pass
-    import argparse
-
-    raise argparse.ArgumentTypeError(f"takes a number of steps (500) or a time (30s, 10m, 2h), not {text!r}")
-
+# --- --checkpoint-every STEPS | DURATION (parsed by rn50.config.run_settings.parse_every) -------------
 
 class Cadence:
     """When the periodic checkpoint is due. Steps: every N optimizer steps. Time: every rank looks at its
@@ -375,8 +249,6 @@ class Cadence:
             return steps_total % int(self.every) == 0
         if steps_total % self.check_every:
             return False
-        from rn50.system.dist import any_rank
-
         if any_rank(time.monotonic() - self.last >= float(self.every)):
             self.last = time.monotonic()
             return True

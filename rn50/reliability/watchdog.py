@@ -44,7 +44,7 @@ def _kind(phase: str) -> str:
 
 
 def _store():
-    from rn50.reliability.restart import agent_store
+    from rn50.system.store import agent_store
 
     try:  # torchrun's agent store, which outlives a failed attempt (rn50.reliability.restart names the fault from it);
         # else the default process group's store (private API, hence the guard)

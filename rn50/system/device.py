@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from rn50.config.errors import UserError
-from rn50.core.graphs import check_capturable
-from rn50.config.recipe import DEVICES
+from rn50.config.machine import DEVICES
 
 # CUDA versions of the published torch wheels (download.pytorch.org/whl/cuXYZ), oldest first
 TORCH_WHEEL_CUDA = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
@@ -125,21 +124,6 @@ def choose_device(request: str = "auto", local_rank: int = 0, probe: CudaProbe |
     if probe.gpus_visible and not hidden:
         raise UserError(cuda_unusable_message(probe))
     if request == "cuda":
-        raise UserError("--device cuda, but this machine has no NVIDIA GPU that torch can see; "
-                        "drop --device (auto) or pass --device cpu")
+        raise UserError("device cuda (--device, or a preset's [machine] device), but this machine has no NVIDIA GPU "
+                        "that torch can see; pass --device auto or --device cpu")
     return torch.device("cpu")
-
-
-def check_cuda_only_settings(recipe, machine, device: torch.device) -> None:
-    """Settings that only exist on CUDA GPUs, refused at start-up on any other device (before the data is
-    listed or a model built) with the flag to drop; on CUDA, what --cuda-graphs cannot capture."""
-    if device.type == "cuda":
-        if machine.cuda_graphs:
-            check_capturable(recipe, machine)
-        return
-    if recipe.model.sync_bn:
-        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation); "
-                        "drop --sync-bn on this machine")
-    if machine.cuda_graphs:
-        raise UserError("--cuda-graphs needs a CUDA GPU (it captures the step's GPU kernels and replays them); "
-                        "drop --cuda-graphs on this machine")

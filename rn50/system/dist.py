@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rn50.system.device import choose_device
-from rn50.reliability.restart import attempt_store
+from rn50.system.store import attempt_store
 
 
 _control_group = None  # a gloo group beside NCCL, set by init_distributed

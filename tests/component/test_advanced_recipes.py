@@ -267,7 +267,8 @@ def test_tensorboard_event_files_read_back_with_tensorboards_reader(data_dir, tm
 
 
 def test_named_presets_resolve_as_documented():
-    from rn50.config.recipe import available_presets, format_recipe, resolve
+    from rn50.config.recipe import available_presets, resolve
+    from rn50.config.describe import format_recipe
 
     assert {"kd_lamb_610", "finetune"} <= set(available_presets())
     kd = resolve({"preset": "kd_lamb_610"}).recipe

@@ -402,7 +402,7 @@ def test_the_step_and_the_dali_loader_hold_no_reference_cycles(data_dir):
 
     from rn50.core.graphs import GraphedStep
     from rn50.core.loaders import build_split
-    from rn50.config.recipe import Machine
+    from rn50.config.machine import Machine
     from rn50.core.step import build_training, train_step
 
     cpu = DistEnv(0, 1, 0, torch.device("cpu"))
@@ -430,7 +430,7 @@ def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
     import weakref
 
     import benchmarks.run as run_mod
-    from rn50.config.recipe import Machine
+    from rn50.config.machine import Machine
 
     made = []
     real_build, real_loader = run_mod.build_training, Bench.loader

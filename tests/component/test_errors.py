@@ -115,3 +115,21 @@ def test_dali_only_augmentations_refused_on_the_torchvision_loader(data_dir, tmp
         main([*SMALL, "--loader", "torchvision", "--data", str(data_dir), "--out", str(tmp_path / "r"),
               "--randaugment-magnitude", "7"])
     assert exit_info.value.code == 2 and "run inside the DALI pipelines" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
+def test_a_presets_machine_device_is_honoured(data_dir, tmp_path, capsys):
+    """The device comes from the resolved machine settings, a preset's [machine] table included: resolved
+    before the process group and the device exist (it was read from the raw --device flag, so a preset's
+    `device = "cuda"` trained on the CPU without a word). On a machine without CUDA, asking for it is one line."""
+    preset = tmp_path / "gpu.toml"
+    preset.write_text('[machine]\ndevice = "cuda"\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", str(preset), *SMALL])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "device cuda" in err and "no NVIDIA GPU" in err, err
+    assert not (tmp_path / "run").exists()
+    # the same preset with --device cpu given: the flag wins, and the run trains on the CPU
+    assert main(["--data", str(data_dir), "--out", str(tmp_path / "cpu"), "--preset", str(preset),
+                 "--device", "cpu", *SMALL]) is None
+    assert (tmp_path / "cpu" / "summary.json").is_file()

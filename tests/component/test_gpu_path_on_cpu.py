@@ -18,7 +18,8 @@ from rn50.core.loaders import build_split, loader_options
 from rn50.core.precision import autocast_dtype, batch_dtype
 from pipelines.augmentation import Augmentation
 from pipelines.settings import LoaderSettings
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.core.step import build_training, train_step
 
 from conftest import N_TRAIN_IMAGES, gpu_ddp_processes

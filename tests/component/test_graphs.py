@@ -17,12 +17,13 @@ import json
 import pytest
 import torch
 
-from rn50.system.device import check_cuda_only_settings
+from rn50.core.step import check_cuda_only_settings
 from rn50.system.dist import DistEnv
 from rn50.config.errors import UserError
 from rn50.core.graphs import WARMUP_STEPS, GraphedStep
 from rn50.core.precision import batch_dtype
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.core.schedule import set_lr
 from rn50.core.step import build_training, train_step
 

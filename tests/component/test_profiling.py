@@ -16,7 +16,8 @@ from rn50.observe import profiling
 from rn50.core import step as step_module
 from rn50.system.dist import DistEnv
 from rn50.observe.profiling import named_range
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.train import main as train_main
 
 from conftest import run_cli, torchrun

@@ -176,7 +176,8 @@ def test_normalize_validation_and_flag():
             Augmentation(normalize=bad).validate()
     import argparse
 
-    from rn50.config.recipe import add_recipe_flags, resolve
+    from rn50.config.cli import add_recipe_flags
+    from rn50.config.recipe import resolve
     parser = argparse.ArgumentParser()
     add_recipe_flags(parser)
     recipe = resolve(parser.parse_args(["--normalize", "0.5,0.5,0.5,0.25,0.25,0.25"])).recipe

@@ -29,7 +29,8 @@ from rn50.system.dist import DistEnv
 from rn50.evaluate import evaluate
 from rn50.core.model import build_model
 from rn50.reliability.preemption import EXIT_PREEMPTED
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.core.schedule import set_lr
 from rn50.core.step import build_training, train_step
 
@@ -196,7 +197,8 @@ NOTE = "No CUDA runtime is found, using CUDA_HOME"
 IMPORT_AFTER_BUILD = """
 import logging, torch
 from rn50.system.dist import DistEnv
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.core.step import build_training
 build_training(with_fields(arch="resnet18", batch_size=4), 4, DistEnv(0, 1, 0, torch.device("cpu")),
                Machine(compile={compile}))

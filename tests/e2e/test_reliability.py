@@ -14,7 +14,7 @@ import torch
 
 from rn50.reliability.checkpoint import BEST, load_checkpoint, regular_checkpoints
 from rn50.reliability.preemption import EXIT_PREEMPTED
-from rn50.train import EXIT_DIVERGED
+from rn50.reliability.preemption import EXIT_DIVERGED
 
 from conftest import ROOT, run_cli
 

@@ -26,7 +26,8 @@ from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.folder import list_split
 from rn50.system.dist import DistEnv
 from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP
-from rn50.config.recipe import Machine, with_fields
+from rn50.config.machine import Machine
+from rn50.config.recipe import with_fields
 from rn50.core.step import build_training, train_step
 
 from conftest import CLASSES, N_TRAIN_IMAGES, N_VAL_IMAGES, ROOT, SleepyLoader, gpu_ddp_processes, run_cli, torchrun

@@ -10,7 +10,8 @@ from benchmarks.levers import LEVERS, best_combination, parse_levers, variant, w
 from benchmarks.run import Bench, main
 from rn50.system.dist import DistEnv
 from rn50.config.errors import UserError
-from rn50.config.recipe import Machine, Recipe, resolve
+from rn50.config.machine import Machine
+from rn50.config.recipe import Recipe, resolve
 
 
 def test_parse_levers_names_sizes_and_all():
@@ -111,7 +112,7 @@ def levers_speed(recipe, machine, together=True):
 def test_the_best_combination_is_one_training_accepts_and_is_measured_before_it_is_written(tmp_path):
     """Issue 23 (2.5): cuda-graphs joined max-autotune (or the fused optimizer off), a levers.toml training refused."""
     from benchmarks.levers import check_preset, measure_levers
-    from rn50.system.device import check_cuda_only_settings
+    from rn50.core.step import check_cuda_only_settings
 
     bench = FigureBench(levers_speed)
     levers = parse_levers("compile-max-autotune,cuda-graphs,fused-sgd")

@@ -44,7 +44,7 @@ def test_settings_come_typed_or_one_field_at_a_time_and_are_validated():
 def test_every_loader_is_a_loader_and_shares_one_epoch_and_resume_mechanism():
     from pipelines.baseline import TorchvisionLoader
     from pipelines.dali import DaliLoader
-    from pipelines.shards import ShardDaliLoader
+    from pipelines.dali_shards import ShardDaliLoader
     from pipelines.synthetic import SyntheticLoader
     from pipelines.torchvision_gpu import TorchvisionGpuLoader
 
@@ -81,7 +81,7 @@ def test_the_loader_constructors_keep_no_default_of_their_own():
     """Every setting reaches a loader from LoaderSettings (pipelines/settings.py), the one home of the defaults."""
     from pipelines.baseline import TorchvisionLoader
     from pipelines.dali import DaliLoader, training_pipeline, validation_pipeline
-    from pipelines.shards import ShardDaliLoader
+    from pipelines.dali_shards import ShardDaliLoader
     from pipelines.synthetic import SyntheticLoader
     from pipelines.torchvision_gpu import TorchvisionGpuLoader
 
@@ -97,7 +97,7 @@ def test_the_loader_constructors_keep_no_default_of_their_own():
 
 def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
     from benchmarks.run import LOADERS, default_loaders
-    from rn50.config.recipe import LOADERS as RECIPE_LOADERS, Machine
+    from rn50.config.machine import LOADERS as RECIPE_LOADERS, Machine
 
     assert RECIPE_LOADERS == KINDS == tuple(REGISTRY)
     assert choices_help() in Machine.__dataclass_fields__["loader"].metadata["help"]  # --loader's help

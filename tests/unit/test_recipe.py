@@ -12,8 +12,10 @@ import pytest
 
 from rn50.config.errors import UserError
 from rn50.reliability.lifecycle import guard_resume
-from rn50.config.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Machine, Recipe, add_recipe_flags, available_presets,
-                         format_recipe, parse_strict, read_preset, resolve, with_fields)
+from rn50.config.recipe import (MACHINE_FIELDS, RECIPE_FIELDS, Recipe, available_presets, read_preset, resolve, with_fields)
+from rn50.config.machine import Machine
+from rn50.config.cli import add_recipe_flags, parse_strict
+from rn50.config.describe import format_recipe
 
 FLAT_PRESETS = Path(__file__).parents[1] / "data" / "flat-presets"  # the presets as they were before sections
 
@@ -172,7 +174,7 @@ def test_saved_recipe_round_trips_and_older_flat_recipes_still_read(tmp_path):
 
 
 def test_printed_recipe_reads_back_as_a_preset(tmp_path, capsys):
-    from rn50.config.recipe import main
+    from rn50.config.cli import main
 
     argv = ["--preset", "smoke", "--batch-size", "16", "--lr-milestones", "2,3", "--workers", "3"]
     main(argv)
@@ -244,7 +246,7 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
     is at epochs 11-13); the plan is printed in the console's epoch numbers (from 1)."""
     import re
 
-    from rn50.config.recipe import epoch_plan
+    from rn50.config.describe import epoch_plan
 
     ffcv = resolve({"preset": "ffcv_16_epochs"}).recipe
     assert epoch_plan(ffcv)[0].startswith("progressive resizing: 160 px in epochs 1-12, 192 px in epochs 13-16")
@@ -262,7 +264,7 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
 
 def test_loader_auto_is_the_default_and_becomes_dali_with_cuda_and_dali_cpu_without():
     """Issue 23, 3.8: the default `dali` failed on a machine without CUDA."""
-    from rn50.config.recipe import concrete_loader
+    from rn50.config.machine import concrete_loader
 
     assert Machine().loader == "auto" and parse([]).machine.loader == "auto"
     assert Machine().for_device("cuda").loader == "dali" and Machine().for_device("cpu").loader == "dali-cpu"

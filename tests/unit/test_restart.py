@@ -8,7 +8,8 @@ import argparse
 import pytest
 
 from rn50.reliability import restart
-from rn50.reliability.restart import Cadence, Seconds, name_fault, parse_every, step_reached
+from rn50.reliability.restart import Cadence, name_fault, step_reached
+from rn50.config.run_settings import Seconds, parse_every
 
 
 def test_checkpoint_every_takes_steps_or_a_time():

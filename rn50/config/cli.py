@@ -1,0 +1,153 @@
+"""The command line of the configuration: one flag per recipe and machine field (add_recipe_flags), and
+parse_strict, which makes every mistake on the command line one line that names the fix: an unknown flag
+suggests the closest one, a name users come with (lr, wd, bs, ...) points at ours, a flag of torchvision's
+reference script says how ours differs.
+
+`python -m rn50.config [--preset NAME[,NAME]] [--field value ...]` prints the resolved recipe as TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+import typing
+
+from rn50.config.describe import format_recipe
+from rn50.config.errors import UserError
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, did_you_mean, resolve
+
+def _flag_type(kind):
+    if typing.get_origin(kind) is tuple:
+        return numbers
+    return kind
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    """A flag's comma-separated numbers (`--crop-area 0.08,1`)."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field, defaulting to None so that only flags the user gave override a preset.
+    `only`: just these fields' flags (flat names; "preset" for --preset), for commands that need a few."""
+    for title, table in (("recipe (defaults: the 90-epoch recipe)", RECIPE_FIELDS),
+                         ("machine settings (not part of the recipe; free to change on resume)", MACHINE_FIELDS)):
+        group = parser.add_argument_group(title)
+        if table is RECIPE_FIELDS and (only is None or "preset" in only):
+            group.add_argument("--preset", default=None, metavar="NAME[,NAME...]",
+                               help=f"recipe presets, applied left to right: {', '.join(available_presets())} "
+                                    "or paths to .toml files")
+        for f in table.values():
+            if only is not None and f.flat not in only:
+                continue
+            flag = "--" + f.flat.replace("_", "-")
+            text = f"{f.help} (default {f.default})".strip().replace("%", "%%")
+            if f.kind is bool:
+                group.add_argument(flag, dest=f.flat, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                metavar = "A,B,..." if typing.get_origin(f.kind) is tuple else f.kind.__name__.upper()
+                group.add_argument(flag, dest=f.flat, type=_flag_type(f.kind), default=None, metavar=metavar,
+                                   help=text)
+
+
+# Flags of torchvision's reference script (references/classification/train.py), which people bring along
+PEER_FLAGS = {
+    "--lr": "use --base-lr: ours is the LR per 256 images, scaled by the global batch (torchvision's --lr is "
+            "the LR of the whole global batch)",
+    "-b": "use --batch-size (per GPU, as torchvision's -b)",
+    "--wd": "use --weight-decay (never applied to BN parameters and biases here)",
+    "-j": "use --workers (torchvision loader) or --dali-threads (DALI loaders)",
+    "--lr-warmup-epochs": "use --warmup-epochs (a linear warmup from 0, updated every step)",
+    "--print-freq": "use --log-every (steps between logged losses)",
+    "--test-only": "for a validation-only run use `python -m rn50.evaluate --data DIR --weights PATH --out DIR` "
+                   "(our checkpoints or torchvision weights)",
+    "--lr-scheduler": "use --schedule step|cosine|plateau",
+}
+
+
+def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, but an unknown flag is a UserError naming the closest known flag, or, for a flag of
+    torchvision's reference script, ours and how it differs. Every other mistake argparse finds (a value
+    of the wrong type, a missing required flag) is a UserError too: one line, exit 2, no usage dump."""
+    parser.error = _raise_usage_error
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [o for a in parser._actions for o in a.option_strings]
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        name = bad.split("=")[0]
+        if PEER_FLAGS.get(name):
+            raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
+        raise UserError(f"unknown argument {bad!r}{_suggest(name, flags)}")
+    return args
+
+
+# Names users come with (other scripts, papers, habit) -> our flag and what to know about it. Keys are
+# spelled as _plain spells them: lower case, letters and digits only.
+USER_NAMES = {
+    **dict.fromkeys(("learningrate", "lr", "lrate", "initiallr", "initlr", "maxlr", "peaklr", "baselearningrate"),
+                    ("--base-lr", "the LR per --base-batch images (256 by default), scaled by the global batch")),
+    **dict.fromkeys(("wd", "decay", "l2", "weightdecayrate"),
+                    ("--weight-decay", "never applied to BN parameters and biases")),
+    **dict.fromkeys(("bs", "batch", "batchsz", "minibatch", "minibatchsize", "trainbatchsize", "pergpubatchsize",
+                     "perdevicebatchsize", "perdevicetrainbatchsize"), ("--batch-size", "images per GPU, per process")),
+    **dict.fromkeys(("numworkers", "nworkers", "worker", "dataloaderworkers", "jobs", "numthreads", "threads",
+                     "nthreads"), ("--workers", "torchvision loaders; the DALI loaders take --dali-threads")),
+    **dict.fromkeys(("epoch", "numepochs", "nepochs", "maxepochs", "trainepochs", "numtrainepochs"),
+                    ("--epochs", "")),
+    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"), ("--warmup-epochs", "a linear warmup from 0")),
+    **dict.fromkeys(("model", "network", "net", "architecture", "backbone"), ("--arch", "resnet18 ... resnet152")),
+    **dict.fromkeys(("imgsize", "imsize", "resolution", "res", "size", "inputsize", "cropsize", "trainsize",
+                     "trainresolution"), ("--image-size", "")),
+    **dict.fromkeys(("datadir", "datapath", "dataset", "datasetdir", "root", "dataroot", "imagenet"),
+                    ("--data", "the folder with train/ and val/")),
+    **dict.fromkeys(("output", "outdir", "outputdir", "logdir", "savedir", "checkpointdir", "rundir"),
+                    ("--out", "the run folder")),
+    **dict.fromkeys(("mom", "sgdmomentum"), ("--momentum", "")),
+    **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
+    **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
+                    ("--amp", "on by default; --amp-dtype float16|bfloat16")),
+}
+
+
+def _plain(flag: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", flag.lower())
+
+
+def _suggest(name: str, flags) -> str:
+    """The hint after an unknown flag: ours for a name users come with (USER_NAMES), else the closest
+    spelling among the parser's flags, compared without dashes and underscores."""
+    ours, note = USER_NAMES.get(_plain(name), (None, ""))
+    if ours in flags:
+        return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
+    if "--preset" in flags and name.lstrip("-") in available_presets():
+        return f"; did you mean '--preset {name.lstrip('-')}'?"
+    by_plain = {_plain(f): f for f in flags if f.startswith("--")}
+    match = difflib.get_close_matches(_plain(name), list(by_plain), n=1, cutoff=0.6)
+    return f"; did you mean {by_plain[match[0]]!r}?" if match else did_you_mean(name, flags)
+
+
+def _raise_usage_error(message: str):
+    wrong_type = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+    if wrong_type:
+        flag, kind, value = wrong_type.groups()
+        kind = {"int": "a whole number", "float": "a number",
+                "numbers": "comma-separated numbers (e.g. 0.08,1)"}.get(kind, f"a value of type {kind}")
+        raise UserError(f"{flag} takes {kind}, got {value}")
+    raise UserError(message.removeprefix("argument "))
+
+
+def main(argv=None) -> None:
+    """`python -m rn50.config [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
+    parser = argparse.ArgumentParser(prog="rn50.config", description=main.__doc__, allow_abbrev=False)
+    add_recipe_flags(parser)
+    try:
+        resolved = resolve(parse_strict(parser, argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for note in resolved.overridden:
+        print(f"# {note}")
+    print(format_recipe(resolved.recipe, resolved.machine))
+
