@@ -117,15 +117,20 @@ def _plain(flag: str) -> str:
 
 def _suggest(name: str, flags) -> str:
     """The hint after an unknown flag: ours for a name users come with (USER_NAMES), else the closest
-    spelling among the parser's flags, compared without dashes and underscores."""
+    spelling among the parser's flags and those names, compared without dashes and underscores."""
     ours, note = USER_NAMES.get(_plain(name), (None, ""))
     if ours in flags:
         return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
     if "--preset" in flags and name.lstrip("-") in available_presets():
         return f"; did you mean '--preset {name.lstrip('-')}'?"
-    by_plain = {_plain(f): f for f in flags if f.startswith("--")}
-    match = difflib.get_close_matches(_plain(name), list(by_plain), n=1, cutoff=0.6)
-    return f"; did you mean {by_plain[match[0]]!r}?" if match else did_you_mean(name, flags)
+    # a misspelt name users come with (--learning-rat) is as close as a misspelt flag: both are candidates
+    candidates = {plain: (ours, note) for plain, (ours, note) in USER_NAMES.items() if ours in flags}
+    candidates.update({_plain(f): (f, "") for f in flags if f.startswith("--")})
+    match = difflib.get_close_matches(_plain(name), list(candidates), n=1, cutoff=0.6)
+    if not match:
+        return did_you_mean(name, flags)
+    ours, note = candidates[match[0]]
+    return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
 
 
 def _raise_usage_error(message: str):

@@ -233,9 +233,12 @@ def test_colour_jitter_and_randaugment_ranges_are_checked_at_start_up(flags, mes
 @pytest.mark.parametrize("flag, ours", [("--learning-rate", "--base-lr"), ("--learning_rate", "--base-lr"),
                                         ("--LR", "--base-lr"), ("--bs", "--batch-size"),
                                         ("--num-workers", "--workers"), ("--weight_decay", "--weight-decay"),
-                                        ("--num-epochs", "--epochs"), ("--smoke", "--preset smoke")])
+                                        ("--num-epochs", "--epochs"), ("--smoke", "--preset smoke"),
+                                        ("--learning-rat", "--base-lr"), ("--weight-decy", "--weight-decay"),
+                                        ("--bacth-size", "--batch-size")])
 def test_names_users_come_with_point_at_ours(flag, ours):
-    """Issue 23, 5.4: --learning-rate used to suggest --end-ramp (the closest spelling, not meaning)."""
+    """Issue 23, 5.4: --learning-rate used to suggest --end-ramp (the closest spelling, not meaning); issue 32:
+    so did a misspelt one, --learning-rat, which is closest to a name users come with, not to a flag."""
     with pytest.raises(UserError) as error:
         parse([flag, "1"])
     assert f"did you mean '{ours}'?" in str(error.value) and "--end-ramp" not in str(error.value)
