@@ -6,18 +6,21 @@ memory; the batch is cast to the training dtype and channels_last on the device,
 
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import replace
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipelines.augmentation import Augmentation
+from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
-from pipelines.order import GlobalOrder
+from pipelines.order import GlobalOrder, ValidationShard
 from pipelines.ranges import named_range
+from pipelines.shards import ShardList, describe_source
 
 
 def training_transform(aug: Augmentation) -> v2.Compose:
@@ -42,46 +45,21 @@ def validation_transform(aug: Augmentation) -> v2.Compose:
     ])
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as DALI's decoder gives it: EXIF orientation applied (a photo tagged 3, 6 or 8 comes upright,
-    as DALI's decoders and torchvision's decode_jpeg(apply_exif_orientation=True) show it), grayscale and
-    palette expanded, alpha dropped (not blended), CMYK converted, and 16/32-bit grayscale ("I;16", "I")
-    scaled to 8 bit (PIL's convert would clip it to 255). A 16-bit RGB PNG already opens as 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)  # the same image when it has no orientation tag (or tag 1)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        import numpy as np
+class ImageDataset(Dataset):
+    """One split's images as PIL reads them: the files of class folders (pipelines.folder.ImageList), or the
+    tar members of shards (pipelines.shards.ShardList) with their bytes from the store."""
 
-        wide = np.asarray(image, dtype=np.float64)  # 16-bit values, also when PIL holds them as "I"
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        raise ValueError(f"{image.filename}: floating-point images are not read; convert them to 8 or 16 bit")
-    return image.convert("RGB")
-
-
-class JpegFolder(Dataset):
-    def __init__(self, files, labels, transform):
-        self.files, self.labels, self.transform = files, labels, transform
+    def __init__(self, image_list, transform):
+        self.list, self.transform = image_list, transform
+        self.shards = isinstance(image_list, ShardList)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.list)
 
     def __getitem__(self, index):
-        with Image.open(self.files[index]) as image:
-            return self.transform(to_rgb(image)), self.labels[index]
-
-
-class ValidationShard(torch.utils.data.Sampler):
-    """Validation sharding without padding: rank r takes every world-th image, so summed over ranks
-    each image is counted once (DistributedSampler pads with repeated images)."""
-
-    def __init__(self, size, rank, world_size):
-        self.indices = range(rank, size, world_size)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
+        source = io.BytesIO(self.list.read(index)) if self.shards else self.list.files[index]
+        with Image.open(source) as image:
+            return self.transform(to_rgb(image)), self.list.labels[index]
 
 
 class TorchvisionLoader(EpochPosition):
@@ -91,15 +69,12 @@ class TorchvisionLoader(EpochPosition):
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
                  workers):
-        self._begin(split, aug, image_list)
+        self._begin(split, aug)
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
-        self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms"
-        if self._shards is not None:
-            from pipelines.shards import where
-
-            self.decode += f"; bytes from tar members ({where(image_list)})"
+        self.decode = f"PIL on the CPU ({workers} worker processes per rank), then torchvision transforms" + \
+            describe_source(image_list)
         self._list, self._batch_size, self._workers = image_list, batch_size, workers
         if self.training:
             # DistributedSampler's order (drop_last), over one permutation whatever the world size
@@ -113,14 +88,8 @@ class TorchvisionLoader(EpochPosition):
         resizing) needs new workers, so a size change makes a new DataLoader."""
         transform = training_transform(replace(self._aug, image_size=self.image_size)) if self.training \
             else validation_transform(self._aug)
-        if self._shards is not None:
-            from pipelines.shards import ShardDataset
-
-            dataset = ShardDataset(self._list, transform)
-        else:
-            dataset = JpegFolder(self._list.files, self._list.labels, transform)
         self._loader = DataLoader(
-            dataset,
+            ImageDataset(self._list, transform),
             batch_size=self._batch_size,
             sampler=self.sampler,
             num_workers=self._workers,

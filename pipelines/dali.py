@@ -49,10 +49,9 @@ _HOST_PADDING = 140_544_512
 _READER = "Reader"
 
 
-def _require_dali() -> None:
+def require_dali() -> None:
+    """DALI is importable, or one line saying which wheel to install (every DALI loader asks first)."""
     if fn is None:
-        import torch
-
         from pipelines.dali_wheel import requirement
 
         raise UserError(f"NVIDIA DALI is not installed; install the wheel for this torch with "
@@ -90,7 +89,7 @@ def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
 
 
 def _reader(files, labels, shard_id, num_shards, training):
-    if hasattr(files, "reader"):  # shards: tar members from pipelines.shards, in its own exact order
+    if hasattr(files, "reader"):  # shards: tar members from pipelines.dali_shards, in its own exact order
         return files.reader()
     # Training: `shuffle_after_epoch` is a real global reshuffle every epoch, identical on every shard
     # (so the shards partition the data). `random_shuffle` would only shuffle within a buffer.
@@ -249,8 +248,9 @@ def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIG
     summed over ranks, every validation image is counted exactly once.
 
     `epoch_size` (samples per shard): an epoch shorter than the reader's own, as repeated augmentation
-    needs: the reader streams its k-times-longer list on, and each of our epochs takes the next part."""
-    sizing = {"size": epoch_size} if epoch_size else {"reader_name": _READER}
+    needs: the reader streams its k-times-longer list on, and each of our epochs takes the next part; or the
+    exact epoch of an external source, which has no reader name (pipelines.dali_shards)."""
+    sizing = {"size": epoch_size} if epoch_size is not None else {"reader_name": _READER}
     with warnings.catch_warnings():  # DALI warns about `size`; a shorter epoch is what we want here
         warnings.filterwarnings("ignore", message="Please set `reader_name`")
         return DALIGenericIterator(
@@ -262,13 +262,23 @@ def make_iterator(pipe, training: bool, epoch_size: int | None = None) -> "DALIG
         )
 
 
-class DaliLoader(DaliCheckpoint):
-    """The loader interface (docs/design.md) over a DALI pipeline and DALIGenericIterator."""
+class DaliBase(DaliCheckpoint):
+    """What every DALI loader sets up alike, whatever feeds its reader (`fn.readers.file` over class folders,
+    DaliLoader; tar members through an external source, pipelines.dali_shards.ShardDaliLoader): the split's
+    counts, the pipeline's arguments, the graph at an image size, and DALI's outputs as the interface's
+    batches. A subclass says what feeds the reader (`_reading`, before the first build) and builds (`_build`)."""
+
+    @classmethod
+    def from_request(cls, r, kind) -> "DaliBase":
+        """The loader build_loader asked for (a pipelines.registry.Request), at the kind's placement."""
+        s = r.settings
+        return cls(r.split, **r.common(), local_rank=r.local_rank, placement=kind.placement, threads=s.dali_threads,
+                   prefetch=s.prefetch, hw_decoder_load=s.hw_decoder_load, fused_decode=s.fused_decode)
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, local_rank, seed,
                  device, dtype, placement, threads: int, prefetch: int, hw_decoder_load: float, fused_decode: bool):
-        _require_dali()
-        self._begin(split, aug)  # class folders (shards: pipelines.shards.ShardDaliLoader)
+        require_dali()
+        self._begin(split, aug)
         self._list = image_list
         self.class_counts = image_list.class_counts()  # the loader interface: images per class of this split
         self.num_samples = len(self._list)
@@ -276,17 +286,6 @@ class DaliLoader(DaliCheckpoint):
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._host_batches = placement == "cpu"  # the CPU pipeline's batches live in host memory
-        shard_size = self.num_samples // world_size
-        define = training_pipeline if self.training else validation_pipeline
-        files, labels = self._list.files, self._list.labels
-        # Repeated augmentation: every image k times in the reader's list, so its k copies, shuffled
-        # apart, are augmented independently (and mostly land on different ranks); an epoch still
-        # delivers N images, N / world per rank.
-        self._epoch_size = None
-        if self.training and aug.repeated_aug > 1:
-            files = tuple(f for f in files for _ in range(aug.repeated_aug))
-            labels = tuple(label for label in labels for _ in range(aug.repeated_aug))
-            self._epoch_size = shard_size
         self._build_args = dict(
             batch_size=batch_size,
             num_threads=threads,
@@ -299,19 +298,57 @@ class DaliLoader(DaliCheckpoint):
         )
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
         self.decode = describe_decode(self.training, placement, fused_decode, hw_decoder_load)
+        define = training_pipeline if self.training else validation_pipeline
         options = {"hw_decoder_load": hw_decoder_load, **({"fused_decode": fused_decode} if self.training else {})}
-        # given the image size at every build: a resolution change rebuilds the pipeline at the new size
-        # (pipelines.loader.DaliCheckpoint). It holds no reference to this loader: a loader <-> pipeline cycle
-        # would keep the pipeline and its buffers alive until the garbage collector ran
+        # the graph over a reader's input at an image size: a resolution change rebuilds the pipeline at the new
+        # size (pipelines.loader.DaliCheckpoint). It holds no reference to this loader: a loader <-> pipeline
+        # cycle would keep the pipeline and its buffers alive until the garbage collector ran
         training = self.training
-        self._define = lambda size: define(files, labels, shard_id=rank, num_shards=world_size,
-                                           aug=replace(aug, image_size=size) if training else aug,
-                                           placement=placement, dtype=dtype, **options)
+        self._define = lambda files, labels, size: define(files, labels, shard_id=rank, num_shards=world_size,
+                                                          aug=replace(aug, image_size=size) if training else aug,
+                                                          placement=placement, dtype=dtype, **options)
+        self._reading(rank=rank, world_size=world_size, seed=seed, threads=threads)
         self._build(checkpoint=None)
 
-    def _build(self, checkpoint):
+    def _reading(self, *, rank: int, world_size: int, seed: int, threads: int) -> None:
+        """What feeds the reader, set up once before the first build."""
+        raise NotImplementedError
+
+    def _pipeline(self, files, labels, checkpoint):
+        """The pipeline over the reader's input (files and labels, or an external source and None), at
+        `self.image_size`, continuing from a DALI checkpoint (None: from the start)."""
         define, size = self._define, self.image_size
-        pipe = pipeline_def(lambda: define(size), **self._build_args, checkpoint=checkpoint)()
+        return pipeline_def(lambda: define(files, labels, size), **self._build_args, checkpoint=checkpoint)()
+
+    def _batch(self, outputs):
+        """DALI's outputs as (images [N, 3, H, W] channels_last, labels int64 [N]) on the device."""
+        images = outputs[0]["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels_last, no copy
+        labels = outputs[0]["labels"].view(-1).long()
+        if self._host_batches:
+            with named_range("host-to-device copy"):  # a no-op range when the device is the CPU too
+                if images.device != self.device:  # the CPU pipeline feeding a GPU
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+        return images, labels
+
+
+class DaliLoader(DaliBase):
+    """The loader interface (docs/design.md) over a DALI pipeline reading class folders (fn.readers.file) and
+    DALIGenericIterator."""
+
+    def _reading(self, *, rank: int, world_size: int, seed: int, threads: int) -> None:
+        # Repeated augmentation: every image k times in the reader's list, so its k copies, shuffled
+        # apart, are augmented independently (and mostly land on different ranks); an epoch still
+        # delivers N images, N / world per rank.
+        self._files, self._labels, self._epoch_size = self._list.files, self._list.labels, None
+        k = self._aug.repeated_aug
+        if self.training and k > 1:
+            self._files = tuple(f for f in self._files for _ in range(k))
+            self._labels = tuple(label for label in self._labels for _ in range(k))
+            self._epoch_size = self.num_samples // world_size
+
+    def _build(self, checkpoint):
+        pipe = self._pipeline(self._files, self._labels, checkpoint)
         self._iterator = make_iterator(pipe, self.training, self._epoch_size)
 
     def __len__(self) -> int:
@@ -319,11 +356,4 @@ class DaliLoader(DaliCheckpoint):
 
     def __iter__(self):
         for outputs in self._iterator:
-            images = outputs[0]["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels_last, no copy
-            labels = outputs[0]["labels"].view(-1).long()
-            if self._host_batches:
-                with named_range("host-to-device copy"):  # a no-op range when the device is the CPU too
-                    if images.device != self.device:  # the CPU pipeline feeding a GPU
-                        images = images.to(self.device, non_blocking=True)
-                        labels = labels.to(self.device, non_blocking=True)
-            yield images, labels
+            yield self._batch(outputs)

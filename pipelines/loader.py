@@ -9,8 +9,8 @@ decodes the images:
   `_resize()`, which rebuilds or reshapes at `self.image_size`;
 - the resume state, of one of two kinds: `EpochPosition` (the epoch and the batches of it already delivered,
   for the loaders driven by a sampler: torchvision, torchvision-gpu, synthetic) or `DaliCheckpoint` (the epoch
-  and the DALI pipeline's own checkpoint). A loader reading shards adds the shard set's identity to either,
-  and a resume against other shards is refused (pipelines.shards.check_identity).
+  and the DALI pipeline's own checkpoint). Neither holds the data's identity: a resume on other data is
+  refused at start-up, by the run (rn50.reliability.lifecycle.check_data, from pipelines.listing).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Loader(Protocol):
 
 
 class EpochLoader:
-    """The epoch, its image size and the shard identity, for every loader. A subclass calls `_begin` first in
+    """The epoch and its image size, for every loader. A subclass calls `_begin` first in
     its constructor, then builds its pipeline at `self.image_size`; it may override `_enter_epoch(epoch)` (a
     sampler's reshuffle) and `_resize()` (a rebuild at the new `self.image_size`)."""
 
@@ -56,16 +56,12 @@ class EpochLoader:
     position: int
     image_size: int
 
-    def _begin(self, split: str, aug: "Augmentation", image_list=None) -> None:
+    def _begin(self, split: str, aug: "Augmentation") -> None:
         self.split = split
         self.training = split == "train"
         self._aug = aug
         self.epoch = 0
         self.position = 0  # batches of the current epoch already delivered
-        # a shard set's identity (pipelines.shards.ShardList), kept in the resume state; None for class folders
-        from pipelines.shards import ShardList
-
-        self._shards = image_list if isinstance(image_list, ShardList) else None
         self.image_size = self.size_at(0)
 
     def size_at(self, epoch: int) -> int:
@@ -86,16 +82,6 @@ class EpochLoader:
     def _resize(self) -> None:
         """Deliver `self.image_size` from now on; by default the loader reads it at every batch."""
 
-    # the shard identity, part of either resume state
-    def _identity(self) -> dict:
-        return {} if self._shards is None else {"data": self._shards.identity}
-
-    def _check_identity(self, state: dict) -> None:
-        if self._shards is not None:
-            from pipelines.shards import check_identity
-
-            check_identity(state, self._shards)
-
 
 class EpochPosition(EpochLoader):
     """Resume state of the loaders driven by a sampler: the epoch, and the batches of it already delivered,
@@ -115,10 +101,9 @@ class EpochPosition(EpochLoader):
 
     def state_dict(self) -> dict:
         segment = {"start": self.start, "first": self.first} if self.start or self.first else {}  # elastic only
-        return {"epoch": self.epoch, "position": self.position, **segment, **self._identity()}
+        return {"epoch": self.epoch, "position": self.position, **segment}
 
     def load_state_dict(self, state: dict) -> None:
-        self._check_identity(state)
         self.set_epoch(state["epoch"])
         self.position = state["position"]
         self.start, self.first = state.get("start", 0), state.get("first", 0)
@@ -146,10 +131,9 @@ class DaliCheckpoint(EpochLoader):
         self._build(checkpoint=self._iterator.checkpoints()[0])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, **self._identity(), "dali": self._checkpoint()}
+        return {"epoch": self.epoch, "dali": self._checkpoint()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._check_identity(state)
         self.epoch = state["epoch"]
         self.image_size = self.size_at(self.epoch)  # the resolution of the checkpoint's epoch
         self._build(checkpoint=state["dali"])

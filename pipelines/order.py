@@ -1,5 +1,7 @@
-"""The training order of the sampler-driven loaders (torchvision, torchvision-gpu, and torchvision over shards):
-one global permutation of all the images per epoch, a function of (seed, epoch) alone, whatever the world size.
+"""The order of the sampler-driven loaders (torchvision, torchvision-gpu, over class folders and shards alike).
+
+Training (`GlobalOrder`): one global permutation of all the images per epoch, a function of (seed, epoch)
+alone, whatever the world size.
 
 Rank r of world w takes the permutation's slots r, r + w, r + 2w, ... (DistributedSampler's strided split,
 with the same permutation: torch.randperm(N) seeded by seed + epoch), so after k steps of batch B the
@@ -12,6 +14,8 @@ dropped, as an uninterrupted epoch drops it.
 `RN50_SAMPLE_LOG=DIR`: each rank appends one JSON line per training batch it delivers to
 DIR/rank<R>-<pid>.jsonl (epoch, world, the batch's first global slot, its image indices); the elastic test
 counts with it.
+
+Validation (`ValidationShard`): rank r takes every world-th image, unpadded.
 """
 
 from __future__ import annotations
@@ -64,3 +68,17 @@ class GlobalOrder(Sampler):
         with open(self._log, "a") as file:
             file.write(json.dumps({"epoch": self.epoch, "world": self.world, "rank": self.rank, "slot": slot,
                                    "ids": ids, "time": time.time()}) + "\n")
+
+
+class ValidationShard(Sampler):
+    """Validation sharding without padding: rank r takes every world-th image, so summed over ranks
+    each image is counted once (DistributedSampler pads with repeated images)."""
+
+    def __init__(self, size, rank, world_size):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)

@@ -69,7 +69,7 @@ class LoaderKind:
 def _dali(placement: str, shards: bool) -> Callable[[Request], "Loader"]:
     def build(r: Request) -> "Loader":
         if shards:
-            from pipelines.shards import ShardDaliLoader as loader_class
+            from pipelines.dali_shards import ShardDaliLoader as loader_class
         else:
             from pipelines.dali import DaliLoader as loader_class
         s = r.settings

@@ -16,7 +16,7 @@ class SyntheticLoader(EpochPosition):
                  num_classes, num_samples):
         # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.
         # random labels: every class equally likely, whatever the folder's counts
-        self._begin(split, aug)  # no shard identity: the batches do not depend on the data
+        self._begin(split, aug)
         self.class_counts = None
         if image_list is not None:
             num_samples, num_classes = len(image_list), len(image_list.classes)

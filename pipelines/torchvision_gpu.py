@@ -32,12 +32,13 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
 
 from pipelines.augmentation import Augmentation
-from pipelines.baseline import ValidationShard, to_rgb
 from pipelines.errors import UserError
+from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
-from pipelines.order import GlobalOrder
+from pipelines.order import GlobalOrder, ValidationShard
 from pipelines.ranges import named_range
 from pipelines.resample import resized_crops
+from pipelines.shards import ShardList, describe_source
 
 try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; a later release drops them
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -172,7 +173,9 @@ class TorchvisionGpuLoader(EpochPosition):
             raise UserError(f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg (its image "
                             "decoders moved to TorchCodec); install torchvision<0.29 beside a matching torch for "
                             "--loader torchvision-gpu, or choose --loader dali or torchvision")
-        self._begin(split, aug, image_list)  # class folders or shards: only where the bytes come from differs
+        self._begin(split, aug)
+        # class folders or shards: only where the bytes come from differs
+        self._shards = isinstance(image_list, ShardList)
         self.num_samples, self.num_classes = len(image_list), len(image_list.classes)
         self.class_counts = image_list.class_counts()
         self.device, self.dtype = torch.device(device), dtype
@@ -196,11 +199,7 @@ class TorchvisionGpuLoader(EpochPosition):
                        f"RandomResizedCrop, flip, jitter and normalisation batched on {self.device.type}"
                        if self.training else
                        f"torchvision.io.decode_jpeg (libjpeg-turbo) on {threads} CPU threads, then resize and "
-                       f"centre crop batched on {self.device.type}")
-        if self._shards is not None:
-            from pipelines.shards import where
-
-            self.decode += f"; bytes from tar members ({where(image_list)})"
+                       f"centre crop batched on {self.device.type}") + describe_source(image_list)
 
     def __len__(self) -> int:
         return len(self.sampler) // self._batch_size + self.first if self.training \
@@ -217,12 +216,12 @@ class TorchvisionGpuLoader(EpochPosition):
     def _read(self, index: int) -> tuple[torch.Tensor, int]:
         """In a reading thread: one image's bytes (a file, or a tar member of a shard), decoded there unless
         the batched GPU decode takes it (read_image). A file that cannot be read says which."""
-        raw = self._list.read(index) if self._shards is not None else Path(self._list.files[index]).read_bytes()
+        raw = self._list.read(index) if self._shards else Path(self._list.files[index]).read_bytes()
         try:
             return read_image(raw, self._decode_in_threads)
         except Exception as exc:
             name = "{} (the tar member at byte {})".format(*self._list.member(index)[:2]) \
-                if self._shards is not None else self._list.files[index]
+                if self._shards else self._list.files[index]
             raise RuntimeError(f"cannot decode {name}: {exc}") from exc
 
     def _decode(self, ids: list[int]) -> list[torch.Tensor]:

@@ -232,13 +232,48 @@ def test_torchvision_gpu_reads_shards_as_torchvision_does_and_resumes_bit_for_bi
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
-def test_resume_is_refused_when_the_shards_changed(shards, data_dir, tmp_path):
-    other = tmp_path / "reshuffled"
-    _shard(data_dir, other, "--seed", "1")
+@pytest.fixture(scope="module")
+def reshuffled(data_dir, tmp_path_factory) -> Path:
+    """The same images sharded in another global shuffle: another shard set, another data identity."""
+    out = tmp_path_factory.mktemp("reshuffled") / "shards"
+    _shard(data_dir, out, "--seed", "1")
+    return out
+
+
+def test_resume_on_other_shards_is_refused_by_the_run_check_alone(shards, reshuffled):
+    """Other shards (the same images in another order) are another training list: the run's one data check
+    (rn50.reliability.lifecycle.check_data, on the identity pipelines.list_data gives) refuses the resume in one
+    line naming --allow-change data, or with it restarts the epoch. The loaders' states hold no identity and no
+    second check of their own."""
+    from rn50.core.loaders import data_identity
+    from rn50.reliability.lifecycle import check_data
+
+    saved, now = data_identity(shards, None, "dali-cpu"), data_identity(reshuffled, None, "torchvision")
+    assert saved["count"] == now["count"] == N_TRAIN_IMAGES and saved["digest"] != now["digest"]
+    assert saved == data_identity(shards, None, "torchvision")  # the data's identity, whatever reads it
+    with pytest.raises(UserError) as refused:
+        check_data({"data": saved}, now, None)
+    message = str(refused.value)
+    assert "\n" not in message and "--allow-change data" in message and saved["digest"] in message
+    same, notes = check_data({"data": saved}, now, "data")
+    assert not same and "the interrupted epoch restarts" in notes[0]
     for kind in ("dali-cpu", "torchvision"):
         state = _loader(kind, "train", shards).state_dict()
-        with pytest.raises(UserError, match="changed since this checkpoint"):
-            _loader(kind, "train", other).load_state_dict(state)
+        assert "data" not in state
+        _loader(kind, "train", reshuffled).load_state_dict(state)  # the run decides, not the loader
+
+
+@pytest.mark.slow
+def test_a_resume_on_other_shards_stops_in_one_line_naming_allow_change_data(shards, reshuffled, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "rn50.train", "--loader", "dali-cpu", *TRAIN]
+    done = run_cli([*args, "--data", str(shards), "--out", str(run)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = run_cli([*args, "--data", str(reshuffled), "--out", str(tmp_path / "again"),
+                       "--resume", str(run / "checkpoint_0001.pt")])
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(err) == 1, refused.stderr[-2000:]
+    assert "another list of training files" in err[0] and "--allow-change data" in err[0]
 
 
 # ------------------------------------------------------------------------------------------ S3, for real
