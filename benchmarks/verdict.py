@@ -9,47 +9,13 @@ Three measurements of the same training step decide it:
 
 from __future__ import annotations
 
+from pipelines.registry import REGISTRY
+
 # Thresholds, as fractions. A few percent of stall is noise and start-of-step latency; 15% is a loader
 # that costs real throughput.
 STALL_LOW, STALL_HIGH = 0.05, 0.15
 RATIO_HIGH, RATIO_LOW = 0.90, 0.75
 
-NEXT_STEPS = {
-    "dali": [
-        "raise --hw-decoder-load (A100/H100/H200 hardware JPEG decoder; 0.65-0.9 measured best on H100)",
-        "add DALI CPU threads (--dali-threads) and deepen the prefetch queue (--prefetch)",
-        "run `python -m benchmarks.run --autotune` to sweep threads, hw_decoder_load and prefetch",
-        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
-    ],
-    "dali-cpu": [
-        "switch to the GPU pipeline (--loader dali): nvJPEG and the hardware decoder take decoding off the CPU",
-        "add DALI threads (--dali-threads) up to the number of free cores per GPU",
-        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
-    ],
-    "dali-hybrid": [
-        "switch to the GPU decoder (--loader dali) where the GPU has a hardware JPEG decoder (A100/H100/H200)",
-        "add DALI threads (--dali-threads) up to the free cores per GPU: decoding and cropping run on them",
-        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
-    ],
-    "torchvision-gpu": [
-        "switch to DALI (--loader dali): its decode is fused with the crop and shares the hardware decoder",
-        "raise --prefetch (batches decoded ahead) and --workers (threads reading the files)",
-        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
-    ],
-    "torchvision": [
-        "switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better than worker processes",
-        "add DataLoader workers (--workers) up to the free cores per GPU",
-        "reduce JPEG size: pre-resize the dataset so the shorter side is ~256-320 px",
-    ],
-}
-# Without CUDA there is no GPU pipeline to switch to: never advise `--loader dali` there
-CPU_NEXT_STEPS = {
-    "dali-cpu": NEXT_STEPS["dali-cpu"][1:],
-    "torchvision-gpu": ["switch to DALI's CPU pipeline (--loader dali-cpu): its threads decode and crop in one pass",
-                        *NEXT_STEPS["torchvision-gpu"][1:]],
-    "torchvision": ["switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker processes",
-                    *NEXT_STEPS["torchvision"][1:]],
-}
 COMPUTE_STEPS = [
     "the input pipeline keeps up: speed up the model step instead",
     "try torch.compile, a larger batch per GPU, or bf16 (--amp-dtype bfloat16) and compare",
@@ -64,8 +30,12 @@ NOISE_STEPS = ["measure longer: more --steps and --repeats narrow the windows' s
 
 
 def next_steps(loader: str, device_type: str) -> list[str]:
-    """What to change when `loader` is the bottleneck on this kind of device."""
-    return (NEXT_STEPS if device_type == "cuda" else CPU_NEXT_STEPS).get(loader, [])
+    """What to change when `loader` is the bottleneck on this kind of device: its registry record's advice
+    (pipelines.registry.LoaderKind.advice_gpu / advice_cpu; none for synthetic data or an unknown name)."""
+    record = REGISTRY.get(loader)
+    if record is None:
+        return []
+    return list(record.advice_gpu if device_type == "cuda" else record.advice_cpu)
 
 
 def _sign(value: float | None, high: float, low: float, noise: float) -> str | None:

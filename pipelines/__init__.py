@@ -107,7 +107,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     request = Request(split, image_list, batch_size, aug, rank, world_size, local_rank, seed, device, dtype,
                       settings, num_classes, num_samples)
     if not shards:
-        return record.factory(request)
+        return record.build(request)
     if record.reads_images and split == "train" and aug.repeated_aug > 1:
         raise UserError("repeated augmentation (--repeated-aug) reads class folders; train from the folders, or "
                         "drop --repeated-aug when reading shards")
@@ -115,4 +115,4 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
         raise UserError(f"the {kind} loader does not read shards yet; use --loader "
                         f"{or_list(kinds(reads_shards=True, reads_images=True))} with shards, or pass the class "
                         "folders as --data")
-    return record.shard_factory(request)
+    return record.build(request, shards=True)

@@ -67,6 +67,11 @@ class TorchvisionLoader(EpochPosition):
     on every rank. set_epoch reseeds the global shuffle. Over shards (pipelines.shards.ShardList) only the
     dataset differs: tar members instead of files, the same sharding, order and resume."""
 
+    @classmethod
+    def from_request(cls, r, kind) -> "TorchvisionLoader":
+        """The loader build_loader asked for (a pipelines.registry.Request)."""
+        return cls(r.split, **r.common(), workers=r.settings.workers)
+
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
                  workers):
         self._begin(split, aug)

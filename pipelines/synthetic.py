@@ -12,6 +12,11 @@ from pipelines.loader import EpochPosition
 
 
 class SyntheticLoader(EpochPosition):
+    @classmethod
+    def from_request(cls, r, kind) -> "SyntheticLoader":
+        """The loader build_loader asked for (a pipelines.registry.Request): without data, its own size."""
+        return cls(r.split, **r.common(), num_classes=r.num_classes, num_samples=r.num_samples)
+
     def __init__(self, split, *, image_list, batch_size, aug, rank, world_size, seed, device, dtype,
                  num_classes, num_samples):
         # With a data folder, mimic its size (same steps per epoch as the real loaders); else num_samples.

@@ -165,6 +165,11 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 class TorchvisionGpuLoader(EpochPosition):
     """The loader interface (docs/design.md) over torchvision's batched decoder and batched tensor ops."""
 
+    @classmethod
+    def from_request(cls, r, kind) -> "TorchvisionGpuLoader":
+        """The loader build_loader asked for (a pipelines.registry.Request): `workers` reading threads."""
+        return cls(r.split, **r.common(), threads=r.settings.workers, prefetch=r.settings.prefetch)
+
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
                  threads, prefetch):
         if decode_jpeg is None:

@@ -105,7 +105,7 @@ def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
     assert default_loaders(False) == tuple(k for k in LOADERS if not REGISTRY[k].needs_cuda)
     assert set(kinds(dali=True)) == {"dali", "dali-hybrid", "dali-cpu"}
     for name, record in REGISTRY.items():
-        assert record.name == name and record.description and callable(record.factory)
+        assert record.name == name and record.description
         assert "\n" not in record.description
     if not torch.cuda.is_available():
         for name in (k for k in KINDS if REGISTRY[k].needs_cuda):
@@ -113,6 +113,57 @@ def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
                 build_loader(name, "train", None, batch_size=2, image_size=8)
     with pytest.raises(UserError, match="use --loader dali, dali-hybrid or dali-cpu with them"):
         build_loader("torchvision", "train", None, batch_size=2, image_size=8, randaugment_magnitude=9)
+
+
+def test_every_record_names_its_loader_classes_by_path_and_the_registry_imports_none():
+    """The registry imports no loader module (the loaders may import it): each record names its classes as
+    "module:Class", imported when built; each class is an EpochLoader that builds itself from a Request."""
+    import ast
+
+    import pipelines.registry
+
+    tree = ast.parse(Path(pipelines.registry.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+        {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and name.startswith("pipelines")} - \
+        {"pipelines.augmentation", "pipelines.loader", "pipelines.settings"}  # those three for type hints only
+    for record in REGISTRY.values():
+        for shards in (False, True) if record.reads_shards else (False,):
+            cls = record.loader_class(shards)
+            assert issubclass(cls, EpochLoader) and callable(cls.from_request), (record.name, shards)
+        # elastic: driven by the one global order (EpochPosition's segments), never a DALI checkpoint
+        assert record.elastic == issubclass(record.loader_class(), EpochPosition), record.name
+    assert kinds(elastic=True) == ("torchvision-gpu", "torchvision", "synthetic")
+    from pipelines.registry import LoaderKind
+
+    folders_only = LoaderKind("x", "x", "pipelines.baseline:TorchvisionLoader", advice_gpu=("a",), advice_cpu=("a",))
+    with pytest.raises(ValueError, match="reads no shards"):
+        folders_only.loader_class(shards=True)
+
+
+def test_auto_is_the_registry_kind_for_the_device():
+    from pipelines.registry import AUTO, concrete_kind
+
+    assert concrete_kind(AUTO, "cuda") == "dali" and concrete_kind(AUTO, "cpu") == "dali-cpu"
+    assert concrete_kind(AUTO, "mps") == "dali-cpu"  # any device but CUDA
+    assert [concrete_kind(kind, "cuda") for kind in KINDS] == list(KINDS)  # any other kind as it is
+    assert [k for k in KINDS if REGISTRY[k].auto_on] == ["dali", "dali-cpu"]
+
+
+def test_every_kind_that_reads_images_has_the_verdicts_advice_wherever_it_runs():
+    """A new kind cannot silently get no advice: a record without it is refused when the registry is built."""
+    from benchmarks.verdict import next_steps
+    from pipelines.registry import LoaderKind
+
+    for name, record in REGISTRY.items():
+        assert bool(next_steps(name, "cuda")) == record.reads_images, name
+        assert bool(next_steps(name, "cpu")) == (record.reads_images and not record.needs_cuda), name
+        assert not any("--loader dali " in step or "--loader dali)" in step for step in next_steps(name, "cpu"))
+    with pytest.raises(ValueError, match="advice_gpu"):
+        LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader")
+    with pytest.raises(ValueError, match="advice_cpu"):
+        LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader", advice_gpu=("switch",))
+    LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader", advice_gpu=("a",), needs_cuda="decodes")
 
 
 def test_the_pre_flight_reads_which_loaders_decode_by_content_from_the_registry():
