@@ -28,11 +28,11 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m benchmarks.run` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from benchmarks import levers as levers_mod
-from pipelines.registry import KINDS, REGISTRY, kinds
+from pipelines.registry import KINDS, REGISTRY, concrete_kind, kinds
 from pipelines.storage import display
 from rn50.config.errors import UserError, check_flags_first
 from rn50.config.profile_flags import TRACE_DIR, add_profiling_flags
-from rn50.config.machine import Machine, concrete_loader
+from rn50.config.machine import Machine
 from rn50.config.recipe import Recipe, resolve
 from rn50.config.cli import add_recipe_flags, parse_strict
 
@@ -127,7 +127,7 @@ def machine_defaults(args, gpu: bool) -> None:
     if args.loaders is None:  # `--loaders ""` means none: a synthetic-only run
         args.loaders = ",".join(default_loaders(gpu))
     # `auto`, as rn50.train's --loader auto: dali on a GPU machine, dali-cpu without one
-    args.loaders = ",".join(concrete_loader(name, "cuda" if gpu else "cpu") for name in args.loaders.split(","))
+    args.loaders = ",".join(concrete_kind(name, "cuda" if gpu else "cpu") for name in args.loaders.split(","))
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (20 if gpu else 3)
     args.steps = args.steps if args.steps is not None else (100 if gpu else 6)
     args.repeats = args.repeats if args.repeats is not None else (3 if gpu else 2)

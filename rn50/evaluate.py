@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipelines.shards import classes_of  # noqa: E402
+from pipelines.registry import REGISTRY  # noqa: E402
 from pipelines.storage import display  # noqa: E402
 from rn50.system.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_split  # noqa: E402
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     env = init_distributed(config.machine.device)
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     recipe, machine = config.recipe, config.machine.for_device(env.device.type)  # --loader auto made concrete
-    if machine.loader == "synthetic":
+    if not REGISTRY[machine.loader].reads_images:
         raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "
                         "torchvision to evaluate")
     if sizes:

@@ -8,20 +8,14 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from pipelines.augmentation import opt
-from pipelines.registry import KINDS, choices_help
+from pipelines.registry import AUTO, KINDS, choices_help, concrete_kind
 from pipelines.settings import LoaderSettings
 from rn50.config.errors import UserError
 
 LOADERS = KINDS
-AUTO_LOADER = "auto"  # Machine.for_device: dali where the process runs on CUDA, dali-cpu elsewhere
 DEVICES = ("auto", "cuda", "cpu")  # rn50.system.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 TRACKERS = ("none", "wandb", "mlflow")  # rn50.observe.tracking's backends
-
-
-def concrete_loader(kind: str, device_type: str) -> str:
-    """`auto` as the loader it means on a device of this type (torch.device.type); any other kind as it is."""
-    return ("dali" if device_type == "cuda" else "dali-cpu") if kind == AUTO_LOADER else kind
 
 
 @dataclass(frozen=True)
@@ -70,11 +64,11 @@ class Machine:
         """These settings with `loader auto` made concrete for the device this process runs on ("cuda" or
         "cpu", torch.device.type): dali on CUDA, dali-cpu elsewhere. Runs save and compare the concrete one
         (machine.json, the checkpoint's loader), so a resume on the same machine continues the same stream."""
-        return dataclasses.replace(self, loader=concrete_loader(self.loader, device_type))
+        return dataclasses.replace(self, loader=concrete_kind(self.loader, device_type))
 
     def validate(self) -> "Machine":
-        if self.loader not in LOADERS + (AUTO_LOADER,):
-            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO_LOADER,) + LOADERS)}")
+        if self.loader not in LOADERS + (AUTO,):
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO,) + LOADERS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         self.loader_settings().validate()

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.registry import REGISTRY
 from rn50.config.describe import changes_from_defaults, epoch_plan
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
@@ -106,9 +107,6 @@ def check_data(checkpoint: dict, identity: dict | None, allowed: str | None) -> 
                     "(the interrupted epoch restarts)")
 
 
-# The loaders whose epoch order is one global permutation whatever the world size (pipelines.order): a change
-# of world size continues their interrupted epoch exactly. The DALI loaders restart it.
-ELASTIC_LOADERS = ("torchvision", "torchvision-gpu", "synthetic")
 
 
 def elastic_launch() -> bool:
@@ -145,7 +143,7 @@ def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, e
     size, the loader and the epoch's length are too (an epoch of another length, a new batch or file count,
     is another stream: its offset means nothing here).
 
-    Another world size (an elastic change, or --reshard) with a loader of ELASTIC_LOADERS and an exact
+    Another world size (an elastic change, or --reshard) with an elastic loader (the registry's `elastic`: one global order whatever the world size) and an exact
     resume continues the interrupted epoch: the old group consumed the epoch's global slots [0, consumed)
     (pipelines.order), the new one splits the rest into whole global batches (the tail short of one is
     dropped, as an uninterrupted epoch drops it) and numbers them so that the epoch ends at its usual step,
@@ -154,7 +152,7 @@ def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, e
     fresh_optimizer = saved.optimisation.optimizer != recipe.optimisation.optimizer
     same_kind = checkpoint.get("loader_kind", loader) == loader
     same_stream = same_world and exact and same_kind and checkpoint["steps_per_epoch"] == steps_per_epoch
-    elastic = (not same_world and exact and same_kind and loader in ELASTIC_LOADERS and train_images is not None)
+    elastic = (not same_world and exact and same_kind and REGISTRY[loader].elastic and train_images is not None)
     epoch, offset, loader_state, losses = checkpoint["epoch"], 0, None, None
     before = checkpoint["world_size"]
     old_offset = checkpoint["step"] - checkpoint["epoch"] * checkpoint["steps_per_epoch"]
@@ -334,7 +332,7 @@ def startup_summary(config: Config, machine: Machine, num_classes: int) -> list[
     if kd.teacher:
         lines.append(f"distilling from {kd.teacher} ({kd.teacher_arch}): loss = {kd.alpha:g} x T^2 x "
                      f"KL(teacher || student) at T = {kd.temperature:g} + {1 - kd.alpha:g} x cross-entropy")
-    if machine.loader == "synthetic":
+    if not REGISTRY[machine.loader].reads_images:
         lines.append(f"synthetic data: validation runs on other random images with random labels, so its top-1 "
                      f"stays near chance ({100 / num_classes:.2g}%); this run measures speed, not learning")
     return lines

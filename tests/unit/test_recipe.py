@@ -267,9 +267,9 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
 
 def test_loader_auto_is_the_default_and_becomes_dali_with_cuda_and_dali_cpu_without():
     """Issue 23, 3.8: the default `dali` failed on a machine without CUDA."""
-    from rn50.config.machine import concrete_loader
+    from pipelines.registry import concrete_kind
 
     assert Machine().loader == "auto" and parse([]).machine.loader == "auto"
     assert Machine().for_device("cuda").loader == "dali" and Machine().for_device("cpu").loader == "dali-cpu"
     explicit = parse(["--loader", "torchvision"]).machine
-    assert explicit.for_device("cpu") == explicit and concrete_loader("dali-hybrid", "cpu") == "dali-hybrid"
+    assert explicit.for_device("cpu") == explicit and concrete_kind("dali-hybrid", "cpu") == "dali-hybrid"
