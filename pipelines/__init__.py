@@ -7,7 +7,9 @@ per epoch for this rank (equal on every rank), `num_samples`, `num_classes`, `cl
 `decode` (the decode path in words, for reports), `set_epoch(e)`, `state_dict()` and `load_state_dict()`.
 
 The kinds, and what each needs and does, are the records of pipelines.registry; how a machine runs them is
-a `LoaderSettings` (pipelines.settings), the one home of those settings' defaults.
+a `LoaderSettings` (pipelines.settings), the one home of those settings' defaults. `list_data(data, split,
+manifest)` (pipelines.listing) is the one listing of --data, class folders or shards, that build_loader reads;
+its `.identity` is what checkpoints record of the training list.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from dataclasses import fields, replace
 
 from pipelines.augmentation import Augmentation
 from pipelines.errors import UserError
-from pipelines.folder import check_files, list_split
+from pipelines.folder import check_files
+from pipelines.listing import Listing, list_data
 from pipelines.loader import Loader
 from pipelines.registry import KINDS, REGISTRY, Request, kinds, or_list
 from pipelines.settings import LoaderSettings
 
-__all__ = ["KINDS", "REGISTRY", "Loader", "LoaderSettings", "UserError", "build_loader", "check_device"]
+__all__ = ["KINDS", "REGISTRY", "Listing", "Loader", "LoaderSettings", "UserError", "build_loader", "check_device",
+           "list_data"]
 
 
 def check_device(kind: str, device) -> None:
@@ -84,14 +88,9 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
     settings = replace(settings or LoaderSettings(), **setting_fields).validate()
     settings = replace(settings, workers=settings.resolved_workers())
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off
-    from pipelines.shards import is_shards, list_shard_split
-
-    shards = is_shards(data_dir)  # a tools.shard folder or s3://bucket/prefix (pipelines/shards.py)
-    if shards and manifest is not None:
-        raise UserError("--manifest lists files of class folders; with shards, shard from it instead "
-                        "(`python -m tools.shard SRC --manifest SCAN --out DST`) and drop --manifest")
-    image_list = list_shard_split(str(data_dir), split) if shards else \
-        list_split(str(data_dir), split, None if manifest is None else str(manifest)) if data_dir is not None else None
+    listing = list_data(data_dir, split, manifest)  # class folders, or a tools.shard folder or s3://bucket/prefix
+    shards = listing is not None and listing.shards
+    image_list = None if listing is None else listing.images
     if image_list is not None:
         shard_size = len(image_list) // world_size
         # the same rule for every loader sized by the data, synthetic included (it mimics the folder's size):
@@ -103,7 +102,7 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
                 f"{shard_size}); lower --batch-size"
             )
         if manifest is None and preflight and record.reads_images and not shards:  # tools.shard checked them
-            check_files(image_list, rank, world_size, kind, every_split=preflight != "split")
+            check_files(image_list, rank, world_size, record.decodes_by_content, every_split=preflight != "split")
     request = Request(split, image_list, batch_size, aug, rank, world_size, local_rank, seed, device, dtype,
                       settings, num_classes, num_samples)
     if not shards:

@@ -131,14 +131,13 @@ def read_manifest(path: Path, split_dir: Path, classes: tuple[str, ...]) -> Imag
     return ImageList(split_dir, classes, tuple(files), tuple(labels))
 
 
-def _stopping(problems: list[tuple[str, str]], loader: str) -> list[tuple[str, str]]:
-    """The problems that stop `loader`: all of them for the GPU decoders ("dali", "torchvision-gpu"); for
-    the loaders that decode by content (their registry record says so: "dali-cpu", "dali-hybrid",
-    "torchvision") all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
+def _stopping(problems: list[tuple[str, str]], by_content: bool) -> list[tuple[str, str]]:
+    """The problems that stop a loader: all of them for the GPU decoders ("dali", "torchvision-gpu"); for
+    the loaders that decode by content (`by_content`: their registry record's decodes_by_content, "dali-cpu",
+    "dali-hybrid", "torchvision") all but CMYK JPEGs and PNG/BMP/TIFF/WebP data behind another name."""
     from pipelines.jpeg_check import decodes_by_content
-    from pipelines.registry import REGISTRY
 
-    if loader not in REGISTRY or not REGISTRY[loader].decodes_by_content:
+    if not by_content:
         return problems
     return [(path, reason) for path, reason in problems if not decodes_by_content(reason)]
 
@@ -158,23 +157,28 @@ def _accepted_line(accepted: list[tuple[str, str]], split: str, rank: int, world
 
 
 @lru_cache(maxsize=8)  # once per process and split: the harness builds many loaders over the same files
-def check_files(image_list: ImageList, rank: int, world_size: int, loader: str = "dali",
+def check_files(image_list: ImageList, rank: int, world_size: int, decodes_by_content: bool = False,
                 every_split: bool = True) -> None:
     """Pre-flight: one bad file stops a DALI pipeline mid-epoch, hours in. Each rank checks its share
     of the headers (about 15 us a file) and stops before training, naming the file and the fix.
     When it stops, the count it gives covers this rank's share of every split (train and val), so
     "and N more" is every other bad file the user has to deal with, not only those of this split;
     `every_split` False (rn50.evaluate, which reads the validation split alone) counts and names this
-    split only. `loader` is the loader kind: those that decode by content ("dali-cpu", "dali-hybrid",
-    "torchvision") read CMYK JPEGs and PNG/BMP/TIFF/WebP data behind a .JPEG name: one line on stderr counts
-    them and training goes on. The GPU decoders ("dali", "torchvision-gpu") still stop on them (unverified
-    on nvJPEG)."""
+    split only. `decodes_by_content`: the loader kind's record says whether it does (build_loader passes
+    REGISTRY[kind].decodes_by_content; this module reads no registry). Those that do ("dali-cpu",
+    "dali-hybrid", "torchvision") read CMYK JPEGs and PNG/BMP/TIFF/WebP data behind a .JPEG name: one line on
+    stderr counts them and training goes on. The GPU decoders ("dali", "torchvision-gpu") still stop on them
+    (unverified on nvJPEG)."""
     import sys
+
+    if not isinstance(decodes_by_content, bool):  # a kind's name, as check_files took before issue 32
+        raise TypeError(f"check_files takes whether the loader decodes by content "
+                        f"(pipelines.REGISTRY[kind].decodes_by_content), not {decodes_by_content!r}")
 
     from pipelines.jpeg_check import find_header_problems
 
     found = find_header_problems(image_list.files[rank::world_size])
-    problems = _stopping(found, loader)
+    problems = _stopping(found, decodes_by_content)
     if len(problems) < len(found):
         stopping = set(problems)
         accepted = [p for p in found if p not in stopping]
@@ -190,7 +194,7 @@ def check_files(image_list: ImageList, rank: int, world_size: int, loader: str =
             other = list_split(str(data_dir), split)
         except UserError:  # a missing or odd split is reported when its own loader is built
             continue
-        per_split[split] = len(_stopping(find_header_problems(other.files[rank::world_size]), loader))
+        per_split[split] = len(_stopping(find_header_problems(other.files[rank::world_size]), decodes_by_content))
     per_split = {split: per_split[split] for split in SPLITS if split in per_split}  # train first
     total = sum(per_split.values())
     path, reason = problems[0]

@@ -279,6 +279,40 @@ def test_preflight_error_counts_bad_files_of_every_split(data_dir, tmp_path):
         assert f"python -m tools.scan {data} --out SCAN" in message and "--manifest SCAN" in message
 
 
+def test_the_pre_flight_takes_each_kinds_decodes_by_content_from_build_loader(data_dir, tmp_path, capsys):
+    """build_loader hands the pre-flight the kind's own record (pipelines.folder reads no registry): a PNG and a
+    CMYK JPEG behind .JPEG names stop torchvision-gpu, a GPU decoder (on the CPU too, as on CUDA); dali-cpu and
+    torchvision decode them by content: one line on stderr, and the loader is built."""
+    from conftest import with_odd_files
+    from pipelines.folder import check_files
+
+    data = with_odd_files(data_dir, tmp_path)
+    with pytest.raises(UserError, match="cannot be trained on .* and 1 more"):
+        loader("torchvision-gpu", "train", data)
+    for kind in ("dali-cpu", "torchvision"):
+        check_files.cache_clear()  # once per process and list otherwise: its note would be printed once
+        assert len(loader(kind, "train", data)) > 0
+        assert "2 files decode by content: 1 CMYK JPEG, 1 PNG behind a .JPEG name" in capsys.readouterr().err, kind
+    with pytest.raises(TypeError, match="decodes_by_content"):  # a kind's name, as it took before
+        check_files(list_split(str(data), "train"), 0, 1, "dali-cpu")
+
+
+def test_one_listing_for_the_loaders_and_the_checkpoints(data_dir):
+    """pipelines.list_data is the listing build_loader reads and the identity checkpoints record: the same
+    count and digest as ever (ImageList.identity), so an older checkpoint still matches."""
+    from pipelines import list_data
+    from rn50.core.loaders import data_identity
+
+    files = list_split(str(data_dir), "train")
+    listing = list_data(data_dir, "train")
+    assert listing.images == files and not listing.shards and len(listing) == N_TRAIN
+    assert listing.identity == {"count": N_TRAIN, "digest": files.identity}
+    assert data_identity(data_dir, None, "dali-cpu") == data_identity(data_dir, None, "auto") == listing.identity
+    assert data_identity(data_dir, None, "synthetic") is None and data_identity(None, None, "dali-cpu") is None
+    assert list_data(None, "train") is None
+    assert loader("torchvision", "train", data_dir).num_samples == len(files)
+
+
 def test_randaugment_silences_only_dalis_own_deprecation_warnings(one_image_data, monkeypatch):
     """Issue 14 item 10: DALI's auto_aug calls its own deprecated fn.experimental.filter/equalize (about 70
     lines of warnings); those are dropped, any other DeprecationWarning, even one raised while the

@@ -232,6 +232,16 @@ def test_torchvision_gpu_reads_shards_as_torchvision_does_and_resumes_bit_for_bi
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def test_shards_are_listed_by_the_one_listing_with_their_identity(shards, data_dir, tmp_path):
+    from pipelines import list_data
+
+    listing = list_data(shards, "train")
+    assert listing.shards and listing.images is list_shard_split(str(shards), "train")
+    assert listing.identity == {"count": N_TRAIN_IMAGES, "digest": _meta(shards)["splits"]["train"]["identity"]}
+    with pytest.raises(UserError, match="--manifest lists files of class folders; with shards, shard from it"):
+        _loader("torchvision", "train", shards, manifest=tmp_path)
+
+
 @pytest.fixture(scope="module")
 def reshuffled(data_dir, tmp_path_factory) -> Path:
     """The same images sharded in another global shuffle: another shard set, another data identity."""

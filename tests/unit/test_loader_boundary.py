@@ -172,7 +172,7 @@ def test_the_pre_flight_reads_which_loaders_decode_by_content_from_the_registry(
     problems = [("a.JPEG", "CMYK JPEG (4 colour components)"), ("b.JPEG", "zero bytes")]
     for name, record in REGISTRY.items():
         if record.reads_images:
-            assert len(_stopping(problems, name)) == (1 if record.decodes_by_content else 2), name
+            assert len(_stopping(problems, record.decodes_by_content)) == (1 if record.decodes_by_content else 2), name
 
 
 def test_docs_loaders_table_is_the_registry():
