@@ -58,8 +58,9 @@ class LoaderKind:
     name: str
     description: str  # one line: what it does (docs/loaders.md's table, --loader's help)
     # "module:Class", imported when built; the class's `from_request(request, kind)` makes the loader
-    loader: str  # over class folders (or, for synthetic, anything)
-    shard_loader: str | None = None  # over shards; None: reads none
+    loader: str  # over class folders (or, for synthetic, anything), and over shards unless shard_loader says
+    shard_loader: str | None = None  # over shards, where another class than `loader` reads them
+    reads_shards: bool = True  # False: build_loader refuses shards for this kind, naming those that read them
     placement: str | None = None  # a DALI pipeline, its operators' placement ("gpu", "hybrid", "cpu"): pipelines.dali
     needs_cuda: str | None = None  # what it does on the GPU, for the error without CUDA; None: runs on the CPU
     decodes_by_content: bool = False  # reads CMYK JPEGs and PNG/BMP/TIFF/WebP behind a .JPEG name (pre-flight)
@@ -88,15 +89,11 @@ class LoaderKind:
         """A DALI pipeline: RandAugment and repeated augmentation run in it (theirs alone)."""
         return self.placement is not None
 
-    @property
-    def reads_shards(self) -> bool:
-        return self.shard_loader is not None
-
     def loader_class(self, shards: bool = False) -> type:
         """The class that reads class folders, or shards: imported here, on first use."""
-        path = self.shard_loader if shards else self.loader
-        if path is None:
+        if shards and not self.reads_shards:
             raise ValueError(f"the {self.name} loader reads no shards")
+        path = (self.shard_loader or self.loader) if shards else self.loader
         module, _, name = path.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -110,6 +107,12 @@ _SMALLER_JPEGS = "reduce JPEG size: pre-resize the dataset so the shorter side i
 _DALI_THREADS = "add DALI threads (--dali-threads) up to the number of free cores per GPU"
 _TV_GPU_DEPTH = "raise --prefetch (batches decoded ahead) and --workers (threads reading the files)"
 _TV_WORKERS = "add DataLoader workers (--workers) up to the free cores per GPU"
+
+
+def _switch_first(on_gpu: str, on_cpu: str, *rest: str) -> dict:
+    """The advice of a kind that runs anywhere: first a switch (on CUDA, and elsewhere), then the same steps."""
+    return dict(advice_gpu=(on_gpu, *rest), advice_cpu=(on_cpu, *rest))
+
 
 # ------------------------------------------------------------------------------------------ the kinds
 
@@ -145,24 +148,21 @@ _KINDS = (
     LoaderKind("torchvision-gpu", "torchvision alone: files read by `workers` threads, one batched decode_jpeg "
                                   "on the device (nvJPEG; the CPU without CUDA), crops, flips, jitter and "
                                   "normalisation as batched tensor ops",
-               "pipelines.torchvision_gpu:TorchvisionGpuLoader", "pipelines.torchvision_gpu:TorchvisionGpuLoader",
-               elastic=True, tag="torchvision's batched decoder",
-               advice_gpu=("switch to DALI (--loader dali): its decode is fused with the crop and shares the "
-                           "hardware decoder", _TV_GPU_DEPTH, _SMALLER_JPEGS),
-               advice_cpu=("switch to DALI's CPU pipeline (--loader dali-cpu): its threads decode and crop in one "
-                           "pass", _TV_GPU_DEPTH, _SMALLER_JPEGS)),
+               "pipelines.torchvision_gpu:TorchvisionGpuLoader", elastic=True, tag="torchvision's batched decoder",
+               **_switch_first("switch to DALI (--loader dali): its decode is fused with the crop and shares the "
+                               "hardware decoder",
+                               "switch to DALI's CPU pipeline (--loader dali-cpu): its threads decode and crop in "
+                               "one pass", _TV_GPU_DEPTH, _SMALLER_JPEGS)),
     LoaderKind("torchvision", "PIL and torchvision transforms in `workers` DataLoader processes, then one copy to "
                               "the device",
-               "pipelines.baseline:TorchvisionLoader", "pipelines.baseline:TorchvisionLoader",
-               decodes_by_content=True, elastic=True,
-               advice_gpu=("switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better than "
-                           "worker processes", _TV_WORKERS, _SMALLER_JPEGS),
-               advice_cpu=("switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker "
-                           "processes", _TV_WORKERS, _SMALLER_JPEGS)),
+               "pipelines.baseline:TorchvisionLoader", decodes_by_content=True, elastic=True,
+               **_switch_first("switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better "
+                               "than worker processes",
+                               "switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker "
+                               "processes", _TV_WORKERS, _SMALLER_JPEGS)),
     LoaderKind("synthetic", "one device-resident batch served every step: the GPU ceiling and the fastest test "
                             "double",
-               "pipelines.synthetic:SyntheticLoader", "pipelines.synthetic:SyntheticLoader", reads_images=False,
-               elastic=True),
+               "pipelines.synthetic:SyntheticLoader", reads_images=False, elastic=True),
 )
 
 REGISTRY: dict[str, LoaderKind] = {kind.name: kind for kind in _KINDS}

@@ -136,7 +136,8 @@ def test_every_record_names_its_loader_classes_by_path_and_the_registry_imports_
     assert kinds(elastic=True) == ("torchvision-gpu", "torchvision", "synthetic")
     from pipelines.registry import LoaderKind
 
-    folders_only = LoaderKind("x", "x", "pipelines.baseline:TorchvisionLoader", advice_gpu=("a",), advice_cpu=("a",))
+    folders_only = LoaderKind("x", "x", "pipelines.baseline:TorchvisionLoader", reads_shards=False, advice_gpu=("a",),
+                              advice_cpu=("a",))
     with pytest.raises(ValueError, match="reads no shards"):
         folders_only.loader_class(shards=True)
 
