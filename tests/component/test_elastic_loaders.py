@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipelines import build_loader
+from pipelines.registry import kinds
 from rn50.system.dist import DistEnv
 from rn50.reliability.lifecycle import resume_point
 from rn50.config.recipe import Recipe, with_fields
@@ -18,7 +19,7 @@ from rn50.config.recipe import Recipe, with_fields
 BATCH = 4
 
 
-@pytest.mark.parametrize("kind", ["torchvision", "torchvision-gpu"])
+@pytest.mark.parametrize("kind", kinds(elastic=True, reads_images=True))  # what the registry calls elastic
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_the_rest_of_an_epoch_goes_to_the_new_world(kind, new_world, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RN50_SAMPLE_LOG", str(tmp_path))
