@@ -332,7 +332,7 @@ def startup_summary(config: Config, machine: Machine, num_classes: int) -> list[
     if kd.teacher:
         lines.append(f"distilling from {kd.teacher} ({kd.teacher_arch}): loss = {kd.alpha:g} x T^2 x "
                      f"KL(teacher || student) at T = {kd.temperature:g} + {1 - kd.alpha:g} x cross-entropy")
-    if not REGISTRY[machine.loader].reads_images:
+    if not REGISTRY[config.machine.loader].reads_images:  # the concrete loader (`machine` may say auto)
         lines.append(f"synthetic data: validation runs on other random images with random labels, so its top-1 "
                      f"stays near chance ({100 / num_classes:.2g}%); this run measures speed, not learning")
     return lines
