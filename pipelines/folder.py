@@ -171,14 +171,6 @@ def check_files(image_list: ImageList, rank: int, world_size: int, decodes_by_co
     (unverified on nvJPEG)."""
     import sys
 
-    if isinstance(decodes_by_content, str):
-        # TEMPORARY, issue 32: a kind's name, as check_files took before. Only
-        # tests/component/test_progress_and_formats.py still passes one; once it passes the record's
-        # decodes_by_content, delete these lines and this module reads no registry at all.
-        from pipelines.registry import REGISTRY
-
-        decodes_by_content = decodes_by_content in REGISTRY and REGISTRY[decodes_by_content].decodes_by_content
-
     from pipelines.jpeg_check import find_header_problems
 
     found = find_header_problems(image_list.files[rank::world_size])

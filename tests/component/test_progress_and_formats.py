@@ -11,6 +11,7 @@ from pipelines import build_loader
 from pipelines.baseline import to_rgb
 from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
+from pipelines.registry import REGISTRY
 from pipelines.jpeg_check import decodes_by_content, header_problem
 
 from conftest import with_odd_files
@@ -20,14 +21,14 @@ def test_the_gpu_loader_and_undecodable_files_still_stop(data_dir, tmp_path):
     data = with_odd_files(data_dir, tmp_path)
     train = list_split(str(data), "train")
     with pytest.raises(UserError, match="cannot be trained on .* and 1 more"):  # --loader dali: unverified
-        check_files(train, 0, 1, "dali")
-    check_files(train, 0, 1, "dali-cpu")  # reported, not stopped
+        check_files(train, 0, 1, REGISTRY["dali"].decodes_by_content)
+    check_files(train, 0, 1, REGISTRY["dali-cpu"].decodes_by_content)  # reported, not stopped
     (data / "train" / "n00000000" / "empty.JPEG").write_bytes(b"")
     (data / "val" / "n00000002" / "page.JPEG").write_text("<html>404</html>\n")
     list_split.cache_clear()
     for split in ("train", "val"):  # the odd files do not count among the bad ones: 1 in train, 1 in val
         with pytest.raises(UserError, match=r"and 1 more \(2 bad files: 1 in train, 1 in val\)"):
-            check_files(list_split(str(data), split), 0, 1, "torchvision")
+            check_files(list_split(str(data), split), 0, 1, REGISTRY["torchvision"].decodes_by_content)
 
 
 def write_formats(folder):
