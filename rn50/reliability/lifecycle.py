@@ -166,8 +166,7 @@ def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, e
         consumed = old.get("start", 0) + (old_offset - old.get("first", 0)) * batch * before
         rest = max(0, train_images - consumed) // (batch * env.world_size)
         offset = steps_per_epoch - rest
-        loader_state = {**{k: v for k, v in old.items() if k == "data"}, "epoch": checkpoint["epoch"],
-                        "position": offset, "start": consumed, "first": offset}
+        loader_state = {"epoch": checkpoint["epoch"], "position": offset, "start": consumed, "first": offset}
         moved = (f"; {consumed} of {train_images} images of the epoch done, the other "
                  f"{train_images - consumed} over {env.world_size} process{'es' if env.world_size != 1 else ''}: "
                  f"{rest} step{'s' if rest != 1 else ''}"

@@ -124,6 +124,6 @@ def choose_device(request: str = "auto", local_rank: int = 0, probe: CudaProbe |
     if probe.gpus_visible and not hidden:
         raise UserError(cuda_unusable_message(probe))
     if request == "cuda":
-        raise UserError("device cuda (--device, or a preset's [machine] device), but this machine has no NVIDIA GPU "
+        raise UserError("--device cuda (or a preset's [machine] device = \"cuda\"), but this machine has no NVIDIA GPU "
                         "that torch can see; pass --device auto or --device cpu")
     return torch.device("cpu")
