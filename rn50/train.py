@@ -24,6 +24,7 @@ from rn50.config.recipe import Config, available_presets, resolve
 from rn50.config.cli import add_recipe_flags, parse_strict
 from rn50.config.run_settings import RunSettings, add_run_flags
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="rn50.train", description=__doc__.splitlines()[0], allow_abbrev=False,
