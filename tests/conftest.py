@@ -74,6 +74,9 @@ def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.Complete
 # (issue 25): resnet18 at 32 px on the generated data, 2 epochs of 6 steps, a checkpoint every 2 steps (two
 # mid-epoch ones in each epoch), the last 4 kept, started with `--resume auto` on an empty folder. It is read-only:
 # a test that writes into a run folder copies it first (shared_run.copy_to).
+# A ResNet-18 checkpoint is about 90 MB (weights and momentum) and a session folder lives until the session ends
+# (issue 32): once the run is done, the names of the checkpoints it kept are recorded (SharedRun.checkpoints) and
+# its mid-epoch checkpoints, which no test reads, are deleted; the epoch-end ones and the best stay.
 SHARED_RUN_FLAGS = ["--epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "4", "--loader", "dali-cpu",
                     "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
                     "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
@@ -84,12 +87,36 @@ class SharedRun:
     dir: Path  # the run folder (--out)
     args: list[str]  # its command without --out and --resume: run it again with other flags, same recipe
     done: subprocess.CompletedProcess  # its exit code, stdout and stderr
+    checkpoints: tuple[str, ...] = ()  # checkpoint_*.pt as the run left them (sorted; mid-epoch ones and the best)
 
     def copy_to(self, dest: Path) -> Path:
+        """A copy to write into. The checkpoints are hard links (no space, no time): rn50.train never writes into
+        a checkpoint file, it replaces or deletes it (a new file renamed over the name, an unlink), which leaves
+        the shared run's file as it was; a test must not write into one in place either. The rest is copied."""
+        import os
         import shutil
 
-        shutil.copytree(self.dir, dest)
+        def link_checkpoints(src, dst):
+            if src.endswith(".pt"):
+                os.link(src, dst)
+            else:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(self.dir, dest, copy_function=link_checkpoints)
         return dest
+
+
+def finished_shared_run(out: Path, args: list[str], done: subprocess.CompletedProcess) -> SharedRun:
+    """The finished run as SharedRun: the names of its checkpoints recorded, then its mid-epoch checkpoints
+    (and their .sha256 sidecars) deleted; every name stays in `checkpoints`."""
+    from rn50.reliability.checkpoint import regular_checkpoints  # here: tests/gpu imports without rn50's deps
+
+    names = tuple(sorted(p.name for p in out.glob("checkpoint_*.pt")))
+    for path in regular_checkpoints(out):
+        if "_step" in path.name:
+            path.unlink()
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+    return SharedRun(out, args, done, names)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +125,7 @@ def shared_run(data_dir, tmp_path_factory) -> SharedRun:
     out = tmp_path_factory.mktemp("shared-run") / "run"
     done = run_cli([*args, "--out", str(out), "--resume", "auto"], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return SharedRun(out, args, done)
+    return finished_shared_run(out, args, done)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +136,7 @@ def shared_ddp_run(data_dir, tmp_path_factory) -> SharedRun:
     out = tmp_path_factory.mktemp("shared-ddp-run") / "run"
     done = run_cli([*args, "--out", str(out)], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return SharedRun(out, args, done)
+    return finished_shared_run(out, args, done)
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -90,7 +90,7 @@ def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(shared_ddp_run,
 
 def test_keeps_the_last_k_and_the_best(shared_run):
     out = shared_run.dir  # --checkpoint-every 2 --keep-checkpoints 4 (not the default 3): 6 saved, the last 4 kept
-    names = [p.name for p in regular_checkpoints(out)]
+    names = [n for n in shared_run.checkpoints if n != BEST]  # as the run left them (conftest: finished_shared_run)
     assert names == ["checkpoint_0001.pt", "checkpoint_0001_step00000008.pt", "checkpoint_0001_step00000010.pt",
                      "checkpoint_0002.pt"]
     top1 = [r["val/top1"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/top1" in r]
