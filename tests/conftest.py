@@ -47,6 +47,24 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+def fixture_folders(request, tmp_path_factory, *names: str) -> tuple[Path, ...]:
+    """Folders for a module-scoped fixture (tmp_path_factory.mktemp(name) each), deleted at its teardown unless
+    a test failed meanwhile: what tmp_path_retention_policy = failed (setup.cfg) does for tmp_path, where a
+    session's folders would otherwise stay until the session ends (issue 32)."""
+    import shutil
+
+    folders = tuple(tmp_path_factory.mktemp(name) for name in names)
+    failed = request.session.testsfailed
+
+    def remove():
+        if request.session.testsfailed == failed:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    request.addfinalizer(remove)
+    return folders
+
+
 def with_odd_files(data_dir: Path, tmp_path: Path) -> Path:
     """A copy of the generated data with two files raw ImageNet holds in train/: a PNG and a CMYK JPEG, each
     behind a .JPEG name (issue 17)."""
