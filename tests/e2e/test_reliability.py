@@ -60,7 +60,9 @@ def kill_when_checkpointed(command, run_dir, signum=signal.SIGTERM, **env):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: what SLURM sends first
 def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(shared_run, tmp_path, signum):
-    args = shared_run.args  # the uninterrupted run is the shared one (2 epochs, a checkpoint every 2 steps)
+    # the uninterrupted run is the shared one (2 epochs, a checkpoint every 2 steps); keeping 1 checkpoint of 90 MB
+    # instead of its 4 changes no step (a run setting, not the recipe)
+    args = [*shared_run.args, "--keep-checkpoints", "1"]
     code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b", signum)
     assert code == EXIT_PREEMPTED, output[-2000:]
     assert f"stopped by {signal.Signals(signum).name}" in output
@@ -78,7 +80,8 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(shared_r
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_saves_and_resumes_two_ranks_exactly(shared_ddp_run, tmp_path):
-    args = shared_ddp_run.args  # the uninterrupted run is the shared two-rank one (a checkpoint every 2 steps)
+    # the uninterrupted run is the shared two-rank one (a checkpoint every 2 steps); 1 checkpoint kept, not 4
+    args = [*shared_ddp_run.args, "--keep-checkpoints", "1"]
     code, output = kill_when_checkpointed([*args, "--out", str(tmp_path / "b")], tmp_path / "b")
     assert code != 0 and "stopped by SIGTERM" in output, output[-3000:]
     resumed = run_cli([*args, "--out", str(tmp_path / "b"), "--resume", "auto"])
@@ -124,7 +127,7 @@ def test_world_size_change_needs_reshard(shared_run, tmp_path):
     args = [*shared_run.args, "--resume", str(tmp_path / "two.pt")]
     refused = run_cli([*args, "--out", str(tmp_path / "again")])
     assert refused.returncode == 2 and "written by 2 processes" in refused.stderr and "--reshard" in refused.stderr
-    resharded = run_cli([*args, "--out", str(tmp_path / "again2"), "--reshard"])
+    resharded = run_cli([*args, "--out", str(tmp_path / "again2"), "--reshard", "--keep-checkpoints", "1"])
     assert resharded.returncode == 0, resharded.stderr[-2000:]
     assert "resharded from 2 processes" in resharded.stdout
 
