@@ -23,6 +23,33 @@ N_TRAIN_IMAGES, N_VAL_IMAGES = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLAS
 TIERS = ("unit", "component", "e2e")  # tests/<tier>/: the folder is the tier (setup.cfg's markers say what each is)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made its TempPathFactory
+def pytest_configure(config):
+    """What the tools under test write beside their outputs goes into this session's pytest folder, not into /tmp
+    or ~ (issue 32): TMPDIR for this process and every command it starts (torchrun's torchelastic_* folders,
+    multiprocessing's pymp-*, MLflow's and W&B's temporary files), matplotlib's and W&B's config and cache
+    folders. One exception: inductor's compile cache stays where torch keeps it by default
+    (/tmp/torchinductor_<user>, 150 MB of it precompiled headers), so a session's --compile tests compile in
+    seconds from the previous one's."""
+    import getpass
+    import tempfile
+
+    # torch._inductor.runtime.cache_dir_utils.default_cache_dir() (importing it costs 1.5 s), before TMPDIR moves
+    inductor = Path(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    base = config._tmp_path_factory.getbasetemp()  # the session's folder (setup.cfg: retention)
+    for variable, name in (("TMPDIR", "tmp"), ("MPLCONFIGDIR", "matplotlib"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                           ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):
+        folder = base / name
+        folder.mkdir(exist_ok=True)
+        os.environ[variable] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    # parts of inductor ignore TORCHINDUCTOR_CACHE_DIR and build the path from TMPDIR (its precompiled headers):
+    # a link to the same cache (deleting the session's folder deletes the link, not what it points to)
+    inductor.mkdir(exist_ok=True)
+    (base / "tmp" / inductor.name).symlink_to(inductor, target_is_directory=True)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         folder = Path(str(item.fspath)).parent.name
