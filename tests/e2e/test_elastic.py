@@ -174,7 +174,7 @@ def test_elastic_lr_keep_holds_the_peak_lr_the_run_trained_with(tmp_path):
 
     from rn50.reliability.checkpoint import load_checkpoint
 
-    from conftest import run_cli
+    from conftest import run_cli, run_clis
 
     data = tmp_path / "data"
     make_dataset(data, 3, TRAIN // 3, VAL // 3, seed=7, min_side=40, max_side=48, progress=False)
@@ -190,9 +190,10 @@ def test_elastic_lr_keep_holds_the_peak_lr_the_run_trained_with(tmp_path):
                       loader=[{"epoch": 0, "position": 2}] * 2)
     torch.save(checkpoint, tmp_path / "two.pt")
     shutil.rmtree(tmp_path / "one")  # read: its 3 checkpoints need not sit beside the two runs below
-    for choice, peak in (("keep", "0.003125"), ("scale", "0.001563")):
-        done = run_cli([*args, "--out", str(tmp_path / choice), "--resume", str(tmp_path / "two.pt"), "--reshard",
-                        "--elastic-lr", choice])
+    choices = (("keep", "0.003125"), ("scale", "0.001563"))
+    runs = run_clis([[*args, "--out", str(tmp_path / choice), "--resume", str(tmp_path / "two.pt"), "--reshard",
+                      "--elastic-lr", choice] for choice, _ in choices])  # side by side
+    for (choice, peak), done in zip(choices, runs, strict=True):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "16 of 48 images of the epoch done, the other 32 over 1 process: 8 steps" in done.stdout
         assert f"global batch 4, peak LR {peak}" in done.stdout, done.stdout[-1500:]

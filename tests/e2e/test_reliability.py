@@ -16,7 +16,7 @@ from rn50.reliability.checkpoint import BEST, load_checkpoint, regular_checkpoin
 from rn50.reliability.preemption import EXIT_PREEMPTED
 from rn50.reliability.preemption import EXIT_DIVERGED
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_clis
 
 SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
          "--dali-threads", "1", "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
@@ -125,9 +125,9 @@ def test_world_size_change_needs_reshard(shared_run, tmp_path):
     checkpoint["world_size"] = 2  # as if two processes had written it
     torch.save(checkpoint, tmp_path / "two.pt")
     args = [*shared_run.args, "--resume", str(tmp_path / "two.pt")]
-    refused = run_cli([*args, "--out", str(tmp_path / "again")])
+    refused, resharded = run_clis([[*args, "--out", str(tmp_path / "again")],  # side by side
+                                   [*args, "--out", str(tmp_path / "again2"), "--reshard", "--keep-checkpoints", "1"]])
     assert refused.returncode == 2 and "written by 2 processes" in refused.stderr and "--reshard" in refused.stderr
-    resharded = run_cli([*args, "--out", str(tmp_path / "again2"), "--reshard", "--keep-checkpoints", "1"])
     assert resharded.returncode == 0, resharded.stderr[-2000:]
     assert "resharded from 2 processes" in resharded.stdout
 
