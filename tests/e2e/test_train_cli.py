@@ -96,7 +96,7 @@ def test_start_up_says_what_differs_from_the_defaults_and_synthetic_validation_i
     and labels than training, so memorising the training batch does not look like learning."""
     out = tmp_path / "run"
     main(["--data", str(data_dir), "--out", str(out), "--loader", "synthetic", "--epochs", "3", "--base-lr", "2",
-          *SMALL])
+          *SMALL, "--keep-checkpoints", "1"])  # no checkpoint is read (90 MB each)
     stdout = capsys.readouterr().out
     summary_line = next(line for line in stdout.splitlines() if line.startswith("recipe: "))
     assert 'arch="resnet18"' in summary_line and "image_size=32" in summary_line and "epochs=3" in summary_line
