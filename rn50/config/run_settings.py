@@ -39,6 +39,7 @@ def _run_opt(default, help: str, **flag):
     """A run setting: its default, its help and how argparse reads its flag (add_run_flags)."""
     return field(default=default, metadata={"help": help, "flag": flag})
 
+
 @dataclass(frozen=True)
 class RunSettings:
     """How rn50.train keeps this run: where it reads and writes, how it resumes, checkpoints and watches

@@ -1,11 +1,11 @@
 """A run's life in its folder: start-up, resume and the run folder's files.
 
 Owns what rn50.train does before the first step and after the last: finding the checkpoint to resume from
-(`--resume PATH|auto`: `find_resume`, called at rn50.train's door, which resolves the configuration over its
-recipe), the resume guard (which recipe changes a resume accepts), the checks of the training file list, the world size and the
-architecture of --finetune-from weights, finished-run detection, preparing (and on a failed start cleaning
-up) the run folder, where a resumed run continues, and the files recipe.json, machine.json and
-summary.json. Every check here runs before anything is written into the run folder: a failed start-up is
+(`--resume PATH|auto`: `find_resume`, called at rn50.train's door, which then resolves the configuration
+over the checkpoint's recipe), the resume guard (which recipe changes a resume accepts), the checks of the
+training file list, the world size and the architecture of --finetune-from weights, finished-run detection,
+preparing (and on a failed start cleaning up) the run folder, where a resumed run continues, and the files
+recipe.json, machine.json and summary.json. Every check here runs before anything is written into the run folder: a failed start-up is
 one line, exit 2, and leaves the folder as it found it.
 """
 

@@ -46,7 +46,8 @@ def exit_code_of(exc: BaseException | None) -> int:
         return 0
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
-    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (Preempted, EXIT_PREEMPTED), (NotWritten, EXIT_STORAGE)):
+    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (Preempted, EXIT_PREEMPTED),
+                       (NotWritten, EXIT_STORAGE)):
         if isinstance(exc, kind):
             return code
     return 1

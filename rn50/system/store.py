@@ -97,14 +97,18 @@ def agent_store():
     return PrefixStore(_key(_attempt) + "/", _agent)
 
 
+def _attempts() -> list[str]:
+    """The job's attempts so far, oldest first, as rank 0 of each listed them in the agent's store."""
+    key = _key("attempts")
+    return json.loads(_agent.get(key).decode()) if _agent.check([key]) else []
+
+
 def note_attempt(is_main: bool) -> None:
     """Rank 0 adds this attempt to the job's list in torchrun's store (read by the next attempt)."""
     if _agent is None or not is_main or not _attempt:
         return
-    key = _key("attempts")
     try:
-        history = json.loads(_agent.get(key).decode()) if _agent.check([key]) else []
-        _agent.set(key, json.dumps((history + [_attempt])[-20:]))
+        _agent.set(_key("attempts"), json.dumps((_attempts() + [_attempt])[-20:]))
     except Exception:
         pass
 
@@ -122,8 +126,7 @@ def earlier_attempt_store():
     from torch.distributed import PrefixStore
 
     try:
-        history = json.loads(_agent.get(_key("attempts")).decode()) if _agent.check([_key("attempts")]) else []
-    except Exception:
+        earlier = [a for a in _attempts() if a != _attempt]
+    except Exception:  # the agent's store may be gone with its node
         return None
-    earlier = [a for a in history if a != _attempt]
     return PrefixStore(_key(earlier[-1]) + "/", _agent) if earlier else None
