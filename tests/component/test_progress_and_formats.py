@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines import build_loader
-from pipelines.baseline import to_rgb
+from pipelines.images import to_rgb
 from pipelines.errors import UserError
 from pipelines.folder import check_files, list_split
 from pipelines.registry import REGISTRY
