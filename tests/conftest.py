@@ -23,6 +23,33 @@ N_TRAIN_IMAGES, N_VAL_IMAGES = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLAS
 TIERS = ("unit", "component", "e2e")  # tests/<tier>/: the folder is the tier (setup.cfg's markers say what each is)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has made its TempPathFactory
+def pytest_configure(config):
+    """What the tools under test write beside their outputs goes into this session's pytest folder, not into /tmp
+    or ~ (issue 32): TMPDIR for this process and every command it starts (torchrun's torchelastic_* folders,
+    multiprocessing's pymp-*, MLflow's and W&B's temporary files), matplotlib's and W&B's config and cache
+    folders. One exception: inductor's compile cache stays where torch keeps it by default
+    (/tmp/torchinductor_<user>, 150 MB of it precompiled headers), so a session's --compile tests compile in
+    seconds from the previous one's."""
+    import getpass
+    import tempfile
+
+    # torch._inductor.runtime.cache_dir_utils.default_cache_dir() (importing it costs 1.5 s), before TMPDIR moves
+    inductor = Path(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    base = config._tmp_path_factory.getbasetemp()  # the session's folder (setup.cfg: retention)
+    for variable, name in (("TMPDIR", "tmp"), ("MPLCONFIGDIR", "matplotlib"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                           ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):
+        folder = base / name
+        folder.mkdir(exist_ok=True)
+        os.environ[variable] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    # parts of inductor ignore TORCHINDUCTOR_CACHE_DIR and build the path from TMPDIR (its precompiled headers):
+    # a link to the same cache (deleting the session's folder deletes the link, not what it points to)
+    inductor.mkdir(exist_ok=True)
+    (base / "tmp" / inductor.name).symlink_to(inductor, target_is_directory=True)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         folder = Path(str(item.fspath)).parent.name
@@ -47,6 +74,24 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+def fixture_folders(request, tmp_path_factory, *names: str) -> tuple[Path, ...]:
+    """Folders for a module-scoped fixture (tmp_path_factory.mktemp(name) each), deleted at its teardown unless
+    a test failed meanwhile: what tmp_path_retention_policy = failed (setup.cfg) does for tmp_path, where a
+    session's folders would otherwise stay until the session ends (issue 32)."""
+    import shutil
+
+    folders = tuple(tmp_path_factory.mktemp(name) for name in names)
+    failed = request.session.testsfailed
+
+    def remove():
+        if request.session.testsfailed == failed:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    request.addfinalizer(remove)
+    return folders
+
+
 def with_odd_files(data_dir: Path, tmp_path: Path) -> Path:
     """A copy of the generated data with two files raw ImageNet holds in train/: a PNG and a CMYK JPEG, each
     behind a .JPEG name (issue 17)."""
@@ -69,11 +114,24 @@ def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.Complete
     return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_clis(commands: list[list[str]], timeout: float = 300, **env) -> list[subprocess.CompletedProcess]:
+    """run_cli for independent commands, all at once (issue 32): most of a short command's time is its start-up
+    (importing torch and DALI, a few seconds of one core), so several side by side take the time of the slowest
+    on two cores rather than the sum. The results in the order of the commands."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda args: run_cli(args, timeout, **env), commands))
+
+
 # --- the shared tiny run ---------------------------------------------------------------------------------
 # One real `python -m rn50.train` per session that many e2e assertions read instead of each starting its own
 # (issue 25): resnet18 at 32 px on the generated data, 2 epochs of 6 steps, a checkpoint every 2 steps (two
 # mid-epoch ones in each epoch), the last 4 kept, started with `--resume auto` on an empty folder. It is read-only:
 # a test that writes into a run folder copies it first (shared_run.copy_to).
+# A ResNet-18 checkpoint is about 90 MB (weights and momentum) and a session folder lives until the session ends
+# (issue 32): once the run is done, the names of the checkpoints it kept are recorded (SharedRun.checkpoints) and
+# its mid-epoch checkpoints, which no test reads, are deleted; the epoch-end ones and the best stay.
 SHARED_RUN_FLAGS = ["--epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "4", "--loader", "dali-cpu",
                     "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
                     "--warmup-epochs", "1", "--lr-milestones", "2", "--seed", "3", "--log-every", "1"]
@@ -84,12 +142,36 @@ class SharedRun:
     dir: Path  # the run folder (--out)
     args: list[str]  # its command without --out and --resume: run it again with other flags, same recipe
     done: subprocess.CompletedProcess  # its exit code, stdout and stderr
+    checkpoints: tuple[str, ...] = ()  # checkpoint_*.pt as the run left them (sorted; mid-epoch ones and the best)
 
     def copy_to(self, dest: Path) -> Path:
+        """A copy to write into. The checkpoints are hard links (no space, no time): rn50.train never writes into
+        a checkpoint file, it replaces or deletes it (a new file renamed over the name, an unlink), which leaves
+        the shared run's file as it was; a test must not write into one in place either. The rest is copied."""
+        import os
         import shutil
 
-        shutil.copytree(self.dir, dest)
+        def link_checkpoints(src, dst):
+            if src.endswith(".pt"):
+                os.link(src, dst)
+            else:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(self.dir, dest, copy_function=link_checkpoints)
         return dest
+
+
+def finished_shared_run(out: Path, args: list[str], done: subprocess.CompletedProcess) -> SharedRun:
+    """The finished run as SharedRun: the names of its checkpoints recorded, then its mid-epoch checkpoints
+    (and their .sha256 sidecars) deleted; every name stays in `checkpoints`."""
+    from rn50.reliability.checkpoint import regular_checkpoints  # here: tests/gpu imports without rn50's deps
+
+    names = tuple(sorted(p.name for p in out.glob("checkpoint_*.pt")))
+    for path in regular_checkpoints(out):
+        if "_step" in path.name:
+            path.unlink()
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+    return SharedRun(out, args, done, names)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +180,7 @@ def shared_run(data_dir, tmp_path_factory) -> SharedRun:
     out = tmp_path_factory.mktemp("shared-run") / "run"
     done = run_cli([*args, "--out", str(out), "--resume", "auto"], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return SharedRun(out, args, done)
+    return finished_shared_run(out, args, done)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +191,7 @@ def shared_ddp_run(data_dir, tmp_path_factory) -> SharedRun:
     out = tmp_path_factory.mktemp("shared-ddp-run") / "run"
     done = run_cli([*args, "--out", str(out)], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return SharedRun(out, args, done)
+    return finished_shared_run(out, args, done)
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -232,7 +232,8 @@ def test_finetune_replaces_the_head_and_freezes_the_backbone_first(data_dir, tmp
 def test_early_stopping_and_target_top1(data_dir, tmp_path):
     stopped = tmp_path / "early"
     main(["--data", str(data_dir), "--out", str(stopped), "--epochs", "8", *SMALL, "--base-lr", "0",
-          "--early-stop-patience", "2"])  # LR 0: only the BN statistics move, top-1 soon stops improving
+          "--early-stop-patience", "2",  # LR 0: only the BN statistics move, top-1 soon stops improving
+          "--keep-checkpoints", "1"])  # stopping reads the history, not the checkpoints (90 MB each)
     epochs = [r for r in records(stopped) if "val/top1" in r]
     top1 = [r["val/top1"] for r in epochs]
 
@@ -255,7 +256,7 @@ def test_tensorboard_event_files_read_back_with_tensorboards_reader(data_dir, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    main(["--data", str(data_dir), "--out", str(run), "--epochs", "2", *SMALL])
+    main(["--data", str(data_dir), "--out", str(run), "--epochs", "2", *SMALL, "--keep-checkpoints", "1"])
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()

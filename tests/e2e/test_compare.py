@@ -12,15 +12,18 @@ from benchmarks import compare
 from benchmarks.run import main as bench_main
 from rn50.train import main as train_main
 
+from conftest import fixture_folders
+
 HARNESS = ["--arch", "resnet18", "--image-size", "32", "--modes", "synthetic", "--loaders", "", "--warmup-steps", "1",
            "--steps", "2", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
-    """Two harness reports that differ only in batch size, and a training run that reaches its target."""
+def runs(request, data_dir, tmp_path_factory):
+    """Two harness reports that differ only in batch size, and a training run that reaches its target (deleted
+    after the module's tests, unless one failed)."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("compare")
+    (root,) = fixture_folders(request, tmp_path_factory, "compare")
     for batch in (4, 8):
         bench_main(["--data", str(data_dir), "--out", str(root / f"bench{batch}"), "--batch-size", str(batch), *HARNESS])
     # synthetic validation sits near chance (25% with 4 classes): a 1% target is reached in the first epoch

@@ -171,17 +171,20 @@ def test_shrink_and_grow_use_every_image_once(tmp_path):
 def test_elastic_lr_keep_holds_the_peak_lr_the_run_trained_with(tmp_path):
     """--elastic-lr keep: a resume at another world size (here --reshard, outside torchrun) keeps the peak LR
     of the world size the checkpoint trained at; scale (the default) follows the new global batch."""
+    import shutil
+
     import torch
 
     from rn50.reliability.checkpoint import load_checkpoint
 
-    from conftest import run_cli
+    from conftest import run_cli, run_clis
 
     data = tmp_path / "data"
     make_dataset(data, 3, TRAIN // 3, VAL // 3, seed=7, min_side=40, max_side=48, progress=False)
     args = [sys.executable, "-m", "rn50.train", "--data", str(data), "--loader", "torchvision", "--workers", "0",
             "--arch", "resnet18", "--image-size", "32", "--batch-size", str(BATCH), "--epochs", "1", "--seed", "3"]
-    first = run_cli([*args, "--out", str(tmp_path / "one"), "--checkpoint-every", "1", "--keep-checkpoints", "0"])
+    # a checkpoint every 4 steps, all kept: the one after 4 steps is read (every step's would be 12 x 90 MB)
+    first = run_cli([*args, "--out", str(tmp_path / "one"), "--checkpoint-every", "4", "--keep-checkpoints", "0"])
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoint = load_checkpoint(tmp_path / "one" / "checkpoint_0000_step00000004.pt")
     assert checkpoint["lr_world"] == 1
@@ -189,9 +192,11 @@ def test_elastic_lr_keep_holds_the_peak_lr_the_run_trained_with(tmp_path):
     checkpoint.update(world_size=2, lr_world=2, steps_per_epoch=6, step=2, epoch_losses=[None, None],
                       loader=[{"epoch": 0, "position": 2}] * 2)
     torch.save(checkpoint, tmp_path / "two.pt")
-    for choice, peak in (("keep", "0.003125"), ("scale", "0.001563")):
-        done = run_cli([*args, "--out", str(tmp_path / choice), "--resume", str(tmp_path / "two.pt"), "--reshard",
-                        "--elastic-lr", choice])
+    shutil.rmtree(tmp_path / "one")  # read: its 3 checkpoints need not sit beside the two runs below
+    choices = (("keep", "0.003125"), ("scale", "0.001563"))
+    runs = run_clis([[*args, "--out", str(tmp_path / choice), "--resume", str(tmp_path / "two.pt"), "--reshard",
+                      "--elastic-lr", choice] for choice, _ in choices])  # side by side
+    for (choice, peak), done in zip(choices, runs, strict=True):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "16 of 48 images of the epoch done, the other 32 over 1 process: 8 steps" in done.stdout
         assert f"global batch 4, peak LR {peak}" in done.stdout, done.stdout[-1500:]

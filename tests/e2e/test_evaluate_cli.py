@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rn50.evaluate import class_metrics, evaluate, main as evaluate_main, parse_sizes
 from rn50.config.errors import UserError
 from rn50.core.model import build_model
-from tests.conftest import CLASSES, N_VAL_IMAGES, run_cli, torchrun
+from tests.conftest import CLASSES, N_VAL_IMAGES, fixture_folders, run_cli, torchrun
 
 FLAGS = ["--loader", "dali-cpu", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1"]
 
@@ -61,9 +61,10 @@ def test_bad_sizes_are_user_errors():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A resnet18 checkpoint as training saves it (model, EMA, recipe), with BlurPool off."""
-    path = tmp_path_factory.mktemp("weights") / "checkpoint_0001.pt"
+def checkpoint(request, tmp_path_factory):
+    """A resnet18 checkpoint as training saves it (model, EMA, recipe), with BlurPool off (90 MB, deleted after the
+    module's tests unless one failed)."""
+    path = fixture_folders(request, tmp_path_factory, "weights")[0] / "checkpoint_0001.pt"
     torch.manual_seed(0)
     model = build_model("resnet18", CLASSES)
     ema = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}

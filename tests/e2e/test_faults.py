@@ -21,7 +21,7 @@ from rn50.reliability import integrity
 from rn50.reliability.checkpoint import load_checkpoint, regular_checkpoints
 from tools.make_dataset import make_dataset
 
-from conftest import ROOT, SHARED_RUN_FLAGS, run_cli, torchrun
+from conftest import ROOT, SHARED_RUN_FLAGS, fixture_folders, run_cli, torchrun
 
 
 def final_weights(run_dir):
@@ -31,6 +31,10 @@ def final_weights(run_dir):
 def assert_same_weights(a, b):
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+# The faulted runs keep 1 checkpoint (90 MB each), not the shared run's 4: a restart resumes from the newest alone
+KEEP_ONE = ["--keep-checkpoints", "1"]
 
 
 def with_max_restarts(args: list[str], restarts: int = 2) -> list[str]:
@@ -91,7 +95,7 @@ def faults(run_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_sigkilled_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(ddp_reference, tmp_path):
-    args = with_max_restarts(ddp_reference.args)
+    args = with_max_restarts([*ddp_reference.args, *KEEP_ONE])
     out = tmp_path / "b"
     process = start(args, out)
     victim = hit_when(process, lambda: len(list(out.glob("checkpoint_*.pt"))) >= 1, signal.SIGKILL)
@@ -113,7 +117,7 @@ def test_a_sigkilled_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(dd
 def test_a_frozen_worker_is_named_by_the_watchdog_and_the_run_restarts(ddp_reference, tmp_path):
     """SIGSTOP: the process lives but never moves; the other rank's watchdog ends the job (exit 4), torchrun
     kills the frozen one and restarts the group."""
-    args = with_max_restarts([*ddp_reference.args, "--hang-timeout", "8"])
+    args = with_max_restarts([*ddp_reference.args, "--hang-timeout", "8", *KEEP_ONE])
     out = tmp_path / "b"
     process = start(args, out)
     victim = hit_when(process, lambda: len(list(out.glob("checkpoint_*.pt"))) >= 1, signal.SIGSTOP)
@@ -133,13 +137,14 @@ def test_a_frozen_worker_is_named_by_the_watchdog_and_the_run_restarts(ddp_refer
 
 
 @pytest.fixture(scope="module")
-def long_validation(tmp_path_factory):
+def long_validation(request, tmp_path_factory):
     """Data whose validation takes many batches (400 images: 25 batches of 8 per rank), so a fault can land
-    in it, and an uninterrupted two-rank run on it."""
-    data = tmp_path_factory.mktemp("data") / "long-val"
+    in it, and an uninterrupted two-rank run on it (deleted after the module's tests, unless one failed)."""
+    folders = fixture_folders(request, tmp_path_factory, "data", "long-val-run")
+    data = folders[0] / "long-val"
     make_dataset(data, 4, 12, 100, seed=7, min_side=48, max_side=64)
-    args = torchrun(2, "-m", "rn50.train", "--data", str(data), *SHARED_RUN_FLAGS, "--base-lr", "0.4")
-    out = tmp_path_factory.mktemp("long-val-run") / "a"
+    args = torchrun(2, "-m", "rn50.train", "--data", str(data), *SHARED_RUN_FLAGS, "--base-lr", "0.4", *KEEP_ONE)
+    out = folders[1] / "a"
     done = run_cli([*args, "--out", str(out)], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return args, out

@@ -11,7 +11,7 @@ import torch
 
 from rn50.train import main
 
-from conftest import N_VAL_IMAGES, run_cli
+from conftest import N_VAL_IMAGES, run_cli, run_clis
 
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--dali-threads", "1",
          "--warmup-epochs", "1", "--lr-milestones", "2", "--log-every", "3"]
@@ -40,8 +40,9 @@ def test_two_process_gloo_ddp_run(shared_ddp_run):
     assert recipe["peak_lr"] == pytest.approx(0.4 * 16 / 256) and recipe["optimisation"]["batch_size"] == 8
     machine = json.loads((out / "machine.json").read_text())
     assert machine["loader"] == "dali-cpu" and "loader" not in json.dumps(recipe)
-    # 3 steps per epoch, a checkpoint every 2 steps, --keep-checkpoints 4: every one kept, and the best
-    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == [
+    # 3 steps per epoch, a checkpoint every 2 steps, --keep-checkpoints 4: every one kept (the names as the run
+    # left them: conftest's finished_shared_run deletes the mid-epoch ones afterwards), and the best
+    assert list(shared_ddp_run.checkpoints) == [
         "checkpoint_0000_step00000002.pt", "checkpoint_0001.pt", "checkpoint_0001_step00000004.pt",
         "checkpoint_0002.pt", "checkpoint_best.pt"]
     assert "top-1" in done.stdout and "img/s" in done.stdout
@@ -51,7 +52,8 @@ def test_resume_continues_the_schedule_bit_for_bit(shared_run, tmp_path):
     """The shared 2-epoch run is the straight one; a resume from its epoch-1 checkpoint (a path, not auto)
     must give the same epoch 2 and the same final weights."""
     straight, resumed = shared_run.dir, tmp_path / "resumed"
-    done = run_cli([*shared_run.args, "--out", str(resumed), "--resume", str(straight / "checkpoint_0001.pt")])
+    done = run_cli([*shared_run.args, "--out", str(resumed), "--resume", str(straight / "checkpoint_0001.pt"),
+                    "--keep-checkpoints", "1"])  # the final checkpoint is read, not the 3 before it
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert [r["epoch"] for r in epoch_records(resumed)] == [2]
     for a, b in zip(epoch_records(straight)[1:], epoch_records(resumed), strict=True):
@@ -71,8 +73,10 @@ def test_user_errors_are_one_line_and_exit_2(data_dir, tmp_path):
     ]
     if torch.cuda.is_available():
         cases.pop(2)
-    for args, message in cases:
-        done = run_cli([sys.executable, "-m", "rn50.train", "--out", str(tmp_path / "run"), *args])
+    # side by side (conftest's run_clis), each with a run folder of its own
+    results = run_clis([[sys.executable, "-m", "rn50.train", "--out", str(tmp_path / f"run{i}"), *args]
+                        for i, (args, _) in enumerate(cases)])
+    for (args, message), done in zip(cases, results, strict=True):
         assert done.returncode == 2, (args, done.stderr[-2000:])
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
@@ -92,7 +96,7 @@ def test_start_up_says_what_differs_from_the_defaults_and_synthetic_validation_i
     and labels than training, so memorising the training batch does not look like learning."""
     out = tmp_path / "run"
     main(["--data", str(data_dir), "--out", str(out), "--loader", "synthetic", "--epochs", "3", "--base-lr", "2",
-          *SMALL])
+          *SMALL, "--keep-checkpoints", "1"])  # no checkpoint is read (90 MB each)
     stdout = capsys.readouterr().out
     summary_line = next(line for line in stdout.splitlines() if line.startswith("recipe: "))
     assert 'arch="resnet18"' in summary_line and "image_size=32" in summary_line and "epochs=3" in summary_line
@@ -193,12 +197,13 @@ def test_a_failed_start_leaves_no_run_folder_that_did_not_exist_before(data_dir,
     """Issue 23, 3.10: the run folder (and its new parents) was made before the data and the batch were
     checked, and stayed behind empty when they failed; a folder that existed stays, as it was."""
     out = tmp_path / "new" / "run"
-    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--loader",
-                    "dali-cpu", "--batch-size", "4096"])
+    (tmp_path / "kept").mkdir()
+    done, again = run_clis([
+        [sys.executable, "-m", "rn50.train", "--data", str(data_dir), "--out", str(out), "--loader", "dali-cpu",
+         "--batch-size", "4096"],
+        [sys.executable, "-m", "rn50.train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "kept"),
+         "--loader", "dali-cpu"]])
     assert done.returncode == 2 and "lower --batch-size" in done.stderr, done.stderr
     assert not (tmp_path / "new").exists()
-    (tmp_path / "kept").mkdir()
-    done = run_cli([sys.executable, "-m", "rn50.train", "--data", str(tmp_path / "nowhere"), "--out",
-                    str(tmp_path / "kept"), "--loader", "dali-cpu"])
-    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+    assert again.returncode == 2 and "does not exist" in again.stderr, again.stderr
     assert (tmp_path / "kept").is_dir()
