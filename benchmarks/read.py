@@ -25,16 +25,15 @@ READ_MARGIN = 1.5  # reads this much above the loader's img/s leave the storage 
 
 
 def _reader(data):
-    """(kind, image count, read(i) -> bytes, order(epoch) for this rank)."""
-    from pipelines.shards import is_shards, list_shard_split
+    """(kind, image count, read(i) -> bytes): the training split as pipelines.list_data lists it for every
+    loader, class folders or shards."""
+    from pipelines import list_data
     from pipelines.storage import is_s3
 
-    if is_shards(data):
-        shards = list_shard_split(str(data), "train")
-        return ("s3 shards" if is_s3(data) else "shards"), len(shards), shards.read
-    from pipelines.folder import list_split
-
-    files = list_split(str(data), "train").files
+    listing = list_data(data, "train")
+    if listing.shards:
+        return ("s3 shards" if is_s3(data) else "shards"), len(listing), listing.images.read
+    files = listing.images.files
 
     def read(i: int) -> bytes:
         with open(files[i], "rb") as f:  # an open per image: what a shared file system charges for

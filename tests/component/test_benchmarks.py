@@ -11,7 +11,10 @@ import torch
 
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
 from benchmarks.recommend import ratios_to_dali, recommend
-from benchmarks.run import Bench, Plan, main, time_to_train
+from benchmarks.figures import time_to_train
+from benchmarks.measure import Bench
+from benchmarks.plan import Plan
+from benchmarks.run import main
 from benchmarks.stall import percentile
 from benchmarks.verdict import verdict
 from rn50.system.dist import DistEnv
@@ -325,7 +328,7 @@ def test_the_answer_from_loader_mode_alone_says_so():
 
 
 def test_cpu_machines_default_to_every_loader_that_runs_on_the_cpu(data_dir, tmp_path, capsys):
-    from benchmarks.run import default_loaders
+    from benchmarks.plan import default_loaders
 
     assert default_loaders(False) == ("dali-cpu", "torchvision-gpu", "torchvision")
     assert default_loaders(True) == ("dali", "dali-hybrid", "dali-cpu", "torchvision-gpu", "torchvision")
@@ -382,7 +385,7 @@ def test_a_batch_larger_than_the_data_is_one_line_before_measuring(data_dir, tmp
 
 
 def test_endless_refuses_a_loader_without_batches():
-    from benchmarks.run import endless
+    from benchmarks.measure import endless
     from pipelines.augmentation import Augmentation
     from pipelines.synthetic import SyntheticLoader
     from rn50.config.errors import UserError
@@ -429,11 +432,11 @@ def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
     import gc
     import weakref
 
-    import benchmarks.run as run_mod
+    import benchmarks.measure as measure_mod
     from rn50.config.machine import Machine
 
     made = []
-    real_build, real_loader = run_mod.build_training, Bench.loader
+    real_build, real_loader = measure_mod.build_training, Bench.loader
 
     def build_training(*args, **kwargs):
         parts = real_build(*args, **kwargs)
@@ -445,7 +448,7 @@ def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
         made.append(weakref.ref(built))
         return built
 
-    monkeypatch.setattr(run_mod, "build_training", build_training)
+    monkeypatch.setattr(measure_mod, "build_training", build_training)
     monkeypatch.setattr(Bench, "loader", loader)
     bench = Bench(with_fields(arch="resnet18", batch_size=4, image_size=32), data_dir,
                   DistEnv(0, 1, 0, torch.device("cpu")), Plan(("train",), ("dali-cpu",), 1, 2, 1), Machine(dali_threads=1))
@@ -489,9 +492,30 @@ def test_console_rows_line_up_and_counts_agree_with_their_nouns(data_dir, tmp_pa
 
 def test_the_harness_takes_loader_auto_as_training_does(tmp_path):
     """Issue 23, 3.8: `auto` in --loaders is dali on a GPU machine and dali-cpu without one."""
-    from benchmarks.run import machine_defaults, make_plan, parse_args
+    from benchmarks.plan import bench_config
+    from benchmarks.run import parse_args
 
-    for gpu, meant in ((False, "dali-cpu"), (True, "dali")):
+    for device_type, meant in (("cpu", "dali-cpu"), ("cuda", "dali")):
         args = parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--loaders", "auto,torchvision"])
-        machine_defaults(args, gpu)
-        assert make_plan(args).loaders == (meant, "torchvision")
+        given = dict(vars(args))
+        assert bench_config(args, device_type).plan.loaders == (meant, "torchvision")
+        assert vars(args) == given  # the configuration is built from the flags, never written into them
+
+
+def test_the_harness_device_comes_from_the_resolved_machine_settings(data_dir, tmp_path, capsys):
+    """As rn50.train's (test_errors.py::test_a_presets_machine_device_is_honoured): a preset's [machine] device
+    is honoured, resolved before the process group exists; the harness read the raw --device flag, so a
+    preset's `device = "cuda"` benchmarked the CPU without a word. Defaults follow the device: the CPU's."""
+    from benchmarks.run import configure, parse_args
+
+    preset = tmp_path / "gpu.toml"
+    preset.write_text('[machine]\ndevice = "cuda"\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "bench"), "--preset", str(preset)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "device cuda" in err and "no NVIDIA GPU" in err, err
+    assert not (tmp_path / "bench").exists()
+    config = configure(parse_args(["--data", str(data_dir), "--out", str(tmp_path / "bench"), "--preset", str(preset),
+                                   "--device", "cpu"]))  # the flag wins over the preset
+    assert config.machine.device == "cpu" and config.recipe.optimisation.batch_size == 32
+    assert (config.plan.warmup_steps, config.plan.steps, config.plan.repeats) == (3, 6, 2)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from benchmarks.run import Bench, main
+from benchmarks.measure import Bench
+from benchmarks.run import main
 
 
 def test_harness_levers_table_from_a_real_run(data_dir, tmp_path):

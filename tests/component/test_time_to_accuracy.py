@@ -158,7 +158,7 @@ def test_dali_resume_across_a_resolution_change_is_exact(data_dir):
 
 
 def test_schedule_estimate_takes_each_epoch_at_its_resolutions_speed():
-    from benchmarks.run import IMAGENET_TRAIN, IMAGENET_VAL, time_to_train_schedule
+    from benchmarks.figures import IMAGENET_TRAIN, IMAGENET_VAL, time_to_train_schedule
 
     recipe = resolve({"preset": "ffcv_16_epochs"}).recipe  # 12 epochs at 160 px, 4 at 192, validation 256 with flips
     rows = [{"image_size": 160, "mode": "train", "loader": "dali", "img_per_s": 10_000.0},

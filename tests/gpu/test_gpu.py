@@ -353,7 +353,8 @@ def test_training_runs_with_the_other_gpu_loaders(gpu_data, tmp_path, kind):
 
 def test_gpu_timeline_stall_of_a_loader_that_sleeps():
     """A 20 ms input wait against ~8 ms of GPU work per step: the GPU idles ~12 of every ~20 ms."""
-    from benchmarks.run import Bench, Plan
+    from benchmarks.measure import Bench
+    from benchmarks.plan import Plan
 
     matrix = torch.randn(2048, 2048, device="cuda")
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from benchmarks.levers import LEVERS, best_combination, parse_levers, variant, why_not_here, write_preset
-from benchmarks.run import Bench, main
+from benchmarks.measure import Bench
+from benchmarks.run import main
 from rn50.system.dist import DistEnv
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine

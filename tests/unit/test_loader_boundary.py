@@ -96,7 +96,7 @@ def test_the_loader_constructors_keep_no_default_of_their_own():
 
 
 def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
-    from benchmarks.run import LOADERS, default_loaders
+    from benchmarks.plan import LOADERS, default_loaders
     from rn50.config.machine import LOADERS as RECIPE_LOADERS, Machine
 
     assert RECIPE_LOADERS == KINDS == tuple(REGISTRY)

@@ -1,0 +1,233 @@
+"""The harness's measurements: `Bench` times the training step (rn50.core.step.train_step, the one training
+uses) or a loader alone over warm-up and timed windows, gathers every rank's figures into one result row, and
+measures the recipe's other training resolutions (progressive resizing)."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.plan import WIDTH, Plan
+from benchmarks.stall import StepTimer, Window
+from rn50.config.errors import UserError
+from rn50.config.machine import Machine
+from rn50.config.profile_flags import TRACE_DIR
+from rn50.config.recipe import Recipe
+from rn50.core.loaders import build_split
+from rn50.core.schedule import set_lr
+from rn50.core.step import build_training, train_step
+from rn50.observe.profiling import StepProfiler, named_range
+from rn50.system.dist import DistEnv, all_gather_objects, barrier
+from rn50.system.telemetry import Telemetry
+
+
+def endless(loader):
+    """Batches across epoch boundaries, so a window may be longer than one epoch of a small dataset."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        delivered = 0
+        for batch in loader:
+            delivered += 1
+            yield batch
+        if not delivered:  # build_loader refuses a share smaller than a batch; never spin on an empty loader
+            raise UserError(f"the loader delivered no batch in epoch {epoch}; lower --batch-size")
+        epoch += 1
+
+
+class Bench:
+    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan, machine: Machine | None = None):
+        self.recipe, self.data, self.env, self.plan = recipe, data, env, plan
+        self.machine = machine or Machine()
+        self.batch_size = recipe.optimisation.batch_size
+        self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+        # --profile-steps: (window, tool, report folder), set by run(); measure() profiles each measurement's
+        # steps into its own trace (lever variants and the autotune sweep are not profiled)
+        self.profile: tuple | None = None
+        self.profiler = StepProfiler(None, Path(), env.rank, env.device)  # off outside measure()
+        self.traces: list[dict] = []
+
+    def with_settings(self, recipe: Recipe, machine: Machine) -> "Bench":
+        """The same data, device and plan with another recipe or machine settings (a speed lever)."""
+        return Bench(recipe, self.data, self.env, self.plan, machine)
+
+    def loader(self, kind: str, **overrides):
+        return build_split(self.recipe, self.machine, kind, "train", self.data, self.env, **overrides)
+
+    def windows(self, loader, work) -> tuple[list[Window], list[dict]]:
+        """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
+        timer = StepTimer(self.env.device)
+        batches, steps = endless(loader), self.plan.steps
+        counted = itertools.count(1)  # the measurement's steps, warm-up included: --profile-steps counts them
+
+        def step():
+            n = next(counted)
+            self.profiler.begin(n)
+            with named_range("input wait"):
+                images, labels = next(batches)  # the input wait happens here, between the marks
+            timer.before()
+            if work is not None:
+                work(images, labels)
+            timer.after()
+            self.profiler.end(n)
+
+        self.compile_s = None
+        for n in range(self.plan.warmup_steps):
+            if n == 0 and work is not None and self.machine.compile:  # the step that compiles, timed alone
+                self._sync()
+                started = time.perf_counter()
+                step()
+                self._sync()
+                self.compile_s = time.perf_counter() - started  # a result row's compile_s (measure)
+            else:
+                step()
+        windows, telemetry = [], []
+        for _ in range(self.plan.repeats):
+            self.telemetry.start()
+            step()  # untimed: the previous window's synchronisation and the telemetry start end here
+            first = len(timer.host_after)
+            for _ in range(steps):
+                step()
+            windows.append(timer.window(first, self.batch_size))
+            telemetry.append(self.telemetry.stop(images=steps * self.batch_size))
+        return windows, telemetry
+
+    def _sync(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+
+    def train_windows(self, loader, env: DistEnv | None = None):
+        env = env or self.env
+        # synthetic labels are uniform: equal counts stand in (a weighted loss costs the same either way)
+        counts = getattr(loader, "class_counts", None) or (1,) * loader.num_classes
+        parts = build_training(self.recipe, loader.num_classes, env, self.machine, profiling=self.profile is not None,
+                               class_counts=counts)
+        # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
+        # larger batch, when a lever asks for one)
+        set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))
+        return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
+
+    def measure(self, mode: str, loader_name: str) -> dict:
+        """One row: `mode` through `loader_name` ("synthetic" in synthetic mode). The row's model, graph pool and
+        pipeline are gone when it returns, so the next row's memory_peak_gib is its own."""
+        try:
+            return self._measure(mode, loader_name)
+        finally:
+            release_memory(self.env.device)
+
+    def _measure(self, mode: str, loader_name: str) -> dict:
+        loader = self.loader(loader_name)
+        cuda = self.env.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+        if self.profile:
+            window, tool, out = self.profile
+            name = mode if mode == loader_name else f"{mode}-{loader_name}"
+            self.profiler = StepProfiler(window, out / TRACE_DIR / name, self.env.rank, self.env.device, tool,
+                                         print if self.env.is_main else (lambda *a, **k: None))
+        try:
+            if mode == "loader":
+                windows, telemetry = self.windows(loader, None)
+            else:
+                windows, telemetry = self.train_windows(loader)
+        finally:
+            if self.profile and self.profiler.close():  # each rank wrote its own rank<R> file beside rank 0's
+                self.traces += [{"mode": mode, "loader": loader_name, "rank": rank,
+                                 "path": f"{TRACE_DIR}/{name}/rank{rank}.pt.trace.json"}  # relative to --out
+                                for rank in range(self.env.world_size)]
+            self.profiler = StepProfiler(None, Path(), self.env.rank, self.env.device)
+        memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
+        return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
+                "memory_peak_gib": memory,
+                # --compile: the first warm-up step's seconds (it compiles); warm-up is never in the timed windows
+                **({"compile_s": self.compile_s} if self.machine.compile and mode != "loader" else {})}
+
+    def single_gpu_ceiling(self) -> float | None:
+        """Synthetic img/s of rank 0 alone (no DDP), for the scaling efficiency of a multi-GPU run."""
+        result = None
+        if self.env.is_main:
+            alone = DistEnv(0, 1, self.env.local_rank, self.env.device)
+            loader = build_split(self.recipe, self.machine, "synthetic", "train", self.data, alone)
+            windows, _ = self.train_windows(loader, alone)
+            result = statistics.fmean(w.img_per_s for w in windows)
+            del loader
+            release_memory(self.env.device)
+        barrier()
+        return result
+
+
+def spread(values: list[float]) -> float | None:
+    """(max - min) / mean of a measurement's windows; None with a single window (its spread is unknown)."""
+    return (max(values) - min(values)) / statistics.fmean(values) if len(values) > 1 else None
+
+
+def release_memory(device: torch.device) -> None:
+    """Between rows: collect what is unreachable (nothing should be: the step and the loaders hold no
+    cycles), hand the CUDA cache back and start the peak-memory count afresh."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: list[dict], plan: Plan,
+              env: DistEnv) -> dict:
+    """Gather every rank's windows; figures per rank and in total (sum over ranks)."""
+    mine = {
+        "rank": env.rank,
+        "img_per_s": statistics.fmean(w.img_per_s for w in windows),
+        "step_time": windows[-1].step_stats(),
+        "stall_fraction": statistics.fmean(w.stall_fraction for w in windows) if mode != "loader" else None,
+        "windows_img_per_s": [w.img_per_s for w in windows],
+        "timeline": {"step_s": windows[-1].step_s, "wait_s": windows[-1].wait_s},
+        "telemetry": telemetry[-1],
+    }
+    ranks = all_gather_objects(mine)
+    per_repeat_total = [sum(r["windows_img_per_s"][i] for r in ranks) for i in range(plan.repeats)]
+    total = statistics.fmean(per_repeat_total)
+    return {
+        "img_per_s": total,  # all ranks together (first key: readers look for it first)
+        "mode": mode,
+        "loader": loader_name,
+        "img_per_s_per_gpu": total / env.world_size,
+        "img_per_s_std": statistics.stdev(per_repeat_total) if plan.repeats > 1 else None,
+        # each timed window's img/s (all ranks) and their spread, (max - min) / mean: what a difference
+        # between two measurements must beat before it means anything (verdicts, levers)
+        "img_per_s_windows": per_repeat_total,
+        "img_per_s_spread": spread(per_repeat_total),
+        "step_time": ranks[0]["step_time"],
+        "warmup_steps": plan.warmup_steps,
+        "timed_steps": plan.steps,
+        "repeats": plan.repeats,
+        # the worst rank's stall: one waiting rank holds every other at the next all-reduce
+        "stall": {"fraction": max(r["stall_fraction"] for r in ranks), "basis": windows[-1].stall_basis}
+        if mode != "loader" else None,
+        "telemetry": ranks[0]["telemetry"],
+        "per_rank": [{k: r[k] for k in ("rank", "img_per_s", "step_time", "stall_fraction")} for r in ranks],
+        "timeline": ranks[0]["timeline"],
+    }
+
+
+def measure_resolutions(bench: "Bench", plan: Plan, results: list[dict], say) -> list[dict]:
+    """Synthetic and end-to-end img/s at every training resolution the recipe's schedule uses (progressive
+    resizing); the main table's were taken at the first epoch's resolution."""
+    aug = bench.recipe.augmentation
+    first = aug.train_size(0)
+    kinds = [k for k in [("synthetic", "synthetic")] if "synthetic" in plan.modes]
+    kinds += [("train", name) for name in plan.loaders if "train" in plan.modes]
+    rows = [{"image_size": first, "mode": r["mode"], "loader": r["loader"], "img_per_s": r["img_per_s"]}
+            for r in results if (r["mode"], r["loader"]) in kinds]
+    for size in sorted(set(aug.train_sizes(bench.recipe.schedule.epochs)) - {first}):
+        fixed = replace(bench.recipe, augmentation=replace(aug, image_size=size, min_res=0, max_res=0))
+        at_size = bench.with_settings(fixed, bench.machine)
+        for mode, loader in kinds:
+            img_per_s = at_size.measure("train", loader)["img_per_s"]
+            rows.append({"image_size": size, "mode": mode, "loader": loader, "img_per_s": img_per_s})
+            say(f"  {mode:9s} {loader:{WIDTH}s} {img_per_s:10.1f} img/s at {size} px", flush=True)
+    return rows
