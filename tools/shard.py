@@ -36,6 +36,7 @@ import os
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,16 @@ TAR_BLOCK = 512
 DEFAULT_SHARD_BYTES = 1 << 30
 EXT_NAMES = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff",
              ".webp": "webp"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How `shard` writes, read once from the flags: --shard-size in bytes, the rest as given."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    images_per_shard: int | None = None
+    seed: int = 0
+    manifest: Path | None = None
+    quiet: bool = False
 
 
 def parse_size(text: str) -> int:
@@ -148,9 +159,9 @@ def _list_sources(src: Path, manifest: Path | None, split: str):
         return None  # no validation split: shards of training only
 
 
-def _plan_digest(src: Path, args, listing) -> str:
-    blob = json.dumps({"src": str(src.resolve()), "seed": args.seed, "bytes": args.shard_bytes,
-                       "images": args.images_per_shard, "manifest": str(args.manifest),
+def _plan_digest(src: Path, options: Options, listing) -> str:
+    blob = json.dumps({"src": str(src.resolve()), "seed": options.seed, "bytes": options.shard_bytes,
+                       "images": options.images_per_shard, "manifest": str(options.manifest),
                        "files": {split: [len(files), hashlib.sha256("\n".join(files).encode()).hexdigest()]
                                  for split, (files, _, _) in listing.items()}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -173,7 +184,7 @@ def _read_progress(dest: Path, digest: str) -> dict:
     return done
 
 
-def shard(src: Path, dest: Path, args, say=print) -> dict:
+def shard(src: Path, dest: Path, options: Options, say=print) -> dict:
     if not src.is_dir():
         raise UserError(f"{src} is not a folder; pass the dataset folder with train/<class>/*.JPEG as SRC")
     if (src / DATASET_JSON).is_file():
@@ -186,11 +197,11 @@ def shard(src: Path, dest: Path, args, say=print) -> dict:
     classes = class_names(str(src))
     listing, left_out = {}, {}
     for split in SPLITS:
-        image_list = _list_sources(src, args.manifest, split)
+        image_list = _list_sources(src, options.manifest, split)
         if image_list is None:
             continue
         files, labels = list(image_list.files), list(image_list.labels)
-        if args.manifest is None:  # a manifest's files were decoded by tools.scan already
+        if options.manifest is None:  # a manifest's files were decoded by tools.scan already
             problems = find_header_problems(files)
             bad = {path for path, _ in problems}
             left_out[split] = [{"path": path, "reason": reason} for path, reason in problems]
@@ -206,19 +217,19 @@ def shard(src: Path, dest: Path, args, say=print) -> dict:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {dest} ({exc.strerror}); pass a writable folder") from None
-    digest = _plan_digest(src, args, listing)
+    digest = _plan_digest(src, options, listing)
     done = _read_progress(dest, digest)
     if done:
         say(f"resuming: {len(done)} shards of an interrupted run are complete and kept")
     else:
         (dest / PROGRESS).write_text(json.dumps({"plan": digest}) + "\n")
-    plans = {split: plan_split(*listing[split], args.seed, args.shard_bytes, args.images_per_shard, split)
+    plans = {split: plan_split(*listing[split], options.seed, options.shard_bytes, options.images_per_shard, split)
              for split in listing}
     total = sum(len(files) for files, _, _ in listing.values())
     started = time.perf_counter()
-    meta = {"format": FORMAT, "classes": list(classes), "seed": args.seed, "source": str(src.resolve()),
-            "shard_bytes": args.shard_bytes, "images_per_shard": args.images_per_shard, "splits": {}}
-    with progress_bar(total, "sharding", unit="images", enabled=not args.quiet) as progress:
+    meta = {"format": FORMAT, "classes": list(classes), "seed": options.seed, "source": str(src.resolve()),
+            "shard_bytes": options.shard_bytes, "images_per_shard": options.images_per_shard, "splits": {}}
+    with progress_bar(total, "sharding", unit="images", enabled=not options.quiet) as progress:
         for split, plan in plans.items():
             records, members = [], []
             for number, (name, samples) in enumerate(plan):
@@ -305,7 +316,8 @@ def summary(meta: dict, dest: Path) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv):
+def parse_args(argv) -> tuple[argparse.Namespace, Options]:
+    """The flags, and the write's options built from them (nothing is written into the flags)."""
     parser = argparse.ArgumentParser(prog="python -m tools.shard", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="dataset folder (train/<class>/, val/<class>/), or with --verify alone "
                                                "a shard folder")
@@ -317,22 +329,22 @@ def parse_args(argv):
     parser.add_argument("--verify", action="store_true", help="re-read every shard afterwards (or alone: SRC's shards)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    args.shard_bytes = parse_size(args.shard_size)
+    shard_bytes = parse_size(args.shard_size)
     if args.images_per_shard is not None and args.images_per_shard < 1:
         raise UserError(f"--images-per-shard {args.images_per_shard} must be 1 or more")
-    return args
+    return args, Options(shard_bytes, args.images_per_shard, args.seed, args.manifest, args.quiet)
 
 
 def main(argv=None) -> None:
     try:
-        args = parse_args(argv)
+        args, options = parse_args(argv)
         if args.out is None:
             if not args.verify:
                 raise UserError("pass --out DST (the shard folder to write), or --verify alone to check shards")
             dest = args.src
         else:
             dest = args.out
-            print(summary(shard(args.src, args.out, args), args.out), flush=True)
+            print(summary(shard(args.src, args.out, options), args.out), flush=True)
         if args.verify:
             problems = verify(dest, quiet=args.quiet)
             for problem in problems:
