@@ -15,6 +15,9 @@ Files from extracted folders are symlinked (absolute targets) by default, or mov
 archives are always extracted, straight into the layout, and never changed. Sources are only ever
 modified with --mode move.
 
+This module reads the sources and places the files; the validation labels are tools/imagenet_labels.py's,
+the --out check, the counts against the expected ones and the report tools/imagenet_verify.py's.
+
 Exit codes: 0 prepared and the counts match the expected ones; 1 prepared but the counts differ (the data
 is incomplete, the command was right); 2 the command or its inputs are wrong (one `error: ...` line).
 """
@@ -22,9 +25,6 @@ is incomplete, the command was right); 2 the command or its inputs are wrong (on
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
 import shutil
 import sys
@@ -36,16 +36,13 @@ from pathlib import Path
 from typing import IO, Callable, Iterable
 
 from rn50.config.errors import UserError
+from tools.imagenet_labels import load_ground_truth
+from tools.imagenet_verify import (EXPECT_CLASSES, EXPECT_TRAIN, EXPECT_VAL, check_out, format_table, verify,
+                                   write_report)
 from tools.progress import LOG_EVERY, bar as progress_bar
 
-EXPECT_TRAIN, EXPECT_VAL, EXPECT_CLASSES = 1_281_167, 50_000, 1_000
 MODES = ("symlink", "move", "copy")
-SPLITS = ("train", "val")
 COPY_BUFFER = 1 << 20  # 1 MiB reads from tar streams; JPEGs average ~110 KB, so most fit in one read
-
-DEVKIT_META = "data/meta.mat"
-DEVKIT_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
-KAGGLE_HEADER = ["ImageId", "PredictionString"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,125 +72,6 @@ class Progress:
         secs = time.perf_counter() - self.start
         print(f"{self.label}: done, {self.count:,} files in {secs:.0f} s ({self.count / max(secs, 1e-9):,.0f} files/s)",
               file=self.stream, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Ground truth: val image stem (ILSVRC2012_val_00000001) -> wnid
-
-
-def load_ground_truth(path) -> dict[str, str]:
-    """Read any of the accepted ground-truth forms; returns {val image stem: wnid}."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--ground-truth {path} does not exist; pass ILSVRC2012_devkit_t12.tar.gz, "
-                        f"its extracted folder, or Kaggle's LOC_val_solution.csv")
-    if path.is_dir():
-        meta, truth = read_devkit_folder(path)
-    elif path.name.lower().endswith(".csv"):
-        return read_kaggle_csv(path)
-    elif tarfile.is_tarfile(path):
-        meta, truth = read_devkit_archive(path)
-    else:
-        raise UserError(f"--ground-truth {path} is neither a devkit archive or folder nor a .csv file; "
-                        f"pass ILSVRC2012_devkit_t12.tar.gz, its extracted folder, "
-                        f"or Kaggle's LOC_val_solution.csv")
-    return devkit_labels(truth, parse_meta_mat(meta, source=path), source=path)
-
-
-def read_devkit_folder(path: Path) -> tuple[bytes, str]:
-    """(meta.mat bytes, ground-truth text) from an extracted devkit, given its folder or the one above."""
-    for root in (path, path / "ILSVRC2012_devkit_t12"):
-        meta, truth = root / DEVKIT_META, root / DEVKIT_GROUND_TRUTH
-        if meta.is_file() and truth.is_file():
-            return meta.read_bytes(), truth.read_text()
-    raise UserError(f"--ground-truth {path} is a folder without {DEVKIT_META} and {DEVKIT_GROUND_TRUTH}; "
-                    f"pass the extracted ILSVRC2012_devkit_t12 folder (or the .tar.gz itself)")
-
-
-def read_devkit_archive(path: Path) -> tuple[bytes, str]:
-    """(meta.mat bytes, ground-truth text) from the devkit tar(.gz), matched by path suffix so any
-    top-level folder name works; one streaming pass, nothing written to disk."""
-    found: dict[str, bytes] = {}
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            for want in (DEVKIT_META, DEVKIT_GROUND_TRUTH):
-                if member.isfile() and (member.name == want or member.name.endswith("/" + want)):
-                    found[want] = tar.extractfile(member).read()
-    missing = [want for want in (DEVKIT_META, DEVKIT_GROUND_TRUTH) if want not in found]
-    if missing:
-        raise UserError(f"--ground-truth {path} has no {' or '.join(missing)}; "
-                        f"pass ILSVRC2012_devkit_t12.tar.gz (the 'Development kit (Task 1 & 2)' download)")
-    return found[DEVKIT_META], found[DEVKIT_GROUND_TRUTH].decode()
-
-
-def parse_meta_mat(data: bytes, source="meta.mat") -> dict[int, str]:
-    """{ILSVRC2012_ID: wnid} for the leaf synsets of the devkit's meta.mat.
-
-    meta.mat also lists the WordNet ancestors of the 1000 classes (num_children > 0); those are
-    never labels, and skipping them keeps the map to exactly the classes images can have.
-    Fields are read by name, not position, so a re-saved file with another field order still works.
-    """
-    try:
-        from scipy.io import loadmat  # here: only the devkit form needs it
-    except ImportError:
-        raise UserError("reading the devkit's meta.mat needs scipy; `pip install scipy`, "
-                        "or pass Kaggle's LOC_val_solution.csv as --ground-truth") from None
-    import numpy as np
-
-    try:
-        synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        synsets = np.atleast_1d(synsets)
-        fields = {name: synsets[name] for name in ("ILSVRC2012_ID", "WNID", "num_children")}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{source}: meta.mat has no readable `synsets` struct with ILSVRC2012_ID, WNID and "
-                        f"num_children ({e}); pass an unmodified ILSVRC2012 devkit") from None
-    id_to_wnid: dict[int, str] = {}
-    for ident, wnid, children in zip(fields["ILSVRC2012_ID"], fields["WNID"], fields["num_children"]):
-        if int(children) == 0:
-            id_to_wnid[int(ident)] = str(wnid)
-    if not id_to_wnid:
-        raise UserError(f"{source}: meta.mat lists no leaf synsets (num_children == 0); "
-                        f"pass an unmodified ILSVRC2012 devkit")
-    return id_to_wnid
-
-
-def devkit_labels(text: str, id_to_wnid: dict[int, str], source="ground truth") -> dict[str, str]:
-    """{ILSVRC2012_val_%08d: wnid}: line i of the ground-truth file is the ILSVRC2012_ID of val image i."""
-    labels: dict[str, str] = {}
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            ident = int(line)
-        except ValueError:
-            raise UserError(f"{source}: line {i} of {DEVKIT_GROUND_TRUTH} is {line!r}, not a class id; "
-                            f"pass an unmodified ILSVRC2012 devkit") from None
-        if ident not in id_to_wnid:
-            raise UserError(f"{source}: line {i} of {DEVKIT_GROUND_TRUTH} names class id {ident}, which "
-                            f"meta.mat does not list as a leaf synset; pass an unmodified ILSVRC2012 devkit")
-        labels[f"ILSVRC2012_val_{i:08d}"] = id_to_wnid[ident]
-    return labels
-
-
-def read_kaggle_csv(path: Path) -> dict[str, str]:
-    """{ImageId: wnid} from Kaggle's LOC_val_solution.csv; the wnid is the first word of each
-    PredictionString (the rest are boxes, each repeating a wnid, not needed for classification)."""
-    labels: dict[str, str] = {}
-    with open(path, newline="") as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header != KAGGLE_HEADER:
-            raise UserError(f"--ground-truth {path} starts with {header}, not {','.join(KAGGLE_HEADER)}; "
-                            f"pass Kaggle's LOC_val_solution.csv or the ILSVRC2012 devkit")
-        for line, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            words = row[1].split() if len(row) == 2 else []
-            if not row[0] or not words:
-                raise UserError(f"--ground-truth {path} line {line} is not `ImageId,wnid ...`; "
-                                f"pass an unmodified LOC_val_solution.csv")
-            labels[row[0]] = words[0]
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,84 +298,6 @@ def prepare_val(src, out_val, plan: tuple[str, list[tuple[str, str]]], mode: str
         run_tasks(one, items, workers)
     progress.done()
     return progress.count
-
-
-# ---------------------------------------------------------------------------------------------------
-# Verify and report
-
-
-def check_out(out) -> None:
-    """Refuse an --out whose train/ or val/ already holds something: mixing two preparations, or
-    overwriting a finished one, would leave a split nobody can vouch for."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory path")
-    for split in SPLITS:
-        d = out / split
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise UserError(f"{d} already exists and is not empty; pass a new --out directory or delete it first")
-
-
-def count_split(folder) -> dict[str, int]:
-    """{class folder name: number of files in it} for one split (symlinks to files count)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {e.name: sum(1 for f in os.scandir(e.path) if f.is_file() and not f.name.startswith("."))
-            for e in sorted(os.scandir(folder), key=lambda e: e.name)
-            if e.is_dir() and not e.name.startswith(".")}
-
-
-def verify(out, expect_train: int = EXPECT_TRAIN, expect_val: int = EXPECT_VAL,
-           expect_classes: int = EXPECT_CLASSES) -> dict:
-    """Count what `out` holds and compare with the expectations; returns the report (see `problems`)."""
-    out = Path(out)
-    per_class = {split: count_split(out / split) for split in SPLITS}
-    expected = {"train": expect_train, "val": expect_val}
-    report: dict = {"out": str(out.absolute()), "splits": {}, "problems": []}
-    problems = report["problems"]
-    for split in SPLITS:
-        counts = per_class[split]
-        images = sum(counts.values())
-        report["splits"][split] = {"classes": len(counts), "images": images,
-                                   "expected_classes": expect_classes, "expected_images": expected[split],
-                                   "empty_classes": [c for c, n in counts.items() if n == 0],
-                                   "per_class": counts}
-        if len(counts) != expect_classes:
-            problems.append(f"{split} has {len(counts):,} classes, expected {expect_classes:,}")
-        if images != expected[split]:
-            problems.append(f"{split} has {images:,} images, expected {expected[split]:,}")
-        empty = report["splits"][split]["empty_classes"]
-        if empty:
-            problems.append(f"{split} has {len(empty)} empty classes: {', '.join(empty[:5])}"
-                            + (" ..." if len(empty) > 5 else ""))
-    train, val = set(per_class["train"]), set(per_class["val"])
-    # The loaders take class indices from train's folders: a val class train lacks cannot be labelled.
-    report["val_classes_not_in_train"] = sorted(val - train)
-    report["train_classes_not_in_val"] = sorted(train - val)
-    for key, what in (("val_classes_not_in_train", "val classes missing from train"),
-                      ("train_classes_not_in_val", "train classes missing from val")):
-        if report[key]:
-            problems.append(f"{len(report[key])} {what}: {', '.join(report[key][:5])}"
-                            + (" ..." if len(report[key]) > 5 else ""))
-    report["ok"] = not problems
-    return report
-
-
-def format_table(report: dict) -> str:
-    """The split / classes / images table printed after preparation."""
-    rows = [f"{'split':<6} {'classes':>8} {'expected':>9} {'images':>11} {'expected':>11}"]
-    for split, s in report["splits"].items():
-        ok = s["classes"] == s["expected_classes"] and s["images"] == s["expected_images"]
-        rows.append(f"{split:<6} {s['classes']:>8,} {s['expected_classes']:>9,} {s['images']:>11,} "
-                    f"{s['expected_images']:>11,}  {'ok' if ok else 'DIFFERS'}")
-    return "\n".join(rows)
-
-
-def write_report(out, report: dict) -> Path:
-    path = Path(out) / "prepare_report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from rn50.config.errors import UserError
-from tools.prepare_imagenet import (Progress, load_ground_truth, member_name, parse_meta_mat,
-                                    prepare_imagenet, run_tasks, verify)
+from tools.imagenet_labels import load_ground_truth, parse_meta_mat
+from tools.imagenet_verify import verify
+from tools.prepare_imagenet import Progress, member_name, prepare_imagenet, run_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 
