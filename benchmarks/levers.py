@@ -117,7 +117,7 @@ def why_not_here(lever: Lever, device: torch.device, world_size: int) -> str | N
 def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: str | None, flops,
                    measured: list[dict] = ()) -> dict:
     """The baseline, each lever and the best combination: synthetic (the ceiling) and end to end through
-    `loader` as `modes` ask. `bench` is a benchmarks.run.Bench; `flops(recipe)` gives the function from
+    `loader` as `modes` ask. `bench` is a benchmarks.measure.Bench; `flops(recipe)` gives the function from
     img/s per GPU to MFU; `measured`: the harness's own results, which are the baseline's already."""
     done = {(r["mode"], r["loader"]): r for r in measured}
     env, recipe, machine = bench.env, bench.recipe, bench.machine

@@ -47,8 +47,8 @@ class Bench:
         self.machine = machine or Machine()
         self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
-        # --profile-steps: (window, tool, report folder), set by run(); measure() profiles each measurement's
-        # steps into its own trace (lever variants and the autotune sweep are not profiled)
+        # --profile-steps: (window, tool, report folder), set by benchmarks.run.run; measure() profiles each
+        # measurement's steps into its own trace (lever variants and the autotune sweep are not profiled)
         self.profile: tuple | None = None
         self.profiler = StepProfiler(None, Path(), env.rank, env.device)  # off outside measure()
         self.traces: list[dict] = []

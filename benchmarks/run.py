@@ -116,7 +116,8 @@ def run(config: BenchConfig, argv) -> dict:
     check_flags(config.profile_steps, config.profiler, env.device)
     tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost benchmark
     measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
-    check_window(config.profile_steps, measurement_steps, f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
+    check_window(config.profile_steps, measurement_steps,
+                 f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
                  f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
     needs_cuda = [name for name in plan.loaders if REGISTRY[name].needs_cuda]
     if env.device.type != "cuda" and needs_cuda:
