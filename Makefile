@@ -55,13 +55,19 @@ run: $(VENV)/.installed $(DATA)/train
 	    --data $(DATA) --out $(RUN_DIR)/bench $(BENCH_FLAGS)
 	@echo "training run and benchmark report in $(RUN_DIR) (report: $(RUN_DIR)/bench/report.md)"
 
+# The suite runs on TEST_WORKERS pytest-xdist processes, each taking whole files (so a module's fixture is
+# built once): much of a test's time is commands starting and real waits (rendezvous, timeouts), which a
+# second worker fills (docs/testing.md has the figures). More on a larger machine: make test TEST_WORKERS=8
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # Every tier: CI's command
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -q
+	$(PYTEST) tests
 
-# The edit-test loop: unit and component tests without the slow ones (under 3 minutes on 2 cores)
+# The edit-test loop: unit and component tests without the slow ones (under 2 minutes on 2 cores)
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests/unit tests/component -q -m "not slow"
+	$(PYTEST) tests/unit tests/component -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DATA) *.egg-info
