@@ -50,6 +50,11 @@ def agent(port: int, data, out, log_dir, log_file) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def descendants(pid: int) -> list[int]:
     """The processes under `pid` (torchrun starts its workers in sessions of their own)."""
     children = defaultdict(list)
@@ -123,7 +128,9 @@ def test_shrink_and_grow_use_every_image_once(tmp_path):
     port = free_port()
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in "abc"}
     a = agent(port, data, out, log_dir, logs["a"])
-    time.sleep(1.0)  # a binds the rendezvous port first: it hosts the store, so b is the one that can go
+    # a binds the rendezvous port first: it hosts the store, so b is the one that can go (waited for, not slept
+    # on: under load an agent takes seconds to start)
+    wait_for(lambda: listening(port), 120, "agent a's rendezvous store", (a,))
     b = agent(port, data, out, log_dir, logs["b"])
     c = None
     try:
