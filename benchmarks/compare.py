@@ -150,7 +150,7 @@ def environment_of(entry: dict) -> dict:
 
 
 def _time_to_train(img_per_s: float | None) -> float | None:
-    from benchmarks.run import time_to_train  # the harness's own estimate, the same for runs and reports
+    from benchmarks.figures import time_to_train  # the harness's own estimate, the same for runs and reports
 
     return time_to_train(img_per_s)["total_hours"] if img_per_s else None
 
