@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,10 @@ import time
 import pytest
 
 from rn50.config.errors import UserError
-from tools.sweep import StderrRelay, best_per_batch, error_line, main, parse_grid
+from tools.sweep import main
+from tools.sweep_grid import parse_grid
+from tools.sweep_launch import StderrRelay, error_line
+from tools.sweep_results import best_per_batch
 
 from conftest import ROOT, run_cli
 
@@ -198,6 +202,42 @@ def test_a_data_folder_every_run_would_refuse_is_one_error_before_any_run(tmp_pa
     lines = captured.err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not out.exists() and "training in" not in captured.out  # nothing ran, no run folder
+
+
+@pytest.mark.skipif(os.path.isdir("/proc/driver/nvidia/gpus") or shutil.which("nvidia-smi") is not None,
+                    reason="asks for CUDA where there is none")
+def test_a_presets_machine_device_is_checked_as_rn50_train_honours_it(data_dir, tmp_path, capsys):
+    """Each run's device comes from its resolved machine settings, a preset's [machine] table included
+    (test_errors.py::test_a_presets_machine_device_is_honoured): the sweep's check resolves it the same way, so
+    `device = "cuda"` on a machine without CUDA is one line before any run, not one failure per grid point."""
+    preset = tmp_path / "gpu.toml"
+    preset.write_text('[machine]\ndevice = "cuda"\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(data_dir), "--out", str(tmp_path / "sweep"), "--lrs", "0.1,0.2", "--batch-sizes", "16",
+              "--", "--preset", str(preset)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "no NVIDIA GPU" in lines[0], lines
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_shard_folder_is_checked_as_rn50_train_lists_it(data_dir, tmp_path, capsys):
+    """--data may name a tools.shard folder, as rn50.train's may: the check lists it with the one listing
+    (pipelines.list_data). It listed class folders only, so a sweep over shards stopped at 'train is missing'
+    before any run; now the check goes on to the grid's recipes (here refusing an unknown arch)."""
+    from tools import shard
+
+    shard.main([str(data_dir), "--out", str(tmp_path / "shards"), "--quiet"])
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "sweep"), "--lrs", "0.1",
+              "--batch-sizes", "16", "--", "--arch", "resnet99"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "unknown arch 'resnet99'" in lines[0], lines
+    with pytest.raises(SystemExit) as stop:  # a manifest lists class folders' files: refused as rn50.train does
+        main(["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "sweep"), "--lrs", "0.1",
+              "--batch-sizes", "16", "--", "--manifest", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "--manifest lists files of class folders" in lines[0], lines
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_missing_data_is_a_user_error(tmp_path, capsys):

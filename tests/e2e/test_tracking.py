@@ -310,7 +310,7 @@ def test_tracker_none_opens_nothing(tmp_path):
 
 
 def test_a_sweep_groups_its_runs_under_its_folder_name(data_dir, tmp_path):
-    from tools.sweep import with_tracker_group
+    from tools.sweep_grid import with_tracker_group
 
     sweep = tmp_path / "lr-sweep"
     assert with_tracker_group(["--tracker", "mlflow"], data_dir, sweep) == ["--tracker", "mlflow", "--tracker-group",
