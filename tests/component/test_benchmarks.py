@@ -502,6 +502,7 @@ def test_the_harness_takes_loader_auto_as_training_does(tmp_path):
         assert vars(args) == given  # the configuration is built from the flags, never written into them
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 def test_the_harness_device_comes_from_the_resolved_machine_settings(data_dir, tmp_path, capsys):
     """As rn50.train's (test_errors.py::test_a_presets_machine_device_is_honoured): a preset's [machine] device
     is honoured, resolved before the process group exists; the harness read the raw --device flag, so a
