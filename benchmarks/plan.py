@@ -61,7 +61,7 @@ class BenchConfig:
     peak_tflops: float | None = None  # --peak-tflops: overrides the built-in table
     autotune: bool = False
     profile_steps: tuple[int, int] | None = None  # --profile-steps A:B, counted in each measurement
-    profiler: str | None = None
+    profiler: str = "torch"  # --profiler: torch or nsys
 
 
 def recipe_defaults(gpu: bool) -> dict:

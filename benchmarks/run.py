@@ -70,8 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_strict(parser, argv)
 
 
-
-
 if __name__ == "__main__":
     check_flags_first(parse_args)
 
@@ -93,8 +91,9 @@ def configure(flags: argparse.Namespace) -> BenchConfig:
     """The door: the harness's configuration, resolved once from the flags before the process group and the
     device exist (as rn50.train.configure). The device type its defaults depend on (the CPU sizes, the loaders
     this machine can run, the windows) comes from the policy the process group is then built with:
-    rn50.system.device.choose_device over the resolved machine's device, a preset's [machine] device too.
-    Nothing below this function sees the flags."""
+    rn50.system.device.choose_device over the machine's device as the flags and presets resolve it (a
+    preset's [machine] device too; the defaults that depend on it never set it). Nothing below this function
+    sees the flags."""
     device_type = choose_device(resolve(flags).machine.device).type
     return bench_config(flags, device_type)
 
