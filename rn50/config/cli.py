@@ -3,7 +3,7 @@ parse_strict, which makes every mistake on the command line one line that names 
 suggests the closest one, a name users come with (lr, wd, bs, ...) points at ours, a flag of torchvision's
 reference script says how ours differs.
 
-`python -m rn50.config [--preset NAME[,NAME]] [--field value ...]` prints the resolved recipe as TOML.
+`python -m rn50.recipe [--preset NAME[,NAME]] [--field value ...]` prints the resolved recipe as TOML.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def _raise_usage_error(message: str):
 
 
 def main(argv=None) -> None:
-    """`python -m rn50.config [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
-    parser = argparse.ArgumentParser(prog="rn50.config", description=main.__doc__, allow_abbrev=False)
+    """`python -m rn50.recipe [--preset NAME[,NAME]] [--field value ...]`: print the resolved recipe."""
+    parser = argparse.ArgumentParser(prog="rn50.recipe", description=main.__doc__, allow_abbrev=False)
     add_recipe_flags(parser)
     try:
         resolved = resolve(parse_strict(parser, argv))

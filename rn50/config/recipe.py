@@ -5,7 +5,7 @@ writes, how it resumes), together a `Config`.
 
 `resolve` is the one way to build a Config, with one precedence rule, lowest first: the defaults here (the
 loader settings' from pipelines.settings), the saved recipe where resuming (a checkpoint's; never its machine
-settings), presets (TOML, `rn50/config/presets/<name>.toml`, several applied left to right with `--preset a,b`),
+settings), presets (TOML, `rn50/presets/<name>.toml`, several applied left to right with `--preset a,b`),
 then single CLI flags; then one validation (Config.validate). Every field has one flat name, used as its
 flag (`batch_size` is `--batch-size`), its key in presets and in recipe.json; presets may also group keys in
 tables named after the sections. An unknown key or flag is an error that suggests the closest name.
@@ -29,7 +29,7 @@ from rn50.config.errors import UserError
 from rn50.config.machine import Machine
 from rn50.config.run_settings import RunSettings
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent.parent / "presets"  # rn50/presets/: data that users read and edit
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.core.model
 
 
@@ -258,11 +258,11 @@ def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
 
 # --- presets ----------------------------------------------------------------------------------------
 
-BASE_SUFFIX = "_base"  # rn50/config/presets/<x>_base.toml: shared values that presets build on (`base = "<x>_base"`)
+BASE_SUFFIX = "_base"  # rn50/presets/<x>_base.toml: shared values that presets build on (`base = "<x>_base"`)
 
 
 def available_presets() -> list[str]:
-    """The presets a user names with --preset: the files in rn50/config/presets/, except the bases (`*_base.toml`),
+    """The presets a user names with --preset: the files in rn50/presets/, except the bases (`*_base.toml`),
     which hold values shared by several presets and are not recipes on their own."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.endswith(BASE_SUFFIX))
 

@@ -1,6 +1,6 @@
 """The field reference, docs/reference.md, generated from the recipe's own field list: every field's flag,
 preset key, section, type, default and help text (rn50.config.recipe's RECIPE_FIELDS and MACHINE_FIELDS), then the
-values each preset in rn50/config/presets/ sets. Written by
+values each preset in rn50/presets/ sets. Written by
 
     python -m rn50.config.reference > docs/reference.md
 
@@ -67,14 +67,14 @@ def reference() -> str:
         f"<!-- generated from rn50/config/recipe.py's field list by `{COMMAND}`; do not edit by hand "
         "(tests/unit/test_reference.py fails when it is stale) -->",
         "",
-        "Every setting of `rn50.train` (and of `benchmarks.run`, `rn50.config` and `tools.sweep` after `--`): its "
+        "Every setting of `rn50.train` (and of `benchmarks.run`, `rn50.recipe` and `tools.sweep` after `--`): its "
         "flag, its type, its default and what it does. The field's name is its key in a preset and in "
         "`recipe.json` / `machine.json`; a preset may also set it inside the table of its section "
         "(`[schedule]` then `epochs = 16`), under the name in brackets where that differs. Layers, lowest first: these defaults, the "
         "presets given with `--preset a,b` (left to right), then single flags. "
         "[recipe.md](recipe.md) explains the 90-epoch recipe's choices, "
         "[recipes-advanced.md](recipes-advanced.md) the fields beyond it, [presets.md](presets.md) the presets. "
-        "`python -m rn50.config --preset NAME` prints a preset resolved.",
+        "`python -m rn50.recipe --preset NAME` prints a preset resolved.",
         "",
         f"{len(RECIPE_FIELDS)} recipe fields and {len(MACHINE_FIELDS)} machine settings.",
         "",
@@ -92,7 +92,7 @@ def reference() -> str:
     lines += [
         "## What each preset sets",
         "",
-        "The values each preset in `rn50/config/presets/` sets (its base's included); every other field keeps the default "
+        "The values each preset in `rn50/presets/` sets (its base's included); every other field keeps the default "
         "above. A preset file's comments give the reasons. Files named `*_base.toml` are bases that presets build on "
         "(`base = \"NAME\"` in a preset: the base's values first, the preset's own over them), not presets of "
         "their own.",
@@ -100,7 +100,7 @@ def reference() -> str:
     ]
     for name in available_presets():
         values = read_preset(name)
-        lines += [f"### `{name}`", "", f"[rn50/config/presets/{name}.toml](../rn50/config/presets/{name}.toml)", "",
+        lines += [f"### `{name}`", "", f"[rn50/presets/{name}.toml](../rn50/presets/{name}.toml)", "",
                   "| field | value | default |", "|---|---|---|"]
         for flat, value in values.items():
             same = " (the default)" if value == fields[flat].default else ""

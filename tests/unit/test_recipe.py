@@ -73,6 +73,19 @@ def test_presets_layer_left_to_right_and_report_what_a_later_one_overrides(tmp_p
     assert flags.schedule.epochs == 7 and flags.optimisation.batch_size == 192  # flags over every preset
 
 
+def test_python_m_rn50_recipe_prints_the_presets_resolved(monkeypatch, capsys):
+    """The command users run to see a recipe without training (docs/presets.md), its presets read from
+    rn50/presets/ (where users find and edit them)."""
+    import runpy
+    import sys
+
+    assert {"smoke", "rtx3090x4", "h100x8", "ffcv_16_epochs"} <= set(available_presets())
+    monkeypatch.setattr(sys, "argv", ["rn50.recipe", "--preset", "rtx3090x4,smoke"])
+    runpy.run_module("rn50.recipe", run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "batch_size = 192" in printed and "\nepochs = 4" in printed, printed
+
+
 @pytest.mark.parametrize("name", [n for n in available_presets() if (FLAT_PRESETS / f"{n}.toml").exists()])
 def test_every_preset_loads_and_matches_its_flat_form(name):
     """The presets moved to section tables; the flat form they had still loads, to the same values (presets
