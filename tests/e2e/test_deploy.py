@@ -222,7 +222,7 @@ def test_preset_loads_and_gives_the_documented_peak_lr(name):
     from dataclasses import replace
 
     assert recipe == replace(Recipe(), optimisation=replace(Recipe().optimisation, batch_size=batch))
-    text = (ROOT / "rn50" / "config" / "presets" / f"{name}.toml").read_text()
+    text = (ROOT / "rn50" / "presets" / f"{name}.toml").read_text()
     assert text.startswith("#"), "a preset begins with the reasoning for its values"
     assert f"--preset {name}" in text
 
