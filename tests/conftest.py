@@ -34,9 +34,10 @@ def pytest_configure(config):
     import getpass
     import tempfile
 
-    # torch._inductor.runtime.cache_dir_utils.default_cache_dir() (importing it costs 1.5 s), before TMPDIR moves
-    inductor = Path(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    # torch._inductor.runtime.cache_dir_utils.default_cache_dir() (importing it costs 1.5 s), before TMPDIR moves;
+    # a pytest-xdist worker inherits the variable from the controller, whose TMPDIR has moved already
+    default = Path(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    inductor = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
     base = config._tmp_path_factory.getbasetemp()  # the session's folder (setup.cfg: retention)
     for variable, name in (("TMPDIR", "tmp"), ("MPLCONFIGDIR", "matplotlib"), ("WANDB_CACHE_DIR", "wandb-cache"),
                            ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):
@@ -50,7 +51,7 @@ def pytest_configure(config):
     (base / "tmp" / inductor.name).symlink_to(inductor, target_is_directory=True)
 
 
-SHARED_RUNS = ("shared_run", "shared_ddp_run")  # session fixtures below: about 0.25 GB of checkpoints each
+SHARED_RUNS = ("shared_run", "shared_ddp_run")  # session fixtures below: about 0.2 GB of checkpoints each
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (its --dist loadgroup)
