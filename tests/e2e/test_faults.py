@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -155,19 +156,27 @@ def test_a_worker_killed_during_validation_is_restarted_and_validates_again(long
     args, uninterrupted = long_validation
     out = tmp_path / "b"
     process = start(with_max_restarts(args), out)
-    lines = []
+    lines, last_step = [], threading.Event()
 
-    def validating() -> bool:  # rank 0 prints the epoch's last step just before validation starts
-        line = process.stdout.readline()
-        lines.append(line)
-        if line.startswith("epoch 1 step 3/3"):
-            time.sleep(0.3)
-            return True
-        return False
+    def read() -> None:  # every line as it comes: a reader that lagged behind the run missed validation under load
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("epoch 1 step 3/3"):  # rank 0 prints the epoch's last step just before validation
+                last_step.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def validating() -> bool:
+        if not last_step.is_set():
+            return False
+        time.sleep(0.3)  # both ranks into the validation of 25 batches each
+        return True
 
     hit_when(process, validating, signal.SIGKILL)
-    rest, _ = process.communicate(timeout=900)
-    output = "".join(lines) + rest
+    process.wait(timeout=900)
+    reader.join(timeout=60)
+    output = "".join(lines)
     assert process.returncode == 0, output[-4000:]
     (fault,) = faults(out)
     assert "validation" in fault["phase"], fault
