@@ -55,12 +55,12 @@ run: $(VENV)/.installed $(DATA)/train
 	    --data $(DATA) --out $(RUN_DIR)/bench $(BENCH_FLAGS)
 	@echo "training run and benchmark report in $(RUN_DIR) (report: $(RUN_DIR)/bench/report.md)"
 
-# The suite runs on TEST_WORKERS pytest-xdist processes, each taking whole groups (a file, or the files that
-# read the shared runs: tests/conftest.py), so a fixture is built once: much of a test's time is commands
+# The suite runs on TEST_WORKERS pytest-xdist processes, each taking whole files (the files that read the
+# shared runs count as one: tests/conftest.py's scheduler), so a fixture is built once: much of a test's time is commands
 # starting and real waits (rendezvous, timeouts), which a second worker fills (docs/testing.md has the
 # figures). More on a larger machine: make test TEST_WORKERS=8; TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Every tier: CI's command
 test: $(VENV)/.installed

@@ -4,7 +4,9 @@ alone at the top, so tests/gpu imports with torch, torchvision, numpy, pillow, p
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,17 +53,38 @@ def pytest_configure(config):
     (base / "tmp" / inductor.name).symlink_to(inductor, target_is_directory=True)
 
 
-SHARED_RUNS = ("shared_run", "shared_ddp_run")  # session fixtures below: about 0.2 GB of checkpoints each
+# The shared runs (session fixtures below: about 0.2 GB of checkpoints each) are read by the test files that
+# name them, as a fixture argument or through request.getfixturevalue
+SHARED_RUN_NAMES = re.compile(r"\bshared_(ddp_)?run\b")
+# this process's: those files, how many of their tests are still to run, and the shared runs' folders
+_shared_runs = {"files": set(), "left": 0, "folders": []}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (its --dist loadgroup)
+@functools.lru_cache(maxsize=None)
+def reads_shared_runs(test_file: str) -> bool:
+    return SHARED_RUN_NAMES.search((ROOT / test_file).read_text()) is not None
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a pytest-xdist hook; before its own scheduler's
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `-n 2 --dist loadfile`: a worker takes whole files, so a module fixture is built once,
+    and the files that read the shared runs count as one, so the runs train once per session, not once per
+    worker (twice the time, and 1.1 GB at the peak). pytest-xdist's own loadgroup cannot say so with
+    pytest 9.2: it renames the tests' node ids through an attribute pytest no longer reads."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            test_file = super()._split_scope(nodeid)
+            return "the shared runs' readers" if reads_shared_runs(test_file) else test_file
+
+    return SharedRunsTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    # Under `make test` (pytest-xdist, --dist loadgroup) a group runs whole on one worker: each file is a group,
-    # so a module fixture is built once, and the files that read the shared runs make one group, so the runs
-    # are trained once per session rather than once per worker (twice the time, and 1.1 GB at the peak)
-    readers = {item.path for item in items if set(SHARED_RUNS) & set(item.fixturenames)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("shared-runs" if item.path in readers else item.path.name))
+    _shared_runs["files"] = {item.path for item in items if reads_shared_runs(str(item.path.relative_to(ROOT)))}
     for item in items:
         folder = Path(str(item.fspath)).parent.name
         if folder in TIERS:
@@ -74,6 +97,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    _shared_runs["left"] = sum(item.path in _shared_runs["files"] for item in session.items)  # after -k and -m
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared runs' folders deleted once the last test of the files that read them is done, unless a test
+    failed: a session fixture's folder otherwise stays until the session ends, and these two were most of the
+    suite's temporary-folder peak (docs/testing.md). Under pytest-xdist those files are one group, so the
+    worker that trained the runs is the one that runs every reader."""
+    if item.path not in _shared_runs["files"]:
+        return
+    _shared_runs["left"] -= 1
+    if _shared_runs["left"] == 0 and item.session.testsfailed == 0:
+        import shutil
+
+        for folder in _shared_runs["folders"]:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -189,6 +232,7 @@ def finished_shared_run(out: Path, args: list[str], done: subprocess.CompletedPr
 def shared_run(data_dir, tmp_path_factory) -> SharedRun:
     args = [sys.executable, "-m", "rn50.train", "--data", str(data_dir), *SHARED_RUN_FLAGS]
     out = tmp_path_factory.mktemp("shared-run") / "run"
+    _shared_runs["folders"].append(out.parent)
     done = run_cli([*args, "--out", str(out), "--resume", "auto"], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return finished_shared_run(out, args, done)
@@ -200,6 +244,7 @@ def shared_ddp_run(data_dir, tmp_path_factory) -> SharedRun:
     per epoch, so checkpoints at steps 2, 3 (epoch 1's end), 4 and 6 (epoch 2's end)."""
     args = torchrun(2, "-m", "rn50.train", "--data", str(data_dir), *SHARED_RUN_FLAGS, "--base-lr", "0.4")
     out = tmp_path_factory.mktemp("shared-ddp-run") / "run"
+    _shared_runs["folders"].append(out.parent)
     done = run_cli([*args, "--out", str(out)], timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return finished_shared_run(out, args, done)
