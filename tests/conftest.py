@@ -56,12 +56,13 @@ def pytest_configure(config):
 # The shared runs (session fixtures below: about 0.2 GB of checkpoints each) are read by the test files that
 # name them, as a fixture argument or through request.getfixturevalue
 SHARED_RUN_NAMES = re.compile(r"\bshared_(ddp_)?run\b")
-# this process's: those files, how many of their tests are still to run, and the shared runs' folders
-_shared_runs = {"files": set(), "left": 0, "folders": []}
+# this process's: how many tests of those files are still to run, and the shared runs' folders
+_shared_runs = {"left": 0, "folders": []}
 
 
 @functools.lru_cache(maxsize=None)
 def reads_shared_runs(test_file: str) -> bool:
+    """`test_file`: relative to the repository (a node id's file part) or absolute."""
     return SHARED_RUN_NAMES.search((ROOT / test_file).read_text()) is not None
 
 
@@ -84,7 +85,6 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    _shared_runs["files"] = {item.path for item in items if reads_shared_runs(str(item.path.relative_to(ROOT)))}
     for item in items:
         folder = Path(str(item.fspath)).parent.name
         if folder in TIERS:
@@ -100,16 +100,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    _shared_runs["left"] = sum(item.path in _shared_runs["files"] for item in session.items)  # after -k and -m
+    _shared_runs["left"] = sum(reads_shared_runs(str(item.path)) for item in session.items)  # after -k and -m
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """The shared runs' folders deleted once the last test of the files that read them is done, unless a test
     failed: a session fixture's folder otherwise stays until the session ends, and these two were most of the
-    suite's temporary-folder peak (docs/testing.md). Under pytest-xdist those files are one group, so the
-    worker that trained the runs is the one that runs every reader."""
-    if item.path not in _shared_runs["files"]:
+    suite's temporary-folder peak (docs/testing.md). Under pytest-xdist those files are one scope of the
+    scheduler above, so the worker that trained the runs is the one that runs every reader."""
+    if not reads_shared_runs(str(item.path)):
         return
     _shared_runs["left"] -= 1
     if _shared_runs["left"] == 0 and item.session.testsfailed == 0:

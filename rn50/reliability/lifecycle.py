@@ -5,8 +5,8 @@ Owns what rn50.train does before the first step and after the last: finding the 
 over the checkpoint's recipe), the resume guard (which recipe changes a resume accepts), the checks of the
 training file list, the world size and the architecture of --finetune-from weights, finished-run detection,
 preparing (and on a failed start cleaning up) the run folder, where a resumed run continues, and the files
-recipe.json, machine.json and summary.json. Every check here runs before anything is written into the run folder: a failed start-up is
-one line, exit 2, and leaves the folder as it found it.
+recipe.json, machine.json and summary.json. Every check here runs before anything is written into the run
+folder: a failed start-up is one line, exit 2, and leaves the folder as it found it.
 """
 
 from __future__ import annotations
