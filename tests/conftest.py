@@ -128,6 +128,18 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def uninitialised_memory_is_nan():
+    """torch.empty and empty_like return NaN-filled memory (deterministic mode fills what they allocate), so a
+    value read from memory that nothing wrote shows as NaN on every machine, not only where the allocator
+    happens to hand back old bytes (freshly mapped pages are zeros, which would hide the read)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
 def fixture_folders(request, tmp_path_factory, *names: str) -> tuple[Path, ...]:
     """Folders for a module-scoped fixture (tmp_path_factory.mktemp(name) each), deleted at its teardown unless
     a test failed meanwhile: what tmp_path_retention_policy = failed (setup.cfg) does for tmp_path, where a

@@ -39,6 +39,11 @@ def check_cuda_only_settings(recipe, machine, device: torch.device) -> None:
                         "drop --cuda-graphs on this machine")
 
 
+def fused_optimizer(machine: Machine, device: torch.device) -> bool:
+    """The optimizer's fused kernels on CUDA where the machine asks for them; the CPU's for-each kernels."""
+    return machine.fused_optimizer and device.type == "cuda"
+
+
 @dataclass
 class TrainingParts:
     model: nn.Module  # DDP-wrapped when distributed
@@ -195,8 +200,8 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     criterion = nn.CrossEntropyLoss(weight=class_weights(reg.class_weights, class_counts, env.device),
                                     label_smoothing=reg.label_smoothing)
     parts = TrainingParts(
-        model, build_optimizer(model, recipe.optimisation, head, fused=machine.fused_optimizer), scaler, criterion,
-        amp_dtype,
+        model, build_optimizer(model, recipe.optimisation, head, fused=fused_optimizer(machine, env.device)), scaler,
+        criterion, amp_dtype,
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
         teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
         kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,

@@ -25,6 +25,7 @@ from rn50.core.precision import batch_dtype
 from rn50.config.machine import Machine
 from rn50.config.recipe import with_fields
 from rn50.core.schedule import set_lr
+from rn50.core.optim import build_optimizer
 from rn50.core.step import build_training, train_step
 
 from conftest import CLASSES, gpu_ddp_processes, run_cli, torchrun
@@ -121,6 +122,36 @@ def test_graphed_step_captures_again_at_a_new_image_size():
     assert torch.equal(expected, got)
     assert all(torch.equal(a, b) for a, b in zip(eager.raw_model.state_dict().values(),
                                                  graphed.raw_model.state_dict().values()))
+
+
+@pytest.mark.parametrize("warmup_steps", [1, 0])
+def test_graphed_fused_sgd_survives_an_overflowing_first_step(uninitialised_memory_is_nan, warmup_steps):
+    """The GPU's step on the CPU: fused SGD (torch's CPU fused kernel) under an enabled GradScaler, graphed. The
+    very first step overflows (an inf in the batch), in the eager warm-up (1) or as the first replay (0): the
+    scaler skips it, the weights and the momentum stay as they were, and the next step is the eager step's
+    first one (plain SGD, no scaler) from the same weights. Uninitialised memory reads as NaN (the fixture)."""
+    recipe = with_fields(arch="resnet18", batch_size=4)
+    cpu = DistEnv(0, 1, 0, torch.device("cpu"))
+    eager, graphed = build_training(recipe, CLASSES, cpu), build_training(recipe, CLASSES, cpu)
+    graphed.optimizer = build_optimizer(graphed.raw_model, recipe.optimisation, graphed.raw_model.fc, fused=True)
+    graphed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    graphed.graphed = stand_ins = EagerStandIns(graphed, train_step, None, warmup_steps=warmup_steps)
+    before = [p.detach().clone() for p in graphed.raw_model.parameters()]
+    (images, labels), (poisoned, _) = small_batches(2)
+    poisoned[0, 0, 0, 0] = float("inf")
+    set_lr(graphed.optimizer, 0.1)
+    assert not torch.isfinite(train_step(graphed, poisoned, labels))
+    assert graphed.scaler.get_scale() == 2.0 ** 15
+    assert all(torch.equal(p, q) for p, q in zip(graphed.raw_model.parameters(), before))
+    buffers = [graphed.optimizer.state[p].get("momentum_buffer") for p in graphed.raw_model.parameters()]
+    assert all(buf is not None and not buf.any() for buf in buffers)
+    for parts in (graphed, eager):
+        set_lr(parts.optimizer, 0.1)
+        train_step(parts, images, labels)
+    assert stand_ins.captured and stand_ins.calls == 2
+    # the same fp32 update in other roundings (tests/unit/test_fused_optimizer.py, TOLERANCE): a few ulps at most
+    for ours, theirs in zip(graphed.raw_model.parameters(), eager.raw_model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 # --- on a GPU -----------------------------------------------------------------------------------------
