@@ -108,10 +108,19 @@ class WeightEma(AveragedModel):
             floats = [(a.detach(), b.detach()) for a, b in zip(ours, theirs) if a.is_floating_point()]
             if floats:
                 torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay)
-            for a, b in zip(ours, theirs):  # what get_ema_multi_avg_fn does for integers, bit for bit
-                if not a.is_floating_point():
-                    a.detach().copy_(a * self.decay + b * (1 - self.decay))
+            integers = [(a.detach(), b.detach()) for a, b in zip(ours, theirs) if not a.is_floating_point()]
+            if integers:
+                self._average_integers([a for a, _ in integers], [b for _, b in integers])
         self.n_averaged += 1
+
+    def _average_integers(self, ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+        """What get_ema_multi_avg_fn does for integers (num_batches_tracked, one per BN), bit for bit: each
+        `a.copy_(a * decay + b * (1 - decay))`, the float result truncated. Done on the stacked counters and
+        written back by one foreach copy: a handful of kernels per update, not four per BN layer (212 launches
+        per ResNet-50 step, outside the graph under --cuda-graphs). The BN counters are int64 scalars alike;
+        torch.stack refuses integer buffers of other shapes loudly, should a model ever bring one."""
+        mixed = torch.stack(ours) * self.decay + torch.stack(theirs) * (1 - self.decay)
+        torch._foreach_copy_(ours, list(mixed.to(ours[0].dtype).unbind()))
 
 
 class _NoCudaRuntimeNote(logging.Filter):

@@ -81,30 +81,64 @@ def test_ema_update_follows_its_formula():
     assert not torch.equal(ema[name], second[name])
 
 
-def small_bn_model(device="cpu") -> torch.nn.Module:
-    torch.manual_seed(0)  # float weights, float BN statistics and an integer buffer (num_batches_tracked)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(device)
+def small_bn_model(device="cpu", layers=1) -> torch.nn.Module:
+    torch.manual_seed(0)  # float weights, float BN statistics and an integer buffer (num_batches_tracked) each
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), *(torch.nn.BatchNorm2d(4) for _ in range(layers))).to(device)
 
 
-def test_ema_values_and_state_are_torch_averaged_models_bit_for_bit():
+@pytest.mark.parametrize("layers", [1, 3])
+def test_ema_values_and_state_are_torch_averaged_models_bit_for_bit(layers):
     """WeightEma keeps today's EMA: the values of AveragedModel(get_ema_multi_avg_fn, use_buffers=True),
-    bit for bit (the same elementwise ops on the same inputs), and the same checkpoint keys."""
-    model = small_bn_model()
+    bit for bit (the same elementwise ops on the same inputs), and the same checkpoint keys; with several BN
+    counters, averaged together, each counter its own."""
+    model = small_bn_model(layers=layers)
     ours = WeightEma(model, 0.9)
     theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
         with torch.no_grad():  # the model moves between updates, as training moves it
-            for tensor in [*model.parameters(), model[1].running_mean, model[1].running_var]:
-                tensor.add_(torch.randn(tensor.shape, generator=generator))
-            model[1].num_batches_tracked += 7
+            for n, bn in enumerate(model[1:], start=1):
+                for tensor in [bn.weight, bn.bias, bn.running_mean, bn.running_var]:
+                    tensor.add_(torch.randn(tensor.shape, generator=generator))
+                bn.num_batches_tracked += 7 * n
+            model[0].weight.add_(torch.randn(model[0].weight.shape, generator=generator))
         ours.update_parameters(model)
         theirs.update_parameters(model)
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and "n_averaged" in a
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (key, a[key], b[key])
-    assert int(a["n_averaged"]) == 4 and int(a["module.1.num_batches_tracked"]) > 0
+    counters = [int(a[f"module.{n}.num_batches_tracked"]) for n in range(1, layers + 1)]
+    assert int(a["n_averaged"]) == 4 and len(set(counters)) == layers and min(counters) > 0, counters
+
+
+class DeviceKernels(TorchDispatchMode):
+    """Records the ops on "meta" tensors (the stand-in GPU) that would launch a kernel there: views launch none."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        on_device = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_flatten((args, kwargs))[0])
+        if on_device and not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_ema_update_runs_as_many_kernels_whatever_the_number_of_bn_layers():
+    """Each op an update dispatches is a kernel launch on the GPU (the "meta" device stands in: it dispatches
+    every op and runs none). The BN counters were averaged one by one, four launches per BN layer (212 per
+    ResNet-50 step); averaged together, an update's launches do not grow with the layers."""
+    counts = {}
+    for layers in (1, 12):
+        model = small_bn_model("meta", layers)
+        ema = WeightEma(model, 0.9)
+        ema.update_parameters(model)  # the first update copies; the averaging ones follow
+        with DeviceKernels() as mode:
+            ema.update_parameters(model)
+        counts[layers] = mode.ops
+    assert len(counts[12]) == len(counts[1]) <= 8, counts
 
 
 class CrossDeviceOps(TorchDispatchMode):
