@@ -125,7 +125,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def save(self, path: Path, **extra) -> None:
-        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+        """One JSON object on one line, as metrics.jsonl's lines and eval.json are: line-oriented tools (grep, a
+        JSONL reader) read it whole; `python -m rn50.recipe` prints a recipe for people (TOML)."""
+        path.write_text(json.dumps({**self.to_dict(), **extra}) + "\n")
 
     def validate(self) -> "Recipe":
         checks = (("optimizer", self.optimisation.optimizer, ("sgd", "adamw", "lamb")),

@@ -18,7 +18,7 @@ from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, captur
 from rn50.core.losses import batch_mixing, distillation_loss
 from rn50.core.model import add_blurpool, build_model, count_parameters, load_weights
 from rn50.core.optim import build_optimizer
-from rn50.core.precision import autocast_dtype
+from rn50.core.precision import autocast_dtype, precision_note
 from rn50.observe.profiling import named_all_reduce, named_range
 from rn50.config.recipe import Distillation, Recipe
 from rn50.config.machine import Machine
@@ -204,7 +204,9 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
             hook = named_all_reduce(hook or default_hooks.allreduce_hook)
         if hook is not None:
             model.register_comm_hook(None, hook)
-    amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
+    precision = recipe.precision
+    amp_dtype = autocast_dtype(precision.amp, precision.amp_dtype, env.device)
+    notes += filter(None, [precision_note(precision.amp, precision.amp_dtype, env.device)])
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(weight=class_weights(reg.class_weights, class_counts, env.device),
                                     label_smoothing=reg.label_smoothing)

@@ -31,7 +31,8 @@ CUDA = torch.device("cuda", 0)
     (True, "float16", CUDA, torch.float16),  # AMP fp16: the dtype the first convolution casts to anyway
     (True, "bfloat16", CUDA, torch.float16),  # DALI has no bf16 output; fp16 holds normalised pixels finer
     (False, "float16", CUDA, torch.float32),  # --no-amp on a GPU: an fp32 model takes fp32 batches
-    (True, "float16", torch.device("cpu"), torch.float32),  # the CPU path has no autocast
+    (True, "float16", torch.device("cpu"), torch.float32),  # fp16 AMP asked of the CPU: fp32 (said at start-up)
+    (True, "bfloat16", torch.device("cpu"), torch.float16),  # CPU autocast in bf16: the same rule as on a GPU
 ])
 def test_the_batch_dtype_follows_the_precision_of_the_step(amp, amp_dtype, device, expected):
     recipe = with_fields(amp=amp, amp_dtype=amp_dtype)
@@ -49,6 +50,24 @@ def test_an_fp32_step_refuses_fp16_batches_and_takes_what_the_rule_gives(data_di
     assert torch.isfinite(train_step(parts, images, labels))
     with pytest.raises(RuntimeError, match="should be the same|same dtype|expected scalar type"):
         train_step(parts, images.half(), labels)
+
+
+def test_bf16_autocast_asked_of_the_cpu_is_honoured_and_fp16_amp_is_named():
+    """`--amp --amp-dtype bfloat16` on the CPU trained in fp32 without a word (amp_in_use null); torch's CPU
+    autocast runs bf16: the step computes in it. fp16 AMP, the default, stays fp32 there and says so once."""
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    parts = build_training(with_fields(arch="resnet18", batch_size=4, amp_dtype="bfloat16"), 4, env)
+    assert parts.amp_dtype == torch.bfloat16 and not parts.scaler.is_enabled() and not parts.notes
+    computed_in = []
+    parts.model.fc.register_forward_hook(lambda module, args, out: computed_in.append(out.dtype))
+    images = torch.randn(4, 3, 32, 32).to(batch_dtype(parts.amp_dtype)).contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(train_step(parts, images, torch.arange(4)))
+    assert computed_in == [torch.bfloat16]
+    for amp, said in ((True, True), (False, False)):
+        fp16 = build_training(with_fields(arch="resnet18", amp=amp, amp_dtype="float16"), 4, env)
+        assert fp16.amp_dtype is None
+        named = [note for note in fp16.notes if "fp32" in note and "--amp-dtype bfloat16" in note]
+        assert len(named) == said, fp16.notes
 
 
 # --- the device: GPUs present but CUDA unusable ------------------------------------------------------
