@@ -16,6 +16,8 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from rn50.core.step import check_cuda_only_settings
 from rn50.system.dist import DistEnv
@@ -124,16 +126,32 @@ def test_graphed_step_captures_again_at_a_new_image_size():
                                                  graphed.raw_model.state_dict().values()))
 
 
+def as_on_a_gpu(fields: dict, device: str = "cpu"):
+    """The training parts a GPU run builds, `device` "cpu" included: the fused optimizer, the recipe's autocast
+    dtype with GradScaler for float16, SyncBatchNorm modules for sync_bn. torch runs each of them on the CPU too
+    (fused SGD and AdamW kernels, CPU autocast in fp16 and bf16, GradScaler("cpu")), where build_training would
+    choose the CPU's own (for-each kernels, fp32, no scaler) and refuse sync-BN."""
+    recipe = with_fields(arch="resnet18", batch_size=4, **fields)
+    env = DistEnv(0, 1, 0, torch.device(device))
+    if device == "cuda":
+        return build_training(recipe, CLASSES, env)
+    parts = build_training(with_fields(arch="resnet18", batch_size=4, **{**fields, "sync_bn": False}), CLASSES, env)
+    if recipe.model.sync_bn:  # one process: SyncBatchNorm's own forward, without a group to synchronise with
+        parts.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
+    parts.optimizer = build_optimizer(parts.raw_model, recipe.optimisation, parts.raw_model.fc, fused=True)
+    parts.amp_dtype = getattr(torch, recipe.precision.amp_dtype) if recipe.precision.amp else None
+    parts.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=parts.amp_dtype == torch.float16)
+    return parts
+
+
 @pytest.mark.parametrize("warmup_steps", [1, 0])
 def test_graphed_fused_sgd_survives_an_overflowing_first_step(uninitialised_memory_is_nan, warmup_steps):
     """The GPU's step on the CPU: fused SGD (torch's CPU fused kernel) under an enabled GradScaler, graphed. The
     very first step overflows (an inf in the batch), in the eager warm-up (1) or as the first replay (0): the
     scaler skips it, the weights and the momentum stay as they were, and the next step is the eager step's
     first one (plain SGD, no scaler) from the same weights. Uninitialised memory reads as NaN (the fixture)."""
-    recipe = with_fields(arch="resnet18", batch_size=4)
-    cpu = DistEnv(0, 1, 0, torch.device("cpu"))
-    eager, graphed = build_training(recipe, CLASSES, cpu), build_training(recipe, CLASSES, cpu)
-    graphed.optimizer = build_optimizer(graphed.raw_model, recipe.optimisation, graphed.raw_model.fc, fused=True)
+    eager = build_training(with_fields(arch="resnet18", batch_size=4), CLASSES, DistEnv(0, 1, 0, torch.device("cpu")))
+    graphed = as_on_a_gpu({"amp": False})  # fp32 on both sides, GradScaler enabled by hand
     graphed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     graphed.graphed = stand_ins = EagerStandIns(graphed, train_step, None, warmup_steps=warmup_steps)
     before = [p.detach().clone() for p in graphed.raw_model.parameters()]
@@ -152,6 +170,75 @@ def test_graphed_fused_sgd_survives_an_overflowing_first_step(uninitialised_memo
     # the same fp32 update in other roundings (tests/unit/test_fused_optimizer.py, TOLERANCE): a few ulps at most
     for ours, theirs in zip(graphed.raw_model.parameters(), eager.raw_model.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records each op that makes the host wait for the device, which a CUDA graph capture cannot hold: a value
+    read back (.item(), a tensor's truth, torch.equal), an output whose size depends on values (nonzero, unique,
+    masked_select), a copy between the host and a device (seen where the device is a GPU; on the CPU every tensor
+    lives on the host, and those copies stay the GPU run's to catch)."""
+
+    READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.allclose", "aten.nonzero",
+             "aten.masked_select", "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+             "aten.repeat_interleave"}
+    COPIES = {"aten._to_copy", "aten.copy_", "aten._copy_from"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func).rsplit(".", 1)[0]
+        devices = {t.device.type for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)}
+        if name in self.READS or (name in self.COPIES and "cpu" in devices and len(devices) > 1):
+            self.seen.append(name)
+        return out
+
+
+class CheckedCapture(EagerStandIns):
+    """The stand-ins, with the captured body run under HostSyncs at every "replay"."""
+
+    def _replay(self):
+        with HostSyncs() as mode:
+            super()._replay()
+        self.syncs = getattr(self, "syncs", []) + mode.seen
+
+
+CAPTURED_RECIPES = {"sgd fp16": {}, "adamw": {"optimizer": "adamw"}, "bf16": {"amp_dtype": "bfloat16"},
+                    "mixup + ema": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "ema_decay": 0.9, "label_smoothing": 0.1},
+                    "sync-bn": {"sync_bn": True}}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", CAPTURED_RECIPES)
+def test_the_captured_step_makes_the_host_wait_for_nothing(name, device):
+    """Every recipe --cuda-graphs accepts (check_cuda_only_settings), its captured body (the fused optimizer,
+    GradScaler, autocast; AdamW marked capturable) after the eager warm-up: no op in it may read a value back
+    or copy to or from the host, or the capture breaks on the GPU. On the CPU, sync-BN runs its module without
+    a group (its synchronising branch needs a GPU and a second process: tests/gpu/test_gpu.py)."""
+    fields = CAPTURED_RECIPES[name]
+    check_cuda_only_settings(with_fields(**fields), Machine(cuda_graphs=True), CUDA)  # accepted for capture
+    parts = as_on_a_gpu(fields, device)
+    parts.graphed = step = CheckedCapture(parts, train_step, None, warmup_steps=1)
+    dtype = batch_dtype(parts.amp_dtype)
+    for images, labels in small_batches(3):
+        set_lr(parts.optimizer, 0.1)
+        loss = train_step(parts, images.to(device, dtype), labels.to(device))
+    assert step.captured and torch.isfinite(loss)
+    assert step.syncs == [], step.syncs
+
+
+def test_the_host_sync_check_sees_the_sync_the_unfused_optimizer_makes():
+    """The yardstick: the unfused optimizer under GradScaler reads found_inf with .item() (refused at start-up
+    with --cuda-graphs, test_cuda_graphs_refuses_at_start_up_what_it_cannot_capture); the check sees it."""
+    parts = as_on_a_gpu({})
+    parts.optimizer = build_optimizer(parts.raw_model, with_fields().optimisation, parts.raw_model.fc, fused=False)
+    parts.graphed = step = CheckedCapture(parts, train_step, None, warmup_steps=1)
+    for images, labels in small_batches(3):
+        set_lr(parts.optimizer, 0.1)
+        train_step(parts, images.half(), labels)
+    assert "aten._local_scalar_dense" in step.syncs, step.syncs
 
 
 # --- on a GPU -----------------------------------------------------------------------------------------
