@@ -180,10 +180,13 @@ def assert_bit_identical(got: list, expected: list) -> None:
         assert torch.equal(x, ex), f"batch {step}: pixels differ, max {(x.float() - ex.float()).abs().max().item()}"
 
 
-def test_dali_gpu_mid_epoch_resume_is_bit_identical(gpu_data):
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 0.65])
+def test_dali_gpu_mid_epoch_resume_is_bit_identical(gpu_data, hw_decoder_load):
     """A run killed mid-epoch and resumed from the loader's state_dict gets the very batches the uninterrupted
-    run would have had: the reader's order, the fused random crops, flips and colour jitter, decoded on the GPU."""
-    make = lambda: gpu_loader("train", gpu_data, seed=3)  # noqa: E731
+    run would have had: the reader's order, the fused random crops, flips and colour jitter, decoded on the GPU.
+    Per decoder: 0.0 sends every JPEG to the CUDA decoder, 0.65 (the default) most baseline ones to the hardware
+    decoder (A100, H100, H200; elsewhere the same as 0.0), so a failure names the decoder that broke it."""
+    make = lambda: gpu_loader("train", gpu_data, seed=3, hw_decoder_load=hw_decoder_load)  # noqa: E731
     reference = make()
     epochs = [epoch_of(reference, e) for e in range(3)]  # 6 batches an epoch
     assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # a new order and new crops each epoch
