@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipelines.augmentation import MEAN, STD, Augmentation
+from pipelines.decode_probe import probe_fused_decode, probe_images
 from pipelines.errors import UserError
 from pipelines.loader import DaliCheckpoint
 from pipelines.ranges import named_range
@@ -173,7 +174,8 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
         )
         images = fn.resize(_after_decode(images, placement), resize_x=size, resize_y=size)
     else:
-        # The way out where the fused ROI decode misbehaves (nvImageCodec #55, docs/recipe.md)
+        # The way out where the fused ROI decode misbehaves (nvImageCodec #55; docs/usage.md, Troubleshooting
+        # the GPU path)
         images = _after_decode(fn.decoders.image(jpegs, **decoder, output_type=types.RGB), placement)
         images = fn.random_resized_crop(images, size=[size, size],
                                         random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio))
@@ -307,6 +309,11 @@ class DaliBase(DaliCheckpoint):
         self._define = lambda files, labels, size: define(files, labels, shard_id=rank, num_shards=world_size,
                                                           aug=replace(aug, image_size=size) if training else aug,
                                                           placement=placement, dtype=dtype, **options)
+        if placement == "gpu" and training and fused_decode:
+            # nvImageCodec 0.9's region-of-interest decode can crash the process (docs/usage.md, Troubleshooting
+            # the GPU path): tried first in a child on this GPU, so a crash becomes one line naming the way out
+            probe_fused_decode(probe_images(image_list), local_rank, define=training_pipeline, aug=aug, dtype=dtype,
+                               hw_decoder_load=hw_decoder_load)
         self._reading(rank=rank, world_size=world_size, seed=seed, threads=threads)
         self._build(checkpoint=None)
 
