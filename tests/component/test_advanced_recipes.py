@@ -120,8 +120,8 @@ class DeviceKernels(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        on_device = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tree_flatten((args, kwargs))[0])
-        if on_device and not func.is_view:
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" for t in tensors) and not func.is_view:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -107,14 +107,38 @@ def test_an_unusable_cuda_that_is_not_a_version_mismatch_passes_on_torchs_reason
 
 # --- the GPU pipelines' graphs, built without a GPU ------------------------------------------------
 
-def gpu_graph(define, placement="gpu", **options):
+def gpu_graph(define, placement="gpu", aug=Augmentation(image_size=32), **options):
     """The operators of a GPU ("mixed" decode) or hybrid pipeline, as DALI builds its graph (no GPU needed)."""
-    pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1,
-                                       aug=Augmentation(image_size=32), placement=placement, dtype=torch.float16,
+    pipe = pipeline_def(lambda: define(["a.jpg", "b.jpg"], [0, 1], shard_id=0, num_shards=1, aug=aug,
+                                       placement=placement, dtype=torch.float16,
                                        hw_decoder_load=LoaderSettings().hw_decoder_load, **options),
-                        batch_size=2, num_threads=1, device_id=None)()
+                        batch_size=2, num_threads=1, device_id=None,
+                        enable_conditionals=aug.randaugment_magnitude > 0)()
     pipe.serialize()  # builds the graph
     return pipe._ops
+
+
+@pytest.mark.parametrize("placement", ["gpu", "hybrid"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("aug", [Augmentation(image_size=32), Augmentation(image_size=32, color_jitter=0.0),
+                                 Augmentation(image_size=32, randaugment_magnitude=9, randaugment_magnitude_std=0.5)],
+                         ids=["jitter", "no jitter", "randaugment"])
+def test_every_operator_of_the_gpu_graphs_has_an_implementation_on_its_device(placement, fused, aug):
+    """What DALI can check of a GPU pipeline without a GPU: the graph defines (argument names and types checked
+    against each operator's schema), and each operator placed on "gpu" or "mixed" has a kernel registered for
+    that device in this DALI build (RandAugment's ~1,800 operators included). That the kernels run, and give
+    the CPU pipeline's pixels within tolerance, waits for tests/gpu/test_gpu.py."""
+    from nvidia.dali.ops import _registry
+
+    registered = {"cpu": _registry.cpu_ops(), "gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops()}
+    graphs = [gpu_graph(training_pipeline, placement, aug, fused_decode=fused)]
+    if aug.randaugment_magnitude == 0 and aug.color_jitter > 0:  # validation has no augmentation to vary
+        graphs.append(gpu_graph(validation_pipeline, placement))
+    specs = [repr(op.spec) for ops in graphs for op in ops]
+    placed = [(re.match(r"OpSpec for (\w+):", spec).group(1), re.search(r"device: (\w+)", spec).group(1)) for spec in specs]
+    assert {device for _, device in placed} == {"cpu", "gpu", "mixed" if placement == "gpu" else "cpu"}
+    missing = sorted({(schema, device) for schema, device in placed if schema not in registered[device]})
+    assert not missing, missing
 
 
 GPU_PIPELINES = {"train fused": (training_pipeline, {"fused_decode": True}),
