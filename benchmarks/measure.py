@@ -143,8 +143,11 @@ class Bench:
                                 for rank in range(self.env.world_size)]
             self.profiler = StepProfiler(None, Path(), self.env.rank, self.env.device)
         memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
+        # NVML's whole-device figure beside torch's allocator peak: DALI's buffers reach torch without a copy
+        # (DALI's pools, not torch's allocator), so only this one counts them (docs/benchmark-report.md)
+        device_peaks = [t["memory_used_peak_gib"] for t in telemetry if t.get("memory_used_peak_gib") is not None]
         return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
-                "memory_peak_gib": memory,
+                "memory_peak_gib": memory, "memory_device_peak_gib": max(device_peaks, default=None),
                 # --compile: the first warm-up step's seconds (it compiles); warm-up is never in the timed windows
                 **({"compile_s": self.compile_s} if self.machine.compile and mode != "loader" else {})}
 
@@ -169,8 +172,14 @@ def spread(values: list[float]) -> float | None:
 
 def release_memory(device: torch.device) -> None:
     """Between rows: collect what is unreachable (nothing should be: the step and the loaders hold no
-    cycles), hand the CUDA cache back and start the peak-memory count afresh."""
+    cycles), hand DALI's free pool blocks and the CUDA cache back and start the peak-memory count afresh."""
     gc.collect()
+    # after the collection: only blocks no pipeline holds are freed. On every device, not only CUDA: DALI
+    # walks only the pools it made, so on a CPU-only machine it frees nothing and starts no CUDA. Imported
+    # here, as pipelines.registry imports the loaders: importing the harness does not load DALI
+    from pipelines.dali import release_unused_memory
+
+    release_unused_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -110,19 +110,23 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("levers"):
         lines += levers_table(report["levers"])
-    telemetry = [(r["mode"], r["loader"], r["telemetry"]) for r in report["results"]]
+    telemetry = [(r, r["telemetry"]) for r in report["results"]]
     lines += ["## GPU telemetry (NVML, rank 0)", ""]
-    if any(t["available"] for _, _, t in telemetry):
-        lines += ["| mode | loader | GPU util | SM MHz | power W | memory GiB | PCIe RX MB/s | J per image |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for mode, loader, t in telemetry:
+    if any(t["available"] for _, t in telemetry):
+        lines += ["| mode | loader | GPU util | SM MHz | power W | memory mean GiB | memory peak GiB (device) | "
+                  "memory peak GiB (torch) | PCIe RX MB/s | J per image |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r, t in telemetry:
             if t["available"]:
-                lines.append(f"| {mode} | {loader} | {_num(t['gpu_util_pct'], '{:.0f}%')} | "
+                lines.append(f"| {r['mode']} | {r['loader']} | {_num(t['gpu_util_pct'], '{:.0f}%')} | "
                              f"{_num(t['sm_clock_mhz'], '{:.0f}')} | {_num(t['power_w'])} | "
-                             f"{_num(t['memory_used_gib'])} | {_num(t['pcie_rx_mb_s'])} | "
+                             f"{_num(t['memory_used_gib'])} | {_num(r['memory_device_peak_gib'], '{:.2f}')} | "
+                             f"{_num(r['memory_peak_gib'], '{:.2f}')} | {_num(t['pcie_rx_mb_s'])} | "
                              f"{_num(t['energy_j_per_image'], '{:.3f}')} |")
+        lines += ["", "Memory peak (device): NVML's, everything on the GPU (DALI's pools, which hand batches to torch "
+                  "without a copy, torch's cache, the CUDA context, other processes). Memory peak (torch): "
+                  "torch.cuda.max_memory_allocated, its allocator's tensors only."]
     else:
-        lines.append(f"Not available: {telemetry[0][2]['reason'] if telemetry else 'nothing measured'}.")
+        lines.append(f"Not available: {telemetry[0][1]['reason'] if telemetry else 'nothing measured'}.")
     if report.get("profile"):
         lines += [""] + profile_section(report["profile"])
     lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in env.items()]
@@ -197,7 +201,8 @@ def levers_table(levers: dict) -> list[str]:
              + (f", loader {levers['loader']}" if levers.get("loader") else "") + "). A lever already on in the "
              "baseline is measured switched off, so its row shows what it is worth.", "",
              "| lever | measured | synthetic img/s | end-to-end img/s | x baseline | % of synthetic | MFU | "
-             "peak memory GiB | in the best combination | why it is faster |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory GiB (torch) | in the best combination | why it is faster |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in levers["rows"]:
         if not row["measured"]:
             lines.append(f"| {row['lever']} | not measured: {row['reason']} | | | | | | | | {row['why']} |")

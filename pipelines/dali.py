@@ -364,3 +364,14 @@ class DaliLoader(DaliBase):
     def __iter__(self):
         for outputs in self._iterator:
             yield self._batch(outputs)
+
+
+def release_unused_memory() -> None:
+    """Hand DALI's wholly free pool blocks back (device pools and pinned host memory): its pools never shrink by
+    themselves, so pipelines built and dropped one after another would otherwise keep the largest one's memory.
+    A block a live pipeline or batch still holds stays. DALI walks only the pools it already made: on a machine
+    without CUDA it frees nothing and initialises nothing. A no-op without DALI."""
+    if fn is not None:
+        from nvidia.dali.backend import ReleaseUnusedMemory
+
+        ReleaseUnusedMemory()

@@ -111,7 +111,8 @@ class EpochMeter:
         """The live part of a step line, measured since the previous line (host clocks only: the caller has
         just synchronised through loss.item()): img/s over all ranks, the share of that time rank 0 waited in
         next() for input, the ETA of this epoch's and of the run's training steps at that pace (validation
-        not counted), and on CUDA the peak memory allocated so far. Steps that compiled are left out."""
+        not counted), and on CUDA the peak memory torch's allocator handed out so far (not DALI's pools: the whole
+        device's peak, from NVML, is in the epoch's gpu/memory_used_peak_gib). Steps that compiled are left out."""
         now, mark, compiled = time.perf_counter(), self.mark, self.compiled or 0.0
         steps, wait = done - mark["step"], self.host_wait - mark["wait"]
         seconds = now - mark["at"] - (compiled - mark["compiled"])
@@ -125,7 +126,7 @@ class EpochMeter:
         text = (f" | {steps * run.images_per_step / seconds:.1f} img/s, input wait "
                 f"{100 * min(1.0, wait / seconds):.0f}%, eta epoch {clock(left_epoch)} run {clock(left_run)}")
         if run.device.type == "cuda":
-            text += f", peak mem {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
+            text += f", peak mem {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB (torch)"
         return text
 
     def finish(self) -> dict:
@@ -150,7 +151,9 @@ class EpochMeter:
 
     def gpu_telemetry(self, images: int) -> dict:
         """This rank's GPU over the epoch (NVML, sampled by rn50.system.telemetry, as the harness does) and its peak
-        memory; nothing on the CPU, and only the memory where NVML cannot be read."""
+        memory, torch's allocator's (gpu/memory_peak_gib) and the whole device's as NVML sees it
+        (gpu/memory_used_peak_gib: DALI's pools, torch's cache, the CUDA context, other processes); nothing on
+        the CPU, and only torch's figure where NVML cannot be read."""
         device = self.run.device
         if device.type != "cuda":
             return {}
@@ -158,7 +161,8 @@ class EpochMeter:
         torch.cuda.reset_peak_memory_stats(device)
         sampled = self.run.telemetry.stop(images=images)
         for ours, theirs in (("gpu/util_pct", "gpu_util_pct"), ("gpu/power_w", "power_w"),
-                             ("gpu/sm_clock_mhz", "sm_clock_mhz"), ("gpu/energy_j_per_image", "energy_j_per_image")):
+                             ("gpu/sm_clock_mhz", "sm_clock_mhz"), ("gpu/energy_j_per_image", "energy_j_per_image"),
+                             ("gpu/memory_used_peak_gib", "memory_used_peak_gib")):
             if sampled.get(theirs) is not None:
                 readings[ours] = sampled[theirs]
         return readings

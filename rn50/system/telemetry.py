@@ -26,6 +26,19 @@ def _nvml_index(cuda_index: int) -> int:
         return cuda_index
 
 
+def summary(samples: list[dict]) -> dict:
+    """The samples' means (None for a key no sample has), and the largest memory_used_gib as
+    memory_used_peak_gib: a mean hides a pool that grew late in the window, and the peak is what must fit.
+    The peak is of the samples, so a spike shorter than the interval can fall between two of them."""
+    result = {}
+    for key in ("gpu_util_pct", "sm_clock_mhz", "power_w", "memory_used_gib", "pcie_rx_mb_s"):
+        values = [s[key] for s in samples if key in s]
+        result[key] = statistics.fmean(values) if values else None
+    result["memory_used_peak_gib"] = max((s["memory_used_gib"] for s in samples if "memory_used_gib" in s),
+                                         default=None)
+    return result
+
+
 class Telemetry:
     """Samples one GPU every `interval` seconds in a background thread between start() and stop()."""
 
@@ -95,10 +108,7 @@ class Telemetry:
         self._stop.set()
         self._thread.join()
         energy_end = self._energy_mj()
-        result = {"available": True, "samples": len(self._samples)}
-        for key in ("gpu_util_pct", "sm_clock_mhz", "power_w", "memory_used_gib", "pcie_rx_mb_s"):
-            values = [s[key] for s in self._samples if key in s]
-            result[key] = statistics.fmean(values) if values else None
+        result = {"available": True, "samples": len(self._samples), **summary(self._samples)}
         if self._energy_start is not None and energy_end is not None and images:
             result["energy_j_per_image"] = (energy_end - self._energy_start) / 1e3 / images
         else:

@@ -17,7 +17,7 @@ ACCEPTANCE = ["--workers", "1", "--arch", "resnet18", "--image-size", "32", "--b
               "--seed", "1", "--dali-threads", "1"]
 STEP_LINE = re.compile(
     r"^epoch 1 step (\d+)/(\d+) lr \S+ loss \S+ \| ([\d.]+) img/s, input wait (\d+)%, "
-    r"eta epoch (\d+:\d\d) run (\d+:\d\d)(, peak mem [\d.]+ GiB)?$", re.M)
+    r"eta epoch (\d+:\d\d) run (\d+:\d\d)(, peak mem [\d.]+ GiB \(torch\))?$", re.M)
 
 
 @pytest.mark.parametrize("loader", ["dali-cpu", "torchvision"])
