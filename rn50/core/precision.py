@@ -28,7 +28,8 @@ def precision_note(amp: bool, amp_dtype: str, device: torch.device) -> str | Non
     """The start-up line for an AMP setting that this device does not run, so no request goes unanswered."""
     if amp and autocast_dtype(amp, amp_dtype, device) is None:
         return (f"AMP {amp_dtype} runs on CUDA GPUs only: this run computes in fp32 on the "
-                f"{torch.device(device).type.upper()} (--amp-dtype bfloat16 autocasts there; --no-amp says fp32)")
+                f"{torch.device(device).type.upper()} (--amp-dtype bfloat16 autocasts there; --no-amp asks for fp32 "
+                f"and drops this line)")
     return None
 
 
