@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
+from benchmarks.noise import compare, windows
 from benchmarks.plan import Plan
 from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.verdict import verdict
@@ -32,12 +33,15 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
     for name in plan.loaders:
         train, alone = by.get(("train", name)), by.get(("loader", name))
         stall = train["stall"]["fraction"] if train else None
-        ratio = train["img_per_s"] / ceiling["img_per_s"] if train and ceiling else None
-        headroom = alone["img_per_s"] / ceiling["img_per_s"] if alone and ceiling else None
-        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom, ratio_spread=noise(train, ceiling),
-                                    headroom_spread=noise(alone, ceiling)), "stall_fraction": stall,
+        # each round's row over the same round's ceiling: the machine's drift cancels in each ratio
+        to_ceiling = compare(windows(train), windows(ceiling)) if train and ceiling else {}
+        alone_to_ceiling = compare(windows(alone), windows(ceiling)) if alone and ceiling else {}
+        ratio, headroom = to_ceiling.get("ratio"), alone_to_ceiling.get("ratio")
+        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom, ratio_spread=to_ceiling.get("noise"),
+                                    headroom_spread=alone_to_ceiling.get("noise")), "stall_fraction": stall,
                           "stall_basis": train["stall"]["basis"] if train else None,
-                          "ratio_to_synthetic": ratio, "stall_cross_check": 1 - ratio if ratio is not None else None,
+                          "ratio_to_synthetic": ratio, "ratio_noise": to_ceiling.get("noise"),
+                          "stall_cross_check": 1 - ratio if ratio is not None else None,
                           "loader_headroom": headroom}
         if train:
             estimates[name] = time_to_train(train["img_per_s"])
@@ -52,14 +56,6 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
             ratios[f"{faster}/torchvision"] = pair
     return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios, "ratios_to_dali": to_dali,
             "recommendation": recommend(results, verdicts, to_dali, device_type, env.world_size)}
-
-
-def noise(a: dict | None, b: dict | None) -> float | None:
-    """How far a ratio of two measurements can move by run-to-run noise: their windows' spreads added;
-    None when either was not measured or had a single window."""
-    if not a or not b or a.get("img_per_s_spread") is None or b.get("img_per_s_spread") is None:
-        return None
-    return a["img_per_s_spread"] + b["img_per_s_spread"]
 
 
 def time_to_train(img_per_s: float) -> dict:

@@ -16,12 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from benchmarks.noise import FASTER, compare
 from rn50.config.errors import UserError
 from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, get, resolve
-
-# A lever joins the best combination when it is at least 2% faster than the baseline AND its slowest timed
-# window beat the baseline's fastest: a gain inside the windows' spread is noise, not a lever
-GAIN_THRESHOLD = 1.02
 
 
 @dataclass(frozen=True)
@@ -177,14 +174,14 @@ def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: s
     candidate = best_combination(rows, key, lambda fields: check_preset(fields, recipe, machine, env.device))
     best_fields, withheld = {}, None
     if candidate:  # measured before it is written: levers can cost each other what each gained alone
-        combined = ratio(row_for("best combination", "every lever whose gain beat the baseline beyond the "
-                                 "windows' spread, together", "on", candidate))
+        combined = ratio(row_for("best combination", "every lever faster than the baseline beyond the noise, "
+                                 "together", "on", candidate))
         rows.append(combined)
         if not combined["measured"]:
             withheld = f"the combination could not be measured: {combined['reason']}"
         elif not beats_baseline(combined, baseline, key):
-            withheld = (f"the combination measured {combined['ratio_to_baseline']:.2f}x the baseline, not beyond "
-                        "the windows' spread")
+            withheld = (f"the combination measured {combined['ratio_to_baseline']:.2f}x the baseline, within "
+                        "noise")
         else:
             best_fields = candidate
     return {"ranked_by": key, "loader": loader if key == "end_to_end" else None, "rows": rows,
@@ -192,12 +189,10 @@ def measure_levers(bench, levers: list[Lever], modes: tuple[str, ...], loader: s
 
 
 def beats_baseline(row: dict, baseline: dict, key: str) -> bool:
-    """At least GAIN_THRESHOLD faster, and the row's slowest window faster than the baseline's fastest (so
-    the gain beats the spread of both); never with a single window each, whose spread is unknown."""
+    """Faster than the baseline by the report's one noise rule (benchmarks.noise): beyond the two measurements'
+    spreads added (they were measured one after the other, not in rounds), never with the noise unknown."""
     mine, theirs = (row.get(key) or {}).get("img_per_s_windows"), (baseline.get(key) or {}).get("img_per_s_windows")
-    if not mine or not theirs or len(mine) < 2 or len(theirs) < 2:
-        return False
-    return row.get("ratio_to_baseline", 0) >= GAIN_THRESHOLD and min(mine) > max(theirs)
+    return bool(mine and theirs) and compare(mine, theirs, paired=False)["word"] == FASTER
 
 
 def check_preset(fields: dict, recipe, machine, device: torch.device) -> None:
@@ -216,7 +211,7 @@ def with_lever(recipe, machine, fields: dict):
 
 
 def best_combination(rows: list[dict], key: str, check=None) -> dict:
-    """The fields of every measured lever whose state beat the baseline (rows[0]) beyond the spread
+    """The fields of every measured lever whose state beat the baseline (rows[0]) beyond the noise
     (beats_baseline). A lever measured "off" that beat the baseline means the machine is faster without it:
     its off setting joins. Fastest first: a lever that sets a field a faster one set (batch256 after
     batch512), or that `check(fields)` refuses beside the faster ones (cuda-graphs with max-autotune), stays
@@ -228,7 +223,7 @@ def best_combination(rows: list[dict], key: str, check=None) -> dict:
             continue
         row["joined"], row["left_out"] = False, None
         if not beats_baseline(row, baseline, key):
-            row["left_out"] = "its gain does not beat the windows' spread" if row.get("ratio_to_baseline", 0) > 1 \
+            row["left_out"] = "its gain is within noise" if row.get("ratio_to_baseline", 0) > 1 \
                 else "not faster than the baseline"
             continue
         taken = [flat for flat in row["fields"] if flat in fields]

@@ -1,6 +1,8 @@
 """The harness's measurements: `Bench` times the training step (rn50.core.step.train_step, the one training
-uses) or a loader alone over warm-up and timed windows, gathers every rank's figures into one result row, and
-measures the recipe's other training resolutions (progressive resizing)."""
+uses) or a loader alone over warm-up and timed windows, gathers every rank's figures into one result row;
+`measure_rounds` measures the main table in rounds (every row once per round, in an order that reverses each
+round) and merges each row's rounds; `measure_resolutions` the recipe's other training resolutions
+(progressive resizing)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.noise import spread
 from benchmarks.plan import WIDTH, Plan
 from benchmarks.stall import StepTimer, Window
 from rn50.config.errors import UserError
@@ -60,8 +63,9 @@ class Bench:
     def loader(self, kind: str, **overrides):
         return build_split(self.recipe, self.machine, kind, "train", self.data, self.env, **overrides)
 
-    def windows(self, loader, work) -> tuple[list[Window], list[dict]]:
-        """Warm-up, then `repeats` timed windows; `work(images, labels)` is the step (None: loader only)."""
+    def windows(self, loader, work, repeats: int | None = None) -> tuple[list[Window], list[dict]]:
+        """Warm-up, then `repeats` timed windows (the plan's by default); `work(images, labels)` is the step
+        (None: loader only)."""
         timer = StepTimer(self.env.device)
         batches, steps = endless(loader), self.plan.steps
         counted = itertools.count(1)  # the measurement's steps, warm-up included: --profile-steps counts them
@@ -88,7 +92,7 @@ class Bench:
             else:
                 step()
         windows, telemetry = [], []
-        for _ in range(self.plan.repeats):
+        for _ in range(self.plan.repeats if repeats is None else repeats):
             self.telemetry.start()
             step()  # untimed: the previous window's synchronisation and the telemetry start end here
             first = len(timer.host_after)
@@ -102,7 +106,7 @@ class Bench:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
 
-    def train_windows(self, loader, env: DistEnv | None = None):
+    def train_windows(self, loader, env: DistEnv | None = None, repeats: int | None = None):
         env = env or self.env
         # synthetic labels are uniform: equal counts stand in (a weighted loss costs the same either way)
         counts = getattr(loader, "class_counts", None) or (1,) * loader.num_classes
@@ -111,17 +115,18 @@ class Bench:
         # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
         # larger batch, when a lever asks for one)
         set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))
-        return self.windows(loader, lambda images, labels: train_step(parts, images, labels))
+        return self.windows(loader, lambda images, labels: train_step(parts, images, labels), repeats)
 
-    def measure(self, mode: str, loader_name: str) -> dict:
-        """One row: `mode` through `loader_name` ("synthetic" in synthetic mode). The row's model, graph pool and
-        pipeline are gone when it returns, so the next row's memory_peak_gib is its own."""
+    def measure(self, mode: str, loader_name: str, repeats: int | None = None) -> dict:
+        """One row: `mode` through `loader_name` ("synthetic" in synthetic mode), over `repeats` timed windows
+        (the plan's by default; one per round in measure_rounds). The row's model, graph pool and pipeline are
+        gone when it returns, so the next row's memory_peak_gib is its own."""
         try:
-            return self._measure(mode, loader_name)
+            return self._measure(mode, loader_name, self.plan.repeats if repeats is None else repeats)
         finally:
             release_memory(self.env.device)
 
-    def _measure(self, mode: str, loader_name: str) -> dict:
+    def _measure(self, mode: str, loader_name: str, repeats: int) -> dict:
         loader = self.loader(loader_name)
         cuda = self.env.device.type == "cuda"
         if cuda:
@@ -133,9 +138,9 @@ class Bench:
                                          print if self.env.is_main else (lambda *a, **k: None))
         try:
             if mode == "loader":
-                windows, telemetry = self.windows(loader, None)
+                windows, telemetry = self.windows(loader, None, repeats)
             else:
-                windows, telemetry = self.train_windows(loader)
+                windows, telemetry = self.train_windows(loader, repeats=repeats)
         finally:
             if self.profile and self.profiler.close():  # each rank wrote its own rank<R> file beside rank 0's
                 self.traces += [{"mode": mode, "loader": loader_name, "rank": rank,
@@ -163,11 +168,6 @@ class Bench:
             release_memory(self.env.device)
         barrier()
         return result
-
-
-def spread(values: list[float]) -> float | None:
-    """(max - min) / mean of a measurement's windows; None with a single window (its spread is unknown)."""
-    return (max(values) - min(values)) / statistics.fmean(values) if len(values) > 1 else None
 
 
 def release_memory(device: torch.device) -> None:
@@ -198,14 +198,14 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "telemetry": telemetry[-1],
     }
     ranks = all_gather_objects(mine)
-    per_repeat_total = [sum(r["windows_img_per_s"][i] for r in ranks) for i in range(plan.repeats)]
+    per_repeat_total = [sum(r["windows_img_per_s"][i] for r in ranks) for i in range(len(windows))]
     total = statistics.fmean(per_repeat_total)
     return {
         "img_per_s": total,  # all ranks together (first key: readers look for it first)
         "mode": mode,
         "loader": loader_name,
         "img_per_s_per_gpu": total / env.world_size,
-        "img_per_s_std": statistics.stdev(per_repeat_total) if plan.repeats > 1 else None,
+        "img_per_s_std": statistics.stdev(per_repeat_total) if len(per_repeat_total) > 1 else None,
         # each timed window's img/s (all ranks) and their spread, (max - min) / mean: what a difference
         # between two measurements must beat before it means anything (verdicts, levers)
         "img_per_s_windows": per_repeat_total,
@@ -213,7 +213,7 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "step_time": ranks[0]["step_time"],
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.steps,
-        "repeats": plan.repeats,
+        "repeats": len(windows),
         # the worst rank's stall: one waiting rank holds every other at the next all-reduce
         "stall": {"fraction": max(r["stall_fraction"] for r in ranks), "basis": windows[-1].stall_basis}
         if mode != "loader" else None,
@@ -240,3 +240,43 @@ def measure_resolutions(bench: "Bench", plan: Plan, results: list[dict], say) ->
             rows.append({"image_size": size, "mode": mode, "loader": loader, "img_per_s": img_per_s})
             say(f"  {mode:9s} {loader:{WIDTH}s} {img_per_s:10.1f} img/s at {size} px", flush=True)
     return rows
+
+
+def measure_rounds(bench: "Bench", jobs: list[tuple[str, str]], rounds: int, say) -> list[dict]:
+    """The main table in rounds: each round measures every (mode, loader) of `jobs` once, one timed window each,
+    after its own build and warm-up; the order runs forward in even rounds and backward in odd ones, so a steady
+    drift of the machine (a neighbour's job, clocks, heat) reaches every row alike over each pair of rounds, and
+    no row is always first. Each row's rounds are merged into one row whose windows are its rounds, in round
+    order: window i of every row comes from round i, so ratios are taken round by round (benchmarks.noise)."""
+    parts: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
+    profile = bench.profile
+    for number in range(rounds):
+        bench.profile = profile if number == 0 else None  # --profile-steps: one trace per row, the first round's
+        for mode, name in jobs if number % 2 == 0 else jobs[::-1]:
+            part = bench.measure(mode, name, repeats=1)
+            parts[(mode, name)].append(part)
+            say(f"  round {number + 1}/{rounds} {mode:9s} {name:{WIDTH}s} {part['img_per_s']:10.1f} img/s"
+                + (f"  stall {part['stall']['fraction']:.1%}" if part["stall"] else ""), flush=True)
+    bench.profile = profile
+    return [merge_rounds(parts[job], bench.env.world_size) for job in jobs]
+
+
+def merge_rounds(parts: list[dict], world_size: int) -> dict:
+    """One row from a measurement's rounds (each a row of one window): img/s the rounds' mean and its windows
+    the rounds' figures; the stall the rounds' mean; peaks the highest; the step-time distribution, timeline
+    and telemetry the last round's; a compile time the first round's (the later ones find a warm cache)."""
+    last, totals = parts[-1], [part["img_per_s"] for part in parts]
+    mean = statistics.fmean(totals)
+    row = {**last, "img_per_s": mean, "img_per_s_per_gpu": mean / world_size, "img_per_s_windows": totals,
+           "img_per_s_spread": spread(totals), "img_per_s_std": statistics.stdev(totals) if len(totals) > 1 else None,
+           "repeats": len(parts), "rounds": len(parts)}
+    if last["stall"] is not None:
+        row["stall"] = {**last["stall"], "fraction": statistics.fmean(part["stall"]["fraction"] for part in parts)}
+    for key in ("memory_peak_gib", "memory_device_peak_gib"):
+        peaks = [part[key] for part in parts if part.get(key) is not None]
+        row[key] = max(peaks, default=None)
+    if "compile_s" in parts[0]:
+        row["compile_s"] = parts[0]["compile_s"]
+    row["per_rank"] = [{**rank, "img_per_s": statistics.fmean(part["per_rank"][i]["img_per_s"] for part in parts)}
+                       for i, rank in enumerate(last["per_rank"])]
+    return row

@@ -1,31 +1,36 @@
 """Which loader should I use here? Each loader's speed against DALI's, and an answer drawn from the figures.
 
 Nothing here knows which loader "should" win: the answer ranks what was measured on this machine, says which
-loaders are within run-to-run noise of the fastest, and which of them keep the model fed (their verdict).
+loaders are within noise of the fastest (benchmarks.noise, the report's one rule), and which of them keep the
+model fed (their verdict). A loader whose end to end stands above the ceiling beyond the noise (verdict
+"measurement error") is left out of the ranking: a broken figure is never a winner.
 """
 
 from __future__ import annotations
 
-# Loaders this close to the fastest are called a tie: the spread of repeated windows on a shared machine
-TIE = 0.05
+from benchmarks.noise import WITHIN, compare, windows
+from benchmarks.verdict import MEASUREMENT_ERROR
+
 FED = ("GPU-bound", "compute-bound")  # the verdicts of a loader that keeps the model busy
 
 
 def ratios_to_dali(results: list[dict]) -> dict | None:
     """Each measured loader's img/s over DALI's, per mode (loader, train). DALI is the GPU pipeline when it
     was measured, else DALI's CPU pipeline; None when neither was."""
-    by = {(r["mode"], r["loader"]): r["img_per_s"] for r in results if r["mode"] != "synthetic"}
+    by = {(r["mode"], r["loader"]): r for r in results if r["mode"] != "synthetic"}
     measured = {loader for _, loader in by}
     reference = next((name for name in ("dali", "dali-cpu") if name in measured), None)
     if reference is None:
         return None
-    loaders = {}
+    loaders, words = {}, {}
     for name in sorted(measured - {reference}):
-        pair = {mode: by[(mode, name)] / by[(mode, reference)]
-                for mode in ("loader", "train") if (mode, name) in by and (mode, reference) in by}
-        if pair:
-            loaders[name] = pair
-    return {"reference": reference, "loaders": loaders}
+        pairs = {mode: compare(windows(by[(mode, name)]), windows(by[(mode, reference)]))
+                 for mode in ("loader", "train") if (mode, name) in by and (mode, reference) in by}
+        if pairs:
+            loaders[name] = {mode: pair["ratio"] for mode, pair in pairs.items()}
+            words[name] = {mode: pair["word"] for mode, pair in pairs.items()}
+    # words: "faster", "slower" or "within noise" than the reference, by the report's one rule
+    return {"reference": reference, "loaders": loaders, "words": words}
 
 
 def _names(names: list[str]) -> str:
@@ -39,21 +44,31 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
     basis = next((mode for mode in ("train", "loader") if any(r["mode"] == mode for r in results)), None)
     if basis is None:
         return None
-    speeds = {r["loader"]: r["img_per_s"] for r in results if r["mode"] == basis}
-    spreads = {r["loader"]: r.get("img_per_s_spread") or 0.0 for r in results if r["mode"] == basis}
+    rows = {r["loader"]: r for r in results if r["mode"] == basis}
+    broken = [name for name in rows if basis == "train"
+              and verdicts.get(name, {}).get("verdict") == MEASUREMENT_ERROR]
+    speeds = {name: row["img_per_s"] for name, row in rows.items() if name not in broken}
+    if not speeds:
+        return {"basis": basis, "fastest": None, "img_per_s": {}, "within_noise": [], "keeps_model_fed": [],
+                "not_ranked": broken, "text": f"No loader is ranked: every end-to-end figure ({_names(broken)}) "
+                                              "stands above the ceiling beyond the noise, a measurement error."}
     ranked = sorted(speeds, key=speeds.get, reverse=True)
     best = ranked[0]
-    # a tie: within TIE of the fastest, or within the two measurements' spreads when those are wider
-    margin = {name: max(TIE, spreads[name] + spreads[best]) for name in ranked}
-    ties = [name for name in ranked[1:] if speeds[name] >= (1 - margin[name]) * speeds[best]]
+    against = {name: compare(windows(rows[name]), windows(rows[best])) for name in ranked[1:]}
+    ties = [name for name in ranked[1:] if against[name]["word"] == WITHIN]
     device = f"{world_size} GPU{'s' if world_size > 1 else ''}" if device_type == "cuda" \
         else f"the CPU, {world_size} process{'es' if world_size > 1 else ''}"
     what = "end to end (feeding the training step)" if basis == "train" else "alone (loader mode, no model)"
     text = [f"On this machine ({device}), {best} is the fastest loader {what}: {speeds[best]:,.0f} img/s."]
     if ties:
-        widest = max(margin[n] for n in ties)
+        noises = [against[n]["noise"] for n in ties if against[n]["noise"] is not None]
+        how = f"within noise of it (the rounds' spread, up to {max(noises):.0%})" if noises else \
+            "within noise of it (one round: the noise is unknown, so no difference counts)"
         text.append(f"{_names([f'{n} ({speeds[n]:,.0f})' for n in ties])} {'is' if len(ties) == 1 else 'are'} "
-                    f"within {widest:.0%} of it, inside run-to-run noise: any of them will do.")
+                    f"{how}: any of them will do.")
+    if broken:
+        text.append(f"Not ranked: {_names(broken)}, whose end to end stands above the ceiling beyond the noise "
+                    "(a measurement error; its verdict below says so).")
     fed = []
     if basis == "train":
         fed = [name for name in ranked if verdicts.get(name, {}).get("verdict") in FED]
@@ -72,7 +87,7 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
             text.append(f"{best} never leaves the model waiting, but its own work slows the step{ceiling}; its "
                         "verdict below says what to change.")
         elif verdicts.get(best, {}).get("verdict") == "within noise":
-            text.append(f"Whether {best} keeps the model fed is within run-to-run noise{ceiling}: more --steps and "
+            text.append(f"Whether {best} keeps the model fed is within noise{ceiling}: more --steps and "
                         "--repeats will tell.")
         else:
             text.append(f"{best} comes close to keeping the model fed{ceiling}.")
@@ -83,7 +98,9 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
         mode = basis if any(basis in pair for pair in to_dali["loaders"].values()) else "loader"
         ranked_pairs = sorted(((pair[mode], name) for name, pair in to_dali["loaders"].items() if mode in pair),
                               reverse=True)
-        parts = [f"{name} {ratio:.2f}x" for ratio, name in ranked_pairs]
+        parts = [f"{name} {ratio:.2f}x" + (f" ({to_dali['words'][name][mode]})"
+                                           if to_dali["words"][name][mode] == WITHIN else "")
+                 for ratio, name in ranked_pairs]
         if parts:
             text.append(f"Against {to_dali['reference']} ({'end to end' if mode == 'train' else 'loader mode'}): "
                         f"{', '.join(parts)}.")
@@ -91,4 +108,4 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
         text.append("On the CPU the loader and the model share the same cores: this ranks the loaders for CPU "
                     "runs; run the harness on the GPU machine to choose for it.")
     return {"basis": basis, "fastest": best, "img_per_s": {name: speeds[name] for name in ranked},
-            "within_noise": ties, "keeps_model_fed": fed, "text": " ".join(text)}
+            "within_noise": ties, "keeps_model_fed": fed, "not_ranked": broken, "text": " ".join(text)}

@@ -31,9 +31,9 @@ def markdown(report: dict) -> str:
         "# Benchmark report",
         "",
         f"{config['arch']} at {config['image_size']} px, batch {config['batch_size']} per GPU "
-        f"x {env['world_size']} = {config['global_batch']}; {_count(config['warmup_steps'], 'warm-up step')} "
-        f"excluded, {_count(config['timed_steps'], 'timed step')} x {_count(config['repeats'], 'window')}. "
-        f"Created {report['created']}.",
+        f"x {env['world_size']} = {config['global_batch']}; {_count(config['repeats'], 'round')}, each measuring "
+        f"every row once in an order that reverses each round: {_count(config['warmup_steps'], 'warm-up step')} "
+        f"excluded, then {_count(config['timed_steps'], 'timed step')}. Created {report['created']}.",
         "",
         "## Throughput",
         "",
@@ -103,10 +103,19 @@ def markdown(report: dict) -> str:
                   f"GPUs vs {s['single_gpu_img_per_s']:,.1f} on one: {s['efficiency']:.1%} efficiency.", ""]
     if report["autotune"]:
         lines += ["## Autotune (loader mode)", ""]
+        setting = lambda row: ", ".join(f"{k} {v}" for k, v in row.items()  # noqa: E731
+                                        if k not in ("img_per_s", "img_per_s_windows", "given"))
         for name, tuned in report["autotune"]["loaders"].items():
-            lines.append(f"- {name}: best {tuned['best']}")
+            against = tuned["best_vs_given"]
+            noise = f"noise {against['noise']:.0%}" if against["noise"] is not None else \
+                "the noise unknown with one window: measure with --repeats 2 or more"
+            lines.append(f"- {name}: best {setting(tuned['best'])}, {_num(tuned['best']['img_per_s'])} img/s, "
+                         f"{against['ratio']:.2f}x the given setting ({setting(tuned['given'])}): "
+                         f"{against['word']} ({noise})")
         if report["autotune"]["preset"]:
             lines.append(f"- saved as `{report['autotune']['preset']}` (use with `--preset`)")
+        else:
+            lines.append("- no preset written: no setting beat the given one beyond the noise")
         lines.append("")
     if report.get("levers"):
         lines += levers_table(report["levers"])
@@ -219,8 +228,8 @@ def levers_table(levers: dict) -> list[str]:
     elif levers.get("not_written"):
         lines += ["", f"No preset written: {levers['not_written']}."]
     elif levers.get("rows") and not levers.get("candidate_fields"):
-        lines += ["", "No preset written: no lever's gain beat the baseline beyond the windows' spread (with one "
-                      "window per measurement the spread is unknown: measure with --repeats 2 or more)."]
+        lines += ["", "No preset written: no lever was faster than the baseline beyond the noise (with one "
+                      "window per measurement the noise is unknown: measure with --repeats 2 or more)."]
     return lines + [""]
 
 

@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed windows per measurement, mean +- std (default 3 on a GPU, 2 on the CPU)")
+                        help="rounds: each measures the ceiling and every loader once (its own warm-up and one "
+                             "timed window), in an order that reverses each round; their spread is the noise "
+                             "(default 3 on a GPU, 2 on the CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's peak dense fp16/bf16 TFLOP/s, overriding the built-in table "
                              "(default: the table's figure for the GPU found; none: no MFU)")
@@ -77,7 +79,7 @@ from benchmarks import autotune as autotuning  # noqa: E402
 from benchmarks import read as read_mod  # noqa: E402
 from benchmarks.figures import derive, flops_block, time_to_accuracy, time_to_train_schedule  # noqa: E402
 from benchmarks.flops import flops_per_image, mfu  # noqa: E402
-from benchmarks.measure import Bench, measure_resolutions  # noqa: E402
+from benchmarks.measure import Bench, measure_resolutions, measure_rounds  # noqa: E402
 from benchmarks.report import write_reports  # noqa: E402
 from rn50.core.step import check_cuda_only_settings  # noqa: E402
 from rn50.observe import tracking  # noqa: E402
@@ -114,10 +116,10 @@ def run(config: BenchConfig, argv) -> dict:
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(config.profile_steps, config.profiler, env.device)
     tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost benchmark
-    measurement_steps = plan.warmup_steps + plan.repeats * (1 + plan.steps)
+    measurement_steps = plan.warmup_steps + 1 + plan.steps  # a round's measurement of one row
     check_window(config.profile_steps, measurement_steps,
-                 f"each measurement ({count(plan.warmup_steps, 'warm-up step')} + "
-                 f"{plan.repeats} x (1 untimed + {plan.steps} timed))")
+                 f"each round's measurement ({count(plan.warmup_steps, 'warm-up step')} + 1 untimed + "
+                 f"{plan.steps} timed)")
     needs_cuda = [name for name in plan.loaders if REGISTRY[name].needs_cuda]
     if env.device.type != "cuda" and needs_cuda:
         raise UserError(f"{' and '.join(needs_cuda)} need{'s' if len(needs_cuda) == 1 else ''} a CUDA GPU; "
@@ -134,15 +136,15 @@ def run(config: BenchConfig, argv) -> dict:
     say = print if env.is_main else (lambda *a, **k: None)
     say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
         f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders) or 'none'}; "
-        f"{plan.warmup_steps} warm-up + {count(plan.steps, 'timed step')} x {count(plan.repeats, 'window')}",
+        f"{count(plan.repeats, 'round')}, each row in each: {plan.warmup_steps} warm-up + "
+        f"{count(plan.steps, 'timed step')}",
         flush=True)
-    results = []
     jobs = [("synthetic", "synthetic")] if "synthetic" in plan.modes else []
     jobs += [(mode, name) for name in plan.loaders for mode in ("loader", "train") if mode in plan.modes]
-    for mode, name in jobs:
-        result = bench.measure(mode, name)
-        results.append(result)
-        say(f"  {mode:9s} {name:{WIDTH}s} {result['img_per_s']:10.1f} img/s"
+    results = measure_rounds(bench, jobs, plan.repeats, say)
+    for result in results:
+        say(f"  {result['mode']:9s} {result['loader']:{WIDTH}s} {result['img_per_s']:10.1f} img/s"
+            + (f" +- {result['img_per_s_spread']:.0%}" if result["img_per_s_spread"] is not None else "")
             + (f"  stall {result['stall']['fraction']:.1%} ({result['stall']['basis']})" if result["stall"] else ""),
             flush=True)
     flops = flops_block(recipe, probe.num_classes, config.peak_tflops)

@@ -5,6 +5,9 @@ Three measurements of the same training step decide it:
   on CPU runs);
 - ratio: end-to-end img/s over the synthetic-data ceiling (1 - ratio cross-checks the stall);
 - headroom: the loader alone (no model) over the ceiling; below 1 the loader cannot keep up even alone.
+
+Ratios count only beyond their noise (benchmarks.noise, the one rule of the report): within it the verdict is
+"within noise"; end to end above the ceiling beyond it is a "measurement error", never a faster loader.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ CPU_COMPUTE_STEPS = [
     "try torch.compile or a larger batch and compare; on the CPU the step runs in fp32, so a CUDA GPU is the "
     "change that pays most",
 ]
-NOISE_STEPS = ["measure longer: more --steps and --repeats narrow the windows' spread until the figures can decide"]
+NOISE_STEPS = ["measure longer: more --steps and --repeats narrow the rounds' spread until the figures can decide"]
+ERROR_STEPS = ["rerun on an idle machine (the report's first lines name what ran beside this one), with more --steps "
+               "and --repeats: the training step cannot run faster fed by a loader than on a resident batch"]
+MEASUREMENT_ERROR = "measurement error"
 
 
 def next_steps(loader: str, device_type: str) -> list[str]:
@@ -39,7 +45,7 @@ def next_steps(loader: str, device_type: str) -> list[str]:
 
 
 def _sign(value: float | None, high: float, low: float, noise: float) -> str | None:
-    """"compute" at or above `high`; "noise" below it but within `noise` (the measurements' spread) of 1;
+    """"compute" at or above `high`; "noise" below it but within `noise` (benchmarks.noise) of 1;
     "input" below `low`; "between" otherwise; None when not measured."""
     if value is None:
         return None
@@ -53,13 +59,15 @@ def _sign(value: float | None, high: float, low: float, noise: float) -> str | N
 def verdict(loader: str, device_type: str, stall: float | None, ratio: float | None,
             headroom: float | None, ratio_spread: float | None = None, headroom_spread: float | None = None) -> dict:
     """`stall`, `ratio`, `headroom` as fractions; any may be None when that mode was not measured.
-    `ratio_spread`, `headroom_spread`: how far the ratios can move by run-to-run noise (the two measurements'
-    windows' spreads, (max - min) / mean, added); None when a measurement had a single window.
+    `ratio_spread`, `headroom_spread`: the ratios' noise (benchmarks.noise.compare: the rounds' ratios' spread,
+    at least its floor); None when it is unknown (one round).
 
     The stall is the direct evidence (the model waited for input, or it did not); the ratio and the headroom
-    confirm it, and count only where they differ from the ceiling by more than their spread. A verdict
-    the figures cannot support is "within noise"; a step that never waits yet runs well below the ceiling
-    beside a loader that alone outruns it is "contended" (the loader's work slows the step), never input-bound.
+    confirm it, and count only where they differ from the ceiling beyond their noise. A verdict the figures
+    cannot support is "within noise"; end to end above the ceiling beyond the noise is a "measurement error"
+    (the step cannot run faster fed by a loader than on a resident batch); a step that never waits yet runs
+    well below the ceiling beside a loader that alone outruns it is "contended" (the loader's work slows the
+    step), never input-bound.
     """
     compute_label = "GPU-bound" if device_type == "cuda" else "compute-bound"
     compute_steps = COMPUTE_STEPS if device_type == "cuda" else CPU_COMPUTE_STEPS
@@ -71,23 +79,30 @@ def verdict(loader: str, device_type: str, stall: float | None, ratio: float | N
     evidence = []
     if stall is not None:
         evidence.append(f"input stall {stall:.1%} of the end-to-end window")
+    above = ratio is not None and ratio > 1
+    error = above and ratio_spread is not None and ratio - 1 > ratio_spread
     if ratio is not None:
         evidence.append(f"end-to-end at {ratio:.1%} of the synthetic-data ceiling (1 - ratio = {1 - ratio:.1%})"
-                        + (f": within the windows' spread ({ratio_spread:.1%}) of the ceiling"
-                           if ratio_sign == "noise" or (ratio > 1 and ratio - 1 <= (ratio_spread or 0)) else ""))
-        if ratio > 1:
-            evidence.append("a ratio above 100% is measurement noise: more --steps and --repeats tighten it")
+                        + (f": within noise ({ratio_spread:.1%}) of the ceiling"
+                           if ratio_spread is not None and abs(1 - ratio) <= ratio_spread else ""))
+        if error:
+            evidence.append(f"above the ceiling beyond the noise ({ratio_spread:.1%}): a measurement error, not a "
+                            "faster loader (one of the two rows ran under other conditions)")
+        elif above:
+            evidence.append("above the ceiling, within noise" if ratio_spread is not None else
+                            "above the ceiling with the noise unknown (one round)")
     if headroom is not None:
         evidence.append(f"the loader alone delivers {headroom:.2f}x the ceiling's img/s"
-                        + (f", within the windows' spread ({headroom_spread:.1%}) of it" if headroom_sign == "noise"
-                           else ""))
+                        + (f", within noise ({headroom_spread:.1%}) of it" if headroom_sign == "noise" else ""))
     spreads = [s for s in (ratio_spread, headroom_spread) if s is not None]
     if (ratio is not None or headroom is not None) and not spreads:
-        evidence.append("one timed window per measurement: the spread is unknown (measure with --repeats 2 or more)")
+        evidence.append("one round: the noise is unknown, so no difference counts (measure with --repeats 2 or more)")
     if device_type != "cuda":
         evidence.append("CPU run: loader and model share the same cores, so the figures interact")
 
-    if stall is not None and stall >= STALL_HIGH:
+    if error:
+        label = MEASUREMENT_ERROR
+    elif stall is not None and stall >= STALL_HIGH:
         label = "input-bound"
     elif stall is None or stall < STALL_LOW:  # the model (hardly) waited for input, or the stall is unknown
         if ratio_sign == "input" or ratio_sign == "between":
@@ -113,7 +128,9 @@ def verdict(loader: str, device_type: str, stall: float | None, ratio: float | N
         else:
             label = "balanced"
 
-    if label == "input-bound":
+    if label == MEASUREMENT_ERROR:
+        steps = ERROR_STEPS
+    elif label == "input-bound":
         steps = next_steps(loader, device_type)
     elif label == compute_label:
         steps = compute_steps
