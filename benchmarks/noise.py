@@ -21,9 +21,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-# Two windows of the same step on the same machine, idle, differ by 1-3% (the CPU machine's runs of the harness,
-# and the H100 probe's repeated windows in docs/benchmarks.md): below 3% no pair is called apart, however close
-# its few windows happened to fall.
+# Two or three windows can fall close together by luck, and then understate the noise: however close they fell,
+# no pair is called apart below 3%, a difference too small to choose a loader or a setting by anyway.
 NOISE_FLOOR = 0.03
 FASTER, SLOWER, WITHIN = "faster", "slower", "within noise"
 
