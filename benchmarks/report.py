@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from benchmarks.plots import plot_throughput, plot_timeline, processes
 
 NA = "n/a"
 
@@ -30,14 +27,15 @@ def markdown(report: dict) -> str:
     lines = [
         "# Benchmark report",
         "",
-        f"{config['arch']} at {config['image_size']} px, batch {config['batch_size']} per GPU "
+        f"{config['arch']} at {config['image_size']} px, batch {config['batch_size']} per {processes(report, False)} "
         f"x {env['world_size']} = {config['global_batch']}; {_count(config['repeats'], 'round')}, each measuring "
         f"every row once in an order that reverses each round: {_count(config['warmup_steps'], 'warm-up step')} "
         f"excluded, then {_count(config['timed_steps'], 'timed step')}. Created {report['created']}.",
         "",
         "## Throughput",
         "",
-        "| mode | loader | img/s (all GPUs) | img/s per GPU | std | step mean / p50 / p95 (ms) | stall | MFU |",
+        f"| mode | loader | img/s (all {processes(report)}) | img/s per {processes(report, False)} | std | "
+        "step mean / p50 / p95 (ms) | stall | MFU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
@@ -231,61 +229,6 @@ def levers_table(levers: dict) -> list[str]:
         lines += ["", "No preset written: no lever was faster than the baseline beyond the noise (with one "
                       "window per measurement the noise is unknown: measure with --repeats 2 or more)."]
     return lines + [""]
-
-
-def throughput_panels(results: list[dict]) -> list[tuple[str, list[dict]]]:
-    """The training steps (the synthetic ceiling and end to end) in one panel and the loaders alone in
-    another, each on its own axis: loader-only figures can be 100x the training ones."""
-    panels = [("training step: synthetic ceiling and end to end", [r for r in results if r["mode"] != "loader"]),
-              ("loaders alone (no model)", [r for r in results if r["mode"] == "loader"])]
-    return [(title, rows) for title, rows in panels if rows]
-
-
-def error_bar(r: dict) -> tuple[float, float]:
-    """Below and above the mean: to the slowest and the fastest timed window (0 with a single window)."""
-    windows = r.get("img_per_s_windows") or [r["img_per_s"]]
-    return r["img_per_s"] - min(windows), max(windows) - r["img_per_s"]
-
-
-def plot_throughput(report: dict, path: Path) -> None:
-    colours = {"synthetic": "tab:grey", "loader": "tab:blue", "train": "tab:green"}
-    panels = throughput_panels(report["results"])
-    widths = [max(1, len(rows)) for _, rows in panels] or [1]
-    fig, axes = plt.subplots(1, len(panels) or 1, figsize=(max(5, 1.4 * sum(widths) + 1.5), 4), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
-    for ax, (title, rows) in zip(axes[0], panels):
-        bars = ax.bar([f"{r['mode']}\n{r['loader']}" for r in rows], [r["img_per_s"] for r in rows],
-                      color=[colours[r["mode"]] for r in rows],
-                      yerr=list(zip(*[error_bar(r) for r in rows])), capsize=4, ecolor="black")
-        ax.bar_label(bars, fmt="%.0f", label_type="center")
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("images / s (all GPUs)")
-    fig.suptitle(f"{report['config']['arch']} {report['config']['image_size']} px, "
-                 f"batch {report['config']['global_batch']}; error bars: slowest to fastest timed window",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_timeline(report: dict, path: Path) -> None:
-    """Each timed step of each end-to-end window as a bar: the input wait (red) atop the rest."""
-    runs = [r for r in report["results"] if r["mode"] != "loader"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.8 * len(runs) + 0.6), squeeze=False, sharex=True)
-    for ax, r in zip(axes[:, 0], runs):
-        step_ms = [s * 1e3 for s in r["timeline"]["step_s"]]
-        wait_ms = [min(w * 1e3, s) for w, s in zip(r["timeline"]["wait_s"], step_ms)]
-        x = range(1, len(step_ms) + 1)
-        ax.bar(x, [s - w for s, w in zip(step_ms, wait_ms)], color="tab:green", label="compute")
-        ax.bar(x, wait_ms, bottom=[s - w for s, w in zip(step_ms, wait_ms)], color="tab:red", label="input wait")
-        ax.set_ylabel("ms")
-        ax.set_title(f"{r['mode']} / {r['loader']}: stall {r['stall']['fraction']:.1%} ({r['stall']['basis']})",
-                     fontsize=9)
-    axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("timed step (rank 0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_reports(report: dict, out: Path) -> None:

@@ -533,20 +533,45 @@ def test_a_harness_row_frees_its_model_and_pipeline(data_dir, monkeypatch):
 
 
 def test_throughput_plot_puts_loaders_alone_on_their_own_axis_with_window_error_bars(tmp_path):
-    from benchmarks.report import error_bar, plot_throughput, throughput_panels
+    from benchmarks.plots import error_bar, plot_throughput, throughput_panels
 
     rows = [{**result("synthetic", "synthetic", 40.0), "img_per_s_windows": [38.0, 42.0]},
             {**result("loader", "dali-cpu", 3000.0), "img_per_s_windows": [2900.0, 3100.0]},
             {**result("train", "dali-cpu", 30.0), "img_per_s_windows": [29.0, 31.5]},
-            result("loader", "torchvision", 2000.0)]  # an older report: no windows, no bar
+            {**result("loader", "torchvision", 2000.0), "img_per_s_windows": None}]  # an older report: no bar
     panels = throughput_panels(rows)
     assert [[(r["mode"], r["loader"]) for r in panel] for _, panel in panels] == [
         [("synthetic", "synthetic"), ("train", "dali-cpu")], [("loader", "dali-cpu"), ("loader", "torchvision")]]
     assert error_bar(rows[2]) == (1.0, 1.5) and error_bar(rows[3]) == (0.0, 0.0)
-    report = {"results": rows, "config": {"arch": "resnet18", "image_size": 32, "global_batch": 8}}
+    report = {"results": rows, "config": {"arch": "resnet18", "image_size": 32, "global_batch": 8},
+              "environment": {"device_type": "cpu"}}
     plot_throughput(report, tmp_path / "throughput.png")
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert [title for title, _ in throughput_panels(rows[:1])] == ["training step: synthetic ceiling and end to end"]
+
+
+@pytest.mark.parametrize("device_type, per", [("cpu", "processes"), ("cuda", "GPUs")])
+def test_plots_say_what_the_figures_are_per_keep_labels_inside_and_count_whole_steps(device_type, per):
+    """Issue 37.7: "GPUs" on a CPU run, value labels above the axes' top, ticks at step 2.5."""
+    from benchmarks.plots import throughput_figure, timeline_figure
+
+    timeline = {"step_s": [0.010, 0.030, 0.020], "wait_s": [0.0, 0.020, 0.001]}
+    rows = [{**result("synthetic", "synthetic", 40.0, [38.0, 42.0]), "timeline": timeline},
+            {**result("train", "dali-cpu", 39.0, [30.0, 48.0]), "timeline": timeline}]
+    report = {"results": rows, "config": {"arch": "resnet18", "image_size": 32, "global_batch": 8},
+              "environment": {"device_type": device_type}}
+    fig = throughput_figure(report)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == f"images / s (all {per})"
+    fig.canvas.draw()
+    top = ax.get_window_extent()
+    labels = [text for text in ax.texts if text.get_text()]
+    assert [text.get_text() for text in labels] == ["40", "39"]
+    assert all(text.get_window_extent().y1 <= top.y1 for text in labels)
+    fig = timeline_figure(report)
+    fig.canvas.draw()
+    ticks = [tick for tick in fig.axes[-1].get_xticks() if 1 <= tick <= 3]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
 
 
 def test_console_rows_line_up_and_counts_agree_with_their_nouns(data_dir, tmp_path, capsys):
