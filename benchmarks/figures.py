@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import flops_per_image, mfu, peak_tflops
-from benchmarks.noise import compare, windows
+from benchmarks.noise import busy, compare, windows
 from benchmarks.plan import Plan
 from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.verdict import verdict
@@ -28,6 +28,7 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
     for r in results:
         r["mfu"] = mfu(r["img_per_s_per_gpu"], flops["per_image_train"], flops["peak_tflops"]) \
             if r["mode"] != "loader" else None
+        r["confidence"] = "low" if busy(r) else "normal"
     ceiling = by.get(("synthetic", "synthetic"))
     verdicts, estimates = {}, {}
     for name in plan.loaders:
@@ -37,8 +38,13 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
         to_ceiling = compare(windows(train), windows(ceiling)) if train and ceiling else {}
         alone_to_ceiling = compare(windows(alone), windows(ceiling)) if alone and ceiling else {}
         ratio, headroom = to_ceiling.get("ratio"), alone_to_ceiling.get("ratio")
-        verdicts[name] = {**verdict(name, device_type, stall, ratio, headroom, ratio_spread=to_ceiling.get("noise"),
-                                    headroom_spread=alone_to_ceiling.get("noise")), "stall_fraction": stall,
+        judged = verdict(name, device_type, stall, ratio, headroom, ratio_spread=to_ceiling.get("noise"),
+                         headroom_spread=alone_to_ceiling.get("noise"))
+        touched = [f"{r['mode']} {r['loader']}" for r in (train, alone, ceiling) if r and busy(r)]
+        if touched:  # the figures stand, but what decided the verdict may not be this machine's alone
+            judged["evidence"].append(f"measured while other work ran ({', '.join(touched)}): low confidence, "
+                                      "see the report's first lines")
+        verdicts[name] = {**judged, "confidence": "low" if touched else "normal", "stall_fraction": stall,
                           "stall_basis": train["stall"]["basis"] if train else None,
                           "ratio_to_synthetic": ratio, "ratio_noise": to_ceiling.get("noise"),
                           "stall_cross_check": 1 - ratio if ratio is not None else None,
@@ -54,8 +60,22 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
                 for mode in ("loader", "train") if (mode, faster) in by and (mode, "torchvision") in by}
         if pair:
             ratios[f"{faster}/torchvision"] = pair
-    return {"verdicts": verdicts, "time_to_train_90_epochs": estimates, "ratios": ratios, "ratios_to_dali": to_dali,
+    return {"load": machine_load(results), "verdicts": verdicts, "time_to_train_90_epochs": estimates,
+            "ratios": ratios, "ratios_to_dali": to_dali,
             "recommendation": recommend(results, verdicts, to_dali, device_type, env.world_size)}
+
+
+def machine_load(results: list[dict]) -> dict:
+    """The run's load beside the job, for the report's first lines: busy when any row was, the rows it touched,
+    and why (each reason once); what could not be measured, and why not."""
+    loads = [r.get("load") or {} for r in results]
+    why = list(dict.fromkeys(line for load in loads if load.get("busy") for line in load.get("why") or ()))
+    return {"busy": any(load.get("busy") for load in loads),
+            "busy_rows": [f"{r['mode']} {r['loader']}" for r in results if busy(r)], "why": why,
+            "cpu_measured": any(load.get("available") for load in loads),
+            "gpu_measured": any(load.get("gpu_available") for load in loads),
+            "not_measured": sorted({load[key] for load in loads for key in ("reason", "gpu_reason")
+                                    if load.get(key)})}
 
 
 def time_to_train(img_per_s: float) -> dict:

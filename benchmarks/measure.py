@@ -27,6 +27,7 @@ from rn50.core.schedule import set_lr
 from rn50.core.step import build_training, train_step
 from rn50.observe.profiling import StepProfiler, named_range
 from rn50.system.dist import DistEnv, all_gather_objects, barrier
+from rn50.system.load import LoadMonitor, merge as merge_load
 from rn50.system.telemetry import Telemetry
 
 
@@ -50,6 +51,9 @@ class Bench:
         self.machine = machine or Machine()
         self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+        # what else ran during each window (other processes' CPU time, steal, other GPU processes, throttling)
+        self.load = LoadMonitor(env.device.index if env.device.type == "cuda" else None)
+        self.load_windows: list[dict] = []  # the last windows() call's, one per window, as compile_s is kept
         # --profile-steps: (window, tool, report folder), set by benchmarks.run.run; measure() profiles each
         # measurement's steps into its own trace (lever variants and the autotune sweep are not profiled)
         self.profile: tuple | None = None
@@ -91,8 +95,9 @@ class Bench:
                 self.compile_s = time.perf_counter() - started  # a result row's compile_s (measure)
             else:
                 step()
-        windows, telemetry = [], []
+        windows, telemetry, self.load_windows = [], [], []
         for _ in range(self.plan.repeats if repeats is None else repeats):
+            self.load.start()  # first: its /proc scan falls before the untimed step, outside the timed steps
             self.telemetry.start()
             step()  # untimed: the previous window's synchronisation and the telemetry start end here
             first = len(timer.host_after)
@@ -100,6 +105,7 @@ class Bench:
                 step()
             windows.append(timer.window(first, self.batch_size))
             telemetry.append(self.telemetry.stop(images=steps * self.batch_size))
+            self.load_windows.append(self.load.stop())
         return windows, telemetry
 
     def _sync(self) -> None:
@@ -151,7 +157,8 @@ class Bench:
         # NVML's whole-device figure beside torch's allocator peak: DALI's buffers reach torch without a copy
         # (DALI's pools, not torch's allocator), so only this one counts them (docs/benchmark-report.md)
         device_peaks = [t["memory_used_peak_gib"] for t in telemetry if t.get("memory_used_peak_gib") is not None]
-        return {**summarise(mode, loader_name, windows, telemetry, self.plan, self.env), "decode": loader.decode,
+        return {**summarise(mode, loader_name, windows, telemetry, self.load_windows, self.plan, self.env),
+                "decode": loader.decode,
                 "memory_peak_gib": memory, "memory_device_peak_gib": max(device_peaks, default=None),
                 # --compile: the first warm-up step's seconds (it compiles); warm-up is never in the timed windows
                 **({"compile_s": self.compile_s} if self.machine.compile and mode != "loader" else {})}
@@ -185,9 +192,10 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: list[dict], plan: Plan,
+def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: list[dict], load: list[dict], plan: Plan,
               env: DistEnv) -> dict:
-    """Gather every rank's windows; figures per rank and in total (sum over ranks)."""
+    """Gather every rank's windows; figures per rank and in total (sum over ranks); the load beside the job, the
+    worst of every rank's windows (rn50.system.load.merge)."""
     mine = {
         "rank": env.rank,
         "img_per_s": statistics.fmean(w.img_per_s for w in windows),
@@ -196,6 +204,7 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "windows_img_per_s": [w.img_per_s for w in windows],
         "timeline": {"step_s": windows[-1].step_s, "wait_s": windows[-1].wait_s},
         "telemetry": telemetry[-1],
+        "load": load,
     }
     ranks = all_gather_objects(mine)
     per_repeat_total = [sum(r["windows_img_per_s"][i] for r in ranks) for i in range(len(windows))]
@@ -218,6 +227,7 @@ def summarise(mode: str, loader_name: str, windows: list[Window], telemetry: lis
         "stall": {"fraction": max(r["stall_fraction"] for r in ranks), "basis": windows[-1].stall_basis}
         if mode != "loader" else None,
         "telemetry": ranks[0]["telemetry"],
+        "load": merge_load([window for r in ranks for window in r["load"]]),
         "per_rank": [{k: r[k] for k in ("rank", "img_per_s", "step_time", "stall_fraction")} for r in ranks],
         "timeline": ranks[0]["timeline"],
     }
@@ -277,6 +287,7 @@ def merge_rounds(parts: list[dict], world_size: int) -> dict:
         row[key] = max(peaks, default=None)
     if "compile_s" in parts[0]:
         row["compile_s"] = parts[0]["compile_s"]
+    row["load"] = merge_load([part["load"] for part in parts])  # the worst round's, busy in any
     row["per_rank"] = [{**rank, "img_per_s": statistics.fmean(part["per_rank"][i]["img_per_s"] for part in parts)}
                        for i, rank in enumerate(last["per_rank"])]
     return row

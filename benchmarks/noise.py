@@ -11,6 +11,9 @@ Two kinds of pairs:
   run (a neighbour's job, clocks, heat) cancels in each ratio; the noise is those ratios' spread.
 - **Measured apart** (levers, autotune's settings): the two measurements' own spreads added.
 
+A row measured while other work ran on the machine (rn50.system.load judged one of its windows busy) keeps its
+figures, but every decision it takes part in is of low confidence, and says so (`busy`).
+
 A spread is (max - min) / mean of the windows' img/s. It comes from a few windows, and two windows can agree by
 luck: NOISE_FLOOR is the least noise assumed whatever the windows say. With one window per measurement the
 spread is unknown, and no difference counts.
@@ -54,3 +57,8 @@ def windows(row: dict | None) -> list[float] | None:
     """A result row's windows' img/s (all ranks together), one per round in the main table; None when not
     measured."""
     return None if not row else row.get("img_per_s_windows") or [row["img_per_s"]]
+
+
+def busy(row: dict | None) -> bool:
+    """Whether other work ran during any of the row's windows (rn50.system.load: judged per window)."""
+    return bool(row and (row.get("load") or {}).get("busy"))

@@ -8,7 +8,7 @@ model fed (their verdict). A loader whose end to end stands above the ceiling be
 
 from __future__ import annotations
 
-from benchmarks.noise import WITHIN, compare, windows
+from benchmarks.noise import WITHIN, busy, compare, windows
 from benchmarks.verdict import MEASUREMENT_ERROR
 
 FED = ("GPU-bound", "compute-bound")  # the verdicts of a loader that keeps the model busy
@@ -69,6 +69,11 @@ def recommend(results: list[dict], verdicts: dict, to_dali: dict | None, device_
     if broken:
         text.append(f"Not ranked: {_names(broken)}, whose end to end stands above the ceiling beyond the noise "
                     "(a measurement error; its verdict below says so).")
+    disturbed = [name for name in ranked if busy(rows[name])]
+    if disturbed:
+        were = "was" if len(disturbed) == 1 else "were"
+        text.append(f"Other work ran on the machine while {_names(disturbed)} {were} measured (the report's first "
+                    "lines say what): take this ranking with low confidence.")
     fed = []
     if basis == "train":
         fed = [name for name in ranked if verdicts.get(name, {}).get("verdict") in FED]

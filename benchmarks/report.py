@@ -32,11 +32,12 @@ def markdown(report: dict) -> str:
         f"every row once in an order that reverses each round: {_count(config['warmup_steps'], 'warm-up step')} "
         f"excluded, then {_count(config['timed_steps'], 'timed step')}. Created {report['created']}.",
         "",
+        *load_lines(report.get("load")),
         "## Throughput",
         "",
         f"| mode | loader | img/s (all {processes(report)}) | img/s per {processes(report, False)} | std | "
-        "step mean / p50 / p95 (ms) | stall | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "step mean / p50 / p95 (ms) | stall | MFU | machine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         step = r["step_time"]
@@ -44,7 +45,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['mode']} | {r['loader']} | {_num(r['img_per_s'])} | {_num(r['img_per_s_per_gpu'])} | "
             f"{_num(r['img_per_s_std'])} | {step['mean_s'] * 1e3:.1f} / {step['p50_s'] * 1e3:.1f} / "
-            f"{step['p95_s'] * 1e3:.1f} | {stall} | {_pct(r['mfu'])} |"
+            f"{step['p95_s'] * 1e3:.1f} | {stall} | {_pct(r['mfu'])} | {_load_word(r.get('load'))} |"
         )
     decode = {r["loader"]: r["decode"] for r in report["results"] if r.get("decode")}
     lines += ["", "Decode path measured: " + "; ".join(f"{name}: {text}" for name, text in decode.items()) + "."]
@@ -161,6 +162,29 @@ def storage_section(read: dict | None) -> list[str]:
             lines.append(f"| {name} | {v['verdict']} | {_num(v['read_img_per_s'])} | "
                          f"{_num(v['loader_img_per_s'])} | {_num(v['train_img_per_s'])} |")
     return lines + [""]
+
+
+def load_lines(load: dict | None) -> list[str]:
+    """The report's first word on the machine: busy (what ran beside the job, in which rows) or quiet, or what
+    could not be measured."""
+    if not load:
+        return []
+    if load["busy"]:
+        return ([f"**Busy machine: other work ran beside this benchmark** (rows: {', '.join(load['busy_rows'])}). "
+                 "Their figures are not this machine's alone, and every verdict and choice drawn from them is of "
+                 "low confidence:", ""] + [f"- {line}" for line in load["why"]] + [""])
+    if not load["cpu_measured"]:
+        return [f"Machine load: not measured ({'; '.join(load['not_measured'])}).", ""]
+    gpu = "" if load["gpu_measured"] else " (the GPU's other processes and clocks not measured: " \
+        + "; ".join(load["not_measured"]) + ")"
+    return [f"Machine load: quiet, no other work measured beside this benchmark in any window{gpu}.", ""]
+
+
+def _load_word(load: dict | None) -> str:
+    """A row's machine during its windows: busy, quiet, or not measured."""
+    if not load or not load.get("available"):
+        return NA
+    return "busy" if load["busy"] else "quiet"
 
 
 def loader_choice(report: dict) -> list[str]:

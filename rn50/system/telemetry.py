@@ -15,7 +15,7 @@ except ImportError:  # nvidia-ml-py is a dependency, but a stripped environment 
     pynvml = None
 
 
-def _nvml_index(cuda_index: int) -> int:
+def nvml_index(cuda_index: int) -> int:
     """NVML numbers GPUs by PCI bus; CUDA by CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER. torch knows the
     mapping (private helper, hence the fallback)."""
     try:
@@ -53,7 +53,7 @@ class Telemetry:
         else:
             try:
                 pynvml.nvmlInit()
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device_index))
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device_index))
             except Exception as exc:  # NVMLError: no driver, no permission
                 self.reason = f"NVML unavailable: {exc}"
         self._samples: list[dict] = []
