@@ -9,11 +9,11 @@ DALI (seconds), so a mistyped flag is one line at once.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import levers as levers_mod
+from benchmarks.threads import ThreadBudget, this_machine
 from pipelines.registry import KINDS, concrete_kind, kinds
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
@@ -62,17 +62,22 @@ class BenchConfig:
     autotune: bool = False
     profile_steps: tuple[int, int] | None = None  # --profile-steps A:B, counted in each measurement
     profiler: str = "torch"  # --profiler: torch or nsys
+    # the model step's and the loaders' threads (benchmarks/threads.py), the same for every row: run.py applies
+    # threads.model_threads before the first row (apply_model_threads) and writes threads.to_dict() into the report
+    threads: ThreadBudget | None = None
 
 
-def recipe_defaults(gpu: bool) -> dict:
+def recipe_defaults(gpu: bool, budget: ThreadBudget | None = None) -> dict:
     """Recipe and machine defaults for the device, by flat name: they go in below every preset and flag
-    (rn50.config.recipe.resolve's `defaults`), so `--preset rtx3090x4` on a CPU machine keeps its batch of 192."""
+    (rn50.config.recipe.resolve's `defaults`), so `--preset rtx3090x4` on a CPU machine keeps its batch of 192.
+    `budget`: the thread budget (benchmarks/threads.py; this machine's when None), whose loader threads every
+    CPU loader gets (DALI threads, worker processes, reading threads): the same for all, a fair comparison,
+    beside the model step's own threads rather than on top of them."""
     if gpu:
-        return {}
-    # CPU defaults: the recipe's are sized for GPU machines; 256 images would be minutes per step. The same
-    # cores for every CPU loader (DALI threads, worker processes, reading threads): a fair comparison
-    cores = os.cpu_count() or 1
-    return {"batch_size": 32, "dali_threads": cores, "workers": cores}
+        return {}  # the loaders' own thread settings (pipelines/settings.py), within the budget's share
+    # CPU defaults: the recipe's are sized for GPU machines; 256 images would be minutes per step
+    budget = budget or this_machine("cpu")
+    return {"batch_size": 32, "dali_threads": budget.loader_threads, "workers": budget.loader_threads}
 
 
 def make_plan(flags: argparse.Namespace, device_type: str) -> Plan:
@@ -112,8 +117,9 @@ def bench_config(flags: argparse.Namespace, device_type: str) -> BenchConfig:
     """The harness's configuration from the parsed flags and the device type ("cuda" or "cpu",
     torch.device.type) the process will run on: a pure function, called before the process group exists."""
     plan = make_plan(flags, device_type)
+    budget = this_machine(device_type)  # the cores this process has, shared by the node's ranks
     # the harness's CPU sizes go in as the lowest layer, below every preset and flag
-    config = resolve(flags, defaults=recipe_defaults(device_type == "cuda"))
+    config = resolve(flags, defaults=recipe_defaults(device_type == "cuda", budget))
     return BenchConfig(config.recipe, config.machine, plan, flags.data, flags.out, flags.compare_data,
                        tuple(flags.training_runs), flags.peak_tflops, flags.autotune, flags.profile_steps,
-                       flags.profiler)
+                       flags.profiler, budget)

@@ -162,6 +162,18 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return (images * saturation + rgb_to_grayscale(images) * (1 - saturation)).clamp_(0, 255)
 
 
+def one_torch_thread() -> None:
+    """Run in each of the loader's threads as it starts: its torch ops on that thread alone, as torch's own
+    DataLoader pin-memory thread does (torch.set_num_threads sets the calling thread's OpenMP and MKL threads;
+    a training thread that has run a torch op keeps its own; torch takes a thread's count at its first op, from
+    the last set_num_threads of any thread, so the harness fixes its own first). Otherwise the batch thread's batched ops open an OpenMP team of their
+    own, as many threads as the training step's; one libgomp thread more than the cores switches libgomp's
+    spin-wait throttle on for the whole process, and the training step then ran faster beside this loader
+    than on synthetic data (issue 37: 628% of the ceiling on 2 busy cores). The loader's CPU parallelism is
+    its reading threads (`workers`), the count the benchmark harness budgets for."""
+    torch.set_num_threads(1)
+
+
 class TorchvisionGpuLoader(EpochPosition):
     """The loader interface (docs/design.md) over torchvision's batched decoder and batched tensor ops."""
 
@@ -194,8 +206,11 @@ class TorchvisionGpuLoader(EpochPosition):
             self.sampler = GlobalOrder(self.num_samples, rank, world_size, seed, batch_size)
         else:
             self.sampler = ValidationShard(self.num_samples, rank, world_size)
-        self._readers = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tv-gpu-read")
-        self._stage = ThreadPoolExecutor(1, thread_name_prefix="tv-gpu-batch")  # decode + augment, in order
+        # torch ops on one thread in each of these (one_torch_thread): no OpenMP team beside the training step's
+        self._readers = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tv-gpu-read",
+                                           initializer=one_torch_thread)
+        self._stage = ThreadPoolExecutor(1, thread_name_prefix="tv-gpu-batch",  # decode + augment, in order
+                                         initializer=one_torch_thread)
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._decode_in_threads = not (cuda and self.training)

@@ -41,9 +41,9 @@ def test_a_lever_measures_its_own_settings(data_dir, monkeypatch, tmp_path):
     seen = []
     original = Bench.measure
 
-    def spy(self, mode, loader_name):
+    def spy(self, mode, loader_name, repeats=None):
         seen.append((loader_name, self.recipe.optimisation.batch_size, self.recipe.precision.channels_last))
-        return original(self, mode, loader_name)
+        return original(self, mode, loader_name, repeats)
 
     monkeypatch.setattr(Bench, "measure", spy)
     main(["--data", str(data_dir), "--out", str(tmp_path / "b"), "--modes", "synthetic", "--loaders", "",
