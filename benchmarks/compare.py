@@ -256,7 +256,12 @@ def compare(args_in: list[str], target: float | None = None) -> dict:
     rows = [row for e, label in zip(entries, labels) for row in rows_of(e, label, target)]
     diff = differences(settings)
     env_diff = differences(environments)
-    mismatched = {k: v for k, v in diff.items() if k in KEY_SETTINGS or k == "world_size"}
+    # the loader is each row's own (a report measures several): compared row by row below, not input by input
+    mismatched = {k: v for k, v in diff.items() if (k in KEY_SETTINGS and k != "loader") or k == "world_size"}
+    loaders = {label: {row["loader"] for row in rows if row["run"] == label} - {"synthetic"} for label in labels}
+    for row in rows:  # a loader that another input did not measure: that row has no like to compare with
+        row["loader_unmatched"] = row["loader"] != "synthetic" and any(
+            row["loader"] not in theirs for other, theirs in loaders.items() if other != row["run"] and theirs)
     kinds = {e["kind"] for e in entries}
     notes = []
     if len(kinds) > 1:
@@ -321,6 +326,9 @@ def markdown(result: dict) -> str:
     for note in result["notes"]:
         lines += [f"Note: {note}.", ""]
     differing = [k for k in mismatched]
+    if any(row["loader_unmatched"] for row in result["rows"]):
+        lines += ["Rows marked `loader=...` measured a loader that another input did not: compare them with care.",
+                  ""]
     lines += ["## Throughput", "",
               "| run | measured | GPU | GPUs | img/s (all) | img/s per GPU | % of ceiling | MFU | stall | J/image | "
               "90 epochs (h) | time to top-1 | differs |",
@@ -328,7 +336,9 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         env = result["environments"][row["run"]]
         own = result["settings"][row["run"]]
-        differs = ", ".join(f"{k}={_value(own.get(k))}" for k in differing) or "—"
+        flags = [f"{k}={_value(own.get(k))}" for k in differing]
+        flags += [f"loader={row['loader']}"] if row["loader_unmatched"] else []
+        differs = ", ".join(flags) or "—"
         lines.append(
             f"| {row['run']} | {row['measured']} | {env.get('gpu') or 'CPU'} | {_num(env.get('world_size'), 'd')} | "
             f"{_num(row['img_per_s'])} | {_num(row['img_per_s_per_gpu'])} | {_pct(row['pct_of_ceiling'])} | "
@@ -354,8 +364,9 @@ def markdown(result: dict) -> str:
         for key, values in diff.items():
             name = f"**{key}** ⚠" if key in mismatched else key
             lines.append(f"| {name} | " + " | ".join(_value(v) for v in values) + " |")
-        lines += ["", "⚠: a setting that changes what img/s means (image size, batch, loader, architecture, "
-                  "precision, process count)."]
+        lines += ["", "⚠: a setting that changes what img/s means (image size, batch, architecture, precision, "
+                  "process count); the loader is each row's own, flagged in the `differs` column where another "
+                  "input did not measure it."]
     else:
         lines.append("None: every input ran the same recipe and machine settings.")
     lines.append("")

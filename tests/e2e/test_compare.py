@@ -75,6 +75,27 @@ def test_a_training_run_beside_a_report(runs):
     assert "to 1%" in text and "measured differently" in text
 
 
+def test_the_loader_is_compared_row_by_row(runs, tmp_path):
+    """Issue 37.6: a report measures several loaders, a training run one; compare flagged `loader` on every
+    report row (and called the pair not like for like), even the row with the training run's own loader."""
+    import shutil
+
+    train = shutil.copytree(runs / "train", tmp_path / "train")
+    summary = json.loads((train / "summary.json").read_text())
+    (train / "summary.json").write_text(json.dumps({**summary, "machine": {**summary["machine"], "loader": "dali-cpu"}}))
+    report = json.loads((runs / "bench8" / "report.json").read_text())
+    synthetic = report["results"][0]
+    report["results"] += [{**synthetic, "mode": "train", "loader": name} for name in ("dali-cpu", "torchvision")]
+    report["config"]["loaders"] = ["dali-cpu", "torchvision"]
+    (tmp_path / "bench.json").write_text(json.dumps(report))
+    result = compare.compare([str(tmp_path / "bench.json"), str(train)])
+    assert "loader" not in result["mismatched"] and "Not like for like" not in compare.markdown(result)
+    unmatched = {row["measured"]: row["loader_unmatched"] for row in result["rows"]}
+    assert unmatched == {"synthetic": False, "train dali-cpu": False, "train torchvision": True,
+                         "training dali-cpu": False}
+    assert "| loader=torchvision |" in compare.markdown(result)
+
+
 def test_time_to_another_target_from_the_epoch_lines(runs):
     records = [json.loads(l) for l in (runs / "train" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if "val/top1" in r)
