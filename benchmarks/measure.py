@@ -18,6 +18,7 @@ import torch
 from benchmarks.noise import spread
 from benchmarks.plan import WIDTH, Plan
 from benchmarks.stall import StepTimer, Window
+from benchmarks.threads import ThreadBudget, check_model_threads
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
 from rn50.config.profile_flags import TRACE_DIR
@@ -46,9 +47,11 @@ def endless(loader):
 
 
 class Bench:
-    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan, machine: Machine | None = None):
+    def __init__(self, recipe: Recipe, data: Path, env: DistEnv, plan: Plan, machine: Machine | None = None,
+                 threads: ThreadBudget | None = None):
         self.recipe, self.data, self.env, self.plan = recipe, data, env, plan
         self.machine = machine or Machine()
+        self.threads = threads  # the thread budget run.py applied: every row checks that it still holds
         self.batch_size = recipe.optimisation.batch_size
         self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
         # what else ran during each window (other processes' CPU time, steal, other GPU processes, throttling)
@@ -62,7 +65,7 @@ class Bench:
 
     def with_settings(self, recipe: Recipe, machine: Machine) -> "Bench":
         """The same data, device and plan with another recipe or machine settings (a speed lever)."""
-        return Bench(recipe, self.data, self.env, self.plan, machine)
+        return Bench(recipe, self.data, self.env, self.plan, machine, self.threads)
 
     def loader(self, kind: str, **overrides):
         return build_split(self.recipe, self.machine, kind, "train", self.data, self.env, **overrides)
@@ -153,6 +156,8 @@ class Bench:
                                  "path": f"{TRACE_DIR}/{name}/rank{rank}.pt.trace.json"}  # relative to --out
                                 for rank in range(self.env.world_size)]
             self.profiler = StepProfiler(None, Path(), self.env.rank, self.env.device)
+        if self.threads is not None:  # nothing a loader did may change how the next row's step runs
+            check_model_threads(self.threads, f"after the {mode} row of {loader_name}")
         memory = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if cuda else None
         # NVML's whole-device figure beside torch's allocator peak: DALI's buffers reach torch without a copy
         # (DALI's pools, not torch's allocator), so only this one counts them (docs/benchmark-report.md)
@@ -160,6 +165,7 @@ class Bench:
         return {**summarise(mode, loader_name, windows, telemetry, self.load_windows, self.plan, self.env),
                 "decode": loader.decode,
                 "memory_peak_gib": memory, "memory_device_peak_gib": max(device_peaks, default=None),
+                "model_threads": torch.get_num_threads(),
                 # --compile: the first warm-up step's seconds (it compiles); warm-up is never in the timed windows
                 **({"compile_s": self.compile_s} if self.machine.compile and mode != "loader" else {})}
 

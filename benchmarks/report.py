@@ -33,6 +33,7 @@ def markdown(report: dict) -> str:
         f"excluded, then {_count(config['timed_steps'], 'timed step')}. Created {report['created']}.",
         "",
         *load_lines(report.get("load")),
+        *thread_lines(report.get("threads")),
         "## Throughput",
         "",
         f"| mode | loader | img/s (all {processes(report)}) | img/s per {processes(report, False)} | std | "
@@ -178,6 +179,14 @@ def load_lines(load: dict | None) -> list[str]:
     gpu = "" if load["gpu_measured"] else " (the GPU's other processes and clocks not measured: " \
         + "; ".join(load["not_measured"]) + ")"
     return [f"Machine load: quiet, no other work measured beside this benchmark in any window{gpu}.", ""]
+
+
+def thread_lines(threads: dict | None) -> list[str]:
+    """The thread budget every row ran under (benchmarks/threads.py)."""
+    if not threads:
+        return []
+    return [f"Threads: the training step on {_count(threads['model'], 'torch thread')}, the loaders on "
+            f"{threads['loader']}, of {_count(threads['cores'], 'core')}: {threads['why']}.", ""]
 
 
 def _load_word(load: dict | None) -> str:

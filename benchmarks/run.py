@@ -81,6 +81,7 @@ from benchmarks.figures import derive, flops_block, time_to_accuracy, time_to_tr
 from benchmarks.flops import flops_per_image, mfu  # noqa: E402
 from benchmarks.measure import Bench, measure_resolutions, measure_rounds  # noqa: E402
 from benchmarks.report import write_reports  # noqa: E402
+from benchmarks.threads import apply_model_threads  # noqa: E402
 from rn50.core.step import check_cuda_only_settings  # noqa: E402
 from rn50.observe import tracking  # noqa: E402
 from rn50.observe.profiling import check_flags, check_window  # noqa: E402
@@ -110,6 +111,8 @@ def prepare_out(out: Path) -> None:
 
 
 def run(config: BenchConfig, argv) -> dict:
+    # the training step's threads before any torch op, the same in every row (benchmarks/threads.py says why)
+    apply_model_threads(config.threads)
     env = init_distributed(config.machine.device)  # the resolved machine's device: a preset's [machine] too
     plan, recipe, machine, out = config.plan, config.recipe, config.machine, config.out
     arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
@@ -129,7 +132,7 @@ def run(config: BenchConfig, argv) -> dict:
     if config.compare_data is not None:
         read_mod.check_source(config.compare_data)  # listed now: a wrong path is one line, not a lost benchmark
     prepare_out(out)
-    bench = Bench(recipe, config.data, env, plan, machine)
+    bench = Bench(recipe, config.data, env, plan, machine, threads=config.threads)
     if config.profile_steps:
         bench.profile = (config.profile_steps, config.profiler, out)
     probe = bench.loader("synthetic")  # validates the data folder and gives its size
@@ -137,7 +140,8 @@ def run(config: BenchConfig, argv) -> dict:
     say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
         f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders) or 'none'}; "
         f"{count(plan.repeats, 'round')}, each row in each: {plan.warmup_steps} warm-up + "
-        f"{count(plan.steps, 'timed step')}",
+        f"{count(plan.steps, 'timed step')}; threads: {config.threads.model_threads} for the step, "
+        f"{config.threads.loader_threads} for the loader, of {config.threads.cores} cores",
         flush=True)
     jobs = [("synthetic", "synthetic")] if "synthetic" in plan.modes else []
     jobs += [(mode, name) for name in plan.loaders for mode in ("loader", "train") if mode in plan.modes]
@@ -162,6 +166,7 @@ def run(config: BenchConfig, argv) -> dict:
                                                         "classes": probe.num_classes},
                    # the machine's own `loader` setting is not used here: --loaders names the loaders
                    "recipe": recipe.to_dict(), "machine": {k: v for k, v in machine.to_dict().items() if k != "loader"}},
+        "threads": config.threads.to_dict(),
         "flops": flops,
         "results": results,
         **derive(results, plan, env, flops, env.device.type),

@@ -431,8 +431,6 @@ def tiny_bench(data_dir, tmp_path, *extra, modes="synthetic", loaders=""):
 
 def test_cpu_defaults_sit_below_presets_and_flags(data_dir, tmp_path):
     """The harness's CPU batch (32) and threads used to be written into the flags, so they beat --preset."""
-    import os
-
     preset = tmp_path / "mine.toml"
     preset.write_text("[optimisation]\nbatch_size = 12\n\n[machine]\ndali_threads = 1\n")
     report, _ = tiny_bench(data_dir, tmp_path / "a", "--preset", str(preset))
@@ -441,7 +439,10 @@ def test_cpu_defaults_sit_below_presets_and_flags(data_dir, tmp_path):
     assert report["config"]["batch_size"] == 8  # a flag still beats the preset
     report, _ = tiny_bench(data_dir, tmp_path / "c")
     assert report["config"]["batch_size"] == 32  # no preset, no flag: the CPU default
-    assert report["config"]["machine"]["dali_threads"] == (os.cpu_count() or 1)
+    # the loader's share of the thread budget (benchmarks/threads.py), beside the model step's
+    from benchmarks.threads import this_machine
+
+    assert report["config"]["machine"]["dali_threads"] == this_machine("cpu").loader_threads
 
 
 def test_a_batch_larger_than_the_data_is_one_line_before_measuring(data_dir, tmp_path, capsys, monkeypatch):
@@ -607,7 +608,7 @@ def test_console_rows_line_up_and_counts_agree_with_their_nouns(data_dir, tmp_pa
     rows = [line for line in lines if line not in rounds]
     assert len(rows) == 3 and len({line.index("img/s") for line in rows}) == 1, rows
     assert len(rounds) == 3 and len({line.index("img/s") for line in rounds}) == 1, rounds
-    assert "1 round, each row in each: 1 warm-up + 2 timed steps\n" in stdout
+    assert "1 round, each row in each: 1 warm-up + 2 timed steps; threads: " in stdout
     markdown = (out / "report.md").read_text()
     assert "1 round, each measuring every row once" in markdown and "1 warm-up step excluded, then 2 timed steps." \
         in markdown and "round(s)" not in markdown
