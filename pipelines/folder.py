@@ -66,8 +66,18 @@ def _split_dir(data_dir: Path, split: str) -> Path:
         )
     split_dir = data_dir / split
     if not split_dir.is_dir():
+        if _holds_class_folders(data_dir):  # a folder of classes not split yet: the tool that splits it
+            raise UserError(f"{split_dir} is missing: {data_dir} holds class folders directly; split it into train/ "
+                            f"and val/ with `python -m tools.split {data_dir} --out SPLIT --val-fraction 0.2` and "
+                            "pass --data SPLIT")
         raise UserError(f"{split_dir} is missing; the data folder needs train/ and val/, each with one folder per class")
     return split_dir
+
+
+def _holds_class_folders(data_dir: Path) -> bool:
+    """Whether a folder other than train/ and val/ directly holds image files (IMAGE_SUFFIXES): class folders."""
+    return any(any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in d.iterdir())
+               for d in _class_dirs(data_dir) if d.name not in SPLITS)
 
 
 @lru_cache(maxsize=8)

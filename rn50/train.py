@@ -3,7 +3,7 @@
 Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
 modules. Writes recipe.json, machine.json, metrics.jsonl, summary.json and checkpoints into the run folder.
 Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 4 a rank hung (the watchdog
-names it), 75 preempted (a checkpoint was saved: run the same command with `--resume auto`).
+names it), 75 preempted and 130 Ctrl-C (a checkpoint was saved: run the same command with `--resume auto`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":  # `python -m rn50.train`: the flags first (see the light imports at the top)
     check_flags_first(parse_args)
+    # Ctrl-C while torch loads and the checkpoint is read, before the run's own handler (StopRequest), or after
+    # the run: one line and 130 (preemption.EXIT_INTERRUPTED), not a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"stopped by SIGINT outside training: nothing to save; "
+                                                        b"exit code 130\n"), os._exit(130)))
 
 import torch  # noqa: E402 - below parse_args on purpose: torch and DALI take seconds to import
 
@@ -49,7 +54,7 @@ from rn50.evaluate import evaluate  # noqa: E402
 from rn50.core.loaders import build_loaders  # noqa: E402
 from rn50.observe.meter import LossTracker, Meter  # noqa: E402
 from rn50.observe.metrics import MetricsLog  # noqa: E402
-from rn50.reliability.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, DataLost, Diverged, Preempted, StopRequest  # noqa: E402
+from rn50.reliability.preemption import EXIT_DIVERGED, DataLost, Diverged, Preempted, StopRequest  # noqa: E402
 from pipelines.storage import StorageLost, display  # noqa: E402
 from rn50.observe.profiling import StepProfiler, check_window  # noqa: E402
 from rn50.system.provenance import environment  # noqa: E402
@@ -346,7 +351,7 @@ def run(config: Config, resume: lifecycle.Resume) -> dict:
     watchdog = Watchdog(env.rank, env.world_size, config.run.hang_timeout)
     # from the start, so a stop signal during start-up is honoured at the first step (one process: checked
     # every step; several: every 10, a tiny gloo all-reduce)
-    stop = StopRequest(check_every=1 if env.world_size == 1 else 10)
+    stop = StopRequest(check_every=1 if env.world_size == 1 else 10, announce=env.is_main)
     created = lifecycle.missing_folders(config.run.out)  # a start that fails removes them again (while they are empty)
     try:
         # records how this rank ended, for a restarted attempt's fault report (rn50.reliability.restart)
@@ -417,7 +422,7 @@ def main(argv=None) -> None:
     except Preempted as stop:
         if os.environ.get("RANK", "0") == "0":
             print(stop.report(), file=sys.stderr, flush=True)
-        code = EXIT_PREEMPTED
+        code = stop.exit_code
     except Diverged as err:
         print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "
               "(--base-lr) or check the data", file=sys.stderr, flush=True)

@@ -7,7 +7,8 @@ every file of every split once, on all cores, before a run does:
 
 DIR is the ImageNet layout (`DIR/train/<class>/*.JPEG`, optionally `DIR/val/<class>/*.JPEG`). Every
 file in a class folder is looked at: names ending in .jpeg/.jpg, .png, .bmp, .tif/.tiff or .webp (any
-case) are decoded, anything else is reported as "not a JPEG name" (the loaders ignore such files too).
+case: pipelines.folder.IMAGE_SUFFIXES, what the loaders read) are decoded, anything else (notes.txt) is
+reported as "not an image name" (the loaders ignore such files too).
 A PNG/BMP/TIFF/WebP file under its own suffix is good. CMYK JPEGs and PNG/BMP/TIFF/WebP data behind
 another name are still reported as bad here (the GPU loader stops on them), and the summary says how
 many of them the CPU loaders (dali-cpu, torchvision) read anyway. A file is bad when it is empty,
@@ -59,7 +60,7 @@ from tools.progress import bar as progress_bar
 REPORT_NAME = "scan_report.json"
 FIXED_DIR = "fixed"
 
-NOT_JPEG_NAME = "not a JPEG name"
+NOT_IMAGE_NAME = "not an image name"  # a suffix the loaders do not read (IMAGE_SUFFIXES): notes.txt, not x.png
 NOT_IN_CLASS = "not in a class folder"
 UNLISTABLE = "file name has a line break"
 UNDECODABLE = "undecodable"
@@ -194,7 +195,7 @@ def list_split(dataset: Path, split: str, index: dict[str, int], min_side: int, 
             count += 1
             rel = f"{entry.name}/{f.name}"
             if f.suffix.lower() not in IMAGE_SUFFIXES:
-                bad.append({"path": rel, "reason": NOT_JPEG_NAME})
+                bad.append({"path": rel, "reason": NOT_IMAGE_NAME})
             elif "\n" in f.name or "\r" in f.name:
                 bad.append({"path": rel, "reason": UNLISTABLE})
             else:

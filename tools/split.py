@@ -6,11 +6,14 @@ DIR holds one folder per class (`DIR/<class>/<image files>`); image files are .j
 .tiff/.webp (any case), anything else is left out (and counted). Each class is split on its own: its files,
 sorted by name, are shuffled with a generator seeded by (seed, class name), and the first
 round(n * F) become validation files, at least 1 when the class has 2 or more files and at most n - 1 (a
-class of one file goes to train alone, with a warning). The same DIR, fraction and seed give the same split.
+class of one file goes to train alone, with a warning that validation cannot count it). A class folder with no
+image file is left out of train/ and val/, with one line naming it: rn50.train refuses an empty training class
+folder (pipelines.folder.list_split). The same DIR, fraction and seed give the same split.
 
 OUT gets `OUT/train/<class>/<name>` and `OUT/val/<class>/<name>` (the layout `rn50.train --data OUT` reads):
 symbolic links to the originals' absolute paths by default (DIR is never moved, copied or written to), or
-copies with `--copy`. OUT must not exist or be empty; every class folder is created in train/ and val/.
+copies with `--copy`. OUT must not exist or be empty; every class with an image gets its folder in train/ and
+val/ (val/<class>/ stays empty for a class of one file).
 Exit code 0, or 2 with a one-line `error: ...` for a user mistake.
 """
 
@@ -89,11 +92,13 @@ def _check_args(source: Path, out: Path, fraction: float) -> None:
 
 
 def split(source, out, fraction: float, seed: int, copy: bool = False, progress: bool = True) -> dict:
-    """Write the split of `source` into `out`; returns {"train", "val", "classes", "skipped", "single"}."""
+    """Write the split of `source` into `out`; returns {"train", "val", "classes" (those split), "skipped",
+    "empty" (class folders with no image file, left out), "single" (classes of one file: train only)}."""
     source, out = Path(source), Path(out)
     _check_args(source, out, fraction)
     classes, skipped = class_files(source)
-    parts = plan(classes, fraction, seed)
+    empty = [cls for cls, files in classes.items() if not files]  # left out: rn50.train refuses an empty class
+    parts = plan({cls: files for cls, files in classes.items() if files}, fraction, seed)
     total = sum(len(files) for files in classes.values())
     with progress_bar(total, "split", enabled=progress) as bar:
         for part, by_class in parts.items():
@@ -106,9 +111,9 @@ def split(source, out, fraction: float, seed: int, copy: bool = False, progress:
                     else:
                         os.symlink(os.path.abspath(f), folder / f.name)
                     bar.update(1)
-    return {"classes": len(classes), "skipped": skipped,
+    return {"classes": len(classes) - len(empty), "skipped": skipped, "empty": empty,
             "train": sum(map(len, parts["train"].values())), "val": sum(map(len, parts["val"].values())),
-            "single": [cls for cls, files in classes.items() if len(files) < 2]}
+            "single": [cls for cls, files in classes.items() if len(files) == 1]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,8 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         n = counts["skipped"]
         print(f"left out {n} {'entry that is not an image file' if n == 1 else 'entries that are not image files'} "
               "in a class folder")
+    if counts["empty"]:
+        n, names = len(counts["empty"]), ", ".join(counts["empty"])
+        print(f"left out {n} class {'folder' if n == 1 else 'folders'} with no image file ({names}): rn50.train "
+              "refuses an empty class folder; add images to split it too")
     for cls in counts["single"]:
-        print(f"warning: class {cls} has fewer than 2 images: no validation image for it")
+        print(f"warning: class {cls} has 1 image: it goes to train only, so validation cannot count it")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 DIR is a folder of class folders, or a dataset with train/ (and val/): then the training split is measured
 (normalisation statistics come from the training data) and val's class counts are reported too.
 
-- class counts per split, and the imbalance (largest class / smallest non-empty class);
+- class counts per split, and the imbalance (largest class / smallest class; none, `null` in JSON, when a
+  class folder holds no image: that is no balance, and rn50.train refuses an empty training class);
 - image sizes (header only, every file): min, median and max of width and height;
 - per-channel mean and std on 0-1 pixels, over every pixel of every image (or of `--sample N` images chosen
   with a fixed seed), each image decoded by PIL and converted to RGB. The sums are exact (integer sums of
@@ -137,7 +138,8 @@ def stats(dataset, sample: int | None = None, workers: int | None = None, progre
         nonzero = [n for n in counts.values() if n]
         report["splits"][split] = {
             "images": sum(counts.values()), "classes": len(counts), "counts": counts,
-            "imbalance": max(nonzero) / min(nonzero) if nonzero else None,
+            # an empty class is infinitely imbalanced, never 1.00 (the ratio of the others): None, said in words
+            "imbalance": max(nonzero) / min(nonzero) if nonzero and len(nonzero) == len(counts) else None,
             "empty_classes": [c for c, n in counts.items() if not n]}
     return report
 
@@ -155,13 +157,18 @@ def preset_toml(report: dict) -> str:
 def summary(report: dict, top: int = 5) -> str:
     lines = []
     for split, s in report["splits"].items():
-        ratio = "n/a" if s["imbalance"] is None else f"{s['imbalance']:.2f}"
+        empty = len(s["empty_classes"])
+        ratio = (f"infinite ({empty} {'class has' if empty == 1 else 'classes have'} no images)" if empty else
+                 "n/a" if s["imbalance"] is None else f"{s['imbalance']:.2f}")
         lines.append(f"{split}: {s['images']} images, {s['classes']} classes, imbalance (largest/smallest) {ratio}")
         ordered = sorted(s["counts"].items(), key=lambda kv: (-kv[1], kv[0]))
         shown = ordered if len(ordered) <= 2 * top else ordered[:top] + [("...", None)] + ordered[-top:]
         lines += [f"  {n:8d}  {c}" if n is not None else "       ..." for c, n in shown]
+        consequence = {"train": "rn50.train refuses an empty class folder: add images or remove it",
+                       "val": "validation cannot count this class",
+                       "images": "tools.split leaves it out; rn50.train refuses an empty class folder"}[split]
         for c in s["empty_classes"]:
-            lines.append(f"  warning: {split}/{c} has no images")
+            lines.append(f"  warning: {split}/{c} has no images ({consequence})")
     w, h = report["width"], report["height"]
     if w:
         lines.append(f"size: width min {w['min']} / median {w['median']:g} / max {w['max']}, "

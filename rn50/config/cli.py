@@ -9,14 +9,14 @@ reference script says how ours differs.
 from __future__ import annotations
 
 import argparse
-import difflib
 import re
 import sys
 import typing
 
 from rn50.config.describe import format_recipe
 from rn50.config.errors import UserError
-from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, did_you_mean, resolve
+from rn50.config.names import USER_NAMES, closest, foreign_flag, plain as _plain
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, resolve
 
 def _flag_type(kind):
     if typing.get_origin(kind) is tuple:
@@ -52,67 +52,22 @@ def add_recipe_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
                                    help=text)
 
 
-# Flags of torchvision's reference script (references/classification/train.py), which people bring along
-PEER_FLAGS = {
-    "--lr": "use --base-lr: ours is the LR per 256 images, scaled by the global batch (torchvision's --lr is "
-            "the LR of the whole global batch)",
-    "-b": "use --batch-size (per GPU, as torchvision's -b)",
-    "--wd": "use --weight-decay (never applied to BN parameters and biases here)",
-    "-j": "use --workers (torchvision loader) or --dali-threads (DALI loaders)",
-    "--lr-warmup-epochs": "use --warmup-epochs (a linear warmup from 0, updated every step)",
-    "--print-freq": "use --log-every (steps between logged losses)",
-    "--test-only": "for a validation-only run use `python -m rn50.evaluate --data DIR --weights PATH --out DIR` "
-                   "(our checkpoints or torchvision weights)",
-    "--lr-scheduler": "use --schedule step|cosine|plateau",
-}
-
-
 def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """parse_args, but an unknown flag is a UserError naming the closest known flag, or, for a flag of
-    torchvision's reference script, ours and how it differs. Every other mistake argparse finds (a value
-    of the wrong type, a missing required flag) is a UserError too: one line, exit 2, no usage dump."""
+    torchvision's reference script or timm's train.py (rn50.config.names.FOREIGN), ours and how it differs, or
+    that we do not have it (yet). Every other mistake argparse finds (a value of the wrong type, a missing
+    required flag) is a UserError too: one line, exit 2, no usage dump."""
     parser.error = _raise_usage_error
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = [o for a in parser._actions for o in a.option_strings]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
         name = bad.split("=")[0]
-        if PEER_FLAGS.get(name):
-            raise UserError(f"{name} is a flag of torchvision's reference script; {PEER_FLAGS[name]}")
+        known = foreign_flag(name, flags)
+        if known:
+            raise UserError(known)
         raise UserError(f"unknown argument {bad!r}{_suggest(name, flags)}")
     return args
-
-
-# Names users come with (other scripts, papers, habit) -> our flag and what to know about it. Keys are
-# spelled as _plain spells them: lower case, letters and digits only.
-USER_NAMES = {
-    **dict.fromkeys(("learningrate", "lr", "lrate", "initiallr", "initlr", "maxlr", "peaklr", "baselearningrate"),
-                    ("--base-lr", "the LR per --base-batch images (256 by default), scaled by the global batch")),
-    **dict.fromkeys(("wd", "decay", "l2", "weightdecayrate"),
-                    ("--weight-decay", "never applied to BN parameters and biases")),
-    **dict.fromkeys(("bs", "batch", "batchsz", "minibatch", "minibatchsize", "trainbatchsize", "pergpubatchsize",
-                     "perdevicebatchsize", "perdevicetrainbatchsize"), ("--batch-size", "images per GPU, per process")),
-    **dict.fromkeys(("numworkers", "nworkers", "worker", "dataloaderworkers", "jobs", "numthreads", "threads",
-                     "nthreads"), ("--workers", "torchvision loaders; the DALI loaders take --dali-threads")),
-    **dict.fromkeys(("epoch", "numepochs", "nepochs", "maxepochs", "trainepochs", "numtrainepochs"),
-                    ("--epochs", "")),
-    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"), ("--warmup-epochs", "a linear warmup from 0")),
-    **dict.fromkeys(("model", "network", "net", "architecture", "backbone"), ("--arch", "resnet18 ... resnet152")),
-    **dict.fromkeys(("imgsize", "imsize", "resolution", "res", "size", "inputsize", "cropsize", "trainsize",
-                     "trainresolution"), ("--image-size", "")),
-    **dict.fromkeys(("datadir", "datapath", "dataset", "datasetdir", "root", "dataroot", "imagenet"),
-                    ("--data", "the folder with train/ and val/")),
-    **dict.fromkeys(("output", "outdir", "outputdir", "logdir", "savedir", "checkpointdir", "rundir"),
-                    ("--out", "the run folder")),
-    **dict.fromkeys(("mom", "sgdmomentum"), ("--momentum", "")),
-    **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
-    **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
-                    ("--amp", "on by default; --amp-dtype float16|bfloat16")),
-}
-
-
-def _plain(flag: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", flag.lower())
 
 
 def _suggest(name: str, flags) -> str:
@@ -123,13 +78,14 @@ def _suggest(name: str, flags) -> str:
         return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
     if "--preset" in flags and name.lstrip("-") in available_presets():
         return f"; did you mean '--preset {name.lstrip('-')}'?"
-    # a misspelt name users come with (--learning-rat) is as close as a misspelt flag: both are candidates
+    # a misspelt name users come with (--learning-rat) is as close as a misspelt flag: both are candidates; only
+    # a typo's distance counts (rn50.config.names.closest), never a flag that merely shares letters
     candidates = {plain: (ours, note) for plain, (ours, note) in USER_NAMES.items() if ours in flags}
     candidates.update({_plain(f): (f, "") for f in flags if f.startswith("--")})
-    match = difflib.get_close_matches(_plain(name), list(candidates), n=1, cutoff=0.6)
-    if not match:
-        return did_you_mean(name, flags)
-    ours, note = candidates[match[0]]
+    match = closest(name, list(candidates))
+    if match is None:
+        return ""
+    ours, note = candidates[match]
     return f"; did you mean {ours!r}?" + (f" ({note})" if note else "")
 
 

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from pipelines.augmentation import opt
-from pipelines.registry import AUTO, KINDS, choices_help, concrete_kind
+from pipelines.registry import AUTO, KINDS, REGISTRY, choices_help, concrete_kind
 from pipelines.settings import LoaderSettings
 from rn50.config.errors import UserError
 
@@ -81,3 +81,39 @@ class Machine:
         if self.tracker not in TRACKERS:
             raise UserError(f"unknown tracker {self.tracker!r}; choose one of {', '.join(TRACKERS)}")
         return self
+
+
+def process_cores() -> tuple[int, int]:
+    """(the cores this process may run on: its CPU affinity, the ranks on this node: LOCAL_WORLD_SIZE), as
+    pipelines.settings.default_workers counts them."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores, max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def unusable_requests(machine: Machine, given, cores: int, local_ranks: int = 1) -> str | None:
+    """One start-up line naming the machine settings a preset or flag asked for (`given`: their flat names)
+    that this process cannot use as asked, or None: more loader threads or processes than its share of the
+    cores (they take turns: no faster than that share), a DALI setting its loader does not have, the hardware
+    JPEG decoder's share on a loader that decodes on the CPU. `machine`: with its loader made concrete
+    (Machine.for_device); `cores` over `local_ranks`: what process_cores gives. A pure function."""
+    kind, share = REGISTRY[machine.loader], max(1, cores // max(1, local_ranks))
+    where = f"{share} core{'s' if share != 1 else ''}" + (f" ({cores} over {local_ranks} processes on this node)"
+                                                          if local_ranks > 1 else "")
+    said = []
+    if "dali_threads" in given and not kind.dali:
+        said.append(f"dali_threads = {machine.dali_threads}: the {machine.loader} loader runs no DALI threads")
+    elif "dali_threads" in given and machine.dali_threads > share:
+        said.append(f"dali_threads = {machine.dali_threads} on {where}: the threads take turns, so "
+                    f"--dali-threads {share} does as much")
+    if "workers" in given and machine.loader == "torchvision" and machine.workers > share:
+        said.append(f"workers = {machine.workers} processes on {where}: they take turns, so --workers {share} "
+                    "does as much")
+    if "hw_decoder_load" in given and kind.placement != "gpu":
+        said.append(f"hw_decoder_load = {machine.hw_decoder_load:g}: the {machine.loader} loader decodes on the "
+                    "CPU, without the hardware JPEG decoder")
+    return "note: asked for, not usable as asked here: " + "; ".join(said) if said else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import tomllib
 import typing
@@ -27,6 +26,7 @@ from pathlib import Path
 from pipelines.augmentation import Augmentation, opt
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
+from rn50.config.names import closest, foreign_key
 from rn50.config.run_settings import RunSettings
 
 PRESET_DIR = Path(__file__).parent.parent / "presets"  # rn50/presets/: data that users read and edit
@@ -197,9 +197,15 @@ def flat_items(recipe: Recipe) -> dict:
 
 
 def did_you_mean(name: str, candidates) -> str:
-    """"; did you mean 'x'?" for the closest of `candidates`, or nothing."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    """"; did you mean 'x'?" for the candidate a typo of `name` would be (rn50.config.names.closest), or nothing."""
+    match = closest(name, list(candidates))
+    return f"; did you mean {match!r}?" if match else ""
+
+
+def key_hint(key: str, keys) -> str:
+    """The hint after an unknown preset key: ours for another script's name or a habit (`lr`: base_lr), that
+    we do not have it (yet), or a typo's closest key."""
+    return foreign_key(key, keys) or did_you_mean(key, keys)
 
 
 def _coerce(flat: str, value):
@@ -227,12 +233,12 @@ def _flat(values: dict) -> dict:
             by_name = {f.name: f.flat for f in _fields_of(section_cls, key)}
             for name, inner in value.items():
                 if name not in by_name and name not in ALL_FIELDS:
-                    raise UserError(f"unknown key {name!r} in [{key}]{did_you_mean(name, by_name)}")
+                    raise UserError(f"unknown key {name!r} in [{key}]{key_hint(name, {**by_name, **ALL_FIELDS})}")
                 flat[by_name.get(name, name)] = inner
         elif key in ALL_FIELDS:
             flat[key] = value
         else:
-            raise UserError(f"unknown recipe key {key!r}{did_you_mean(key, ALL_FIELDS)}")
+            raise UserError(f"unknown recipe key {key!r}{key_hint(key, ALL_FIELDS)}")
     return {k: _coerce(k, v) for k, v in flat.items()}
 
 
@@ -254,7 +260,7 @@ def with_fields(recipe: Recipe | None = None, **flat) -> Recipe:
     `with_fields(batch_size=8, arch="resnet18")`, `with_fields(saved, epochs=6)`."""
     unknown = [name for name in flat if name not in RECIPE_FIELDS]
     if unknown:
-        raise UserError(f"unknown recipe field {unknown[0]!r}{did_you_mean(unknown[0], RECIPE_FIELDS)}")
+        raise UserError(f"unknown recipe field {unknown[0]!r}{key_hint(unknown[0], RECIPE_FIELDS)}")
     return resolve(flat, saved=recipe).recipe
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import typing
 
+from rn50.config.names import FOREIGN
 from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, read_preset
 
 COMMAND = "python -m rn50.config.reference > docs/reference.md"
@@ -106,6 +107,19 @@ def reference() -> str:
             same = " (the default)" if value == fields[flat].default else ""
             lines.append(f"| `{flat}` | `{_json(value)}` | `{_json(fields[flat].default)}`{same} |")
         lines.append("")
+    lines += [
+        "## Flags of other scripts",
+        "",
+        "Flags of torchvision's reference script and timm's `train.py` that people bring along (rn50/config/names.py): "
+        "given to `rn50.train` (or as a preset key), each is an error that names ours and what differs, or says that "
+        "we do not have it (yet) and what comes nearest. Flags spelled as ours (`--epochs`, `--amp`, ...) are ours.",
+        "",
+        "| their flag | from | ours | what to know |", "|---|---|---|---|",
+    ]
+    for flag, (source, ours, note) in sorted(FOREIGN.items(), key=lambda item: item[0].lstrip("-").lower()):
+        ours_cell = ours if ours and ours.startswith("`") else f"`{ours}`" if ours else "not available (yet)"
+        lines.append(f"| `{flag}` | {_cell(source)} | {_cell(ours_cell)} | {_cell(note)} |")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -8,9 +8,16 @@ import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipelines.registry import KINDS, REGISTRY
 from rn50.config.profile_flags import TOOLS as PROFILERS, add_profiling_flags
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# what a resume at another world size does with the interrupted epoch (rn50.reliability.lifecycle.resume_point):
+# the registry's elastic kinds continue it (one global order whatever the world size), the others restart it
+_ELASTIC = [k for k in KINDS if REGISTRY[k].elastic]
+RESHARD_HELP = (f"allow resuming with another number of processes: the {', '.join(_ELASTIC)} loaders continue "
+                f"the interrupted epoch over the new processes (each image once; where nothing else changed), "
+                f"the {', '.join(k for k in KINDS if k not in _ELASTIC)} loaders restart it")
 
 
 class Seconds(float):
@@ -53,9 +60,9 @@ class RunSettings:
                                         "(none: start)")
     allow_change: str | None = _run_opt(None, "on --resume, accept these recipe fields differing from the "
                                               "checkpoint's (any other change that alters a step is refused; "
-                                              "machine settings change freely)", metavar="FIELD[,FIELD]")
-    reshard: bool = _run_opt(False, "allow resuming with another number of processes (restarts the interrupted "
-                                    "epoch)", action="store_true")
+                                              "the LR schedule's numbers and machine settings change freely)",
+                                        metavar="FIELD[,FIELD]")
+    reshard: bool = _run_opt(False, RESHARD_HELP, action="store_true")
     elastic_lr: str = _run_opt("scale", "when the world size changes on resume (an elastic change or --reshard): "
                                         "scale: the peak LR follows the new global batch (the linear scaling "
                                         "rule); keep: it stays the one the run trained with",

@@ -61,6 +61,7 @@ class PlateauMultiplier:
     per validation. It runs on a one-parameter stand-in optimizer, so it never fights set_lr."""
 
     def __init__(self, schedule: Schedule):
+        self._schedule = schedule
         self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         self._scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self._optimizer, mode="min", factor=schedule.plateau_factor, patience=schedule.plateau_patience)
@@ -78,3 +79,6 @@ class PlateauMultiplier:
     def load_state_dict(self, state: dict) -> None:
         self._scheduler.load_state_dict(state["scheduler"])
         self._optimizer.param_groups[0]["lr"] = state["value"]
+        # the saved state holds the factor and patience it ran with: a resume that changed them uses the new ones
+        self._scheduler.factor = self._schedule.plateau_factor
+        self._scheduler.patience = self._schedule.plateau_patience

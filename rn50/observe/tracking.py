@@ -6,8 +6,10 @@ run folder's own files (metrics.jsonl, TensorBoard, summary.json, report.json), 
   `'.[mlflow]'`); `check_available` turns a missing one into a UserError at start-up, before any work.
 - The tracker run's id is kept in the run folder (`tracker.json`), so a resumed run continues the same
   tracker run.
-- A tracker never stops training: the first failure (a server gone, a full disk) prints one warning and
-  switches that tracker off; the local files are written as before.
+- A tracker asked for must start: one that cannot (a missing extra, MLflow's refused file store, a server
+  that cannot be reached) stops the run at start-up with one line (exit 2), never trains untracked.
+- Once started, a tracker never stops training: the first failure (a server gone, a full disk) prints one
+  warning and switches that tracker off; the local files are written as before.
 - Secrets never leave the machine: environment variables are logged by name only where their names could hold
   one (`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`, `*CREDENTIAL*`, ...), and only a short list of
   variables that change how a run performs is logged at all.
@@ -43,7 +45,8 @@ MLFLOW_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQU
 
 
 def check_available(kind: str) -> None:
-    """A UserError, at start-up, when the tracker's extra is not installed."""
+    """A UserError, at start-up, when the tracker's extra is not installed, or (MLflow) its tracking URI is
+    a store that MLflow refuses (mlflow_store_problem)."""
     if kind in (None, "", "none"):
         return
     if kind not in EXTRA:
@@ -54,6 +57,34 @@ def check_available(kind: str) -> None:
     except ImportError:
         raise UserError(f"--tracker {kind} needs the {extra!r} extra, which is not installed: "
                         f"pip install -e '.[{extra}]' (or pip install {module})") from None
+    problem = mlflow_store_problem() if kind == "mlflow" else None
+    if problem:
+        raise UserError(problem)
+
+
+def mlflow_store_problem() -> str | None:
+    """Why MLflow would refuse its tracking URI, before any work, or None. MLflow 3 refuses its file store (a
+    folder: file:///path or a plain path) unless MLFLOW_ALLOW_FILE_STORE=true (it is in maintenance mode), and
+    says so in a long message that used to be cut into a warning while the run trained untracked. A local
+    SQLite file (sqlite:///path/mlflow.db) keeps everything in one local file and works fully."""
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # MLflow 2 writes its file store without asking
+        return None
+    if MLFLOW_ALLOW_FILE_STORE.get():
+        return None
+    folder = Path(parsed.path if parsed.scheme else uri).expanduser().absolute()
+    return (f"MLFLOW_TRACKING_URI={uri} is MLflow's file store, which MLflow {mlflow.__version__} refuses "
+            f"(maintenance mode); for a local store use MLFLOW_TRACKING_URI=sqlite:///{folder / 'mlflow.db'} "
+            "(or a server, http://HOST:5000), or set MLFLOW_ALLOW_FILE_STORE=true to write the folder anyway")
 
 
 def safe_environment() -> dict:
@@ -78,9 +109,10 @@ def _warn(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, limit: int | None = 300) -> str:
+    """The exception's type and first line, cut to `limit` characters (None: the whole line)."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -273,10 +305,12 @@ class WandbTracker(Tracker):
 
 
 def open_tracker(kind: str, run_dir: Path, *, project: str, name: str | None = None, group: str = "",
-                 resume: bool = False, enabled: bool = True, say=None) -> Tracker:
+                 resume: bool = False, enabled: bool = True, say=None, required: bool = True) -> Tracker:
     """The run's tracker (NullTracker for `none` and on every rank but the main one). `resume`: continue the
-    tracker run whose id this folder's tracker.json holds (a fresh run otherwise). Opening it never fails the
-    run: a server that cannot be reached gives one warning and no tracker."""
+    tracker run whose id this folder's tracker.json holds (a fresh run otherwise). A tracker that cannot start
+    (a server that cannot be reached, a store MLflow refuses) is a UserError naming why, in one whole line,
+    so a run never trains untracked; with `required` False (the harness, whose report is written by then)
+    one warning and no tracker instead."""
     if not enabled or kind in (None, "", "none"):
         return NullTracker()
     check_available(kind)
@@ -293,8 +327,12 @@ def open_tracker(kind: str, run_dir: Path, *, project: str, name: str | None = N
             tracker = MlflowTracker(project, name, group, state) if kind == "mlflow" else \
                 WandbTracker(project, name, group, state, run_dir)
     except Exception as exc:
-        _warn(f"warning: the {kind} tracker could not start ({_reason(exc)}); the run goes on without it, and "
-              "its folder's files stay complete")
+        if required:
+            fix = "MLFLOW_TRACKING_URI and its server" if kind == "mlflow" else "`wandb login`, or WANDB_MODE=offline"
+            raise UserError(f"--tracker {kind} could not start ({_reason(exc, None)}); check {fix}, or drop "
+                            "--tracker (nothing was trained untracked)") from None
+        _warn(f"warning: the {kind} tracker could not start ({_reason(exc, None)}); the files in {run_dir} "
+              "are complete")
         return NullTracker()
     saved[kind] = tracker.state()
     try:
@@ -385,7 +423,7 @@ def log_bench(machine, out: Path, report: dict, say=None) -> None:
     settings and the harness's plan as parameters, every figure of report.json as a metric at step 0, and the
     report and its plots as files."""
     tracker = open_tracker(machine.tracker, out, project=machine.tracker_project, group=machine.tracker_group,
-                           say=say)
+                           say=say, required=False)  # after the work: the report on disk is the record
     if not tracker.active:
         return
     from rn50.config.recipe import flat_items, resolve

@@ -48,6 +48,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _fsync_dir(path.parent)
 
 
+class Unusable(UserError):
+    """A checkpoint that cannot be loaded; `reason`: why, in a few words (the integrity check's, or the load's)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -56,14 +64,14 @@ def load_checkpoint(path: Path) -> dict:
     try:
         integrity.verify(path)  # against the SHA-256 and size written beside it, where there is one
     except integrity.Corrupt as exc:
-        raise UserError(f"checkpoint {path} cannot be used: {exc}; resume from an earlier checkpoint in the same "
-                        "run folder") from None
+        raise Unusable(f"checkpoint {path} cannot be used: {exc}; resume from an earlier checkpoint in the same "
+                       "run folder", f"{exc} (the integrity check against {integrity.sidecar(path).name})") from None
     try:
         # weights_only: a checkpoint is tensors, numbers and strings; nothing in it may run code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
-                        "resume from an earlier checkpoint in the same run folder") from None
+        raise Unusable(f"checkpoint {path} cannot be read ({type(exc).__name__}); resume from an earlier "
+                       "checkpoint in the same run folder", f"torch.load failed ({type(exc).__name__})") from None
 
 
 def checkpoint_name(epochs_done: int, step: int, epoch_end: bool) -> str:
@@ -132,13 +140,16 @@ class CheckpointStore:
                 integrity.remove_sidecar(old)
 
 
-def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint in the run folder that loads; unreadable ones are skipped with a note."""
+def latest_checkpoint(run_dir: Path, say=print, refused: list | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint in the run folder that loads; unreadable ones are skipped with a note (and
+    `refused` gets (path, reason) for each)."""
     for path in reversed(regular_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except UserError as err:
             say(f"skipping {path}: {err}")
+            if refused is not None:
+                refused.append((path, getattr(err, "reason", str(err))))
     return None
 
 

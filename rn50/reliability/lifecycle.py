@@ -22,35 +22,46 @@ from pathlib import Path
 from pipelines.registry import REGISTRY
 from rn50.config.describe import changes_from_defaults, epoch_plan
 from rn50.config.errors import UserError
-from rn50.config.machine import Machine
+from rn50.config.machine import Machine, process_cores, unusable_requests
 from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, Config, Recipe, did_you_mean, get, resolve, with_fields
 from rn50.core.loaders import data_identity
 from rn50.core.model import arch_of_weights, read_weights_file
 from rn50.core.step import check_cuda_only_settings
 from rn50.observe import tracking
 from rn50.observe.profiling import check_flags
-from rn50.reliability.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+from rn50.reliability.checkpoint import (latest_checkpoint, load_checkpoint, regular_checkpoints,
+                                         remove_stale_temporaries)
 from rn50.system.dist import DistEnv
 
 # --- the resume guard ---------------------------------------------------------------------------------
 
-# Changes a resumed run makes without --allow-change: they do not alter what any step already taken, or
-# the next one, means. `epochs` only lengthens a step or plateau schedule (milestones are absolute epochs);
-# the stopping rules only decide when to stop.
+# Changes a resumed run makes without --allow-change: they do not alter what any step already taken means,
+# nor the data stream, so the run continues at the exact step. The stopping rules only decide when to stop.
 SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
+# The LR schedule's numbers: the LR is a pure function of (schedule, peak LR, step) (rn50.core.schedule.lr_at),
+# so a new value changes the LR of the steps to come only (lowering the LR after a divergence, a longer run).
+# Not `schedule` (the kind): the plateau multiplier's state carries over and means nothing to another kind.
+SCHEDULE_ON_RESUME = ("base_lr", "base_batch", "epochs", "warmup_epochs", "lr_milestones", "lr_decay", "min_lr",
+                      "cooldown_epochs", "plateau_factor", "plateau_patience")
 
 
 def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
-    """Fields that differ between the checkpoint's recipe and this run's, except the safe ones."""
-    changed = []
-    for flat in RECIPE_FIELDS:
-        before, after = get(saved, flat), get(now, flat)
-        if before == after or flat in SAFE_ON_RESUME:
-            continue
-        if flat == "epochs" and after > before and now.schedule.kind in ("step", "plateau"):
-            continue  # a longer step/plateau schedule: the steps so far had the same LR they will keep
-        changed.append((flat, before, after))
-    return changed
+    """Fields that differ between the checkpoint's recipe and this run's, except the safe ones and the
+    schedule's (schedule_changes)."""
+    return [(flat, get(saved, flat), get(now, flat)) for flat in RECIPE_FIELDS
+            if get(saved, flat) != get(now, flat) and flat not in SAFE_ON_RESUME + SCHEDULE_ON_RESUME]
+
+
+def schedule_changes(saved: Recipe, now: Recipe, epochs_done: int) -> str | None:
+    """The one start-up line naming the LR schedule's changes (old -> new), or None. Fewer epochs than the
+    checkpoint has done cannot be undone: one line."""
+    if now.schedule.epochs < epochs_done:
+        raise UserError(f"the checkpoint has {epochs_done} epochs done but this run asks for --epochs "
+                        f"{now.schedule.epochs}; pass --epochs {epochs_done} or more")
+    changed = [f"{flat} {get(saved, flat)!r} -> {get(now, flat)!r}" for flat in SCHEDULE_ON_RESUME
+               if get(saved, flat) != get(now, flat)]
+    return (f"changed on resume: {', '.join(changed)} (the LR of the steps to come; the steps done and the data "
+            "stream stay as they were)") if changed else None
 
 
 # Fields no resume can change: the checkpoint's weights fit its own architecture only. --allow-change does
@@ -221,7 +232,14 @@ def find_resume(out: Path, resume: str | None, job: dict | None = None) -> Resum
     if resume is None:
         return Resume(job=job)
     if resume == "auto":
-        found = latest_checkpoint(out, notes.append) if out.is_dir() else None
+        refused: list[tuple[Path, str]] = []
+        found = latest_checkpoint(out, notes.append, refused) if out.is_dir() else None
+        if found is None and refused:  # starting afresh would retrain into a run folder that holds a run
+            newest, why = refused[0]
+            raise UserError((f"--resume auto: the only checkpoint of {out}, {newest.name}, " if len(refused) == 1
+                             else f"--resume auto: none of the {len(refused)} checkpoints of {out} can be used; the "
+                             f"newest, {newest.name}, ") + f"is unreadable: {why}; restore that file (from a copy), or "
+                            "start afresh with a new --out")
         if found is None:
             return Resume(job=job, notes=(*notes, f"--resume auto: no checkpoint in {out}; starting from the "
                                                   "beginning"))
@@ -243,9 +261,14 @@ def finished(checkpoint: dict, saved: Recipe, recipe: Recipe, out: Path) -> bool
 
 def prepare_out_dir(out: Path, resuming: bool, is_main: bool) -> list[str]:
     """Check that the run folder can take this run; returns what was cleaned up, for the start-up lines."""
-    if not resuming and (out / "metrics.jsonl").exists():
-        raise UserError(f"{out} already holds a run (metrics.jsonl); pass a new --out, or --resume one of its "
-                        "checkpoints (or --resume auto) to continue it")
+    kept = regular_checkpoints(out)
+    if not resuming and ((out / "metrics.jsonl").exists() or kept):  # a stop before the first log line: checkpoints
+        if (out / "summary.json").is_file():
+            raise UserError(f"{out} already holds a finished run (summary.json); pass a new --out, or add "
+                            "--resume auto and a larger --epochs to train it longer")
+        raise UserError(f"{out} already holds an unfinished run (" + (f"its newest checkpoint: {kept[-1].name}"
+                        if kept else "no checkpoint yet") + "); to continue it, run the same command with "
+                        "--resume auto; to start a new run, pass a new --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()  # a unique name: every rank probes at once
@@ -334,7 +357,8 @@ def startup_summary(config: Config, machine: Machine, num_classes: int) -> list[
     if not REGISTRY[config.machine.loader].reads_images:  # the concrete loader (`machine` may say auto)
         lines.append(f"synthetic data: validation runs on other random images with random labels, so its top-1 "
                      f"stays near chance ({100 / num_classes:.2g}%); this run measures speed, not learning")
-    return lines
+    unusable = unusable_requests(config.machine, config.given, *process_cores())  # a preset's 8 threads on 2 cores
+    return lines + ([unusable] if unusable else [])
 
 
 # --- start-up -----------------------------------------------------------------------------------------
@@ -379,13 +403,13 @@ def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
         stop = checkpoint["history"][-1].get("stop") if checkpoint["history"] else None
         say(f"{run.out} holds a finished run ({checkpoint_path.name}: {checkpoint['epoch']} of "
             f"{saved.schedule.epochs} epochs{f'; stopped early: {stop}' if stop else ''}): nothing to do, its "
-            "files are left as they are. To train longer, add a larger --epochs"
-            + ("" if saved.schedule.kind in ("step", "plateau") else " and --allow-change epochs")
-            + "; to start again, pass a new --out")
+            "files are left as they are. To train longer, add a larger --epochs; to start again, pass a new --out")
         return Start(config, given, finished=json.loads((run.out / "summary.json").read_text()))
+    schedule_note = schedule_changes(saved, recipe, checkpoint["epoch"]) if checkpoint else None  # stays exact
     if checkpoint:
         check_world_size(checkpoint, env, run.reshard)
     notes += prepare_out_dir(run.out, resuming=run.resume is not None, is_main=env.is_main)
     notes += data_notes + ([arch_note] if arch_note else [])
-    notes += config.overridden + [f"changed on resume: {change}" for change in changes] + epoch_plan(recipe)
+    notes += config.overridden + [f"changed on resume: {change}" for change in changes]
+    notes += ([schedule_note] if schedule_note else []) + epoch_plan(recipe)
     return Start(config, given, checkpoint, saved, not changes and same_data, identity, notes)

@@ -1,34 +1,53 @@
-"""Preemption: SIGTERM or SIGUSR1 (what SLURM sends before it kills a job) asks the run to stop; and the
-other ways a run stops before its last epoch with an exit code of its own (lost data, divergence).
+"""Preemption: SIGTERM or SIGUSR1 (what SLURM sends before it kills a job) asks the run to stop, and so does
+SIGINT (Ctrl-C); and the other ways a run stops before its last epoch with an exit code of its own (lost
+data, divergence).
 
 The handler only sets a flag; the training loop saves a checkpoint at the next step boundary where every
-rank agrees to stop, then exits with EXIT_PREEMPTED. torchrun forwards SIGTERM to its workers and
-kills them 30 s later, so the check runs often enough to save well inside that time.
+rank agrees to stop, then exits with EXIT_PREEMPTED (EXIT_INTERRUPTED after Ctrl-C). torchrun forwards
+SIGTERM (and the SIGINT it gets) to its workers and kills them 30 s later, so the check runs often enough to
+save well inside that time. A second SIGINT ends the process at once, the default way: the user asked twice.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 from rn50.system.dist import any_rank
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: a temporary failure, run the same command again
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: the user stopped it (a requeue on 75 must not)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    def __init__(self, check_every: int):
+    def __init__(self, check_every: int, announce: bool = True):
         self.check_every = check_every  # steps between checks (a tiny collective when distributed)
         self.signal_name: str | None = None
+        self._pid = os.getpid()  # a forked loader worker inherits the handler: ignored there
+        # what rank 0 says at once on SIGINT; under torchrun the SIGINT is torchrun's, passed on once (the terminal's
+        # second Ctrl-C reaches torchrun alone)
+        self._announce = b""
+        if announce and "TORCHELASTIC_RUN_ID" in os.environ:
+            self._announce = b"SIGINT from torchrun: saving a checkpoint, then stopping\n"
+        elif announce:
+            self._announce = b"Ctrl-C: saving a checkpoint, then stopping (a second Ctrl-C stops at once, without it)\n"
         self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
 
     def close(self) -> None:
         """Give the signals back (a run inside a longer-lived process, such as a test, ends cleanly)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if signum != signal.SIGINT or signal.getsignal(signum) == self._handle:  # after Ctrl-C: a second ends it
+                signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if os.getpid() != self._pid:
+            return  # a torchvision DataLoader worker: the run stops it
+        self.signal_name = self.signal_name or signal.Signals(signum).name  # the first one names the stop
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+            if self._announce:  # os.write: print() is not safe inside a signal handler
+                os.write(2, self._announce)
 
     def agreed(self, step: int, force: bool = False) -> bool:
         """True on every rank at the same step once any rank has received a stop signal. Every rank
@@ -49,10 +68,14 @@ class Preempted(Exception):
         super().__init__(signal_name)
         self.signal_name, self.saved = signal_name, saved
 
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
     def report(self) -> str:
         """The run's last line: under torchrun, the agent's own SignalException report follows it."""
         saved = f"checkpoint saved to {self.saved}" if self.saved else "no new checkpoint (the weights held NaN or inf)"
-        return (f"stopped by {self.signal_name}: {saved}; exit code {EXIT_PREEMPTED}. Run the same command with "
+        return (f"stopped by {self.signal_name}: {saved}; exit code {self.exit_code}. Run the same command with "
                 "--resume auto to continue")
 
 

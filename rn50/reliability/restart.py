@@ -29,7 +29,7 @@ from pathlib import Path
 from rn50.config.errors import UserError
 from rn50.config.run_settings import Seconds
 from rn50.reliability.integrity import EXIT_STORAGE, NotWritten
-from rn50.reliability.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted
+from rn50.reliability.preemption import EXIT_DIVERGED, Diverged, Preempted
 from rn50.system.dist import any_rank
 from rn50.system.store import agent_store, attempt_id, earlier_attempt_store, max_restarts, restart_count, run_id
 
@@ -40,14 +40,15 @@ FAULTS_FILE = "faults.jsonl"  # one record per restart after a fault
 # --- how each rank ended -----------------------------------------------------------------------------
 
 def exit_code_of(exc: BaseException | None) -> int:
-    """The exit code `exc` ends this rank with (rn50.train's: 2 a user error, 3 diverged, 75 stopped, 74 the
-    storage refused a checkpoint)."""
+    """The exit code `exc` ends this rank with (rn50.train's: 2 a user error, 3 diverged, 75 stopped, 130 stopped
+    by Ctrl-C, 74 the storage refused a checkpoint)."""
     if exc is None:
         return 0
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
-    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (Preempted, EXIT_PREEMPTED),
-                       (NotWritten, EXIT_STORAGE)):
+    if isinstance(exc, Preempted):
+        return exc.exit_code  # 75, or 130 after Ctrl-C
+    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (NotWritten, EXIT_STORAGE)):
         if isinstance(exc, kind):
             return code
     return 1
@@ -178,8 +179,8 @@ def name_fault(previous: dict | None, steps_per_epoch: int) -> dict:
     if own:  # a rank that ended on its own account (watchdog, crash, error) before the others saw it
         rank = min(own, key=lambda r: own[r]["time"])
         code, reason = own[rank]["code"], own[rank]["reason"]
-        cause = {4: "hung (the watchdog ended it)", 2: "a user error", 3: "diverged", 75: "stopped by a signal"}.get(
-            code, "crashed") + f" (exit {code}: {reason.splitlines()[0][:200]})"
+        cause = {4: "hung (the watchdog ended it)", 2: "a user error", 3: "diverged", 75: "stopped by a signal",
+                 130: "stopped by Ctrl-C"}.get(code, "crashed") + f" (exit {code}: {reason.splitlines()[0][:200]})"
         when = own[rank]["time"]
         named = re.search(r"stalest rank (\d+)", reason) if code == 4 else None
         if named and int(named[1]) in beats:  # the watchdog names the frozen rank, not itself

@@ -36,6 +36,12 @@ def empty_folder(data_dir, tmp_path, monkeypatch):
     return ["--data", str(tmp_path / "empty")]
 
 
+def unsplit_folder(data_dir, tmp_path, monkeypatch):
+    """Issue 38, 8: a folder of class folders (not split yet) said "train is missing" without naming tools.split."""
+    shutil.copytree(data_dir / "train", tmp_path / "unsplit")
+    return ["--data", str(tmp_path / "unsplit")]
+
+
 def other_world_size(data_dir, tmp_path, monkeypatch):
     assert main(["--data", str(data_dir), "--out", str(tmp_path / "first"), *SMALL]) is None
     checkpoint = load_checkpoint(tmp_path / "first" / "checkpoint_0001.pt")
@@ -70,6 +76,7 @@ CASES = {
     "missing data folder": (lambda d, t, m: ["--data", str(t / "nowhere")], "does not exist", "--data"),
     "empty data folder": (empty_folder, "has no class folders", "train/<class>"),
     "empty class folder": (empty_class, "holds no .JPEG files", "remove the folder"),
+    "unsplit class folders": (unsplit_folder, "holds class folders directly", "`python -m tools.split "),
     "batch larger than the shard": (lambda d, t, m: ["--data", str(d), "--batch-size", "1000"], "larger than",
                                     "lower --batch-size"),
     "gpu loader without cuda": (lambda d, t, m: ["--data", str(d), "--loader", "dali", "--device", "cpu"],

@@ -29,7 +29,7 @@ BAD = {
     "cmyk.JPEG": "CMYK JPEG (4 colour components)",
     "text.JPEG": "not an image (text)",
     "tiny.JPEG": "too small to crop",
-    "notes.txt": "not a JPEG name",
+    "notes.txt": "not an image name",  # was "not a JPEG name", though x.png is good (issue 38, 8)
 }
 FIXABLE = {"png_inside.JPEG", "cmyk.JPEG"}
 GOOD_EXTRA = ["progressive.jpg", "gray.JPEG"]  # unusual but fine: must be listed
@@ -172,6 +172,25 @@ def test_correctly_named_other_formats_are_good_and_never_fixed(tmp_path):
         assert sorted(lines) == sorted(f"n0/{name} 0" for name in ["a.JPEG", *names])
     assert not (tmp_path / "out" / "fixed").exists()
     assert find_header_problems(sorted((data / "train" / "n0").iterdir())) == []  # the pre-flight agrees
+
+
+def test_the_name_rule_in_the_docs_is_the_scanners(tmp_path):
+    """Issue 38, 8: docs/reliability.md said a file whose name does not end in .jpeg/.jpg is bad, while the scan
+    lists x.png as good and called notes.txt "not a JPEG name". The scanner's rule is the loaders' (their
+    IMAGE_SUFFIXES): the doc now states it, and notes.txt is "not an image name"."""
+    from pipelines.folder import IMAGE_SUFFIXES
+
+    (tmp_path / "data" / "train" / "n0").mkdir(parents=True)
+    photo().save(tmp_path / "data" / "train" / "n0" / "x.png")
+    photo().save(tmp_path / "data" / "train" / "n0" / "y.JPEG", format="JPEG")
+    (tmp_path / "data" / "train" / "n0" / "notes.txt").write_text("not an image\n")
+    train = scan(tmp_path / "data", tmp_path / "out", workers=1, progress=False)["splits"]["train"]
+    assert train["bad"] == [{"path": "n0/notes.txt", "reason": "not an image name"}] and train["good"] == 2
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    start = doc.index("- its name doesn't end in")
+    rule = doc[start:doc.index("\n\n", start)]  # the bullet, the last of its list
+    assert all(f"`{suffix}`" in rule for suffix in IMAGE_SUFFIXES), rule
+    assert '"not an image name"' in rule and "`x.png`" in rule and "good" in rule, rule
 
 
 def test_min_side_is_configurable(dataset, tmp_path):

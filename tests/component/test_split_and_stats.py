@@ -113,6 +113,42 @@ def test_split_refusals_are_one_error_line(classes, tmp_path, case):
         assert not out.exists() or not any(out.iterdir())
 
 
+def test_an_empty_class_is_left_out_of_the_split_and_stats_never_calls_it_balanced(tmp_path):
+    """Issue 38, 4: split made an empty train/<class>/ (which rn50.train refuses) and stats called a 0-image
+    class balanced (imbalance 1.00). Now split leaves it out on one line, a class of one image goes to train
+    only, rn50.train's listing takes the split, and stats says the imbalance is infinite."""
+    from pipelines import list_data
+    from pipelines.folder import list_split
+    from tools.stats import summary
+
+    mine = tmp_path / "mine"
+    for cls in ("a", "b"):
+        (mine / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 12), (40 * i, 9, 99)).save(mine / cls / f"{cls}{i}.png")
+    (mine / "empty_class").mkdir()
+    report = stats(mine, workers=1, progress=False)
+    images = report["splits"]["images"]
+    assert images["imbalance"] is None and images["empty_classes"] == ["empty_class"]  # was 1.0
+    line = summary(report).splitlines()[0]
+    assert "infinite (1 class has no images)" in line and "1.00" not in line, line
+
+    (mine / "c").mkdir()
+    Image.new("RGB", (16, 12)).save(mine / "c" / "c0.png")
+    out = tmp_path / "split"
+    ran = cli("tools.split", mine, "--out", out, "--val-fraction", "0.25")
+    assert ran.returncode == 0, ran.stderr
+    assert not (out / "train" / "empty_class").exists() and not (out / "val" / "empty_class").exists()
+    said = [line for line in ran.stdout.splitlines() if "(empty_class)" in line]
+    assert len(said) == 1 and said[0].startswith("left out 1 class folder with no image file"), ran.stdout
+    assert "class c has 1 image: it goes to train only, so validation cannot count it" in ran.stdout
+    assert "of 3 classes" in ran.stdout
+    list_split.cache_clear()
+    train, val = list_data(out, "train"), list_data(out, "val")  # what rn50.train lists (and refused before)
+    assert train.images.classes == ("a", "b", "c") and train.images.class_counts() == (3, 3, 1)
+    assert val.images.class_counts() == (1, 1, 0)
+
+
 # ---- tools.stats ----
 
 @pytest.fixture()

@@ -292,6 +292,69 @@ def test_a_missing_extra_is_one_line_and_exit_2(module, extra, data_dir, tmp_pat
         assert not (tmp_path / main.__module__ / "metrics.jsonl").exists()  # refused before any work
 
 
+def test_mlflow_file_store_is_one_whole_line_at_start_up_or_works_when_allowed(data_dir, tmp_path, monkeypatch, capsys):
+    """Issue 38, 5: MLFLOW_TRACKING_URI=file:///... printed MLflow 3's refusal cut mid-URL as a warning and
+    trained untracked. Now: one whole line naming the SQLite URI that works, before anything is written; with
+    MLflow's own opt-in (MLFLOW_ALLOW_FILE_STORE=true) the file store is written."""
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    import mlflow.environment_variables as variables
+
+    if hasattr(variables, "MLFLOW_ALLOW_FILE_STORE"):  # MLflow 3 refuses it; MLflow 2 writes it without asking
+        with pytest.raises(SystemExit) as stop:
+            train_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--tracker", "mlflow", "--epochs",
+                        "1", *TRAIN])  # one epoch: a regression trains untracked, but briefly
+        out, err = capsys.readouterr()
+        lines = [line for line in (out + err).splitlines() if line.strip()]
+        assert stop.value.code == 2 and len(lines) == 1, out + err
+        assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI={store.as_uri()} is MLflow's file store")
+        assert f"sqlite:///{store / 'mlflow.db'}" in lines[0] and lines[0].endswith("write the folder anyway")
+        assert not (tmp_path / "run").exists() and not store.exists()
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking.check_available("mlflow")
+    tracker = tracking.open_tracker("mlflow", tmp_path / "run", project="p")
+    tracker.log_metrics({"train/loss": 1.5}, 3)
+    tracker.close()
+    assert tracker.run_id and list(store.rglob("meta.yaml")), mlflow.__version__
+
+
+def test_mlflow_to_a_local_sqlite_file_needs_no_server(tmp_path, monkeypatch):
+    """docs/usage.md: MLFLOW_TRACKING_URI=sqlite:///PATH/mlflow.db, the local store that works fully (runs,
+    metrics, artifacts under ./mlruns of the folder the experiment started in)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")  # a new folder
+    tracking.check_available("mlflow")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}\n")
+    tracker = tracking.open_tracker("mlflow", tmp_path / "run", project="local")
+    tracker.log_metrics({"train/loss": 1.5}, 3)
+    tracker.log_artifacts([tmp_path / "run" / "summary.json"])
+    tracker.close()
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.data.metrics == {"train/loss": 1.5} and run.info.status == "FINISHED"
+    assert list((tmp_path / "mlruns").rglob("summary.json"))
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_it_trains(data_dir, tmp_path, monkeypatch, capsys):
+    """Issue 38, 5: a tracker asked for that cannot start (here an MLflow server nobody listens for) stopped
+    nothing: one warning, then days of untracked training. Now one whole error line, exit 2, no step taken."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--data", str(data_dir), "--out", str(out), "--tracker", "mlflow", "--epochs", "1", *TRAIN])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("error: --tracker mlflow could not start (MlflowException: ")
+    assert err[-1].endswith("or drop --tracker (nothing was trained untracked)") and "warning" not in err[-1]
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+
+
 def test_secret_looking_variables_are_logged_by_name_only(monkeypatch):
     for name in ("NCCL_IB_TOKEN", "CUDA_PASSWORD_FILE", "RN50_API_KEY", "TORCH_CREDENTIALS", "DALI_SECRET"):
         monkeypatch.setenv(name, SECRET)

@@ -85,3 +85,24 @@ def test_the_dali_loaders_restart_the_epoch_and_a_plain_resume_needs_reshard(mon
         check_world_size(checkpoint, DistEnv(0, 1, 0, torch.device("cpu")), reshard=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # under torchrun: an elastic change
     check_world_size(checkpoint, DistEnv(0, 1, 0, torch.device("cpu")), reshard=False)
+
+
+def test_reshards_help_says_what_a_resume_at_another_world_size_does():
+    """Issue 38, 8: --reshard's help said "restarts the interrupted epoch" for every loader, while resume_point
+    continues it with the elastic ones (as the docs said). The help now names, per loader kind, what
+    resume_point does with it: continue (offset past the epoch's start) or restart (offset 0)."""
+    from pipelines.registry import KINDS
+    from rn50.config.run_settings import RESHARD_HELP
+
+    head, _, tail = RESHARD_HELP.partition(" loaders continue ")
+    continuing = {k.strip() for k in head.rsplit("the ", 1)[-1].split(",")} if tail else set()
+    restarting = {k.strip() for k in tail.rpartition("changed), the ")[2].removesuffix(" loaders restart it")
+                  .split(",")} if tail else set()
+    recipe = with_fields(Recipe(), batch_size=4)
+    for kind in KINDS:
+        checkpoint = {**_checkpoint(2, 6, 1, 3), "loader_kind": kind}  # 2 processes, 3 steps into epoch 2
+        point = resume_point(checkpoint, recipe, recipe, kind, DistEnv(0, 1, 0, torch.device("cpu")), 12,
+                             exact=True, train_images=48)
+        continued = point.offset > 0
+        assert (kind in continuing) == continued and (kind in restarting) != continued, (kind, point.note,
+                                                                                         RESHARD_HELP)

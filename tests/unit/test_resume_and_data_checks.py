@@ -149,3 +149,81 @@ def test_finetune_reads_the_architecture_from_the_weights(tmp_path):
     same, note = finetune_arch(with_fields(recipe, arch="resnet18"), given={"arch"})
     assert same.model.arch == "resnet18" and note is None
     assert finetune_arch(Recipe(), given=()) == (Recipe(), None)  # no --finetune-from
+
+
+# --- issue 38: the rough edges of a resume ----------------------------------------------------------------
+
+def test_the_lr_schedule_may_change_on_resume_with_one_line_and_the_rest_is_still_refused():
+    """38.1: the documented fix for a diverged run, `--resume CKPT --base-lr 0.05`, exited 2 asking for
+    --allow-change base_lr. The schedule's numbers change the LR of the steps to come only: accepted without
+    --allow-change (the resume stays exact), said in one line old -> new; what breaks a resume is still refused."""
+    from rn50.reliability.lifecycle import schedule_changes
+
+    saved = with_fields(Recipe(), epochs=1)
+    now = with_fields(saved, base_lr=0.05, epochs=2, warmup_epochs=1.0, lr_milestones=(1.5,))
+    assert guard_resume(saved, now, None) == []  # no step-altering change: the loader's position carries over
+    line = schedule_changes(saved, now, epochs_done=1)
+    assert "\n" not in line and line.startswith("changed on resume: base_lr 0.1 -> 0.05, epochs 1 -> 2, ")
+    assert "warmup_epochs 5.0 -> 1.0" in line and "lr_milestones (30.0, 60.0, 80.0) -> (1.5,)" in line
+    assert schedule_changes(saved, saved, epochs_done=1) is None
+    with pytest.raises(UserError, match="3 epochs done but this run asks for --epochs 2; pass --epochs 3 or more"):
+        schedule_changes(saved, now, epochs_done=3)  # epochs done cannot be undone
+    for field, value in (("batch_size", 8), ("image_size", 64), ("schedule", "cosine"), ("label_smoothing", 0.0)):
+        with pytest.raises(UserError, match=f"--allow-change {field}"):
+            guard_resume(saved, with_fields(now, **{field: value}), None)
+
+
+def test_a_changed_plateau_factor_and_patience_survive_restoring_the_plateau_state():
+    """38.1: plateau_factor and plateau_patience are schedule values a resume may change; the saved
+    ReduceLROnPlateau state holds the old ones, which load_state_dict used to bring back."""
+    from rn50.core.schedule import PlateauMultiplier
+
+    before = PlateauMultiplier(with_fields(Recipe(), schedule="plateau").schedule)
+    before.step(1.0)
+    after = PlateauMultiplier(with_fields(Recipe(), schedule="plateau", plateau_factor=0.5,
+                                          plateau_patience=0).schedule)
+    after.load_state_dict(before.state_dict())
+    after.step(2.0)  # no improvement, patience 0: the LR drops at once, by this run's factor
+    assert after.value == 0.5
+
+
+def test_resume_auto_whose_only_checkpoint_is_unreadable_stops_in_one_line(tmp_path):
+    """38.3: a truncated only checkpoint was skipped, then the run fell back to the default recipe ("batch size
+    256 is larger than this rank's share") or started afresh in the run's folder. Now one line that names the
+    file, why (the integrity check) and what to do."""
+    from rn50.reliability.checkpoint import CheckpointStore
+    from rn50.reliability.lifecycle import find_resume
+
+    store = CheckpointStore(tmp_path, keep_last=0)
+    only = store.save("checkpoint_0001.pt", {"epoch": 1, "pad": torch.zeros(10_000)})
+    only.write_bytes(only.read_bytes()[:1000])
+    with pytest.raises(UserError) as refused:
+        find_resume(tmp_path, "auto")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--resume auto: the only checkpoint of {tmp_path}, "
+                                                      "checkpoint_0001.pt, is unreadable: truncated: 1000 bytes")
+    assert "integrity check against checkpoint_0001.sha256" in message and "new --out" in message
+    second = store.save("checkpoint_0002.pt", {"epoch": 2, "pad": torch.zeros(10_000)})
+    second.write_bytes(b"x" + second.read_bytes()[1:])
+    with pytest.raises(UserError, match="none of the 2 checkpoints .* the newest, checkpoint_0002.pt, is unreadable: "
+                                        "corrupt"):
+        find_resume(tmp_path, "auto")
+    assert find_resume(tmp_path / "empty", "auto").checkpoint is None  # no checkpoint at all: a fresh start
+
+
+def test_the_same_command_on_an_unfinished_run_says_to_add_resume_auto(tmp_path):
+    """38.2: after Ctrl-C the same command was refused with "already holds a run"; now one line naming the newest
+    checkpoint and --resume auto, also when the run stopped before its first log line (checkpoints only)."""
+    from rn50.reliability.checkpoint import CheckpointStore
+    from rn50.reliability.lifecycle import prepare_out_dir
+
+    CheckpointStore(tmp_path, keep_last=0).save("checkpoint_0000_step00000002.pt", {"epoch": 0})
+    with pytest.raises(UserError) as refused:
+        prepare_out_dir(tmp_path, resuming=False, is_main=True)
+    message = str(refused.value)
+    assert "\n" not in message and f"{tmp_path} already holds an unfinished run (its newest checkpoint: " \
+        "checkpoint_0000_step00000002.pt); to continue it, run the same command with --resume auto" in message
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a finished run"):
+        prepare_out_dir(tmp_path, resuming=False, is_main=True)
+    assert prepare_out_dir(tmp_path, resuming=True, is_main=True) == []
