@@ -15,6 +15,7 @@ from benchmarks.noise import busy, compare, windows
 from benchmarks.plan import Plan
 from benchmarks.recommend import ratios_to_dali, recommend
 from benchmarks.verdict import verdict
+from rn50.system.load import merge as merge_load
 from rn50.config.errors import UserError
 from rn50.config.recipe import Recipe, resolve
 from rn50.system.dist import DistEnv
@@ -67,9 +68,11 @@ def derive(results: list[dict], plan: Plan, env: DistEnv, flops: dict, device_ty
 
 def machine_load(results: list[dict]) -> dict:
     """The run's load beside the job, for the report's first lines: busy when any row was, the rows it touched,
-    and why (each reason once); what could not be measured, and why not."""
+    and why (each kind of reason once, at its worst over every row's windows); what could not be measured, and
+    why not."""
     loads = [r.get("load") or {} for r in results]
-    why = list(dict.fromkeys(line for load in loads if load.get("busy") for line in load.get("why") or ()))
+    measured = [load for load in loads if load]
+    why = merge_load(measured)["why"] if measured else []  # each kind of reason once, at its worst
     return {"busy": any(load.get("busy") for load in loads),
             "busy_rows": [f"{r['mode']} {r['loader']}" for r in results if busy(r)], "why": why,
             "cpu_measured": any(load.get("available") for load in loads),

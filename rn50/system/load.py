@@ -182,7 +182,9 @@ def merge(windows: list[dict], thresholds: dict = THRESHOLDS) -> dict:
     out = {"available": bool(cpu), "reason": None if cpu else next((w["reason"] for w in windows), "no window"),
            "gpu_available": bool(gpu),
            "gpu_reason": None if gpu else next((w["gpu_reason"] for w in windows), "no window"),
-           "windows": len(windows), "busy_windows": sum(bool(w.get("busy")) for w in windows),
+           # merged figures count the windows they hold (a row's over its rounds, a run's over its rows)
+           "windows": sum(w.get("windows", 1) for w in windows),
+           "busy_windows": sum(w.get("busy_windows", int(bool(w.get("busy")))) for w in windows),
            "wall_s": sum(w.get("wall_s") or 0 for w in windows)}
     for key in MERGED_MAX:
         values = [w[key] for w in windows if w.get(key) is not None]
