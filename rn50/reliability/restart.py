@@ -26,10 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from rn50.config.errors import UserError
 from rn50.config.run_settings import Seconds
-from rn50.reliability.integrity import EXIT_STORAGE, NotWritten
-from rn50.reliability.preemption import EXIT_DIVERGED, Diverged, Preempted
+from rn50.reliability.exits import exit_code_of
 from rn50.system.dist import any_rank
 from rn50.system.store import agent_store, attempt_id, earlier_attempt_store, max_restarts, restart_count, run_id
 
@@ -38,21 +36,6 @@ FAULTS_FILE = "faults.jsonl"  # one record per restart after a fault
 
 
 # --- how each rank ended -----------------------------------------------------------------------------
-
-def exit_code_of(exc: BaseException | None) -> int:
-    """The exit code `exc` ends this rank with (rn50.train's: 2 a user error, 3 diverged, 75 stopped, 130 stopped
-    by Ctrl-C, 74 the storage refused a checkpoint)."""
-    if exc is None:
-        return 0
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    if isinstance(exc, Preempted):
-        return exc.exit_code  # 75, or 130 after Ctrl-C
-    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (NotWritten, EXIT_STORAGE)):
-        if isinstance(exc, kind):
-            return code
-    return 1
-
 
 def record_exit(rank: int, code: int, reason: str, phase: str | None = None) -> None:
     """This rank's end and what it was doing, for the next attempt's fault report (nothing outside torchrun)."""
