@@ -83,7 +83,8 @@ class Trainer:
         self.peak_lr_reached = peak_reached(self.recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
         self.log = MetricsLog(self.out / "metrics.jsonl", env.is_main, tensorboard_dir=self.out / "tensorboard")
         self.store = CheckpointStore(self.out, settings.keep_checkpoints)
-        self.checkpoint_every = restart.Cadence(settings.checkpoint_every, 1 if env.world_size == 1 else 10)  # steps or a time
+        # steps or a time
+        self.checkpoint_every = restart.CheckpointCadence(settings.checkpoint_every, 1 if env.world_size == 1 else 10)
         self.max_nonfinite = settings.max_nonfinite_steps
         self.meter = Meter(env.device, self.recipe.optimisation.batch_size * env.world_size, env.world_size,
                            self.steps_per_epoch, self.recipe.schedule.epochs, self.machine.compile, self.say)

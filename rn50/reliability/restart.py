@@ -10,7 +10,8 @@ this out, resume from the newest checkpoint that verifies, name the fault, and c
   auto` (the command line needs no --resume for it): the resume choice, returned, never written back.
 - `report_restart(...)`: the restart line and a record in `RUN/faults.jsonl`: the fault, the rank, its phase,
   the checkpoint resumed from, the steps lost and the seconds from the fault to training again.
-- `Cadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every rank).
+- `CheckpointCadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every
+  rank).
 
 Everything here degrades to nothing outside torchrun (one process, srun tasks, a container's restart
 policy): a restart is then a start with `--resume auto`, and the fault is named from the run folder alone.
@@ -215,7 +216,7 @@ def report_restart(out: Path, job: dict, checkpoint: dict | None, world_size: in
 
 # --- --checkpoint-every STEPS | DURATION (parsed by rn50.config.run_settings.parse_every) -------------
 
-class Cadence:
+class CheckpointCadence:
     """When the periodic checkpoint is due. Steps: every N optimizer steps. Time: every rank looks at its
     clock at the steps where the stop signal is agreed (every step alone, every `check_every` with several
     ranks) and all save when any rank's interval has passed, so they save at the same step."""
