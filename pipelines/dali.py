@@ -29,7 +29,7 @@ from pipelines.augmentation import MEAN, STD, Augmentation
 from pipelines.decode_probe import probe_fused_decode, probe_images
 from pipelines.errors import UserError
 from pipelines.loader import DaliCheckpoint
-from pipelines.ranges import named_range
+from pipelines.profiler_ranges import named_range
 
 try:
     from nvidia.dali import fn, pipeline_def, types

@@ -155,7 +155,7 @@ _KINDS = (
                                "one pass", _TV_GPU_DEPTH, _SMALLER_JPEGS)),
     LoaderKind("torchvision", "PIL and torchvision transforms in `workers` DataLoader processes, then one copy to "
                               "the device",
-               "pipelines.baseline:TorchvisionLoader", decodes_by_content=True, elastic=True,
+               "pipelines.torchvision_loader:TorchvisionLoader", decodes_by_content=True, elastic=True,
                **_switch_first("switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better "
                                "than worker processes",
                                "switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker "

@@ -6,7 +6,7 @@ size) instead of a file. Every loader keeps its sampler: which image goes to whi
 function of (seed, epoch, rank, world size) exactly as for folders, so equal steps per rank, every
 validation image counted once, and bit-identical mid-epoch resume carry over unchanged; only the source of
 the bytes differs (pipelines.storage: local or network file system, or S3). What reads them: the DALI
-loader over an external source (pipelines.dali_shards) and the torchvision loaders' datasets (pipelines.baseline,
+loader over an external source (pipelines.dali_shards) and the torchvision loaders' datasets (pipelines.torchvision_loader,
 pipelines.torchvision_gpu).
 
 Layout of a shard folder (or s3://bucket/prefix):

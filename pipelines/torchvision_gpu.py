@@ -36,7 +36,7 @@ from pipelines.errors import UserError
 from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
 from pipelines.order import GlobalOrder, ValidationShard
-from pipelines.ranges import named_range
+from pipelines.profiler_ranges import named_range
 from pipelines.resample import resized_crops
 from pipelines.shards import ShardList, describe_source
 

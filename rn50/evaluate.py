@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipelines.shards import classes_of  # noqa: E402
-from pipelines.registry import REGISTRY  # noqa: E402
+from pipelines.registry import REGISTRY, kinds  # noqa: E402
 from pipelines.storage import display  # noqa: E402
 from rn50.system.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_split  # noqa: E402
@@ -246,8 +246,8 @@ def run(args: argparse.Namespace) -> dict:
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     recipe, machine = config.recipe, config.machine.for_device(env.device.type)  # --loader auto made concrete
     if not REGISTRY[machine.loader].reads_images:
-        raise UserError("--loader synthetic has random labels: choose dali, dali-hybrid, dali-cpu, torchvision-gpu or "
-                        "torchvision to evaluate")
+        raise UserError(f"--loader {machine.loader} has random labels: choose one of "
+                        f"{', '.join(kinds(reads_images=True))} to evaluate")
     if sizes:
         for size in sizes:  # every size's recipe is checked before the first evaluation
             with_fields(recipe, val_image_size=size)

@@ -2,8 +2,9 @@
 
 Wires the recipe, loaders, training step, evaluation and checkpoints together; the logic lives in those
 modules. Writes recipe.json, machine.json, metrics.jsonl, summary.json and checkpoints into the run folder.
-Exit codes: 0 done, 2 a user error (one line says what to fix), 3 diverged, 4 a rank hung (the watchdog
-names it), 75 preempted and 130 Ctrl-C (a checkpoint was saved: run the same command with `--resume auto`).
+Exit codes (rn50/reliability/exits.py): 0 done, 1 a bug, 2 a user error (one line says what to fix), 3 diverged,
+4 a rank hung (the watchdog names it), 74 the storage refused a checkpoint, 75 preempted and 130 Ctrl-C (a
+checkpoint was saved: run the same command with `--resume auto`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 if __name__ == "__main__":  # `python -m rn50.train`: the flags first (see the light imports at the top)
     check_flags_first(parse_args)
     # Ctrl-C while torch loads and the checkpoint is read, before the run's own handler (StopRequest), or after
-    # the run: one line and 130 (preemption.EXIT_INTERRUPTED), not a KeyboardInterrupt traceback
+    # the run: one line and 130 (exits.EXIT_INTERRUPTED), not a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"stopped by SIGINT outside training: nothing to save; "
                                                         b"exit code 130\n"), os._exit(130)))
 
@@ -54,7 +55,8 @@ from rn50.evaluate import evaluate  # noqa: E402
 from rn50.core.loaders import build_loaders  # noqa: E402
 from rn50.observe.meter import LossTracker, Meter  # noqa: E402
 from rn50.observe.metrics import MetricsLog  # noqa: E402
-from rn50.reliability.preemption import EXIT_DIVERGED, DataLost, Diverged, Preempted, StopRequest  # noqa: E402
+from rn50.reliability.exits import exit_code_of  # noqa: E402
+from rn50.reliability.preemption import DataLost, Diverged, Preempted, StopRequest  # noqa: E402
 from pipelines.storage import StorageLost, display  # noqa: E402
 from rn50.observe.profiling import StepProfiler, check_window  # noqa: E402
 from rn50.system.provenance import environment  # noqa: E402
@@ -63,7 +65,7 @@ from rn50.core.step import TrainingParts, build_training, replicas_identical, tr
 from rn50.core.stopping import judge  # noqa: E402
 from rn50.reliability.watchdog import Watchdog  # noqa: E402
 from rn50.reliability import restart  # noqa: E402
-from rn50.reliability.integrity import EXIT_STORAGE, NotWritten  # noqa: E402
+from rn50.reliability.integrity import NotWritten  # noqa: E402
 
 
 class Trainer:
@@ -81,7 +83,8 @@ class Trainer:
         self.peak_lr_reached = peak_reached(self.recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
         self.log = MetricsLog(self.out / "metrics.jsonl", env.is_main, tensorboard_dir=self.out / "tensorboard")
         self.store = CheckpointStore(self.out, settings.keep_checkpoints)
-        self.checkpoint_every = restart.Cadence(settings.checkpoint_every, 1 if env.world_size == 1 else 10)  # steps or a time
+        # steps or a time
+        self.checkpoint_every = restart.CheckpointCadence(settings.checkpoint_every, 1 if env.world_size == 1 else 10)
         self.max_nonfinite = settings.max_nonfinite_steps
         self.meter = Meter(env.device, self.recipe.optimisation.batch_size * env.world_size, env.world_size,
                            self.steps_per_epoch, self.recipe.schedule.epochs, self.machine.compile, self.say)
@@ -416,26 +419,20 @@ def main(argv=None) -> None:
     code = 0
     try:
         run(*configure(parse_args(argv)))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = 2
-    except Preempted as stop:
-        if os.environ.get("RANK", "0") == "0":
-            print(stop.report(), file=sys.stderr, flush=True)
-        code = stop.exit_code
-    except Diverged as err:
-        print(f"error: {err}; stopped without saving (the last good checkpoint is kept): lower the LR "
-              "(--base-lr) or check the data", file=sys.stderr, flush=True)
-        code = EXIT_DIVERGED
-    except NotWritten as err:
-        if str(err):  # rank 0, which tried the write, says why; the others stop with it
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_STORAGE
+    except (UserError, Preempted, Diverged, NotWritten) as ended:  # the ends with a code of their own: one line
+        code = exit_code_of(ended)
+        if isinstance(ended, Preempted):
+            if os.environ.get("RANK", "0") == "0":
+                print(ended.report(), file=sys.stderr, flush=True)
+        elif isinstance(ended, Diverged):
+            print(f"error: {ended}; stopped without saving (the last good checkpoint is kept): lower the LR "
+                  "(--base-lr) or check the data", file=sys.stderr, flush=True)
+        elif str(ended):  # NotWritten: rank 0, which tried the write, says why; the others stop with it
+            print(f"error: {ended}", file=sys.stderr, flush=True)
     finally:
         shutdown()
     if code:
         sys.exit(code)
-
 
 if __name__ == "__main__":
     main()

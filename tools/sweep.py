@@ -41,13 +41,12 @@ import time
 from pathlib import Path
 
 from rn50.config.errors import UserError
+from rn50.reliability.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from tools.sweep_grid import BASE_BATCH, check_runs, parse_grid, with_tracker_group
 from tools.sweep_launch import Forwarder, run_one, train_command
 from tools.sweep_results import best_per_batch, collect_result, plot_curves, write_table
 
 EXIT_SOME_FAILED = 1
-EXIT_PREEMPTED = 75  # as rn50.train: "a temporary failure, run the same command again"
-EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rn50.config.errors import UserError
+from rn50.config.recipe import Optimisation
 
-BASE_BATCH = 256  # the recipe's default base_batch; only quoted in help, each run resolves its own
+BASE_BATCH = Optimisation().base_batch  # the recipe's default; only quoted in help, each run resolves its own
 # rn50.train flags the sweep sets itself: given again after `--` they would silently fight the grid
 MANAGED_FLAGS = {"--data": "--data", "--out": "--out", "--base-lr": "--lrs", "--batch-size": "--batch-sizes",
                  "--resume": "(the sweep resumes unfinished runs itself)"}

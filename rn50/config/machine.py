@@ -12,7 +12,6 @@ from pipelines.registry import AUTO, KINDS, REGISTRY, choices_help, concrete_kin
 from pipelines.settings import LoaderSettings
 from rn50.config.errors import UserError
 
-LOADERS = KINDS
 DEVICES = ("auto", "cuda", "cpu")  # rn50.system.device.choose_device
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's
 TRACKERS = ("none", "wandb", "mlflow")  # rn50.observe.tracking's backends
@@ -67,8 +66,8 @@ class Machine:
         return dataclasses.replace(self, loader=concrete_kind(self.loader, device_type))
 
     def validate(self) -> "Machine":
-        if self.loader not in LOADERS + (AUTO,):
-            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO,) + LOADERS)}")
+        if self.loader not in KINDS + (AUTO,):
+            raise UserError(f"unknown loader {self.loader!r}; choose one of {', '.join((AUTO,) + KINDS)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         self.loader_settings().validate()

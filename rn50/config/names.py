@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from rn50.config.choices import SCHEDULES, listed
+
 TV = "torchvision's reference script"  # references/classification/train.py
 TIMM = "timm's train.py"
 BOTH = f"{TV} and {TIMM}"
@@ -37,8 +39,8 @@ FOREIGN = {
     "--opt": (BOTH, "--optimizer", "sgd (Nesterov) | adamw | lamb"),
     "--lr": (BOTH, *_LR),
     "--wd": (TV, "--weight-decay", "never applied to BN parameters and biases here"),
-    "--lr-scheduler": (TV, "--schedule", "step | cosine | plateau | linear"),
-    "--sched": (TIMM, "--schedule", "step | cosine | plateau | linear"),
+    "--lr-scheduler": (TV, "--schedule", listed(SCHEDULES, described=False)),
+    "--sched": (TIMM, "--schedule", listed(SCHEDULES, described=False)),
     "--lr-warmup-epochs": (TV, "--warmup-epochs", "a linear warmup from 0, updated every step"),
     "--lr-warmup-method": (TV, None, "the warm-up is linear from 0 (--warmup-epochs)"),
     "--lr-warmup-decay": (TV, None, "the warm-up starts from 0 (--warmup-epochs)"),

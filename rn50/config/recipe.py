@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipelines.augmentation import Augmentation, opt
+from rn50.config.choices import OPTIMIZERS, SCHEDULES, listed
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
 from rn50.config.names import closest, foreign_key
@@ -48,7 +49,7 @@ class Model:
 class Optimisation:
     """batch_size is per GPU (per process); the LR scales with the global batch."""
     batch_size: int = opt(256, "images per GPU (per process)")
-    optimizer: str = opt("sgd", "sgd (Nesterov) | adamw (torch) | lamb (timm's)")
+    optimizer: str = opt("sgd", listed(OPTIMIZERS))
     base_lr: float = opt(0.1, "peak LR = base_lr * global_batch / base_batch (linear scaling rule)")
     base_batch: int = opt(256, "the global batch at which base_lr applies")
     momentum: float = opt(0.9, "SGD momentum")
@@ -63,8 +64,7 @@ class Optimisation:
 class Schedule:
     epochs: int = opt(90, "training epochs")
     warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
-    kind: str = opt("step", "step (milestones) | cosine (to min_lr, then cooldown) | plateau (on val loss) | "
-                            "linear (from the peak straight down to 0 at the last epoch)", flat="schedule")
+    kind: str = opt("step", listed(SCHEDULES), flat="schedule")
     lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
     lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
     min_lr: float = opt(0.0, "cosine: the LR at the end of the cosine phase and through the cooldown")
@@ -130,8 +130,8 @@ class Recipe:
         path.write_text(json.dumps({**self.to_dict(), **extra}) + "\n")
 
     def validate(self) -> "Recipe":
-        checks = (("optimizer", self.optimisation.optimizer, ("sgd", "adamw", "lamb")),
-                  ("schedule", self.schedule.kind, ("step", "cosine", "plateau", "linear")),
+        checks = (("optimizer", self.optimisation.optimizer, tuple(OPTIMIZERS)),
+                  ("schedule", self.schedule.kind, tuple(SCHEDULES)),
                   ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")),
                   ("class_weights", self.regularisation.class_weights, ("none", "balanced")))
         for name, value, allowed in checks:

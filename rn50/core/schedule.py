@@ -2,7 +2,8 @@
 cosine, or linear down to 0 at the last epoch (FFCV's "cyclic" schedule: up, then straight down).
 
 The plateau schedule is the one exception: it scales this function by a multiplier that
-ReduceLROnPlateau derives from the validation loss (see PlateauMultiplier).
+ReduceLROnPlateau derives from the validation loss (see PlateauMultiplier). The schedules' names are
+rn50.config.choices.SCHEDULES.
 """
 
 from __future__ import annotations

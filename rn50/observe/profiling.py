@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines import ranges
-from pipelines.ranges import named_range  # also the callers' import: the one way to name a range
+from pipelines import profiler_ranges
+from pipelines.profiler_ranges import named_range  # also the callers' import: the one way to name a range
 from rn50.config.errors import UserError
 from rn50.config.profile_flags import TOOLS, TRACE_DIR, add_profiling_flags, parse_steps  # noqa: F401 - re-exported
 
@@ -99,7 +99,7 @@ class StepProfiler:
     def _start(self, step: int) -> None:
         self.first, self._state = step, "active"
         cuda = self.device.type == "cuda"
-        ranges.enable(True, nvtx=cuda)
+        profiler_ranges.enable(True, nvtx=cuda)
         if self.tool == "nsys":
             torch.cuda.profiler.start()
             return
@@ -153,11 +153,11 @@ class StepProfiler:
         cut = "" if (self.first, self.last) == (A, B) else f" (of the {A}-{B} asked for: the run started or ended inside it)"
         if self.tool == "nsys":
             torch.cuda.profiler.stop()
-            ranges.enable(False)
+            profiler_ranges.enable(False)
             self.say(f"profiler: steps {self.first}-{self.last}{cut} were in the nsys capture range")
             return
         without_usdt_marks(self._profile.stop)
-        ranges.enable(False)
+        profiler_ranges.enable(False)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._profile.export_chrome_trace(str(self.path))
         self._profile, self.written = None, self.path

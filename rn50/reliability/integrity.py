@@ -24,9 +24,9 @@ import shutil
 import signal
 from pathlib import Path
 
+from rn50.reliability.exits import EXIT_STORAGE
+
 SUFFIX = ".sha256"
-# sysexits' EX_IOERR: the storage failed. Not 75 (EX_TEMPFAIL): a requeue would meet the same full disk
-EXIT_STORAGE = 74
 _CHUNK = 1 << 22
 
 # errors that mean the storage cannot take the file (and that freeing space or another --out cures)
@@ -164,6 +164,8 @@ class NotWritten(Exception):
     """A checkpoint the storage refused: the run stops (exit EXIT_STORAGE) with `line`, the previous
     checkpoint intact (the write went to a temporary file, now removed). Training on without checkpoints
     would put every later step at risk without a word."""
+
+    exit_code = EXIT_STORAGE
 
 
 def not_written(path: Path, exc: BaseException, on_disk: list[Path], needed: int | None) -> NotWritten:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import signal
 
+from rn50.reliability.exits import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from rn50.system.dist import any_rank
 
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: a temporary failure, run the same command again
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: the user stopped it (a requeue on 75 must not)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -57,9 +56,6 @@ class StopRequest:
         return any_rank(self.signal_name is not None)
 
 
-EXIT_DIVERGED = 3  # the loss stayed NaN or inf (Diverged)
-
-
 class Preempted(Exception):
     """A stop signal, after the checkpoint it asked for (`saved`: its path on rank 0; None elsewhere, or
     where the weights held NaN and no checkpoint could be written)."""
@@ -92,4 +88,6 @@ class DataLost(Preempted):
 
 
 class Diverged(Exception):
-    pass
+    """The loss stayed NaN or inf: the run stops without saving."""
+
+    exit_code = EXIT_DIVERGED

@@ -10,7 +10,8 @@ this out, resume from the newest checkpoint that verifies, name the fault, and c
   auto` (the command line needs no --resume for it): the resume choice, returned, never written back.
 - `report_restart(...)`: the restart line and a record in `RUN/faults.jsonl`: the fault, the rank, its phase,
   the checkpoint resumed from, the steps lost and the seconds from the fault to training again.
-- `Cadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every rank).
+- `CheckpointCadence`: `--checkpoint-every 500` (steps) or `--checkpoint-every 10m` (time, agreed by every
+  rank).
 
 Everything here degrades to nothing outside torchrun (one process, srun tasks, a container's restart
 policy): a restart is then a start with `--resume auto`, and the fault is named from the run folder alone.
@@ -26,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from rn50.config.errors import UserError
 from rn50.config.run_settings import Seconds
-from rn50.reliability.integrity import EXIT_STORAGE, NotWritten
-from rn50.reliability.preemption import EXIT_DIVERGED, Diverged, Preempted
+from rn50.reliability.exits import exit_code_of
 from rn50.system.dist import any_rank
 from rn50.system.store import agent_store, attempt_id, earlier_attempt_store, max_restarts, restart_count, run_id
 
@@ -38,21 +37,6 @@ FAULTS_FILE = "faults.jsonl"  # one record per restart after a fault
 
 
 # --- how each rank ended -----------------------------------------------------------------------------
-
-def exit_code_of(exc: BaseException | None) -> int:
-    """The exit code `exc` ends this rank with (rn50.train's: 2 a user error, 3 diverged, 75 stopped, 130 stopped
-    by Ctrl-C, 74 the storage refused a checkpoint)."""
-    if exc is None:
-        return 0
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    if isinstance(exc, Preempted):
-        return exc.exit_code  # 75, or 130 after Ctrl-C
-    for kind, code in ((UserError, 2), (Diverged, EXIT_DIVERGED), (NotWritten, EXIT_STORAGE)):
-        if isinstance(exc, kind):
-            return code
-    return 1
-
 
 def record_exit(rank: int, code: int, reason: str, phase: str | None = None) -> None:
     """This rank's end and what it was doing, for the next attempt's fault report (nothing outside torchrun)."""
@@ -232,7 +216,7 @@ def report_restart(out: Path, job: dict, checkpoint: dict | None, world_size: in
 
 # --- --checkpoint-every STEPS | DURATION (parsed by rn50.config.run_settings.parse_every) -------------
 
-class Cadence:
+class CheckpointCadence:
     """When the periodic checkpoint is due. Steps: every N optimizer steps. Time: every rank looks at its
     clock at the steps where the stop signal is agreed (every step alone, every `check_every` with several
     ranks) and all save when any rank's interval has passed, so they save at the same step."""

@@ -24,7 +24,8 @@ import time
 
 import torch.distributed as dist
 
-EXIT_HUNG = 4
+from rn50.reliability.exits import EXIT_HUNG
+
 _KEY = "rn50/heartbeat/{}"
 # The limit inside a `compiling()` section: torch.compile at a new shape can take many minutes under
 # max-autotune (it benchmarks kernel choices), far past --hang-timeout's 600 s default, without being a hang.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import run as bench_run
-from pipelines import ranges
+from pipelines import profiler_ranges
 from rn50.observe import profiling
 from rn50.core import step as step_module
 from rn50.system.dist import DistEnv
@@ -49,7 +49,7 @@ def test_training_traces_the_window_with_every_named_range(data_dir, tmp_path, c
     assert sorted(name for name in names if name.startswith("ProfilerStep#")) == [
         "ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"]  # the global steps asked for
     assert f"steps 2-4 traced into {trace}" in capsys.readouterr().out
-    assert not ranges._on  # off again after the window
+    assert not profiler_ranges._on  # off again after the window
 
 
 def test_ranges_are_no_ops_outside_a_window():
@@ -57,12 +57,12 @@ def test_ranges_are_no_ops_outside_a_window():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with named_range("forward"):
             torch.ones(2).sum()
-        ranges.enable(True)
+        profiler_ranges.enable(True)
         try:
             with named_range("backward"):
                 torch.ones(2).sum()
         finally:
-            ranges.enable(False)
+            profiler_ranges.enable(False)
     recorded = {e.name for e in prof.events()}
     assert "backward" in recorded and "forward" not in recorded
 
@@ -91,12 +91,12 @@ def test_all_reduce_range_wraps_whichever_comm_hook_runs(monkeypatch, fp16):
     plain = step_module.build_training(recipe, 3, two_ranks, machine).model.hook
     assert plain is (step_module.default_hooks.fp16_compress_hook if fp16 else None)
     hook = step_module.build_training(recipe, 3, two_ranks, machine, profiling=True).model.hook
-    ranges.enable(True)
+    profiler_ranges.enable(True)
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             hook(None, "bucket")
     finally:
-        ranges.enable(False)
+        profiler_ranges.enable(False)
     assert called == ["fp16" if fp16 else "allreduce"]
     assert "all-reduce" in {e.name for e in prof.events()}
 

@@ -28,7 +28,7 @@ from rn50.reliability.checkpoint import restore_training, training_state
 from rn50.system.dist import DistEnv
 from rn50.evaluate import evaluate
 from rn50.core.model import build_model
-from rn50.reliability.preemption import EXIT_PREEMPTED
+from rn50.reliability.exits import EXIT_PREEMPTED
 from rn50.config.machine import Machine
 from rn50.config.recipe import with_fields
 from rn50.core.schedule import set_lr

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rn50.reliability.checkpoint import BEST, load_checkpoint, regular_checkpoints
-from rn50.reliability.preemption import EXIT_PREEMPTED
-from rn50.reliability.preemption import EXIT_DIVERGED
+from rn50.reliability.exits import EXIT_PREEMPTED
+from rn50.reliability.exits import EXIT_DIVERGED
 
 from conftest import ROOT, run_cli, run_clis
 

@@ -16,7 +16,7 @@ import pytest
 from rn50.config.recipe import resolve
 from rn50.core.schedule import lr_at
 from rn50.reliability.checkpoint import load_checkpoint, regular_checkpoints
-from rn50.reliability.preemption import EXIT_INTERRUPTED
+from rn50.reliability.exits import EXIT_INTERRUPTED
 
 from conftest import ROOT, run_cli, run_clis
 

@@ -42,7 +42,7 @@ def test_settings_come_typed_or_one_field_at_a_time_and_are_validated():
 
 
 def test_every_loader_is_a_loader_and_shares_one_epoch_and_resume_mechanism():
-    from pipelines.baseline import TorchvisionLoader
+    from pipelines.torchvision_loader import TorchvisionLoader
     from pipelines.dali import DaliLoader
     from pipelines.dali_shards import ShardDaliLoader
     from pipelines.synthetic import SyntheticLoader
@@ -79,7 +79,7 @@ def test_progressive_resizing_and_resume_in_the_one_place():
 
 def test_the_loader_constructors_keep_no_default_of_their_own():
     """Every setting reaches a loader from LoaderSettings (pipelines/settings.py), the one home of the defaults."""
-    from pipelines.baseline import TorchvisionLoader
+    from pipelines.torchvision_loader import TorchvisionLoader
     from pipelines.dali import DaliLoader, training_pipeline, validation_pipeline
     from pipelines.dali_shards import ShardDaliLoader
     from pipelines.synthetic import SyntheticLoader
@@ -97,9 +97,9 @@ def test_the_loader_constructors_keep_no_default_of_their_own():
 
 def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
     from benchmarks.plan import LOADERS, default_loaders
-    from rn50.config.machine import LOADERS as RECIPE_LOADERS, Machine
+    from rn50.config.machine import Machine
 
-    assert RECIPE_LOADERS == KINDS == tuple(REGISTRY)
+    assert KINDS == tuple(REGISTRY)
     assert choices_help() in Machine.__dataclass_fields__["loader"].metadata["help"]  # --loader's help
     assert LOADERS == tuple(k for k in KINDS if REGISTRY[k].reads_images)
     assert default_loaders(False) == tuple(k for k in LOADERS if not REGISTRY[k].needs_cuda)
@@ -136,7 +136,7 @@ def test_every_record_names_its_loader_classes_by_path_and_the_registry_imports_
     assert kinds(elastic=True) == ("torchvision-gpu", "torchvision", "synthetic")
     from pipelines.registry import LoaderKind
 
-    folders_only = LoaderKind("x", "x", "pipelines.baseline:TorchvisionLoader", reads_shards=False, advice_gpu=("a",),
+    folders_only = LoaderKind("x", "x", "pipelines.torchvision_loader:TorchvisionLoader", reads_shards=False, advice_gpu=("a",),
                               advice_cpu=("a",))
     with pytest.raises(ValueError, match="reads no shards"):
         folders_only.loader_class(shards=True)
@@ -161,10 +161,10 @@ def test_every_kind_that_reads_images_has_the_verdicts_advice_wherever_it_runs()
         assert bool(next_steps(name, "cpu")) == (record.reads_images and not record.needs_cuda), name
         assert not any("--loader dali " in step or "--loader dali)" in step for step in next_steps(name, "cpu"))
     with pytest.raises(ValueError, match="advice_gpu"):
-        LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader")
+        LoaderKind("new", "a new kind", "pipelines.torchvision_loader:TorchvisionLoader")
     with pytest.raises(ValueError, match="advice_cpu"):
-        LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader", advice_gpu=("switch",))
-    LoaderKind("new", "a new kind", "pipelines.baseline:TorchvisionLoader", advice_gpu=("a",), needs_cuda="decodes")
+        LoaderKind("new", "a new kind", "pipelines.torchvision_loader:TorchvisionLoader", advice_gpu=("switch",))
+    LoaderKind("new", "a new kind", "pipelines.torchvision_loader:TorchvisionLoader", advice_gpu=("a",), needs_cuda="decodes")
 
 
 def test_the_pre_flight_reads_which_loaders_decode_by_content_from_the_registry():

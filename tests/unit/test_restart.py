@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from rn50.reliability import restart
-from rn50.reliability.restart import Cadence, name_fault, step_reached
+from rn50.reliability.restart import CheckpointCadence, name_fault, step_reached
 from rn50.config.run_settings import Seconds, parse_every
 
 
@@ -22,12 +22,12 @@ def test_checkpoint_every_takes_steps_or_a_time():
 
 
 def test_cadence_by_steps_and_by_time(monkeypatch):
-    steps = Cadence(4, check_every=1)
+    steps = CheckpointCadence(4, check_every=1)
     assert [s for s in range(1, 13) if steps.due(s)] == [4, 8, 12]
-    assert not Cadence(0, 1) and not Cadence(0, 1).due(10)
+    assert not CheckpointCadence(0, 1) and not CheckpointCadence(0, 1).due(10)
     clock = [100.0]
     monkeypatch.setattr(restart.time, "monotonic", lambda: clock[0])
-    timed = Cadence(Seconds(60), check_every=10)
+    timed = CheckpointCadence(Seconds(60), check_every=10)
     due = []
     for step in range(1, 101):
         clock[0] += 4.0  # 4 s a step: 60 s pass every 15 steps, looked at every 10

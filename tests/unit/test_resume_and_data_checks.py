@@ -12,7 +12,7 @@ import torch
 
 from pipelines.settings import default_workers
 from pipelines.augmentation import Augmentation
-from pipelines.baseline import validation_transform
+from pipelines.torchvision_loader import validation_transform
 from pipelines.folder import list_split
 from rn50.reliability.checkpoint import restore_training
 from rn50.config.errors import UserError

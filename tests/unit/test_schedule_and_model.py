@@ -97,3 +97,17 @@ def test_peak_reached_is_the_highest_lr_of_any_step(fields):
         every = [lr_at(schedule, 0.4, step, spe) for step in range(schedule.epochs * spe)]
         assert peak_reached(schedule, 0.4, spe) == max(every)
     assert (peak_reached(schedule, 0.4, 7) < 0.4) == (schedule.warmup_epochs >= schedule.epochs)
+
+
+def test_every_schedule_named_in_choices_is_checked_and_computed():
+    """One list of LR schedules (rn50/config/choices.py): the recipe accepts each and lr_at computes each."""
+    import math
+
+    from rn50.config.choices import SCHEDULES
+    from rn50.config.recipe import with_fields
+    from rn50.core.schedule import lr_at
+
+    for kind in SCHEDULES:
+        recipe = with_fields(schedule=kind, epochs=10, warmup_epochs=1.0)
+        lrs = [lr_at(recipe.schedule, 0.1, step, 10) for step in range(100)]
+        assert all(math.isfinite(lr) for lr in lrs), kind

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 import sys
 
-from rn50.reliability.watchdog import EXIT_HUNG, hang_report, stalest_rank
+from rn50.reliability.exits import EXIT_HUNG
+from rn50.reliability.watchdog import hang_report, stalest_rank
 
 from conftest import run_cli
 

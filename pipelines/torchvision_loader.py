@@ -19,7 +19,7 @@ from pipelines.augmentation import Augmentation
 from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
 from pipelines.order import GlobalOrder, ValidationShard
-from pipelines.ranges import named_range
+from pipelines.profiler_ranges import named_range
 from pipelines.shards import ShardList, describe_source
 
 
