@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+from benchmarks.text import NA, num as _num, pct as _pct
 from rn50.config.errors import UserError
 
 # Settings under which two img/s figures are not like for like: a difference is flagged, not compared away
@@ -30,7 +30,6 @@ ENV_FIELDS = ("gpu", "gpu_count", "world_size", "torch", "torchvision", "dali", 
 PLAN_SETTINGS = ("warmup_steps", "timed_steps", "repeats", "modes")
 # where results were sent, not how they were made: left out of the differences
 IGNORED = ("tracker", "tracker_project", "tracker_group")
-NA = "n/a"
 HOW_TO = ("pass a benchmarks.run --out folder (or its report.json) or an rn50.train run folder (or its "
           "summary.json)")
 
@@ -276,14 +275,6 @@ def compare(args_in: list[str], target: float | None = None) -> dict:
 
 # ---- writing ----------------------------------------------------------------------------------------
 
-def _num(value, spec: str = ",.1f") -> str:
-    return NA if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _pct(value) -> str:
-    return NA if value is None else f"{100 * value:.1f}%"
-
-
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return NA
@@ -340,9 +331,9 @@ def markdown(result: dict) -> str:
         flags += [f"loader={row['loader']}"] if row["loader_unmatched"] else []
         differs = ", ".join(flags) or "—"
         lines.append(
-            f"| {row['run']} | {row['measured']} | {env.get('gpu') or 'CPU'} | {_num(env.get('world_size'), 'd')} | "
+            f"| {row['run']} | {row['measured']} | {env.get('gpu') or 'CPU'} | {_num(env.get('world_size'), '{:d}')} | "
             f"{_num(row['img_per_s'])} | {_num(row['img_per_s_per_gpu'])} | {_pct(row['pct_of_ceiling'])} | "
-            f"{_pct(row['mfu'])} | {_pct(row['stall'])} | {_num(row['j_per_image'], '.3f')} | "
+            f"{_pct(row['mfu'])} | {_pct(row['stall'])} | {_num(row['j_per_image'], '{:.3f}')} | "
             f"{_num(row['hours_90_epochs'])} | {_target_text(row['target'])} | {differs} |")
     lines += ["", "% of ceiling: end-to-end img/s over the same report's synthetic img/s. Stall: the harness's "
               "input stall; for a training run, its host wait on CPU only. 90 epochs: ImageNet (1,281,167 "

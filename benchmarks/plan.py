@@ -25,11 +25,6 @@ LOADERS = kinds(reads_images=True)  # synthetic data is the 'synthetic' mode
 WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column (torchvision-gpu is the longest)
 
 
-def count(n: int, noun: str, plural: str | None = None) -> str:
-    """"1 step", "3 steps": console and report lines."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
 def default_loaders(gpu: bool) -> tuple[str, ...]:
     """Every loader this machine can run: all of them with CUDA, those that run on the CPU without it."""
     return LOADERS if gpu else kinds(reads_images=True, needs_cuda=False)

@@ -6,20 +6,8 @@ import json
 from pathlib import Path
 
 from benchmarks.plots import plot_throughput, plot_timeline, processes
+from benchmarks.text import NA, count as _count, num as _num, pct as _pct
 
-NA = "n/a"
-
-
-def _num(value, fmt="{:,.1f}") -> str:
-    return NA if value is None else fmt.format(value)
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
-def _pct(value) -> str:
-    return _num(None if value is None else 100 * value, "{:.1f}%")
 
 
 def markdown(report: dict) -> str:

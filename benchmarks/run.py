@@ -25,7 +25,8 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m benchmarks.run` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from benchmarks import levers as levers_mod
-from benchmarks.plan import LOADERS, MODES, READ_MODE, WIDTH, BenchConfig, bench_config, count, default_loaders
+from benchmarks.plan import LOADERS, MODES, READ_MODE, WIDTH, BenchConfig, bench_config, default_loaders
+from benchmarks.text import count
 from pipelines.registry import REGISTRY
 from pipelines.storage import display
 from rn50.config.errors import UserError, check_flags_first
@@ -111,11 +112,31 @@ def prepare_out(out: Path) -> None:
 
 
 def run(config: BenchConfig, argv) -> dict:
+    """The harness, top to bottom: checks, the main table in rounds, the report, the extras, the outputs."""
     # the training step's threads before any torch op, the same in every row (benchmarks/threads.py says why)
     apply_model_threads(config.threads)
     env = init_distributed(config.machine.device)  # the resolved machine's device: a preset's [machine] too
-    plan, recipe, machine, out = config.plan, config.recipe, config.machine, config.out
-    arch, size, batch = recipe.model.arch, recipe.augmentation.image_size, recipe.optimisation.batch_size
+    accuracy_rows = check_before_measuring(config, env)
+    bench = Bench(config.recipe, config.data, env, config.plan, config.machine, threads=config.threads)
+    if config.profile_steps:
+        bench.profile = (config.profile_steps, config.profiler, config.out)
+    probe = bench.loader("synthetic")  # validates the data folder and gives its size
+    say = print if env.is_main else (lambda *a, **k: None)
+    say(headline(config, env), flush=True)
+    results = measure_main_table(bench, config.plan, say)
+    report = assemble_report(config, env, argv, probe, results, accuracy_rows, bench.traces)
+    measure_extras(report, config, env, bench, probe, say)
+    if env.is_main:
+        write_reports(report, config.out)
+        announce(report, config.out)
+        tracking.log_bench(config.machine, config.out, report)  # --tracker: the figures, the report and plots
+    return report
+
+
+def check_before_measuring(config: BenchConfig, env) -> list[dict]:
+    """Every input checked before the first measurement, which may take many minutes: a mistake is one line,
+    not a lost benchmark. Returns the time-to-accuracy rows of --training-runs (read now, for the same reason)."""
+    plan, recipe, machine = config.plan, config.recipe, config.machine
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(config.profile_steps, config.profiler, env.device)
     tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost benchmark
@@ -127,22 +148,25 @@ def run(config: BenchConfig, argv) -> dict:
     if env.device.type != "cuda" and needs_cuda:
         raise UserError(f"{' and '.join(needs_cuda)} need{'s' if len(needs_cuda) == 1 else ''} a CUDA GPU; "
                         f"benchmark --loaders {','.join(default_loaders(False))} here")
-    # every input is checked before the first measurement, which may take many minutes
     accuracy_rows = time_to_accuracy(config.training_runs)
     if config.compare_data is not None:
-        read_mod.check_source(config.compare_data)  # listed now: a wrong path is one line, not a lost benchmark
-    prepare_out(out)
-    bench = Bench(recipe, config.data, env, plan, machine, threads=config.threads)
-    if config.profile_steps:
-        bench.profile = (config.profile_steps, config.profiler, out)
-    probe = bench.loader("synthetic")  # validates the data folder and gives its size
-    say = print if env.is_main else (lambda *a, **k: None)
-    say(f"benchmarking {arch} at {size} px, batch {batch} x {env.world_size} "
-        f"on {env.device}: modes {','.join(plan.modes)}; loaders {','.join(plan.loaders) or 'none'}; "
-        f"{count(plan.repeats, 'round')}, each row in each: {plan.warmup_steps} warm-up + "
-        f"{count(plan.steps, 'timed step')}; threads: {config.threads.model_threads} for the step, "
-        f"{config.threads.loader_threads} for the loader, of {config.threads.cores} cores",
-        flush=True)
+        read_mod.check_source(config.compare_data)  # listed now: a wrong path is one line
+    prepare_out(config.out)
+    return accuracy_rows
+
+
+def headline(config: BenchConfig, env) -> str:
+    """The console's first line: what is measured, how, on what, with which threads."""
+    plan, recipe, threads = config.plan, config.recipe, config.threads
+    return (f"benchmarking {recipe.model.arch} at {recipe.augmentation.image_size} px, batch "
+            f"{recipe.optimisation.batch_size} x {env.world_size} on {env.device}: modes {','.join(plan.modes)}; "
+            f"loaders {','.join(plan.loaders) or 'none'}; {count(plan.repeats, 'round')}, each row in each: "
+            f"{plan.warmup_steps} warm-up + {count(plan.steps, 'timed step')}; threads: {threads.model_threads} "
+            f"for the step, {threads.loader_threads} for the loader, of {threads.cores} cores")
+
+
+def measure_main_table(bench: Bench, plan, say) -> list[dict]:
+    """The ceiling and every loader alone and end to end, in rounds (benchmarks.measure.measure_rounds)."""
     jobs = [("synthetic", "synthetic")] if "synthetic" in plan.modes else []
     jobs += [(mode, name) for name in plan.loaders for mode in ("loader", "train") if mode in plan.modes]
     results = measure_rounds(bench, jobs, plan.repeats, say)
@@ -151,14 +175,23 @@ def run(config: BenchConfig, argv) -> dict:
             + (f" +- {result['img_per_s_spread']:.0%}" if result["img_per_s_spread"] is not None else "")
             + (f"  stall {result['stall']['fraction']:.1%} ({result['stall']['basis']})" if result["stall"] else ""),
             flush=True)
+    return results
+
+
+def assemble_report(config: BenchConfig, env, argv, probe, results: list[dict], accuracy_rows: list[dict],
+                    traces: list[dict]) -> dict:
+    """report.json's main body (docs/benchmark-report.md): provenance, configuration, the rows and what they
+    derive; the extras' keys start empty (measure_extras)."""
+    plan, recipe, machine = config.plan, config.recipe, config.machine
+    batch = recipe.optimisation.batch_size
     flops = flops_block(recipe, probe.num_classes, config.peak_tflops)
-    report = {
+    return {
         "schema": "rn50-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": {**environment(), "world_size": env.world_size, "device_type": env.device.type,
                         "command": " ".join(["python -m benchmarks.run", *argv]),
                         "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"},
-        "config": {"arch": arch, "batch_size": batch, "image_size": size,
+        "config": {"arch": recipe.model.arch, "batch_size": batch, "image_size": recipe.augmentation.image_size,
                    "global_batch": batch * env.world_size, "modes": list(plan.modes),
                    "loaders": list(plan.loaders), "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
                    "repeats": plan.repeats, "dataset": {"path": display(config.data),
@@ -178,9 +211,15 @@ def run(config: BenchConfig, argv) -> dict:
         # the --profile-steps window; B <= warm-up keeps the profiler's cost (and the trace's export) out of
         # the timed windows
         "profile": {"steps": f"{config.profile_steps[0]}:{config.profile_steps[1]}", "tool": config.profiler,
-                    "in_warm_up": config.profile_steps[1] <= plan.warmup_steps, "traces": bench.traces}
+                    "in_warm_up": config.profile_steps[1] <= plan.warmup_steps, "traces": traces}
         if config.profile_steps else None,
     }
+
+
+def measure_extras(report: dict, config: BenchConfig, env, bench: Bench, probe, say) -> None:
+    """What is measured after the main table, each when asked for, into its report key: the scaling against one
+    GPU, the recipe's other resolutions, the DALI settings sweep, the speed levers, the raw reads."""
+    plan, recipe, machine, out, results = config.plan, config.recipe, config.machine, config.out, report["results"]
     if env.distributed and "synthetic" in plan.modes:
         single = bench.single_gpu_ceiling()
         if env.is_main and single:
@@ -196,7 +235,7 @@ def run(config: BenchConfig, argv) -> dict:
         def mfu_of(lever_recipe):
             per_image = flops_per_image(lever_recipe.model.arch, lever_recipe.augmentation.image_size,
                                         probe.num_classes, blurpool=lever_recipe.model.blurpool)
-            return lambda img_per_s_per_gpu: mfu(img_per_s_per_gpu, per_image, flops["peak_tflops"])
+            return lambda img_per_s_per_gpu: mfu(img_per_s_per_gpu, per_image, report["flops"]["peak_tflops"])
 
         report["levers"] = levers_mod.measure_levers(bench, list(plan.levers), plan.modes,
                                                      plan.loaders[0] if plan.loaders else None, mfu_of, results)
@@ -209,16 +248,16 @@ def run(config: BenchConfig, argv) -> dict:
     if READ_MODE in plan.modes:  # after the loader and train rows, which its verdict weighs
         report["read"] = read_mod.section(config.data, config.compare_data, results, env, recipe.seed,
                                           max(8, machine.workers), say)
-    if env.is_main:
-        write_reports(report, out)
-        for pair, modes in report["ratios"].items():
-            for mode, value in modes.items():
-                print(f"{pair} {mode}-mode ratio: {value:.2f}x", flush=True)
-        for name, v in report["verdicts"].items():
-            print(f"verdict for {name}: {v['verdict']} ({'; '.join(v['evidence'])})", flush=True)
-        print(f"wrote {out / 'report.json'}, report.md and plots", flush=True)
-        tracking.log_bench(machine, out, report)  # --tracker: the report's figures, the report and plots
-    return report
+
+
+def announce(report: dict, out: Path) -> None:
+    """The console's last lines: the ratios, each verdict with its evidence, where the report is."""
+    for pair, modes in report["ratios"].items():
+        for mode, value in modes.items():
+            print(f"{pair} {mode}-mode ratio: {value:.2f}x", flush=True)
+    for name, v in report["verdicts"].items():
+        print(f"verdict for {name}: {v['verdict']} ({'; '.join(v['evidence'])})", flush=True)
+    print(f"wrote {out / 'report.json'}, report.md and plots", flush=True)
 
 
 def main(argv=None) -> None:
