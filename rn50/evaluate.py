@@ -1,10 +1,10 @@
-"""Validation: exact top-1/top-5 over the whole validation set, counts summed over ranks.
+"""`python -m rn50.evaluate` (this module's main, also under torchrun): validation without training.
 
-`evaluate()` is training's validation. `python -m rn50.evaluate` (this module's main, also under torchrun)
-evaluates a checkpoint of ours (raw or EMA weights) or a torchvision state dict on a data folder's
+It evaluates a checkpoint of ours (raw or EMA weights) or a torchvision state dict on a data folder's
 validation split, with any loader, at one or several validation sizes, and writes eval.json (top-1, top-5,
 loss, val/count, per-class accuracy, precision, recall, F1 and macro averages) and the confusion matrix
-(confusion.csv; confusion.png up to 100 classes).
+(confusion.csv; confusion.png up to 100 classes). The model is the training step's (rn50.core.model's
+recipe_model and memory_format), the validation training's (rn50.core.validation.evaluate).
 """
 
 from __future__ import annotations
@@ -52,59 +52,15 @@ if __name__ == "__main__":
     check_flags_first(parse_args)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from pipelines.shards import classes_of  # noqa: E402
 from pipelines.registry import REGISTRY, kinds  # noqa: E402
 from pipelines.storage import display  # noqa: E402
 from rn50.system.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_split  # noqa: E402
-from rn50.observe.metrics import topk_correct  # noqa: E402
-from rn50.core.model import add_blurpool, arch_of_weights, build_model, load_state, read_weights_file  # noqa: E402
+from rn50.core.model import arch_of_weights, load_state, memory_format, read_weights_file, recipe_model  # noqa: E402
 from rn50.core.precision import autocast_dtype  # noqa: E402
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None, on_batch=None,
-             flip: bool = False, confusion: torch.Tensor | None = None) -> dict:
-    """`model` must be the unwrapped model (not DDP): ranks may hold different numbers of batches.
-    `flip`: test-time flip averaging, the mean of the logits of each image and its mirror image.
-    `confusion`: a [C, C] int64 tensor on the model's device, or None; this rank's images are added to it
-    (row: true class, column: top-1 prediction). Not reduced here: the caller all-reduces it.
-
-    Every rank sums loss, correct counts and images; one all-reduce adds them up, so val/count is
-    the validation set's size and the percentages are exact, never averages of per-rank averages.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    # Nothing in the loop waits for the device: the sums stay there, the image count on the host (a tensor
-    # made from it each batch would be a host-to-device copy), the confusion matrix a fixed-size scatter-add
-    # (CUDA's bincount reads its input's maximum on the host to size its output).
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    seen = 0
-    for batch, (images, labels) in enumerate(loader):
-        if on_batch is not None:
-            on_batch(batch)  # progress for the hang watchdog
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-            if flip:  # images are NCHW (channels-last memory): dim 3 is the width
-                logits = (logits.float() + model(torch.flip(images, dims=[3])).float()) / 2
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        top1, top5 = topk_correct(logits, labels)
-        if confusion is not None:
-            classes = confusion.shape[0]
-            cells = labels * classes + logits.argmax(dim=1)
-            confusion.view(-1).scatter_add_(0, cells, torch.ones_like(cells))
-        sums[:3] += torch.stack([loss.double(), top1.double(), top5.double()])
-        seen += len(labels)
-    sums[3] = seen  # a scalar fill, once
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    model.train(was_training)
-    if count == 0:
-        raise RuntimeError("validation saw no images")
-    return {"val/loss": loss / count, "val/top1": 100.0 * top1 / count, "val/top5": 100.0 * top5 / count,
-            "val/count": int(count)}
+from rn50.core.validation import evaluate  # noqa: E402
 
 
 # --- metrics from a confusion matrix --------------------------------------------------------------------
@@ -258,14 +214,11 @@ def run(args: argparse.Namespace) -> dict:
     classes = list(classes_of(args.data))  # class folders or shards
     num_classes = len(classes)
     spec = recipe.model
-    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
-    if spec.blurpool:
-        add_blurpool(model)
+    model, _ = recipe_model(spec, num_classes)  # the training step's model: arch, BlurPool
     load_state(model, state, args.weights, replace_classifier=False,
                fit=f"the weights must be a {spec.arch} (set --arch for a torchvision state dict) for the "
                    f"{num_classes} classes of --data's train/ folder")
-    memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
-    model = model.to(env.device, memory_format=memory_format).eval()
+    model = model.to(env.device, memory_format=memory_format(recipe.precision)).eval()
     amp_dtype = autocast_dtype(recipe.precision.amp, recipe.precision.amp_dtype, env.device)
     say(f"evaluating {args.weights} ({kind}, {spec.arch}{', blurpool' if spec.blurpool else ''}) on "
         f"{args.data}/val: {num_classes} classes, loader {machine.loader}, {env.world_size} process{'es' if env.world_size != 1 else ''}")

@@ -51,7 +51,6 @@ from rn50.observe import tracking  # noqa: E402
 from rn50.reliability import lifecycle  # noqa: E402
 from rn50.reliability.checkpoint import CheckpointStore, checkpoint_name, restore_training, training_state  # noqa: E402
 from rn50.system.dist import DistEnv, all_gather_objects, any_rank, broadcast_buffers, init_distributed, shutdown  # noqa: E402
-from rn50.evaluate import evaluate  # noqa: E402
 from rn50.core.loaders import build_loaders  # noqa: E402
 from rn50.observe.meter import LossTracker, Meter  # noqa: E402
 from rn50.observe.metrics import MetricsLog  # noqa: E402
@@ -63,6 +62,7 @@ from rn50.system.provenance import environment  # noqa: E402
 from rn50.core.schedule import PlateauMultiplier, lr_at, peak_reached, set_lr  # noqa: E402
 from rn50.core.step import TrainingParts, build_training, replicas_identical, train_step  # noqa: E402
 from rn50.core.stopping import judge  # noqa: E402
+from rn50.core.validation import evaluate  # noqa: E402
 from rn50.reliability.watchdog import Watchdog  # noqa: E402
 from rn50.reliability import restart  # noqa: E402
 from rn50.reliability.integrity import NotWritten  # noqa: E402

@@ -8,8 +8,7 @@ import torch
 import torchvision
 
 from rn50.config.errors import UserError
-from rn50.config.recipe import ARCHS
-
+from rn50.config.recipe import ARCHS, Model, Precision
 
 
 def build_model(arch: str, num_classes: int, zero_init_residual: bool = True) -> torch.nn.Module:
@@ -19,6 +18,19 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = True) ->
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     builder = getattr(torchvision.models, arch)
     return builder(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def recipe_model(spec: Model, num_classes: int) -> tuple[torch.nn.Module, list[str]]:
+    """The recipe's model, randomly initialised, as training and rn50.evaluate both build it: its
+    architecture and zero-init residual, with BlurPool where it asks (before any weights are loaded or the
+    model compiled: the hooks ride on the convolutions). Returns it and the blurred convolutions' names."""
+    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
+    return model, add_blurpool(model) if spec.blurpool else []
+
+
+def memory_format(precision: Precision) -> torch.memory_format:
+    """The recipe's memory layout for the model (and the batch): channels_last (NHWC) or contiguous."""
+    return torch.channels_last if precision.channels_last else torch.contiguous_format
 
 
 def blurred_convolutions(model: torch.nn.Module) -> list[str]:

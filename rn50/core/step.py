@@ -16,7 +16,7 @@ from rn50.system.dist import DistEnv, all_gather_objects
 from rn50.config.errors import UserError
 from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, capture_stream, check_capturable, on_stream
 from rn50.core.losses import batch_mixing, distillation_loss
-from rn50.core.model import add_blurpool, build_model, count_parameters, load_weights
+from rn50.core.model import build_model, count_parameters, load_weights, memory_format, recipe_model
 from rn50.core.optim import build_optimizer
 from rn50.core.precision import autocast_dtype, precision_note
 from rn50.observe.profiling import named_all_reduce, named_range
@@ -66,11 +66,11 @@ class TrainingParts:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
 
-def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, memory_format) -> nn.Module:
+def _teacher(distillation: Distillation, num_classes: int, env: DistEnv, layout) -> nn.Module:
     teacher = build_model(distillation.teacher_arch, num_classes, zero_init_residual=False)
     load_weights(teacher, distillation.teacher, replace_classifier=False)
     teacher.eval().requires_grad_(False)
-    return teacher.to(env.device, memory_format=memory_format)
+    return teacher.to(env.device, memory_format=layout)
 
 
 class WeightEma(AveragedModel):
@@ -164,10 +164,9 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
         torch.backends.cudnn.benchmark = machine.cudnn_benchmark
     spec, reg, kd = recipe.model, recipe.regularisation, recipe.distillation
     check_cuda_only_settings(recipe, machine, env.device)  # callers check at start-up; direct callers too
-    model = build_model(spec.arch, num_classes, spec.zero_init_residual)
+    model, blurred = recipe_model(spec, num_classes)  # BlurPool's hooks first: before weights or compiling
     notes = []
-    if spec.blurpool:  # before loading weights or compiling: the hooks ride on the convolutions
-        blurred = add_blurpool(model)
+    if blurred:
         notes.append(f"BlurPool before {len(blurred)} strided convolutions (no new parameters: "
                      f"{count_parameters(model):,} in all)")
     if spec.finetune_from:
@@ -176,8 +175,8 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
                      + (f"; new classifier for {num_classes} classes" if replaced else ""))
     if spec.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if recipe.precision.channels_last else torch.contiguous_format
-    model = model.to(env.device, memory_format=memory_format)
+    layout = memory_format(recipe.precision)
+    model = model.to(env.device, memory_format=layout)
     head = model.fc
     ema = WeightEma(model, reg.ema_decay) if reg.ema_decay > 0 else None
     if machine.compile:
@@ -214,7 +213,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
         model, build_optimizer(model, recipe.optimisation, head, fused=fused_optimizer(machine, env.device)), scaler,
         criterion, amp_dtype,
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
-        teacher=_teacher(kd, num_classes, env, memory_format) if kd.teacher else None,
+        teacher=_teacher(kd, num_classes, env, layout) if kd.teacher else None,
         kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,
     )
     if machine.cuda_graphs:

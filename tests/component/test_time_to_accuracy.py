@@ -8,7 +8,7 @@ import torch
 
 from pipelines.augmentation import Augmentation
 from rn50.config.errors import UserError
-from rn50.evaluate import evaluate
+from rn50.core.validation import evaluate
 from rn50.core.model import _blur_input, add_blurpool, blurred_convolutions, build_model, count_parameters
 from rn50.config.recipe import resolve, with_fields
 from rn50.core.schedule import lr_at

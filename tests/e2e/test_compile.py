@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from rn50.reliability.checkpoint import restore_training, training_state
 from rn50.system.dist import DistEnv
-from rn50.evaluate import evaluate
+from rn50.core.validation import evaluate
 from rn50.core.model import build_model
 from rn50.reliability.exits import EXIT_PREEMPTED
 from rn50.config.machine import Machine

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rn50.evaluate import class_metrics, evaluate, main as evaluate_main, parse_sizes
+from rn50.core.validation import evaluate
+from rn50.evaluate import class_metrics, main as evaluate_main, parse_sizes
 from rn50.config.errors import UserError
 from rn50.core.model import build_model
 from tests.conftest import CLASSES, N_VAL_IMAGES, fixture_folders, run_cli, torchrun

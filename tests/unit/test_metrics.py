@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rn50.evaluate import evaluate
+from rn50.core.validation import evaluate
 from rn50.observe.metrics import MetricsLog, topk_correct
 
 
