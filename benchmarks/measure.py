@@ -53,9 +53,10 @@ class Bench:
         self.machine = machine or Machine()
         self.threads = threads  # the thread budget run.py applied: every row checks that it still holds
         self.batch_size = recipe.optimisation.batch_size
-        self.telemetry = Telemetry(env.device.index if env.device.type == "cuda" else None)
+        gpu = env.device.index if env.device.type == "cuda" else None
+        self.telemetry = Telemetry(gpu)
         # what else ran during each window (other processes' CPU time, steal, other GPU processes, throttling)
-        self.load = LoadMonitor(env.device.index if env.device.type == "cuda" else None)
+        self.load = LoadMonitor(gpu)
         self.load_windows: list[dict] = []  # the last windows() call's, one per window, as compile_s is kept
         # --profile-steps: (window, tool, report folder), set by benchmarks.run.run; measure() profiles each
         # measurement's steps into its own trace (lever variants and the autotune sweep are not profiled)

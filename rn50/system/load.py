@@ -27,12 +27,7 @@ import os
 import threading
 import time
 
-from rn50.system.telemetry import nvml_index
-
-try:
-    import pynvml
-except ImportError:  # nvidia-ml-py is a dependency, but a stripped environment may lack it
-    pynvml = None
+from rn50.system import telemetry  # NVML: its guarded pynvml import and its handle (telemetry.open_nvml)
 
 # NVML's clock event (throttle) reasons by bit. Not named: gpu_idle (0x1, between steps), the applications
 # clocks and display clock settings (0x2, 0x100: settings, not interference)
@@ -205,17 +200,7 @@ class LoadMonitor:
         self.interval, self.thresholds, self.proc = interval, thresholds, proc
         self.root = job_root(os.environ, os.getpid(), os.getppid())
         self.reason = None if os.path.exists(f"{proc}/stat") else f"no {proc}/stat: the CPU figures need Linux"
-        self.gpu_reason, self.handle = None, None
-        if device_index is None:
-            self.gpu_reason = "no GPU"
-        elif pynvml is None:
-            self.gpu_reason = "pynvml (nvidia-ml-py) is not installed"
-        else:
-            try:
-                pynvml.nvmlInit()
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device_index))
-            except Exception as exc:  # NVMLError: no driver, no permission
-                self.gpu_reason = f"NVML unavailable: {exc}"
+        self.handle, self.gpu_reason = telemetry.open_nvml(device_index)
         self._start, self._samples, self._halt, self._thread = None, [], threading.Event(), None
 
     def _gpu_sample(self) -> tuple[list, int]:
@@ -223,12 +208,13 @@ class LoadMonitor:
         for kind, name in (("compute", "nvmlDeviceGetComputeRunningProcesses"),
                            ("graphics", "nvmlDeviceGetGraphicsRunningProcesses")):
             try:
-                processes += [(p.pid, kind, p.usedGpuMemory) for p in getattr(pynvml, name)(self.handle)]
+                running = getattr(telemetry.pynvml, name)(self.handle)
+                processes += [(p.pid, kind, p.usedGpuMemory) for p in running]
             except Exception:
                 pass
         for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
             try:  # the newer name first; a driver may lack it where the binding has it
-                mask = getattr(pynvml, name)(self.handle)
+                mask = getattr(telemetry.pynvml, name)(self.handle)
                 break
             except Exception:
                 pass

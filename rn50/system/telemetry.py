@@ -39,23 +39,26 @@ def summary(samples: list[dict]) -> dict:
     return result
 
 
+def open_nvml(device_index: int | None) -> tuple[object | None, str | None]:
+    """NVML's handle of CUDA device `device_index`, and None; or None and why it cannot be read (no GPU,
+    no pynvml, no driver or no permission): never an exception."""
+    if device_index is None:
+        return None, "no GPU"
+    if pynvml is None:
+        return None, "pynvml (nvidia-ml-py) is not installed"
+    try:
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device_index)), None
+    except Exception as exc:  # NVMLError: no driver, no permission
+        return None, f"NVML unavailable: {exc}"
+
+
 class Telemetry:
     """Samples one GPU every `interval` seconds in a background thread between start() and stop()."""
 
     def __init__(self, device_index: int | None, interval: float = 0.1):
         self.interval = interval
-        self.reason = None
-        self.handle = None
-        if device_index is None:
-            self.reason = "no GPU"
-        elif pynvml is None:
-            self.reason = "pynvml (nvidia-ml-py) is not installed"
-        else:
-            try:
-                pynvml.nvmlInit()
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device_index))
-            except Exception as exc:  # NVMLError: no driver, no permission
-                self.reason = f"NVML unavailable: {exc}"
+        self.handle, self.reason = open_nvml(device_index)
         self._samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = None

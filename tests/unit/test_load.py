@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rn50.system import load
+from rn50.system import load, telemetry
 
 HZ = 100
 PROC_STAT = """cpu  186279 7 31632 69545 457 11 73 231 40 3
@@ -159,7 +159,7 @@ def test_merge_takes_each_figures_largest_and_the_union_of_what_was_seen():
 
 
 def test_without_nvml_or_proc_the_figures_say_why_and_nothing_crashes(monkeypatch, tmp_path):
-    monkeypatch.setattr(load, "pynvml", None)
+    monkeypatch.setattr(telemetry, "pynvml", None)
     monitor = load.LoadMonitor(0)
     monitor.start()
     result = monitor.stop()
@@ -202,8 +202,8 @@ class FakeNvml:
 
 
 def test_the_nvml_path_names_other_processes_and_throttle_reasons(monkeypatch):
-    monkeypatch.setattr(load, "pynvml", FakeNvml(os.getpid()))
-    monkeypatch.setattr(load, "nvml_index", lambda index: index)
+    monkeypatch.setattr(telemetry, "pynvml", FakeNvml(os.getpid()))
+    monkeypatch.setattr(telemetry, "nvml_index", lambda index: index)
     monitor = load.LoadMonitor(0, interval=0.01)
     monitor.start()
     time.sleep(0.1)
@@ -213,7 +213,7 @@ def test_the_nvml_path_names_other_processes_and_throttle_reasons(monkeypatch):
     assert result["throttle_reasons"] == ["hw_slowdown", "sw_power_cap"]
     assert result["busy"] and any("pid 999999 (compute, 300 MiB)" in w for w in result["why"])
     # inside a container NVML gives the host's pids: none is ours, so all but one compute process are others
-    monkeypatch.setattr(load, "pynvml", FakeNvml(ours=888888))
+    monkeypatch.setattr(telemetry, "pynvml", FakeNvml(ours=888888))
     monitor = load.LoadMonitor(0, interval=0.01)
     monitor.start()
     result = monitor.stop()
