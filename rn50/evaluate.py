@@ -36,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                "confusion_<size>.csv/png per size. The classes are DIR/train's class folders.")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--weights", required=True, type=Path,
-                        help="a checkpoint_*.pt of ours (its recipe gives arch, blurpool and sizes) or a "
-                             "torchvision state dict (.pth; --arch names the architecture)")
+                        help="a checkpoint_*.pt of ours (its recipe gives arch, blurpool and sizes), a "
+                             "torchvision state dict (.pth; --arch names the architecture), or torchvision's "
+                             "weights of --arch by name (IMAGENET1K_V2, DEFAULT: from the torch hub cache)")
     parser.add_argument("--out", required=True, type=Path, help="folder for eval.json and the confusion matrix")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument("--sizes", default=None, metavar="S[,S...]",
@@ -59,6 +60,7 @@ from pipelines.storage import display  # noqa: E402
 from rn50.system.dist import all_reduce_sum, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_split  # noqa: E402
 from rn50.core.model import arch_of_weights, load_state, memory_format, read_weights_file, recipe_model  # noqa: E402
+from rn50.core import pretrained  # noqa: E402
 from rn50.core.precision import autocast_dtype  # noqa: E402
 from rn50.core.validation import evaluate  # noqa: E402
 
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     # the door: the configuration resolved once, over the weights' recipe, before the process group and the
     # device exist; the device is the resolved machine's (a preset's [machine] device too)
     sizes = parse_sizes(args.sizes)
+    args.weights = pretrained.file_or_named(args.weights, args.arch)  # a file, or torchvision's weights by name
     state, saved, kind = read_weights(args.weights, args.ema)
     base = resolve(saved=saved).recipe if saved else None
     found = arch_of_weights(state)  # the weights say which architecture they are: ours and torchvision's alike
@@ -197,7 +200,9 @@ def run(args: argparse.Namespace) -> dict:
                         "(the weights say which architecture they are)")
     if found is not None:
         base = with_fields(base, arch=found)
-    config = resolve(args, saved=base)  # the weights' recipe (and arch) < presets < flags
+    # the weights' recipe (and arch) < presets < flags; --weights here names what is evaluated, not the recipe's
+    # starting weights (its `weights` field)
+    config = resolve({**vars(args), "weights": None}, saved=base)
     env = init_distributed(config.machine.device)
     say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
     recipe, machine = config.recipe, config.machine.for_device(env.device.type)  # --loader auto made concrete

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # What reading the flags needs, and nothing heavier: `python -m rn50.train` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
-from rn50.config.errors import UserError, check_flags_first
+from rn50.config.errors import NodeWideError, UserError, check_flags_first
 from rn50.config.profile_flags import TRACE_DIR
 from rn50.config.recipe import Config, available_presets, resolve
 from rn50.config.cli import add_recipe_flags, parse_strict
@@ -72,7 +72,7 @@ class Trainer:
     """One run: the loop over epochs, with logging, validation and checkpoints."""
 
     def __init__(self, config: Config, parts: TrainingParts, train_loader, val_loader, env: DistEnv,
-                 watchdog: Watchdog, stop: StopRequest, data_identity: dict | None = None):
+                 watchdog: Watchdog, stop: StopRequest, data_identity: dict | None = None, weights: dict | None = None):
         self.config, self.recipe, self.machine, settings = config, config.recipe, config.machine, config.run
         self.parts, self.env, self.out = parts, env, settings.out
         self.watchdog, self.stop = watchdog, stop
@@ -99,6 +99,7 @@ class Trainer:
         self.history: list[dict] = []  # one record per epoch, carried through checkpoints
         self.elapsed_before = 0.0  # run time before a resume
         self.data_identity = data_identity  # the training file list's (rn50.core.loaders.data_identity), checkpointed
+        self.weights = weights or {}  # what the run started from (lifecycle.Start.weights): in each checkpoint
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -272,7 +273,7 @@ class Trainer:
         state = training_state(self.parts, epochs_done=epochs_done, step=step, steps_per_epoch=self.steps_per_epoch,
                                plateau=self.plateau.state_dict(), loader_states=list(loader_states),
                                epoch_losses=list(epoch_losses) if not epoch_end else None,
-                               loader_kind=self.machine.loader, recipe=self.recipe.to_dict(),
+                               loader_kind=self.machine.loader, recipe={**self.recipe.to_dict(), **self.weights},
                                world_size=self.env.world_size, history=self.history, elapsed_s=self.elapsed(),
                                data=self.data_identity)
         if state is not None:
@@ -387,15 +388,16 @@ def run_with(config: Config, resume: lifecycle.Resume, env: DistEnv, watchdog: W
     check_window(settings.profile_steps, recipe.schedule.epochs * len(train_loader),
                  f"this run ({recipe.schedule.epochs} epochs x {len(train_loader)} steps)")
     parts = build_training(recipe, train_loader.num_classes, env, machine,
-                           profiling=settings.profile_steps is not None, class_counts=train_loader.class_counts)
-    trainer = Trainer(config, parts, train_loader, val_loader, env, watchdog, stop, start.identity)
+                           profiling=settings.profile_steps is not None, class_counts=train_loader.class_counts,
+                           start_weights=start.checkpoint is None)
+    trainer = Trainer(config, parts, train_loader, val_loader, env, watchdog, stop, start.identity, start.weights)
     notes = start.notes + parts.notes
     if start.checkpoint:
         notes.append(trainer.restore(start.checkpoint, start.saved, start.exact))
     for line in notes + lifecycle.startup_summary(config, start.machine_given, train_loader.num_classes):
         say(line)
     restart.started(settings.out, resume.job, start.checkpoint, env, len(train_loader), say)  # the fault, steps lost
-    lifecycle.write_run_files(config, env, parts.amp_dtype)
+    lifecycle.write_run_files(config, env, parts.amp_dtype, start.weights)
     # --tracker: rank 0's tracker run (the same one again on resume); every metrics.jsonl line goes to it too
     trainer.log.tracker = tracking.for_training(recipe, machine, settings.out, env,
                                                 resume=start.checkpoint is not None, say=say)
@@ -427,7 +429,8 @@ def main(argv=None) -> None:
         elif isinstance(ended, Diverged):
             print(f"error: {ended}; stopped without saving (the last good checkpoint is kept): lower the LR "
                   "(--base-lr) or check the data", file=sys.stderr, flush=True)
-        elif str(ended):  # NotWritten: rank 0, which tried the write, says why; the others stop with it
+        elif str(ended) and (os.environ.get("LOCAL_RANK", "0") == "0" or not isinstance(ended, NodeWideError)):
+            # NotWritten: rank 0, which tried the write, says why; NodeWideError: one line per node, not per process
             print(f"error: {ended}", file=sys.stderr, flush=True)
     finally:
         shutdown()

@@ -16,7 +16,7 @@ import typing
 from rn50.config.describe import format_recipe
 from rn50.config.errors import UserError
 from rn50.config.names import USER_NAMES, closest, foreign_flag, plain as _plain
-from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, resolve
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, SHORTHANDS, available_presets, resolve
 
 def _flag_type(kind):
     if typing.get_origin(kind) is tuple:
@@ -44,12 +44,18 @@ def add_recipe_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
                 continue
             flag = "--" + f.flat.replace("_", "-")
             text = f"{f.help} (default {f.default})".strip().replace("%", "%%")
+            shorthands = [(name, value) for name, (flat, value) in SHORTHANDS.items() if flat == f.flat]
+            # a field's flag and its shorthands exclude each other: `--weights X --pretrained` is one line
+            target = group.add_mutually_exclusive_group() if shorthands else group
             if f.kind is bool:
-                group.add_argument(flag, dest=f.flat, action=argparse.BooleanOptionalAction, default=None, help=text)
+                target.add_argument(flag, dest=f.flat, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
                 metavar = "A,B,..." if typing.get_origin(f.kind) is tuple else f.kind.__name__.upper()
-                group.add_argument(flag, dest=f.flat, type=_flag_type(f.kind), default=None, metavar=metavar,
-                                   help=text)
+                target.add_argument(flag, dest=f.flat, type=_flag_type(f.kind), default=None, metavar=metavar,
+                                    help=text)
+            for name, value in shorthands:  # a bare flag: `--pretrained` is `--weights DEFAULT`
+                target.add_argument("--" + name.replace("_", "-"), dest=f.flat, action="store_const", const=value,
+                                    default=None, help=f"the same as {flag} {value}")
 
 
 def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

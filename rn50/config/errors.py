@@ -5,7 +5,12 @@ import sys
 
 from pipelines.errors import UserError
 
-__all__ = ["UserError", "check_flags_first"]
+__all__ = ["NodeWideError", "UserError", "check_flags_first"]
+
+
+class NodeWideError(UserError):
+    """A user error every process of a node meets alike (a file missing from the node's torch hub cache): under
+    torchrun, each node's local rank 0 alone says it, so that 8 processes print one line, not 8."""
 
 
 def check_flags_first(parse_args) -> None:

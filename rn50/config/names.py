@@ -23,8 +23,6 @@ _EMA = ("--ema-decay", "the EMA is on when --ema-decay is above 0 (e.g. 0.9998),
 _RANDAUG = ("--randaugment-magnitude", "RandAugment inside the DALI pipelines (e.g. --randaugment-magnitude 9 "
                                        "--randaugment-layers 2); AutoAugment's other policies are not available")
 _REPEATED = ("--repeated-aug", "each image k times per epoch, augmented independently (DALI loaders), e.g. 3")
-_FINETUNE = ("--finetune-from", "start from these weights (a torchvision .pth or our checkpoint; a classifier "
-                                "of another size is replaced); to evaluate weights: python -m rn50.evaluate --weights")
 _CLIP = (None, "gradient clipping; against an unstable start, a longer --warmup-epochs or a lower --base-lr")
 _ACCUM = (None, "gradient accumulation; the global batch is --batch-size x the processes, and the LR follows it")
 _ERASE = (None, "random erasing; the regularisers we have are --mixup-alpha, --cutmix-alpha and "
@@ -76,9 +74,9 @@ FOREIGN = {
     "--reprob": (TIMM, *_ERASE),
     "--remode": (TIMM, *_ERASE),
     "--recount": (TIMM, *_ERASE),
-    "--weights": (TV, *_FINETUNE),
-    "--pretrained": (TIMM, *_FINETUNE),
-    "--initial-checkpoint": (TIMM, *_FINETUNE),
+    "--initial-checkpoint": (TIMM, "--finetune-from", "start from this file (a torchvision .pth or our checkpoint; a "
+                                                      "classifier of another size is replaced); torchvision's weights "
+                                                      "by name: --weights NAME or --pretrained"),
     "--accum_iter": ("MAE's training scripts", *_ACCUM),
     "--grad-accum-steps": (TIMM, *_ACCUM),
     "-j": (BOTH, "--workers", "torchvision loader processes; the DALI loaders take --dali-threads"),

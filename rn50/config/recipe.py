@@ -32,6 +32,9 @@ from rn50.config.run_settings import RunSettings
 
 PRESET_DIR = Path(__file__).parent.parent / "presets"  # rn50/presets/: data that users read and edit
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, by rn50.core.model
+# Bare flags that set a field to one value, for a habit users bring: timm's `--pretrained` is the arch's DEFAULT
+# weights. Flag name -> (flat name, value); flags only (a preset writes the field: `weights = "DEFAULT"`).
+SHORTHANDS = {"pretrained": ("weights", "DEFAULT")}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Model:
     zero_init_residual: bool = opt(True, "gamma=0 in the last BN of every residual block (+0.2% top-1)")
     sync_bn: bool = opt(False, "SyncBatchNorm: only worth it below ~32 images per GPU")
     finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
+    weights: str = opt("", "start from torchvision's weights of the arch, by name (IMAGENET1K_V1, IMAGENET1K_V2, "
+                           "DEFAULT), read from the torch hub cache; as --finetune-from otherwise")
     freeze_backbone_epochs: float = opt(0.0, "fine-tuning: train only the classifier for the first epochs")
     blurpool: bool = opt(False, "BlurPool: a fixed 3x3 blur before every strided convolution (anti-aliased "
                                 "downsampling, FFCV's use_blurpool); no new parameters")
@@ -149,6 +154,10 @@ class Recipe:
                             f"({s.warmup_epochs} + {s.cooldown_epochs}); lengthen --epochs")
         if not 0.0 <= self.distillation.alpha <= 1.0 or self.distillation.temperature <= 0:
             raise UserError("kd_alpha must lie in [0, 1] and kd_temperature be positive")
+        if self.model.weights and self.model.finetune_from:
+            raise UserError(f"--weights {self.model.weights} (or --pretrained) and --finetune-from both name the "
+                            "starting weights; pass one: --weights NAME for torchvision's, --finetune-from FILE for "
+                            "a file")
         if s.kind == "linear" and s.warmup_epochs >= s.epochs:
             raise UserError(f"the linear schedule needs epochs ({s.epochs}) > warmup_epochs ({s.warmup_epochs})")
         if list(s.lr_milestones) != sorted(s.lr_milestones):

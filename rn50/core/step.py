@@ -18,6 +18,7 @@ from rn50.core.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, captur
 from rn50.core.losses import batch_mixing, distillation_loss
 from rn50.core.model import build_model, count_parameters, load_weights, memory_format, recipe_model
 from rn50.core.optim import build_optimizer
+from rn50.core.pretrained import start_file
 from rn50.core.precision import autocast_dtype, precision_note
 from rn50.observe.profiling import named_all_reduce, named_range
 from rn50.config.recipe import Distillation, Recipe
@@ -153,10 +154,12 @@ def class_weights(kind: str, class_counts, device) -> torch.Tensor | None:
 
 
 def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Machine | None = None,
-                   profiling: bool = False, class_counts: tuple[int, ...] | None = None) -> TrainingParts:
+                   profiling: bool = False, class_counts: tuple[int, ...] | None = None,
+                   start_weights: bool = True) -> TrainingParts:
     """The model, optimizer, scaler and loss of the recipe, run the way `machine` says (its speed levers).
     `profiling` (--profile-steps) names the all-reduce too: a Python comm hook, only when profiling.
-    `class_counts`: the training images per class, for --class-weights balanced."""
+    `class_counts`: the training images per class, for --class-weights balanced. `start_weights`: load the
+    --finetune-from / --weights file (a resumed run does not: the checkpoint's weights replace them)."""
     machine = machine or Machine()
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     if env.device.type == "cuda":
@@ -169,10 +172,11 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
     if blurred:
         notes.append(f"BlurPool before {len(blurred)} strided convolutions (no new parameters: "
                      f"{count_parameters(model):,} in all)")
-    if spec.finetune_from:
-        replaced = load_weights(model, spec.finetune_from, replace_classifier=True)
-        notes.append(f"fine-tuning from {spec.finetune_from}"
-                     + (f"; new classifier for {num_classes} classes" if replaced else ""))
+    source = start_file(spec) if start_weights else None  # --finetune-from's file, or --weights' in the hub cache
+    if source is not None:
+        path, label = source
+        replaced = load_weights(model, path, replace_classifier=True)
+        notes.append(f"fine-tuning from {label}" + (f"; new classifier for {num_classes} classes" if replaced else ""))
     if spec.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     layout = memory_format(recipe.precision)

@@ -3,10 +3,11 @@
 Owns what rn50.train does before the first step and after the last: finding the checkpoint to resume from
 (`--resume PATH|auto`: `find_resume`, called at rn50.train's door, which then resolves the configuration
 over the checkpoint's recipe), the resume guard (which recipe changes a resume accepts), the checks of the
-training file list, the world size and the architecture of --finetune-from weights, finished-run detection,
-preparing (and on a failed start cleaning up) the run folder, where a resumed run continues, and the files
-recipe.json, machine.json and summary.json. Every check here runs before anything is written into the run
-folder: a failed start-up is one line, exit 2, and leaves the folder as it found it.
+training file list, the world size, the architecture of --finetune-from weights and --weights' file (found or
+fetched: rn50.core.pretrained), finished-run detection, preparing (and on a failed start cleaning up) the run
+folder, where a resumed run continues, and the files recipe.json, machine.json and summary.json. Every check
+here runs before anything is written into the run folder: a failed start-up is one line, exit 2, and leaves the
+folder as it found it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rn50.config.errors import UserError
 from rn50.config.machine import Machine, process_cores, unusable_requests
 from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, Config, Recipe, did_you_mean, get, resolve, with_fields
 from rn50.core.loaders import data_identity
+from rn50.core import pretrained
 from rn50.core.model import arch_of_weights, read_weights_file
 from rn50.core.step import check_cuda_only_settings
 from rn50.observe import tracking
@@ -300,14 +302,15 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
-def write_run_files(config: Config, env: DistEnv, amp_dtype) -> None:
-    """recipe.json (with what the world size makes of it) and machine.json; rank 0 only."""
+def write_run_files(config: Config, env: DistEnv, amp_dtype, weights: dict | None = None) -> None:
+    """recipe.json (with what the world size makes of it, and what the run started from: Start.weights) and
+    machine.json; rank 0 only."""
     if not env.is_main:
         return
     recipe, out, world = config.recipe, config.run.out, env.world_size
     recipe.save(out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,
                 peak_lr=recipe.optimisation.peak_lr(world),
-                amp_in_use=str(amp_dtype).removeprefix("torch.") if amp_dtype else None)
+                amp_in_use=str(amp_dtype).removeprefix("torch.") if amp_dtype else None, **(weights or {}))
     (out / "machine.json").write_text(json.dumps(config.machine.to_dict(), indent=2) + "\n")
 
 
@@ -375,12 +378,13 @@ class Start:
     identity: dict | None = None  # the training file list (rn50.core.loaders.data_identity), for checkpoints
     notes: list[str] = field(default_factory=list)
     finished: dict | None = None  # the summary of a run that is already done: nothing to train
+    weights: dict = field(default_factory=dict)  # what the run started from (rn50.core.pretrained.provenance)
 
 
 def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
     """Every start-up check, in order, before anything is written: the resume guard, --finetune-from's
-    architecture, the training file list, the device-only settings, the profiler, the tracker, a finished
-    run, the world size; then prepare the run folder. `config`: resolved at the door, over the checkpoint's
+    architecture, the training file list, the device-only settings, the profiler, the tracker, --weights' file
+    (rn50.core.pretrained), a finished run, the world size; then prepare the run folder. `config`: resolved at the door, over the checkpoint's
     recipe where resuming (`resume`: what rn50.train's door found)."""
     notes = list(resume.notes)  # start-up lines wait until every check has passed: an error found there comes alone
     checkpoint_path, checkpoint, saved = resume.path, resume.checkpoint, resume.saved
@@ -396,6 +400,8 @@ def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
     check_cuda_only_settings(recipe, machine, env.device)
     check_flags(run.profile_steps, run.profiler, env.device)
     tracking.check_available(machine.tracker)  # a missing extra is a start-up error, not a lost run
+    # --weights' file, fetched where missing and the network works (else one line); last: a download is slow
+    weights, weights_notes = pretrained.at_start(recipe.model, env, checkpoint["recipe"] if checkpoint else None)
     if checkpoint and finished(checkpoint, saved, recipe, run.out):
         # the run's own files stay as they are; a killed checkpoint write's temporary file is no part of them
         for line in removed_temporaries(run.out) if env.is_main else []:
@@ -409,7 +415,7 @@ def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
     if checkpoint:
         check_world_size(checkpoint, env, run.reshard)
     notes += prepare_out_dir(run.out, resuming=run.resume is not None, is_main=env.is_main)
-    notes += data_notes + ([arch_note] if arch_note else [])
+    notes += data_notes + ([arch_note] if arch_note else []) + weights_notes
     notes += config.overridden + [f"changed on resume: {change}" for change in changes]
     notes += ([schedule_note] if schedule_note else []) + epoch_plan(recipe)
-    return Start(config, given, checkpoint, saved, not changes and same_data, identity, notes)
+    return Start(config, given, checkpoint, saved, not changes and same_data, identity, notes, weights=weights)

@@ -326,15 +326,15 @@ FOREIGN_CASES = {
     "--mixup": "--mixup-alpha", "--cutmix": "--cutmix-alpha", "--model-ema": "--ema-decay",
     "--model-ema-decay": "--ema-decay", "--clip-grad-norm": None, "--clip-grad": None,
     "--auto-augment": "--randaugment-magnitude", "--aa": "--randaugment-magnitude", "--ra-sampler": "--repeated-aug",
-    "--ra-reps": "--repeated-aug", "--random-erase": None, "--reprob": None, "--weights": "--finetune-from",
-    "--pretrained": "--finetune-from", "--accum-iter": None, "--grad-accum-steps": None, "-j": "--workers",
+    "--ra-reps": "--repeated-aug", "--random-erase": None, "--reprob": None,
+    "--initial-checkpoint": "--finetune-from", "--accum-iter": None, "--grad-accum-steps": None, "-j": "--workers",
     "-b": "--batch-size", "--output-dir": "--out", "--output": "--out", "--model": "--arch",
     "--train-crop-size": "--image-size", "--val-resize-size": "--val-resize-ratio", "--val-crop-size": "--val-image-size",
     "--interpolation": None, "--norm-weight-decay": None, "--bias-weight-decay": None,
     "--use-deterministic-algorithms": None,
 }
 # what each suggested before (issue 38, 6): a flag that merely shares letters
-MISLEADING = {"--opt": "--out", "--weights": "--class-weights", "--pretrained": "--image-size", "--model-ema": "--arch",
+MISLEADING = {"--opt": "--out", "--model-ema": "--arch",
               "--clip-grad": "--dali-threads", "--accum-iter": "--color-jitter", "--ra-sampler": "--no-amp",
               "--auto-augment": "--amp"}
 
