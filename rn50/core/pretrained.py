@@ -158,30 +158,25 @@ RECORD_KEYS = ("weights_file", "weights_sha256", "weights_enum", "weights_url") 
 
 def at_start(spec: Model, env: DistEnv, saved_recipe: dict | None) -> tuple[dict, list[str]]:
     """Start-up's part (rn50.reliability.lifecycle.start, before the run folder exists): --weights' file found
-    or fetched (each node's local rank 0 fetches), else one line; then the record of what the run starts from
-    (rank 0 hashes the file) and a note where the file is not the one its name publishes. A resumed run
-    (`saved_recipe`: its checkpoint's recipe) starts from the checkpoint: it carries the record on, no file."""
+    or fetched (each node's local rank 0 fetches), else one line. Returns the record of what the run starts
+    from, for recipe.json and every checkpoint's recipe (RECORD_KEYS: the file, its sha256 as rank 0 computes
+    it, and for --weights the resolved enum and its URL), and a note where the file is not the one torchvision
+    publishes under its name. A resumed run (`saved_recipe`: its checkpoint's recipe) starts from the
+    checkpoint: it carries the record on and needs no file."""
     if saved_recipe is not None:
         return {k: v for k, v in saved_recipe.items() if k in RECORD_KEYS}, []
-    if spec.weights:
-        ensure_file(named(spec.arch, spec.weights), fetch=env.local_rank == 0, wait=barrier, progress=env.is_main)
-    source = start_file(spec)
-    if source is None or not env.is_main:
+    weights = named(spec.arch, spec.weights) if spec.weights else None
+    if weights is not None:
+        ensure_file(weights, fetch=env.local_rank == 0, wait=barrier, progress=env.is_main)
+    path = str(weights.path) if weights is not None else spec.finetune_from
+    if not path or not env.is_main:
         return {}, []
-    record = provenance(spec, source[0])
-    prefix = named(spec.arch, spec.weights).hash_prefix if spec.weights else ""
-    if not record["weights_sha256"].startswith(prefix):
-        return record, [f"note: {source[0]} is not the file torchvision publishes as {record['weights_enum']} (its "
-                        f"sha256 begins {record['weights_sha256'][:8]}, the published one's {prefix}); training "
-                        "starts from it all the same"]
-    return record, []
-
-
-def provenance(spec: Model, path: str | Path) -> dict:
-    """What the run started from, for recipe.json and every checkpoint's recipe: the file and its sha256, and
-    for --weights the resolved enum and its URL."""
-    record = {"weights_file": str(path), "weights_sha256": sha256(path)}
-    if spec.weights:
-        weights = named(spec.arch, spec.weights)
-        record.update(weights_enum=weights.enum, weights_url=weights.url)
-    return record
+    record = {"weights_file": path, "weights_sha256": sha256(path)}
+    if weights is None:
+        return record, []
+    record.update(weights_enum=weights.enum, weights_url=weights.url)
+    if record["weights_sha256"].startswith(weights.hash_prefix):
+        return record, []
+    return record, [f"note: {path} is not the file torchvision publishes as {weights.enum} (its sha256 begins "
+                    f"{record['weights_sha256'][:8]}, the published one's {weights.hash_prefix}); training starts "
+                    "from it all the same"]
