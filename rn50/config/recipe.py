@@ -43,8 +43,9 @@ class Model:
     zero_init_residual: bool = opt(True, "gamma=0 in the last BN of every residual block (+0.2% top-1)")
     sync_bn: bool = opt(False, "SyncBatchNorm: only worth it below ~32 images per GPU")
     finetune_from: str = opt("", "start from these weights; a classifier of another size is replaced")
-    weights: str = opt("", "start from torchvision's weights of the arch, by name (IMAGENET1K_V1, IMAGENET1K_V2, "
-                           "DEFAULT), read from the torch hub cache; as --finetune-from otherwise")
+    weights: str = opt("", "start from torchvision's weights of the arch by name (IMAGENET1K_V1, IMAGENET1K_V2, "
+                           "DEFAULT) in the torch hub cache, downloaded where the network works; a classifier of "
+                           "another size is replaced")
     freeze_backbone_epochs: float = opt(0.0, "fine-tuning: train only the classifier for the first epochs")
     blurpool: bool = opt(False, "BlurPool: a fixed 3x3 blur before every strided convolution (anti-aliased "
                                 "downsampling, FFCV's use_blurpool); no new parameters")

@@ -12,7 +12,7 @@ import json
 import typing
 
 from rn50.config.names import FOREIGN
-from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, available_presets, read_preset
+from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, SHORTHANDS, available_presets, read_preset
 
 COMMAND = "python -m rn50.config.reference > docs/reference.md"
 
@@ -42,7 +42,9 @@ def _flag(f) -> str:
     flag = "--" + f.flat.replace("_", "-")
     if f.kind is bool:
         return f"`{flag}` / `--no-{flag[2:]}`"
-    return f"`{flag}`"
+    shorthands = [f"`--{name.replace('_', '-')}` (`{flag} {value}`)" for name, (flat, value) in SHORTHANDS.items()
+                  if flat == f.flat]
+    return " / ".join([f"`{flag}`", *shorthands])
 
 
 def _name(f) -> str:
