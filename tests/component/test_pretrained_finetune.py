@@ -53,3 +53,21 @@ def test_pretrained_weights_from_the_hub_cache_start_the_run(data_dir, tmp_path,
     resumed = torch.load(run / "checkpoint_0002.pt", weights_only=False)
     assert {k: resumed["recipe"][k] for k in record} == record
     assert not torch.equal(resumed["model"]["layer1.0.conv1.weight"], published["layer1.0.conv1.weight"])
+
+
+def test_evaluate_takes_torchvision_weights_by_name(data_dir, tmp_path, monkeypatch):
+    """rn50.evaluate's --weights PATH keeps working (the recipe's new `weights` field must not take it), and a
+    name (no such file) is torchvision's weights of --arch from the hub cache."""
+    from rn50.evaluate import main as evaluate
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cache.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(num_classes=CLASSES).state_dict(), cache)  # fits the data's classes
+    flags = ["--data", str(data_dir), "--arch", "resnet18", "--loader", "dali-cpu", "--image-size", "32",
+             "--batch-size", "8", "--dali-threads", "1"]
+    for weights, out in ((str(cache), tmp_path / "by-path"), ("DEFAULT", tmp_path / "by-name")):
+        evaluate([*flags, "--weights", weights, "--out", str(out)])
+        report = json.loads((out / "eval.json").read_text())
+        assert report["weights"] == str(cache) and report["val/count"] == 44
