@@ -100,8 +100,8 @@ def parse_run_flags(extra: list[str], data: Path, out: Path) -> argparse.Namespa
 
 def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -> None:
     """Everything that would make every run of the grid fail at start-up, checked once before the first:
-    the flags after `--`, the dataset layout, each grid point's recipe, the architectures, weight files and
-    the device the loader needs. A typo would otherwise fail every run, one start-up at a time."""
+    the flags after `--`, the dataset layout, each grid point's recipe, the architectures, weight files (and
+    --weights' file, downloaded here once where it can be) and the device the loader needs. A typo would otherwise fail every run, one start-up at a time."""
     args = parse_run_flags(extra, data, out / grid[0].name)
     check_data(data, args.manifest)
     from pipelines import check_device
@@ -119,6 +119,11 @@ def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist; pass a checkpoint_*.pt of ours or a torchvision "
                             "state dict (.pth)")
+    if recipe.model.weights:  # a name the arch lacks, or a file neither cached nor downloadable: fetched once here
+        from rn50.core import pretrained
+
+        weights = pretrained.named(recipe.model.arch, recipe.model.weights)
+        pretrained.ensure_file(weights, fetch=True, wait=lambda: None, progress=True)
     # GPUs that CUDA cannot use, --device cuda without one, or the GPU loader without CUDA
     device = choose_device(machine.device)
     check_device(machine.for_device(device.type).loader, device)  # --loader auto: dali with CUDA, dali-cpu without

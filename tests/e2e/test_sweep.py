@@ -119,6 +119,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(data_dir, tmp_path):
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--schedule", "exponential"], "schedule must be one of"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--preset", "h100x9"], "no preset 'h100x9'"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--finetune-from", "/nowhere/w.pt"], "/nowhere/w.pt does not exist"),
+    (["--lrs", "0.1", "--batch-sizes", "16", "--", "--weights", "NOPE"], "--weights NOPE is not a name of resnet50's"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--manifest", "/nowhere"], "manifest /nowhere/train.txt does not"),
     (["--lrs", "0.1", "--batch-sizes", "16", "--", "--device", "cpu", "--loader", "dali"], "pass --loader dali-cpu"),
 ])
