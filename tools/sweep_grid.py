@@ -101,7 +101,8 @@ def parse_run_flags(extra: list[str], data: Path, out: Path) -> argparse.Namespa
 def check_runs(grid: list[GridPoint], extra: list[str], data: Path, out: Path) -> None:
     """Everything that would make every run of the grid fail at start-up, checked once before the first:
     the flags after `--`, the dataset layout, each grid point's recipe, the architectures, weight files (and
-    --weights' file, downloaded here once where it can be) and the device the loader needs. A typo would otherwise fail every run, one start-up at a time."""
+    --weights' file, downloaded here once where it can be) and the device the loader needs. A typo would
+    otherwise fail every run, one start-up at a time."""
     args = parse_run_flags(extra, data, out / grid[0].name)
     check_data(data, args.manifest)
     from pipelines import check_device

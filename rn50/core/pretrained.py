@@ -153,7 +153,7 @@ def file_or_named(given: Path, arch: str | None) -> Path:
     return ensure_file(weights, fetch=True, wait=lambda: None, progress=True, instead=instead)
 
 
-RECORD_KEYS = ("weights_file", "weights_sha256", "weights_enum", "weights_url")  # provenance's
+RECORD_KEYS = ("weights_file", "weights_sha256", "weights_enum", "weights_url")  # at_start's record
 
 
 def at_start(spec: Model, env: DistEnv, saved_recipe: dict | None) -> tuple[dict, list[str]]:

@@ -378,14 +378,14 @@ class Start:
     identity: dict | None = None  # the training file list (rn50.core.loaders.data_identity), for checkpoints
     notes: list[str] = field(default_factory=list)
     finished: dict | None = None  # the summary of a run that is already done: nothing to train
-    weights: dict = field(default_factory=dict)  # what the run started from (rn50.core.pretrained.provenance)
+    weights: dict = field(default_factory=dict)  # what the run started from (rn50.core.pretrained.at_start)
 
 
 def start(config: Config, resume: Resume, env: DistEnv, say) -> Start:
     """Every start-up check, in order, before anything is written: the resume guard, --finetune-from's
     architecture, the training file list, the device-only settings, the profiler, the tracker, --weights' file
-    (rn50.core.pretrained), a finished run, the world size; then prepare the run folder. `config`: resolved at the door, over the checkpoint's
-    recipe where resuming (`resume`: what rn50.train's door found)."""
+    (rn50.core.pretrained), a finished run, the world size; then prepare the run folder. `config`: resolved at
+    the door, over the checkpoint's recipe where resuming (`resume`: what rn50.train's door found)."""
     notes = list(resume.notes)  # start-up lines wait until every check has passed: an error found there comes alone
     checkpoint_path, checkpoint, saved = resume.path, resume.checkpoint, resume.saved
     run, recipe, given = config.run, config.recipe, config.machine
