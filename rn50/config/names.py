@@ -151,6 +151,9 @@ USER_NAMES = {
     **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
     **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
                     ("--amp", "on by default; --amp-dtype float16|bfloat16")),
+    # timm's `pretrained: true` in a config file; rn50.train's --pretrained is a flag, a preset sets `weights`
+    **dict.fromkeys(("pretrained", "usepretrained"),
+                    ("--weights", "weights = \"DEFAULT\": torchvision's default weights of the arch")),
 }
 
 

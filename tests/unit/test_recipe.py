@@ -372,7 +372,7 @@ def test_an_unknown_flag_far_from_every_name_gets_no_guess(flag):
     ("lr = 0.8\n", "use 'base_lr'"), ("[optimisation]\nlr = 0.8\n", "use 'base_lr'"),
     ('opt = "adamw"\n', "use 'optimizer'"), ("model_ema_decay = 0.9998\n", "use 'ema_decay'"),
     ("clip_grad_norm = 1.0\n", "not available here (yet)"), ('output_dir = "x"\n', "not a recipe setting: use --out"),
-    ("epochs_ = 3\n", "did you mean 'epochs'?")])
+    ("epochs_ = 3\n", "did you mean 'epochs'?"), ("pretrained = true\n", "did you mean 'weights'?")])
 def test_preset_keys_of_other_scripts_name_ours(tmp_path, body, hint):
     """Issue 38, 6: a preset key `lr` suggested `min_lr`."""
     (tmp_path / "mine.toml").write_text(body)
