@@ -35,6 +35,10 @@ class Augmentation:
     randaugment_magnitude: int = opt(0, "RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off")
     randaugment_layers: int = opt(2, "RandAugment: operations per image")
     randaugment_magnitude_std: float = opt(0.0, "RandAugment: random spread of the magnitude per image")
+    trivial_augment: bool = opt(False, "TrivialAugment-wide: one random operation per image at a random strength "
+                                       "(DALI's auto_aug, torchvision's TrivialAugmentWide); not with RandAugment")
+    random_erase: float = opt(0.0, "random erasing: the probability per image of zeroing one rectangle (2-33% of the "
+                                   "crop, aspect 0.3-3.3) after normalisation, torchvision's RandomErasing; 0: off")
     repeated_aug: int = opt(1, "each image k times per epoch's stream, augmented independently (DALI loaders)")
     val_resize_ratio: float = opt(0.875, "validation: resize shorter side to val size / ratio, centre crop")
     # progressive resizing (FFCV's): low resolution for most of the run, a ramp up to max_res late
@@ -84,6 +88,11 @@ class Augmentation:
         """The shorter side validation resizes to before the centre crop: val_size / val_resize_ratio truncated,
         as every loader applies it (36 for 32 px, 292 for 256 px, 256 for 224 px at the default 0.875)."""
         return int(self.val_size / self.val_resize_ratio)
+
+    @property
+    def auto_augment(self) -> bool:
+        """RandAugment or TrivialAugment is on: DALI builds them with conditionals (one branch per operation)."""
+        return self.randaugment_magnitude > 0 or self.trivial_augment
 
     @property
     def jitter_range(self) -> tuple[float, float]:
