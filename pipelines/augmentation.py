@@ -141,4 +141,10 @@ class Augmentation:
         if self.randaugment_layers < 1 or self.randaugment_magnitude_std < 0:
             raise UserError(f"randaugment_layers must be at least 1 and randaugment_magnitude_std not negative, got "
                             f"{self.randaugment_layers} and {self.randaugment_magnitude_std}")
+        if self.trivial_augment and self.randaugment_magnitude > 0:
+            raise UserError("trivial_augment and randaugment_magnitude are two automatic augmentation policies, one "
+                            "per run: drop --trivial-augment or set --randaugment-magnitude 0")
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise UserError(f"random_erase is a probability per image in [0, 1] (0: off; torchvision's recipe: 0.1), "
+                            f"got {self.random_erase}")
         return self

@@ -286,12 +286,18 @@ def test_format_recipe_groups_by_section():
     (["--randaugment-magnitude", "99"], r"^randaugment_magnitude must lie in 0\.\.30.*got 99$"),
     (["--randaugment-magnitude", "-1"], r"^randaugment_magnitude must lie in 0\.\.30"),
     (["--randaugment-layers", "0"], r"^randaugment_layers must be at least 1"),
+    (["--random-erase", "1.5"], r"^random_erase is a probability per image in \[0, 1\].*got 1.5$"),
+    (["--random-erase", "-0.1"], r"^random_erase is a probability"),
+    (["--trivial-augment", "--randaugment-magnitude", "9"], r"^trivial_augment and randaugment_magnitude are two "
+                                                            r"automatic augmentation policies, one per run: drop"),
 ])
 def test_colour_jitter_and_randaugment_ranges_are_checked_at_start_up(flags, message):
-    """Issue 23, 4.3: out-of-range values used to pass and fail later inside DALI or torchvision."""
+    """Issue 23, 4.3: out-of-range values used to pass and fail later inside DALI or torchvision. Issue 40: the
+    erasing probability, and TrivialAugment beside RandAugment (two policies: one line, not both silently)."""
     with pytest.raises(UserError, match=message):
         parse(flags)
     parse(["--color-jitter", "0", "--randaugment-magnitude", "30"])  # the ends of the ranges are fine
+    parse(["--random-erase", "1", "--trivial-augment"])
     parse(["--preset", "kd_lamb_610"])
 
 
