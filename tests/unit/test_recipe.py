@@ -332,12 +332,13 @@ FOREIGN_CASES = {
     "--mixup": "--mixup-alpha", "--cutmix": "--cutmix-alpha", "--model-ema": "--ema-decay",
     "--model-ema-decay": "--ema-decay", "--clip-grad-norm": None, "--clip-grad": None,
     "--auto-augment": "--randaugment-magnitude", "--aa": "--randaugment-magnitude", "--ra-sampler": "--repeated-aug",
-    "--ra-reps": "--repeated-aug", "--random-erase": None, "--reprob": None, "--weights": "--finetune-from",
+    "--ra-reps": "--repeated-aug", "--reprob": "--random-erase", "--remode": None, "--weights": "--finetune-from",
     "--pretrained": "--finetune-from", "--accum-iter": None, "--grad-accum-steps": None, "-j": "--workers",
     "-b": "--batch-size", "--output-dir": "--out", "--output": "--out", "--model": "--arch",
     "--train-crop-size": "--image-size", "--val-resize-size": "--val-resize-ratio", "--val-crop-size": "--val-image-size",
     "--interpolation": None, "--norm-weight-decay": None, "--bias-weight-decay": None,
-    "--use-deterministic-algorithms": None,
+    "--use-deterministic-algorithms": None, "--lr-warmup-decay": "--warmup-start-factor",
+    "--warmup-lr": "--warmup-start-factor", "--lr-base-scale": "--lr-scaling",
 }
 # what each suggested before (issue 38, 6): a flag that merely shares letters
 MISLEADING = {"--opt": "--out", "--weights": "--class-weights", "--pretrained": "--image-size", "--model-ema": "--arch",
@@ -358,9 +359,22 @@ def test_flags_of_torchvision_references_and_timm_name_ours_or_say_we_lack_them(
         assert f"'{MISLEADING[flag]}'" not in message and "did you mean" not in message, message
 
 
+@pytest.mark.parametrize("argv", [["--aa", "trivialaugment"], ["--aa=trivialaugment"], ["--aa", "ta_wide"],
+                                  ["--auto-augment", "ta_wide"]])
+def test_trivial_augment_by_their_value_names_ours(argv):
+    """Issue 40: `--aa trivialaugment` (torchvision's `--auto-augment ta_wide`) is TrivialAugment, not the
+    RandAugment their flag otherwise means."""
+    with pytest.raises(UserError) as error:
+        train_flags(argv)
+    message = str(error.value)
+    assert "\n" not in message and "; use --trivial-augment: TrivialAugment-wide" in message, message
+    with pytest.raises(UserError, match="; use --randaugment-magnitude: .*TrivialAugment-wide is --trivial-augment"):
+        train_flags(["--aa", "rand-m9-mstd0.5"])
+
+
 @pytest.mark.parametrize("flag", ["--momentum", "--weight-decay", "--warmup-epochs", "--label-smoothing",
                                   "--mixup-alpha", "--cutmix-alpha", "--amp", "--channels-last", "--sync-bn",
-                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch"])
+                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch", "--random-erase"])
 def test_their_flags_spelled_as_ours_are_ours(flag):
     value = [] if flag in ("--amp", "--channels-last", "--sync-bn") else ["2" if flag != "--arch" else "resnet18"]
     train_flags([flag, *value])
