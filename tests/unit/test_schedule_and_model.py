@@ -157,3 +157,26 @@ def test_every_schedule_named_in_choices_is_checked_and_computed():
         recipe = with_fields(schedule=kind, epochs=10, warmup_epochs=1.0)
         lrs = [lr_at(recipe.schedule, 0.1, step, 10) for step in range(100)]
         assert all(math.isfinite(lr) for lr in lrs), kind
+
+
+def test_recipe_json_and_the_start_up_line_give_the_peak_lr_of_the_scaling_rule(tmp_path):
+    """What a run saves (recipe.json: global_batch, peak_lr) and the start-up line that names the changed fields
+    follow --lr-scaling sqrt: 4 processes x 64 = 256 images at 5e-3 per 2048 is 5e-3 x sqrt(1/8)."""
+    import dataclasses
+    import json
+    import math
+
+    from rn50.config.recipe import resolve
+    from rn50.config.run_settings import RunSettings
+    from rn50.reliability.lifecycle import startup_summary, write_run_files
+    from rn50.system.dist import DistEnv
+
+    config = resolve({"data": tmp_path, "out": tmp_path, "batch_size": 64, "optimizer": "lamb", "base_lr": 5e-3,
+                      "base_batch": 2048, "lr_scaling": "sqrt", "warmup_start_factor": 0.01}, run=RunSettings)
+    write_run_files(config, DistEnv(rank=0, world_size=4, local_rank=0, device=torch.device("cpu")), None)
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    assert saved["global_batch"] == 256 and saved["peak_lr"] == pytest.approx(5e-3 * math.sqrt(256 / 2048))
+    assert saved["optimisation"]["lr_scaling"] == "sqrt" and saved["schedule"]["warmup_start_factor"] == 0.01
+    first = startup_summary(dataclasses.replace(config, machine=config.machine.for_device("cpu")), config.machine,
+                            1000)[0]
+    assert 'lr_scaling="sqrt"' in first and "warmup_start_factor=0.01" in first, first
