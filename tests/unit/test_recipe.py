@@ -86,6 +86,62 @@ def test_python_m_rn50_recipe_prints_the_presets_resolved(monkeypatch, capsys):
     assert "batch_size = 192" in printed and "\nepochs = 4" in printed, printed
 
 
+@pytest.mark.parametrize("name", available_presets())
+def test_every_preset_loads_and_validates_through_python_m_rn50_recipe(name, monkeypatch, capsys, tmp_path):
+    """Issue 40: each preset in rn50/presets/ resolves and validates through the command users run to check one
+    (`python -m rn50.recipe --preset NAME`, which exits 2 with one line on an invalid value), and what it prints
+    reads back as the same recipe."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["rn50.recipe", "--preset", name])
+    runpy.run_module("rn50.recipe", run_name="__main__")  # a UserError or SystemExit fails the test
+    (tmp_path / "printed.toml").write_text(capsys.readouterr().out)
+    assert resolve({"preset": str(tmp_path / "printed.toml")}).recipe == resolve({"preset": name}).recipe
+
+
+# the published recipes: preset -> (its reported top-1, GPUs it is written for, peak LR there, global batch there)
+PUBLISHED = {"torchvision_v2": ("80.858%", 8, 0.5, 1024), "rsb_a1": ("80.4%", 8, 5e-3, 2048),
+             "rsb_a2": ("79.8%", 8, 5e-3, 2048), "rsb_a3": ("78.1%", 8, 8e-3, 2048),
+             "kd_lamb_610": ("81.9%", 8, 5e-3, 1536)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_recipes_cite_their_source_and_top1_and_give_its_lr_at_its_batch(name):
+    """Issue 40, 6: each cites where it comes from and the top-1 reported there, says which fields it cannot match,
+    and on the GPU count it is written for gives the source's global batch and LR."""
+    from rn50.config.recipe import PRESET_DIR
+
+    top1, gpus, peak, batch = PUBLISHED[name]
+    comment = "\n".join(line for line in (PRESET_DIR / f"{name}.toml").read_text().splitlines() if line.startswith("#"))
+    assert top1 in comment and "https://" in comment and "cannot match field for field" in comment, name
+    o = resolve({"preset": name}).recipe.optimisation
+    assert o.global_batch(gpus) == batch and o.peak_lr(gpus) == pytest.approx(peak)
+
+
+def test_the_published_recipes_fields_as_their_sources_give_them():
+    """The values that make each recipe what it is (the comments give the sources)."""
+    tv = resolve({"preset": "torchvision_v2"}).recipe
+    a, s, r = tv.augmentation, tv.schedule, tv.regularisation
+    assert (a.image_size, a.val_size, a.val_resize_to, a.trivial_augment, a.random_erase, a.repeated_aug) == \
+        (176, 224, 232, True, 0.1, 3)
+    assert (s.epochs, s.kind, s.warmup_epochs, s.warmup_start_factor, tv.optimisation.nesterov) == \
+        (600, "cosine", 5.0, 0.01, False)
+    assert (r.label_smoothing, r.mixup_alpha, r.cutmix_alpha, tv.optimisation.weight_decay) == (0.1, 0.2, 1.0, 2e-5)
+    assert r.ema_decay ** 32 == pytest.approx(1 - (1 - 0.99998) * 1024 * 32 / 600, abs=1e-7)  # torchvision's EMA
+    for name, epochs, magnitude, repeats, mixup, decay in (("rsb_a1", 600, 21, 3, 0.2, 0.01),
+                                                           ("rsb_a2", 300, 21, 3, 0.1, 0.02),
+                                                           ("rsb_a3", 100, 18, 1, 0.1, 0.02)):
+        rsb = resolve({"preset": name}).recipe
+        assert (rsb.schedule.epochs, rsb.augmentation.randaugment_magnitude, rsb.augmentation.repeated_aug,
+                rsb.regularisation.mixup_alpha, rsb.optimisation.weight_decay) == (epochs, magnitude, repeats, mixup,
+                                                                                   decay), name
+        assert (rsb.optimisation.optimizer, rsb.optimisation.lr_scaling, rsb.regularisation.label_smoothing,
+                rsb.augmentation.val_resize_to) == ("lamb", "sqrt", 0.0, 235), name
+    a3 = resolve({"preset": "rsb_a3"}).recipe.augmentation
+    assert (a3.image_size, a3.val_size) == (160, 224)
+
+
 def test_python_m_rn50_recipe_into_a_closed_pipe_ends_without_a_traceback(tmp_path):
     """Issue 38, 7: `python -m rn50.recipe | head -1` ended in a BrokenPipeError traceback. A pipe whose reader is
     gone before the first write (what `head -1` leaves) ends it quietly, exit 141 (128 + SIGPIPE, as `cat` ends)."""
