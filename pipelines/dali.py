@@ -116,10 +116,10 @@ def _after_decode(images, placement):
     return images.gpu() if placement == "hybrid" else images
 
 
-# DALI's own auto_aug (RandAugment, TrivialAugment) still calls fn.experimental.filter and fn.experimental.equalize, which
-# DALI itself deprecates: one DeprecationWarning per call, 4 per RandAugment graph (20 with magnitude_std),
-# about 70 lines of output that no user of ours can act on. DALI raises them under its own
-# `simplefilter("default")`, which overrides any filter of ours, so they are dropped where they are shown,
+# DALI's own auto_aug (RandAugment, TrivialAugment) still calls fn.experimental.filter and
+# fn.experimental.equalize, which DALI itself deprecates: one DeprecationWarning per call, 4 per RandAugment
+# graph (20 with magnitude_std), about 70 lines of output that no user of ours can act on. DALI raises them
+# under its own `simplefilter("default")`, which overrides any filter of ours, so they are dropped where shown,
 # these messages only, and only while an auto_aug graph is built.
 _DALI_AUTO_AUG_DEPRECATION = re.compile(
     r"WARNING: `nvidia\.dali\.fn\.experimental\.(filter|equalize)` is now deprecated")

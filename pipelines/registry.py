@@ -123,7 +123,8 @@ _KINDS = (
     LoaderKind("dali", "nvJPEG on the GPU (the A100/H100/H200 hardware decoder takes `hw_decoder_load` of the "
                        "images), fused with the random crop: only the crop's region is decoded; resize, jitter, "
                        "flip and normalise on the GPU",
-               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="gpu", trivial_augment=True,
+               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="gpu",
+               trivial_augment=True,
                needs_cuda="decodes on the GPU", auto_on="cuda", tag="GPU",
                advice_gpu=("raise --hw-decoder-load (A100/H100/H200 hardware JPEG decoder; 0.65-0.9 measured best "
                            "on H100)",
@@ -132,7 +133,8 @@ _KINDS = (
                            _SMALLER_JPEGS)),
     LoaderKind("dali-hybrid", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop; resize, "
                               "jitter, flip and normalise on the GPU",
-               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="hybrid", trivial_augment=True,
+               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="hybrid",
+               trivial_augment=True,
                needs_cuda="resizes, jitters and normalises on the GPU", decodes_by_content=True,
                tag="CPU decode, GPU augment",
                advice_gpu=("switch to the GPU decoder (--loader dali) where the GPU has a hardware JPEG decoder "
@@ -142,7 +144,8 @@ _KINDS = (
                            _SMALLER_JPEGS)),
     LoaderKind("dali-cpu", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop, and every "
                            "other operator on the CPU too, then one copy to the device",
-               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="cpu", trivial_augment=True,
+               "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="cpu",
+               trivial_augment=True,
                decodes_by_content=True, auto_on="cpu",
                advice_gpu=("switch to the GPU pipeline (--loader dali): nvJPEG and the hardware decoder take "
                            "decoding off the CPU", _DALI_THREADS, _SMALLER_JPEGS),

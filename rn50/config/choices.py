@@ -1,6 +1,6 @@
 """The recipe's named choices, one list each: the LR schedules (rn50.core.schedule.lr_at implements each),
-the optimizers (rn50.core.optim builds each) and the LR scaling rules (Optimisation.peak_lr applies each). The recipe's help and check (config/recipe.py) and the
-names users bring (config/names.py) read them here."""
+the optimizers (rn50.core.optim builds each) and the LR scaling rules (Optimisation.peak_lr applies each). The
+recipe's help and check (config/recipe.py) and the names users bring (config/names.py) read them here."""
 
 from __future__ import annotations
 
