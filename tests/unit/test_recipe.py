@@ -471,7 +471,10 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
     ramp = [line for line in lines if re.search(r"warn|scal", line, re.I) and re.search(r"ramp|resolution", line, re.I)]
     assert len(ramp) == 1 and "every epoch trains at 160 px" in ramp[0], lines
     short = epoch_plan(with_fields(epochs=2))  # the 90-epoch recipe cut to 2: warm-up 5, milestones 30, 60, 80
-    assert any(line.startswith("warning: the warm-up (5 epochs) outlasts this run's 2 epochs") for line in short)
+    assert any(line.startswith("warning: the warm-up (5 epochs) outlasts this run's 2 epochs: the LR rises to "
+                               "about 40% of its peak") for line in short)
+    # issue 40: from 0.5 x the peak, 2 of 5 warm-up epochs reach 0.5 + 0.5 x 2/5 of it
+    assert "rises to about 70% of its peak" in epoch_plan(with_fields(epochs=2, warmup_start_factor=0.5))[0]
     assert any(line.startswith("warning: LR milestones at epochs 30, 60, 80 lie beyond") for line in short)
     assert epoch_plan(Recipe()) == []  # the full recipe holds every part
     assert epoch_plan(with_fields(epochs=90, lr_milestones=(30.0, 60.0, 90.0)))[0].startswith(
