@@ -4,7 +4,6 @@ augment: real DALI CPU operators, the torchvision loader's transforms, torchvisi
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 from pipelines import build_loader
 from pipelines.erasing import RATIO, SCALE, TRIES, erase, erase_boxes
 from pipelines.errors import UserError
-from pipelines.folder import list_split
 
 SIZE = 32
 AREA = SIZE * SIZE
@@ -131,16 +129,6 @@ def test_dali_erasing_resumes_exactly(data_dir):
     resumed.load_state_dict(state)
     again = [x.clone() for x, _ in resumed]
     assert len(again) == len(rest) and all(torch.equal(a, b) for a, b in zip(again, rest))
-
-
-@pytest.fixture()
-def one_image_data(data_dir, tmp_path):
-    """Eight copies of one JPEG: whatever differs between the outputs is augmentation."""
-    source = list_split(str(data_dir), "train").files[0]
-    (tmp_path / "train" / "c0").mkdir(parents=True)
-    for i in range(8):
-        shutil.copy(source, tmp_path / "train" / "c0" / f"{i}.JPEG")
-    return tmp_path
 
 
 @pytest.mark.parametrize("kind", ["dali-cpu", "torchvision"])
