@@ -85,6 +85,10 @@ def build_loader(kind: str, split: str, data_dir, *, batch_size: int, image_size
             and (aug.randaugment_magnitude > 0 or aug.repeated_aug > 1):
         raise UserError(f"RandAugment and repeated augmentation run inside the DALI pipelines; use --loader "
                         f"{or_list(kinds(dali=True))} with them, or drop --randaugment-magnitude/--repeated-aug")
+    if record.reads_images and not record.trivial_augment and split == "train" and aug.trivial_augment:
+        raise UserError(f"TrivialAugment runs per image in the DALI pipelines and the torchvision loader's workers, "
+                        f"not in the {kind} loader's batched ops; use --loader "
+                        f"{or_list(kinds(trivial_augment=True))} with --trivial-augment, or drop it")
     settings = replace(settings or LoaderSettings(), **setting_fields).validate()
     settings = replace(settings, workers=settings.resolved_workers())
     dtype = dtype or torch.float32  # the model's own dtype: right whenever autocast is off

@@ -35,6 +35,10 @@ class Augmentation:
     randaugment_magnitude: int = opt(0, "RandAugment inside the DALI pipeline (e.g. 7, of 30); 0: off")
     randaugment_layers: int = opt(2, "RandAugment: operations per image")
     randaugment_magnitude_std: float = opt(0.0, "RandAugment: random spread of the magnitude per image")
+    trivial_augment: bool = opt(False, "TrivialAugment-wide: one random operation per image at a random strength "
+                                       "(DALI's auto_aug, torchvision's TrivialAugmentWide); not with RandAugment")
+    random_erase: float = opt(0.0, "random erasing: the probability per image of zeroing one rectangle (2-33% of the "
+                                   "crop, aspect 0.3-3.3) after normalisation, torchvision's RandomErasing; 0: off")
     repeated_aug: int = opt(1, "each image k times per epoch's stream, augmented independently (DALI loaders)")
     val_resize_ratio: float = opt(0.875, "validation: resize shorter side to val size / ratio, centre crop")
     # progressive resizing (FFCV's): low resolution for most of the run, a ramp up to max_res late
@@ -86,6 +90,11 @@ class Augmentation:
         return int(self.val_size / self.val_resize_ratio)
 
     @property
+    def auto_augment(self) -> bool:
+        """RandAugment or TrivialAugment is on: DALI builds them with conditionals (one branch per operation)."""
+        return self.randaugment_magnitude > 0 or self.trivial_augment
+
+    @property
     def jitter_range(self) -> tuple[float, float]:
         """The range brightness, contrast and saturation factors are drawn from: [max(0, 1 - s), 1 + s] for
         strength s, torchvision's ColorJitter's (a factor below 0 is no colour at all); every loader's."""
@@ -132,4 +141,10 @@ class Augmentation:
         if self.randaugment_layers < 1 or self.randaugment_magnitude_std < 0:
             raise UserError(f"randaugment_layers must be at least 1 and randaugment_magnitude_std not negative, got "
                             f"{self.randaugment_layers} and {self.randaugment_magnitude_std}")
+        if self.trivial_augment and self.randaugment_magnitude > 0:
+            raise UserError("trivial_augment and randaugment_magnitude are two automatic augmentation policies, one "
+                            "per run: drop --trivial-augment or set --randaugment-magnitude 0")
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise UserError(f"random_erase is a probability per image in [0, 1] (0: off; torchvision's recipe: 0.1), "
+                            f"got {self.random_erase}")
         return self

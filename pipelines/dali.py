@@ -25,8 +25,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from pipelines.augmentation import MEAN, STD, Augmentation
+from pipelines.augmentation import MEAN, RANDAUGMENT_MAX, STD, Augmentation
 from pipelines.decode_probe import probe_fused_decode, probe_images
+from pipelines.erasing import dali_erase
 from pipelines.errors import UserError
 from pipelines.loader import DaliCheckpoint
 from pipelines.profiler_ranges import named_range
@@ -34,7 +35,7 @@ from pipelines.profiler_ranges import named_range
 try:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
-    from nvidia.dali.auto_aug import rand_augment
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError:  # reported when a DALI loader is asked for, so other loaders work without DALI
     fn = None
@@ -115,11 +116,11 @@ def _after_decode(images, placement):
     return images.gpu() if placement == "hybrid" else images
 
 
-# DALI's own auto_aug (RandAugment) still calls fn.experimental.filter and fn.experimental.equalize, which
-# DALI itself deprecates: one DeprecationWarning per call, 4 per RandAugment graph (20 with magnitude_std),
-# about 70 lines of output that no user of ours can act on. DALI raises them under its own
-# `simplefilter("default")`, which overrides any filter of ours, so they are dropped where they are shown,
-# these messages only, and only while the RandAugment graph is built.
+# DALI's own auto_aug (RandAugment, TrivialAugment) still calls fn.experimental.filter and
+# fn.experimental.equalize, which DALI itself deprecates: one DeprecationWarning per call, 4 per RandAugment
+# graph (20 with magnitude_std), about 70 lines of output that no user of ours can act on. DALI raises them
+# under its own `simplefilter("default")`, which overrides any filter of ours, so they are dropped where shown,
+# these messages only, and only while an auto_aug graph is built.
 _DALI_AUTO_AUG_DEPRECATION = re.compile(
     r"WARNING: `nvidia\.dali\.fn\.experimental\.(filter|equalize)` is now deprecated")
 
@@ -147,6 +148,14 @@ def _rand_augment(images, layers: int, magnitude: int, magnitude_std: float):
     five values, m-2..m+2: one RandAugment branch each, chosen per sample by a DALI conditional."""
     with _QuietAutoAugDeprecations():
         return _rand_augment_graph(images, layers, magnitude, magnitude_std)
+
+
+def _trivial_augment(images):
+    """DALI's TrivialAugment-wide on uint8 HWC images, as torchvision's TrivialAugmentWide: 31 magnitude bins,
+    shifts of up to 32 px, and what the affine operations uncover filled with black (torchvision's fill, where
+    DALI's default is grey)."""
+    with _QuietAutoAugDeprecations():
+        return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=RANDAUGMENT_MAX + 1, fill_value=0)
 
 
 def _rand_augment_graph(images, layers: int, magnitude: int, magnitude_std: float):
@@ -182,6 +191,8 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
     if aug.randaugment_magnitude > 0:
         images = _rand_augment(images, aug.randaugment_layers, aug.randaugment_magnitude,
                                aug.randaugment_magnitude_std)
+    if aug.trivial_augment:
+        images = _trivial_augment(images)
     if aug.color_jitter > 0:
         strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
         images = fn.color_twist(
@@ -191,6 +202,8 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
             saturation=fn.random.uniform(range=strength),
         )
     images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip), normalize=aug.normalize)
+    if aug.random_erase > 0:  # last, on the normalised pixels, as torchvision's RandomErasing (pipelines.erasing)
+        images = dali_erase(images, aug.random_erase, size)
     return images, _labels(labels, placement)
 
 
@@ -296,7 +309,7 @@ class DaliBase(DaliCheckpoint):
             seed=seed * 1000 + rank,
             prefetch_queue_depth=prefetch,
             enable_checkpointing=True,
-            enable_conditionals=self.training and aug.randaugment_magnitude > 0,  # RandAugment needs them
+            enable_conditionals=self.training and aug.auto_augment,  # RandAugment and TrivialAugment need them
         )
         # what the harness reports as the decode path it measured (fused ROI decode or decode-then-crop)
         self.decode = describe_decode(self.training, placement, fused_decode, hw_decoder_load)

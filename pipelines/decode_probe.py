@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     try:
         pipe = pipeline_def(lambda: define(files, [0] * len(files), **options), batch_size=BATCH, num_threads=1,
                             device_id=device_id, seed=0,
-                            enable_conditionals=aug.randaugment_magnitude > 0)()  # RandAugment needs them
+                            enable_conditionals=aug.auto_augment)()  # RandAugment and TrivialAugment need them
         pipe.build()
         for _ in range(-(-len(files) // BATCH)):
             pipe.run()

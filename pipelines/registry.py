@@ -65,6 +65,9 @@ class LoaderKind:
     needs_cuda: str | None = None  # what it does on the GPU, for the error without CUDA; None: runs on the CPU
     decodes_by_content: bool = False  # reads CMYK JPEGs and PNG/BMP/TIFF/WebP behind a .JPEG name (pre-flight)
     reads_images: bool = True  # False: synthetic batches (the harness's ceiling, not a loader it compares)
+    # TrivialAugment-wide per image (DALI's auto_aug, torchvision's TrivialAugmentWide in the worker processes);
+    # random erasing runs in every kind that reads images
+    trivial_augment: bool = False
     # the epoch order is one global permutation whatever the world size (pipelines.order): a change of world
     # size continues the interrupted epoch (rn50.reliability.lifecycle.resume_point); the others restart it
     elastic: bool = False
@@ -121,6 +124,7 @@ _KINDS = (
                        "images), fused with the random crop: only the crop's region is decoded; resize, jitter, "
                        "flip and normalise on the GPU",
                "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="gpu",
+               trivial_augment=True,
                needs_cuda="decodes on the GPU", auto_on="cuda", tag="GPU",
                advice_gpu=("raise --hw-decoder-load (A100/H100/H200 hardware JPEG decoder; 0.65-0.9 measured best "
                            "on H100)",
@@ -130,6 +134,7 @@ _KINDS = (
     LoaderKind("dali-hybrid", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop; resize, "
                               "jitter, flip and normalise on the GPU",
                "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="hybrid",
+               trivial_augment=True,
                needs_cuda="resizes, jitters and normalises on the GPU", decodes_by_content=True,
                tag="CPU decode, GPU augment",
                advice_gpu=("switch to the GPU decoder (--loader dali) where the GPU has a hardware JPEG decoder "
@@ -140,6 +145,7 @@ _KINDS = (
     LoaderKind("dali-cpu", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop, and every "
                            "other operator on the CPU too, then one copy to the device",
                "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="cpu",
+               trivial_augment=True,
                decodes_by_content=True, auto_on="cpu",
                advice_gpu=("switch to the GPU pipeline (--loader dali): nvJPEG and the hardware decoder take "
                            "decoding off the CPU", _DALI_THREADS, _SMALLER_JPEGS),
@@ -156,6 +162,7 @@ _KINDS = (
     LoaderKind("torchvision", "PIL and torchvision transforms in `workers` DataLoader processes, then one copy to "
                               "the device",
                "pipelines.torchvision_loader:TorchvisionLoader", decodes_by_content=True, elastic=True,
+               trivial_augment=True,
                **_switch_first("switch to DALI (--loader dali on GPU, dali-cpu otherwise): threads scale better "
                                "than worker processes",
                                "switch to DALI's CPU pipeline (--loader dali-cpu): threads scale better than worker "
@@ -199,11 +206,12 @@ def or_list(names) -> str:
 def markdown_table() -> str:
     """docs/loaders.md's table of the loader kinds, as the registry has them."""
     yes = lambda flag: "yes" if flag else "no"  # noqa: E731
-    lines = ["| loader | what it does | needs CUDA | decodes by content | RandAugment, repeated aug | reads shards "
-             "| elastic |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| loader | what it does | needs CUDA | decodes by content | RandAugment, repeated aug | TrivialAugment "
+             "| reads shards | elastic |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| `{k.name}` | {k.description} | {'yes: ' + k.needs_cuda if k.needs_cuda else 'no'} | "
               f"{yes(k.decodes_by_content) if k.reads_images else 'n/a'} | "
-              f"{yes(k.dali) if k.reads_images else 'n/a'} | {yes(k.reads_shards)} | {yes(k.elastic)} |"
+              f"{yes(k.dali) if k.reads_images else 'n/a'} | {yes(k.trivial_augment) if k.reads_images else 'n/a'} | "
+              f"{yes(k.reads_shards)} | {yes(k.elastic)} |"
               for k in _KINDS]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ Validation: libjpeg-turbo (`decode_jpeg` on the CPU, in the threads) -> resize a
 
 With the CPU as the device (no CUDA) the same code runs, decoding in the threads. A background thread
 prepares `prefetch` batches ahead on its own CUDA stream, so decoding overlaps the training step. Crops,
-flips and jitter are drawn from a generator seeded by (seed, rank, epoch, batch), so a resumed epoch
+flips, jitter and erased regions are drawn from a generator seeded by (seed, rank, epoch, batch), so a resumed epoch
 continues with the very augmentations it would have had. Sharding is the torchvision baseline's: the same
 DistributedSampler order, every rank the same number of full training batches, every validation image once.
 """
@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
 
 from pipelines.augmentation import Augmentation
+from pipelines.erasing import erase, erase_boxes
 from pipelines.errors import UserError
 from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
@@ -279,9 +280,12 @@ class TorchvisionGpuLoader(EpochPosition):
             images = self._decode(ids)
             heights = torch.tensor([image.shape[1] for image in images])  # shapes are known on the host
             widths = torch.tensor([image.shape[2] for image in images])
-            pixels = self._training_pixels(images, heights, widths, self._generator(epoch, number), image_size) \
+            generator = self._generator(epoch, number) if self.training else None
+            pixels = self._training_pixels(images, heights, widths, generator, image_size) \
                 if self.training else self._validation_pixels(images, heights, widths, image_size)
             pixels = ((pixels - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            if self.training and self._aug.random_erase > 0:  # on the normalised pixels, as torchvision's
+                erase(pixels, erase_boxes(len(ids), image_size, image_size, self._aug.random_erase, generator))
             labels = labels.to(self.device, non_blocking=True)
             ready = None
             if self._stream is not None:

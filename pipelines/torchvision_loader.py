@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipelines.augmentation import Augmentation
+from pipelines.erasing import RATIO, SCALE
 from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
 from pipelines.order import GlobalOrder, ValidationShard
@@ -24,15 +25,23 @@ from pipelines.shards import ShardList, describe_source
 
 
 def training_transform(aug: Augmentation) -> v2.Compose:
+    """Crop, flip, TrivialAugment (after the flip, as torchvision's reference script; DALI flips last, which the
+    flip's symmetry makes the same distribution), colour jitter, normalisation, then random erasing on the
+    normalised pixels (torchvision's RandomErasing, the rule pipelines.erasing follows for the other loaders)."""
     steps = [
         v2.PILToTensor(),
         v2.RandomResizedCrop(aug.image_size, scale=aug.crop_area, ratio=aug.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(p=aug.hflip),
     ]
+    if aug.trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
     if aug.color_jitter > 0:
         strength = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)])
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
+    if aug.random_erase > 0:
+        steps.append(v2.RandomErasing(p=aug.random_erase, scale=SCALE, ratio=RATIO, value=0))
+    return v2.Compose(steps)
 
 
 def validation_transform(aug: Augmentation) -> v2.Compose:

@@ -328,7 +328,7 @@ class Trainer:
             "compile_s": sum(compiles) if compiles else None,  # --compile: never counted in img/s
             "wall_s": self.elapsed(),
             "world_size": self.env.world_size,
-            "global_batch": recipe.optimisation.batch_size * self.env.world_size,
+            "global_batch": recipe.optimisation.global_batch(self.env.world_size),
             "peak_lr": self.peak_lr,
             "peak_lr_reached": self.peak_lr_reached,  # below peak_lr when the warm-up outlasts the run
             "dataset": {"train_images": self.train_loader.num_samples,

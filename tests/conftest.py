@@ -128,6 +128,21 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture()
+def one_image_data(data_dir, tmp_path):
+    """Eight copies of one JPEG in one class (train and val): whatever differs between outputs is augmentation."""
+    import shutil
+
+    from pipelines.folder import list_split
+
+    source = list_split(str(data_dir), "train").files[0]
+    for split in ("train", "val"):
+        (tmp_path / split / "c0").mkdir(parents=True)
+        for i in range(8):
+            shutil.copy(source, tmp_path / split / "c0" / f"{i}.JPEG")
+    return tmp_path
+
+
 @pytest.fixture
 def uninitialised_memory_is_nan():
     """torch.empty and empty_like return NaN-filled memory (deterministic mode fills what they allocate), so a

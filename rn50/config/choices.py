@@ -1,6 +1,6 @@
-"""The recipe's named choices, one list each: the LR schedules (rn50.core.schedule.lr_at implements each)
-and the optimizers (rn50.core.optim builds each). The recipe's help and check (config/recipe.py) and the
-names users bring (config/names.py) read them here."""
+"""The recipe's named choices, one list each: the LR schedules (rn50.core.schedule.lr_at implements each),
+the optimizers (rn50.core.optim builds each) and the LR scaling rules (Optimisation.peak_lr applies each). The
+recipe's help and check (config/recipe.py) and the names users bring (config/names.py) read them here."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ OPTIMIZERS = {
     "sgd": "Nesterov",
     "adamw": "torch",
     "lamb": "timm's",
+}
+
+LR_SCALINGS = {
+    "linear": "peak = base_lr x global_batch / base_batch, Goyal et al.'s rule for SGD",
+    "sqrt": "peak = base_lr x sqrt(global_batch / base_batch), timm's --lr-base-scale sqrt, for AdamW and LAMB",
 }
 
 

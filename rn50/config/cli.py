@@ -68,8 +68,10 @@ def parse_strict(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
     if unknown:
         flags = [o for a in parser._actions for o in a.option_strings]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        name = bad.split("=")[0]
-        known = foreign_flag(name, flags)
+        name, _, value = bad.partition("=")
+        after = unknown[unknown.index(bad) + 1:]
+        value = value or (after[0] if after and not after[0].startswith("-") else None)  # `--aa trivialaugment`
+        known = foreign_flag(name, flags, value)
         if known:
             raise UserError(known)
         raise UserError(f"unknown argument {bad!r}{_suggest(name, flags)}")

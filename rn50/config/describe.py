@@ -33,9 +33,11 @@ def epoch_plan(recipe: Recipe) -> list[str]:
                          f"{aug.end_ramp}) lies beyond this run's {epochs}: {reached} {sizes[-1]} px; "
                          f"scale it down with --start-ramp and --end-ramp below {s.epochs}")
     if s.warmup_epochs >= s.epochs and s.warmup_epochs > 0:
+        start = s.warmup_start_factor  # the ramp rn50.core.schedule.lr_at climbs, from start x the peak
+        reached = start + (1 - start) * min(1.0, s.epochs / s.warmup_epochs)
         lines.append(f"warning: the warm-up ({s.warmup_epochs:g} epoch{'s' if s.warmup_epochs != 1 else ''}) outlasts this run's "
                      f"{epochs}: the LR "
-                     f"rises to about {min(1.0, s.epochs / s.warmup_epochs):.0%} of its peak and never decays; "
+                     f"rises to about {reached:.0%} of its peak and never decays; "
                      f"scale it down with --warmup-epochs below {s.epochs}")
     beyond = [m for m in s.lr_milestones if m >= s.epochs]
     if s.kind == "step" and beyond:

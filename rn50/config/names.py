@@ -21,12 +21,12 @@ _LR = ("--base-lr", "ours is the LR per 256 images, scaled by the global batch (
                     "is the LR of the whole global batch)")
 _EMA = ("--ema-decay", "the EMA is on when --ema-decay is above 0 (e.g. 0.9998), updated after every optimizer step")
 _RANDAUG = ("--randaugment-magnitude", "RandAugment inside the DALI pipelines (e.g. --randaugment-magnitude 9 "
-                                       "--randaugment-layers 2); AutoAugment's other policies are not available")
+                                       "--randaugment-layers 2); TrivialAugment-wide is --trivial-augment; "
+                                       "AutoAugment's other policies are not available")
+_TRIVIAL = ("--trivial-augment", "TrivialAugment-wide per image (the DALI loaders and --loader torchvision)")
 _REPEATED = ("--repeated-aug", "each image k times per epoch, augmented independently (DALI loaders), e.g. 3")
 _CLIP = (None, "gradient clipping; against an unstable start, a longer --warmup-epochs or a lower --base-lr")
 _ACCUM = (None, "gradient accumulation; the global batch is --batch-size x the processes, and the LR follows it")
-_ERASE = (None, "random erasing; the regularisers we have are --mixup-alpha, --cutmix-alpha and "
-                "--randaugment-magnitude")
 _INTERP = (None, "every loader resizes with antialiased bilinear interpolation (torchvision's default)")
 _NO_DECAY = (None, "BN parameters and biases never get weight decay here; --weight-decay sets that of the "
                    "conv and linear weights")
@@ -39,10 +39,12 @@ FOREIGN = {
     "--wd": (TV, "--weight-decay", "never applied to BN parameters and biases here"),
     "--lr-scheduler": (TV, "--schedule", listed(SCHEDULES, described=False)),
     "--sched": (TIMM, "--schedule", listed(SCHEDULES, described=False)),
-    "--lr-warmup-epochs": (TV, "--warmup-epochs", "a linear warmup from 0, updated every step"),
-    "--lr-warmup-method": (TV, None, "the warm-up is linear from 0 (--warmup-epochs)"),
-    "--lr-warmup-decay": (TV, None, "the warm-up starts from 0 (--warmup-epochs)"),
-    "--warmup-lr": (TIMM, None, "the warm-up starts from 0 (--warmup-epochs)"),
+    "--lr-warmup-epochs": (TV, "--warmup-epochs", "a linear warmup from --warmup-start-factor x the peak LR (0 by "
+                                                  "default), updated every step"),
+    "--lr-warmup-method": (TV, None, "the warm-up is linear (--warmup-epochs), from --warmup-start-factor x the peak"),
+    "--lr-warmup-decay": (TV, "--warmup-start-factor", "the same fraction of the peak LR the warm-up starts from"),
+    "--warmup-lr": (TIMM, "--warmup-start-factor", "ours is a fraction of the peak LR, not an LR: their --warmup-lr "
+                                                   "divided by the peak LR"),
     "--lr-step-size": (TV, "--lr-milestones", "the epochs where the LR drops (e.g. 30,60,80), not a period"),
     "--decay-epochs": (TIMM, "--lr-milestones", "the epochs where the LR drops (e.g. 30,60,80), not a period"),
     "--decay-milestones": (TIMM, "--lr-milestones", "the epochs where the LR drops (e.g. 30,60,80)"),
@@ -51,6 +53,8 @@ FOREIGN = {
     "--lr-min": (TV, "--min-lr", "cosine: the LR at the end of the cosine phase"),
     "--lr-base": (TIMM, "--base-lr", "the same rule: the LR per --base-batch images, scaled by the global batch"),
     "--lr-base-size": (TIMM, "--base-batch", "the global batch at which --base-lr applies"),
+    "--lr-base-scale": (TIMM, "--lr-scaling", "linear | sqrt: how --base-lr scales from --base-batch to the global "
+                                              "batch"),
     "--patience-epochs": (TIMM, "--plateau-patience", "--schedule plateau: epochs without improvement"),
     "--smoothing": (TIMM, "--label-smoothing", ""),
     "--mixup": (TIMM, "--mixup-alpha", ""),
@@ -70,10 +74,11 @@ FOREIGN = {
     "--ra-sampler": (TV, *_REPEATED),
     "--ra-reps": (TV, *_REPEATED),
     "--aug-repeats": (TIMM, *_REPEATED),
-    "--random-erase": (TV, *_ERASE),
-    "--reprob": (TIMM, *_ERASE),
-    "--remode": (TIMM, *_ERASE),
-    "--recount": (TIMM, *_ERASE),
+    "--reprob": (TIMM, "--random-erase", "the probability per image; the rectangle is 0 after normalisation "
+                                         "(timm's --remode const)"),
+    "--remode": (TIMM, None, "random erasing (--random-erase) sets the rectangle to 0 after normalisation, timm's "
+                             "--remode const"),
+    "--recount": (TIMM, None, "random erasing (--random-erase) erases one rectangle per image, timm's --recount 1"),
     "--initial-checkpoint": (TIMM, "--finetune-from", "start from this file (a torchvision .pth or our checkpoint; a "
                                                       "classifier of another size is replaced); torchvision's weights "
                                                       "by name: --weights NAME or --pretrained"),
@@ -119,6 +124,14 @@ FOREIGN = {
     "--log-wandb": (TIMM, "--tracker", "--tracker wandb (or mlflow)"),
 }
 
+# their flag with a value that one flag of ours is (the value compared as `plain` spells it): `--aa trivialaugment`;
+# docs/reference.md's last table lists them beside FOREIGN
+FOREIGN_VALUES = {
+    ("--auto-augment", "ta_wide"): (TV, *_TRIVIAL),
+    ("--aa", "trivialaugment"): (TIMM, *_TRIVIAL),
+    ("--aa", "ta_wide"): (TIMM, *_TRIVIAL),
+}
+
 
 def plain(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
@@ -139,7 +152,8 @@ USER_NAMES = {
                      "nthreads"), ("--workers", "torchvision loaders; the DALI loaders take --dali-threads")),
     **dict.fromkeys(("epoch", "numepochs", "nepochs", "maxepochs", "trainepochs", "numtrainepochs"),
                     ("--epochs", "")),
-    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"), ("--warmup-epochs", "a linear warmup from 0")),
+    **dict.fromkeys(("warmup", "lrwarmup", "warmupepoch"),
+                    ("--warmup-epochs", "a linear warmup from --warmup-start-factor x the peak LR, 0 by default")),
     **dict.fromkeys(("model", "network", "net", "architecture", "backbone"), ("--arch", "resnet18 ... resnet152")),
     **dict.fromkeys(("imgsize", "imsize", "resolution", "res", "size", "inputsize", "cropsize", "trainsize",
                      "trainresolution"), ("--image-size", "")),
@@ -157,10 +171,14 @@ USER_NAMES = {
 }
 
 
-def foreign_flag(name: str, flags) -> str | None:
+def foreign_flag(name: str, flags, value: str | None = None) -> str | None:
     """The message for a flag of another script that we know (FOREIGN): ours and what to know, or that we
     do not have it (yet) and the nearest thing we have; None for other names. Where ours is a flag this
-    command (its `flags`) does not take, it says so rather than guess at another."""
+    command (its `flags`) does not take, it says so rather than guess at another. `value`: the value given
+    with it, where that value is one flag of ours (FOREIGN_VALUES: `--aa trivialaugment`)."""
+    for (flag, theirs), (source, ours, note) in FOREIGN_VALUES.items():
+        if flag == name.replace("_", "-") and value and plain(value) == plain(theirs):
+            return f"{name} {value} is a flag of {source}; use {ours}: {note}"
     found = FOREIGN_BY_FLAG.get(name.replace("_", "-"))  # as spelled; else `--Opt`, but `--LR` is a habit's
     source, ours, note = found or (FOREIGN_BY_PLAIN.get(plain(name)) if plain(name) not in USER_NAMES else None) \
         or (None, None, "")

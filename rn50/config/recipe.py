@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipelines.augmentation import Augmentation, opt
-from rn50.config.choices import OPTIMIZERS, SCHEDULES, listed
+from rn50.config.choices import LR_SCALINGS, OPTIMIZERS, SCHEDULES, listed
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
 from rn50.config.names import closest, foreign_key
@@ -56,20 +57,29 @@ class Optimisation:
     """batch_size is per GPU (per process); the LR scales with the global batch."""
     batch_size: int = opt(256, "images per GPU (per process)")
     optimizer: str = opt("sgd", listed(OPTIMIZERS))
-    base_lr: float = opt(0.1, "peak LR = base_lr * global_batch / base_batch (linear scaling rule)")
+    base_lr: float = opt(0.1, "the peak LR at base_batch; other global batches scale it by lr_scaling")
     base_batch: int = opt(256, "the global batch at which base_lr applies")
+    lr_scaling: str = opt("linear", listed(LR_SCALINGS))
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "SGD with Nesterov momentum")
     weight_decay: float = opt(1e-4, "on conv and linear weights only (none on BN parameters and biases)")
 
+    def global_batch(self, world_size: int) -> int:
+        """The images of one optimizer step over all processes: the one place the global batch is computed."""
+        return self.batch_size * world_size
+
     def peak_lr(self, world_size: int) -> float:
-        return self.base_lr * self.batch_size * world_size / self.base_batch
+        """base_lr scaled from base_batch to this run's global batch by the lr_scaling rule (LR_SCALINGS)."""
+        ratio = self.global_batch(world_size) / self.base_batch
+        return self.base_lr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
 
 
 @dataclass(frozen=True)
 class Schedule:
     epochs: int = opt(90, "training epochs")
-    warmup_epochs: float = opt(5.0, "linear from 0 to the peak, updated every step")
+    warmup_epochs: float = opt(5.0, "linear from warmup_start_factor x the peak to the peak, updated every step")
+    warmup_start_factor: float = opt(0.0, "the warm-up's first LR as a fraction of the peak (torchvision's "
+                                          "--lr-warmup-decay, e.g. 0.01); 0: the warm-up starts from 0")
     kind: str = opt("step", listed(SCHEDULES), flat="schedule")
     lr_milestones: tuple[float, ...] = opt((30.0, 60.0, 80.0), "epochs where the LR is multiplied by lr_decay")
     lr_decay: float = opt(0.1, "step schedule: LR multiplier at each milestone")
@@ -138,6 +148,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         checks = (("optimizer", self.optimisation.optimizer, tuple(OPTIMIZERS)),
                   ("schedule", self.schedule.kind, tuple(SCHEDULES)),
+                  ("lr_scaling", self.optimisation.lr_scaling, tuple(LR_SCALINGS)),
                   ("amp_dtype", self.precision.amp_dtype, ("float16", "bfloat16")),
                   ("class_weights", self.regularisation.class_weights, ("none", "balanced")))
         for name, value, allowed in checks:
@@ -161,6 +172,9 @@ class Recipe:
                             "a file")
         if s.kind == "linear" and s.warmup_epochs >= s.epochs:
             raise UserError(f"the linear schedule needs epochs ({s.epochs}) > warmup_epochs ({s.warmup_epochs})")
+        if not 0.0 <= s.warmup_start_factor <= 1.0:
+            raise UserError(f"warmup_start_factor is a fraction of the peak LR in [0, 1] (torchvision's "
+                            f"--lr-warmup-decay 0.01 is 0.01), got {s.warmup_start_factor}")
         if list(s.lr_milestones) != sorted(s.lr_milestones):
             raise UserError(f"lr_milestones must be increasing, got {list(s.lr_milestones)}")
         self.augmentation.validate()

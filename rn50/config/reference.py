@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import typing
 
-from rn50.config.names import FOREIGN
+from rn50.config.names import FOREIGN, FOREIGN_VALUES
 from rn50.config.recipe import MACHINE_FIELDS, RECIPE_FIELDS, SHORTHANDS, available_presets, read_preset
 
 COMMAND = "python -m rn50.config.reference > docs/reference.md"
@@ -118,7 +118,8 @@ def reference() -> str:
         "",
         "| their flag | from | ours | what to know |", "|---|---|---|---|",
     ]
-    for flag, (source, ours, note) in sorted(FOREIGN.items(), key=lambda item: item[0].lstrip("-").lower()):
+    rows = {**FOREIGN, **{f"{flag} {value}": found for (flag, value), found in FOREIGN_VALUES.items()}}
+    for flag, (source, ours, note) in sorted(rows.items(), key=lambda item: item[0].lstrip("-").lower()):
         ours_cell = ours if ours and ours.startswith("`") else f"`{ours}`" if ours else "not available (yet)"
         lines.append(f"| `{flag}` | {_cell(source)} | {_cell(ours_cell)} | {_cell(note)} |")
     lines.append("")

@@ -64,8 +64,8 @@ class RunSettings:
                                         metavar="FIELD[,FIELD]")
     reshard: bool = _run_opt(False, RESHARD_HELP, action="store_true")
     elastic_lr: str = _run_opt("scale", "when the world size changes on resume (an elastic change or --reshard): "
-                                        "scale: the peak LR follows the new global batch (the linear scaling "
-                                        "rule); keep: it stays the one the run trained with",
+                                        "scale: the peak LR follows the new global batch (by the recipe's "
+                                        "lr_scaling); keep: it stays the one the run trained with",
                                choices=("scale", "keep"))
     checkpoint_every: int = _run_opt(0, "also checkpoint every STEPS steps, or every TIME of training (30s, 10m, "
                                         "2h; with the loader state: exact mid-epoch resume)", type=parse_every,

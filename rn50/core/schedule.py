@@ -1,4 +1,5 @@
-"""The learning rate as a pure function of (schedule, peak LR, step): linear warmup from 0, then step decay,
+"""The learning rate as a pure function of (schedule, peak LR, step): linear warmup from warmup_start_factor x
+the peak (0 by default; torchvision's --lr-warmup-decay), then step decay,
 cosine, or linear down to 0 at the last epoch (FFCV's "cyclic" schedule: up, then straight down).
 
 The plateau schedule is the one exception: it scales this function by a multiplier that
@@ -20,12 +21,14 @@ def lr_at(schedule: Schedule, peak: float, step: int, steps_per_epoch: int) -> f
     Optimisation.peak_lr(world_size).
 
     Updated every step, not every epoch: the warmup is a ramp over warmup_epochs * steps_per_epoch steps
-    (step 0 has LR 0), and a milestone at epoch 30 takes effect at exactly step 30 * steps_per_epoch.
+    from warmup_start_factor * peak at step 0 (torchvision's LinearLR from --lr-warmup-decay; 0 by default), and
+    a milestone at epoch 30 takes effect at exactly step 30 * steps_per_epoch.
     """
     s = schedule
     epoch = step / steps_per_epoch  # fractional epoch
     if epoch < s.warmup_epochs:
-        return peak * epoch / s.warmup_epochs
+        start = s.warmup_start_factor
+        return peak * (start + (1 - start) * epoch / s.warmup_epochs)
     if s.kind == "cosine":
         # cosine from the peak to min_lr over the epochs between warmup and cooldown, then min_lr
         span = s.epochs - s.cooldown_epochs - s.warmup_epochs

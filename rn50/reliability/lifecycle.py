@@ -43,8 +43,8 @@ SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
 # The LR schedule's numbers: the LR is a pure function of (schedule, peak LR, step) (rn50.core.schedule.lr_at),
 # so a new value changes the LR of the steps to come only (lowering the LR after a divergence, a longer run).
 # Not `schedule` (the kind): the plateau multiplier's state carries over and means nothing to another kind.
-SCHEDULE_ON_RESUME = ("base_lr", "base_batch", "epochs", "warmup_epochs", "lr_milestones", "lr_decay", "min_lr",
-                      "cooldown_epochs", "plateau_factor", "plateau_patience")
+SCHEDULE_ON_RESUME = ("base_lr", "base_batch", "lr_scaling", "epochs", "warmup_epochs", "warmup_start_factor",
+                      "lr_milestones", "lr_decay", "min_lr", "cooldown_epochs", "plateau_factor", "plateau_patience")
 
 
 def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
@@ -308,7 +308,7 @@ def write_run_files(config: Config, env: DistEnv, amp_dtype, weights: dict | Non
     if not env.is_main:
         return
     recipe, out, world = config.recipe, config.run.out, env.world_size
-    recipe.save(out / "recipe.json", world_size=world, global_batch=recipe.optimisation.batch_size * world,
+    recipe.save(out / "recipe.json", world_size=world, global_batch=recipe.optimisation.global_batch(world),
                 peak_lr=recipe.optimisation.peak_lr(world),
                 amp_in_use=str(amp_dtype).removeprefix("torch.") if amp_dtype else None, **(weights or {}))
     (out / "machine.json").write_text(json.dumps(config.machine.to_dict(), indent=2) + "\n")

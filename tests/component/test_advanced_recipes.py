@@ -310,7 +310,8 @@ def test_named_presets_resolve_as_documented():
     s, o, a, reg = kd.schedule, kd.optimisation, kd.augmentation, kd.regularisation
     assert (o.optimizer, s.kind, s.epochs, s.warmup_epochs, s.cooldown_epochs) == ("lamb", "cosine", 610, 5, 10)
     assert o.peak_lr(world_size=8) == pytest.approx(5e-3) and o.batch_size * 8 == 1536
-    assert (a.repeated_aug, a.randaugment_magnitude, a.randaugment_magnitude_std) == (3, 7, 0.5)
+    # SuperGradients' rand-m7-mstd0.5 on timm's 0-10 scale, on DALI's 0-30 bins; no colour jitter beside it
+    assert (a.repeated_aug, a.randaugment_magnitude, a.randaugment_magnitude_std, a.color_jitter) == (3, 21, 1.5, 0.0)
     assert reg.ema_decay > 0 and reg.mixup_alpha > 0 and reg.cutmix_alpha > 0 and kd.distillation.alpha == 0.8
     # the cosine ends at epoch 600, then 10 epochs at the floor
     peak = o.peak_lr(8)

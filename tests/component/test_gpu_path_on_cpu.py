@@ -113,7 +113,7 @@ def gpu_graph(define, placement="gpu", aug=Augmentation(image_size=32), **option
                                        placement=placement, dtype=torch.float16,
                                        hw_decoder_load=LoaderSettings().hw_decoder_load, **options),
                         batch_size=2, num_threads=1, device_id=None,
-                        enable_conditionals=aug.randaugment_magnitude > 0)()
+                        enable_conditionals=aug.auto_augment)()
     pipe.serialize()  # builds the graph
     return pipe._ops
 
@@ -121,18 +121,20 @@ def gpu_graph(define, placement="gpu", aug=Augmentation(image_size=32), **option
 @pytest.mark.parametrize("placement", ["gpu", "hybrid"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("aug", [Augmentation(image_size=32), Augmentation(image_size=32, color_jitter=0.0),
-                                 Augmentation(image_size=32, randaugment_magnitude=9, randaugment_magnitude_std=0.5)],
-                         ids=["jitter", "no jitter", "randaugment"])
+                                 Augmentation(image_size=32, randaugment_magnitude=9, randaugment_magnitude_std=0.5),
+                                 Augmentation(image_size=32, trivial_augment=True, random_erase=0.5)],
+                         ids=["jitter", "no jitter", "randaugment", "trivialaugment and erasing"])
 def test_every_operator_of_the_gpu_graphs_has_an_implementation_on_its_device(placement, fused, aug):
     """What DALI can check of a GPU pipeline without a GPU: the graph defines (argument names and types checked
     against each operator's schema), and each operator placed on "gpu" or "mixed" has a kernel registered for
-    that device in this DALI build (RandAugment's ~1,800 operators included). That the kernels run, and give
+    that device in this DALI build (RandAugment's ~1,800 operators included; TrivialAugment's, and random
+    erasing's fn.erase on the GPU with its region drawn on the CPU). That the kernels run, and give
     the CPU pipeline's pixels within tolerance, waits for tests/gpu/test_gpu.py."""
     from nvidia.dali.ops import _registry
 
     registered = {"cpu": _registry.cpu_ops(), "gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops()}
     graphs = [gpu_graph(training_pipeline, placement, aug, fused_decode=fused)]
-    if aug.randaugment_magnitude == 0 and aug.color_jitter > 0:  # validation has no augmentation to vary
+    if not aug.auto_augment and not aug.random_erase and aug.color_jitter > 0:  # validation: no augmentation
         graphs.append(gpu_graph(validation_pipeline, placement))
     specs = [repr(op.spec) for ops in graphs for op in ops]
     placed = [(re.match(r"OpSpec for (\w+):", spec).group(1), re.search(r"device: (\w+)", spec).group(1)) for spec in specs]

@@ -60,17 +60,6 @@ def test_dali_validation_is_pixel_equivalent_to_torchvision(data_dir):
     assert per_image.max() < 0.01, per_image.max()
 
 
-@pytest.fixture()
-def one_image_data(data_dir, tmp_path):
-    """Eight copies of one JPEG in one class: whatever differs between outputs is augmentation."""
-    source = list_split(str(data_dir), "train").files[0]
-    for split in ("train", "val"):
-        (tmp_path / split / "c0").mkdir(parents=True)
-        for i in range(8):
-            shutil.copy(source, tmp_path / split / "c0" / f"{i}.JPEG")
-    return tmp_path
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_training_augmentation_differs_between_epochs_and_images(one_image_data, fused):
     # Colour jitter off, so only the random crop and flip can make the copies differ (jitter has its own

@@ -86,6 +86,62 @@ def test_python_m_rn50_recipe_prints_the_presets_resolved(monkeypatch, capsys):
     assert "batch_size = 192" in printed and "\nepochs = 4" in printed, printed
 
 
+@pytest.mark.parametrize("name", available_presets())
+def test_every_preset_loads_and_validates_through_python_m_rn50_recipe(name, monkeypatch, capsys, tmp_path):
+    """Issue 40: each preset in rn50/presets/ resolves and validates through the command users run to check one
+    (`python -m rn50.recipe --preset NAME`, which exits 2 with one line on an invalid value), and what it prints
+    reads back as the same recipe."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["rn50.recipe", "--preset", name])
+    runpy.run_module("rn50.recipe", run_name="__main__")  # a UserError or SystemExit fails the test
+    (tmp_path / "printed.toml").write_text(capsys.readouterr().out)
+    assert resolve({"preset": str(tmp_path / "printed.toml")}).recipe == resolve({"preset": name}).recipe
+
+
+# the published recipes: preset -> (its reported top-1, GPUs it is written for, peak LR there, global batch there)
+PUBLISHED = {"torchvision_v2": ("80.858%", 8, 0.5, 1024), "rsb_a1": ("80.4%", 8, 5e-3, 2048),
+             "rsb_a2": ("79.8%", 8, 5e-3, 2048), "rsb_a3": ("78.1%", 8, 8e-3, 2048),
+             "kd_lamb_610": ("81.9%", 8, 5e-3, 1536)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_recipes_cite_their_source_and_top1_and_give_its_lr_at_its_batch(name):
+    """Issue 40, 6: each cites where it comes from and the top-1 reported there, says which fields it cannot match,
+    and on the GPU count it is written for gives the source's global batch and LR."""
+    from rn50.config.recipe import PRESET_DIR
+
+    top1, gpus, peak, batch = PUBLISHED[name]
+    comment = "\n".join(line for line in (PRESET_DIR / f"{name}.toml").read_text().splitlines() if line.startswith("#"))
+    assert top1 in comment and "https://" in comment and "cannot match field for field" in comment, name
+    o = resolve({"preset": name}).recipe.optimisation
+    assert o.global_batch(gpus) == batch and o.peak_lr(gpus) == pytest.approx(peak)
+
+
+def test_the_published_recipes_fields_as_their_sources_give_them():
+    """The values that make each recipe what it is (the comments give the sources)."""
+    tv = resolve({"preset": "torchvision_v2"}).recipe
+    a, s, r = tv.augmentation, tv.schedule, tv.regularisation
+    assert (a.image_size, a.val_size, a.val_resize_to, a.trivial_augment, a.random_erase, a.repeated_aug) == \
+        (176, 224, 232, True, 0.1, 3)
+    assert (s.epochs, s.kind, s.warmup_epochs, s.warmup_start_factor, tv.optimisation.nesterov) == \
+        (600, "cosine", 5.0, 0.01, False)
+    assert (r.label_smoothing, r.mixup_alpha, r.cutmix_alpha, tv.optimisation.weight_decay) == (0.1, 0.2, 1.0, 2e-5)
+    assert r.ema_decay ** 32 == pytest.approx(1 - (1 - 0.99998) * 1024 * 32 / 600, abs=1e-7)  # torchvision's EMA
+    for name, epochs, magnitude, repeats, mixup, decay in (("rsb_a1", 600, 21, 3, 0.2, 0.01),
+                                                           ("rsb_a2", 300, 21, 3, 0.1, 0.02),
+                                                           ("rsb_a3", 100, 18, 1, 0.1, 0.02)):
+        rsb = resolve({"preset": name}).recipe
+        assert (rsb.schedule.epochs, rsb.augmentation.randaugment_magnitude, rsb.augmentation.repeated_aug,
+                rsb.regularisation.mixup_alpha, rsb.optimisation.weight_decay) == (epochs, magnitude, repeats, mixup,
+                                                                                   decay), name
+        assert (rsb.optimisation.optimizer, rsb.optimisation.lr_scaling, rsb.regularisation.label_smoothing,
+                rsb.augmentation.val_resize_to) == ("lamb", "sqrt", 0.0, 235), name
+    a3 = resolve({"preset": "rsb_a3"}).recipe.augmentation
+    assert (a3.image_size, a3.val_size) == (160, 224)
+
+
 def test_python_m_rn50_recipe_into_a_closed_pipe_ends_without_a_traceback(tmp_path):
     """Issue 38, 7: `python -m rn50.recipe | head -1` ended in a BrokenPipeError traceback. A pipe whose reader is
     gone before the first write (what `head -1` leaves) ends it quietly, exit 141 (128 + SIGPIPE, as `cat` ends)."""
@@ -286,12 +342,18 @@ def test_format_recipe_groups_by_section():
     (["--randaugment-magnitude", "99"], r"^randaugment_magnitude must lie in 0\.\.30.*got 99$"),
     (["--randaugment-magnitude", "-1"], r"^randaugment_magnitude must lie in 0\.\.30"),
     (["--randaugment-layers", "0"], r"^randaugment_layers must be at least 1"),
+    (["--random-erase", "1.5"], r"^random_erase is a probability per image in \[0, 1\].*got 1.5$"),
+    (["--random-erase", "-0.1"], r"^random_erase is a probability"),
+    (["--trivial-augment", "--randaugment-magnitude", "9"], r"^trivial_augment and randaugment_magnitude are two "
+                                                            r"automatic augmentation policies, one per run: drop"),
 ])
 def test_colour_jitter_and_randaugment_ranges_are_checked_at_start_up(flags, message):
-    """Issue 23, 4.3: out-of-range values used to pass and fail later inside DALI or torchvision."""
+    """Issue 23, 4.3: out-of-range values used to pass and fail later inside DALI or torchvision. Issue 40: the
+    erasing probability, and TrivialAugment beside RandAugment (two policies: one line, not both silently)."""
     with pytest.raises(UserError, match=message):
         parse(flags)
     parse(["--color-jitter", "0", "--randaugment-magnitude", "30"])  # the ends of the ranges are fine
+    parse(["--random-erase", "1", "--trivial-augment"])
     parse(["--preset", "kd_lamb_610"])
 
 
@@ -326,12 +388,13 @@ FOREIGN_CASES = {
     "--mixup": "--mixup-alpha", "--cutmix": "--cutmix-alpha", "--model-ema": "--ema-decay",
     "--model-ema-decay": "--ema-decay", "--clip-grad-norm": None, "--clip-grad": None,
     "--auto-augment": "--randaugment-magnitude", "--aa": "--randaugment-magnitude", "--ra-sampler": "--repeated-aug",
-    "--ra-reps": "--repeated-aug", "--random-erase": None, "--reprob": None,
+    "--ra-reps": "--repeated-aug", "--reprob": "--random-erase", "--remode": None,
     "--initial-checkpoint": "--finetune-from", "--accum-iter": None, "--grad-accum-steps": None, "-j": "--workers",
     "-b": "--batch-size", "--output-dir": "--out", "--output": "--out", "--model": "--arch",
     "--train-crop-size": "--image-size", "--val-resize-size": "--val-resize-ratio", "--val-crop-size": "--val-image-size",
     "--interpolation": None, "--norm-weight-decay": None, "--bias-weight-decay": None,
-    "--use-deterministic-algorithms": None,
+    "--use-deterministic-algorithms": None, "--lr-warmup-decay": "--warmup-start-factor",
+    "--warmup-lr": "--warmup-start-factor", "--lr-base-scale": "--lr-scaling",
 }
 # what each suggested before (issue 38, 6): a flag that merely shares letters
 MISLEADING = {"--opt": "--out", "--model-ema": "--arch",
@@ -352,9 +415,22 @@ def test_flags_of_torchvision_references_and_timm_name_ours_or_say_we_lack_them(
         assert f"'{MISLEADING[flag]}'" not in message and "did you mean" not in message, message
 
 
+@pytest.mark.parametrize("argv", [["--aa", "trivialaugment"], ["--aa=trivialaugment"], ["--aa", "ta_wide"],
+                                  ["--auto-augment", "ta_wide"]])
+def test_trivial_augment_by_their_value_names_ours(argv):
+    """Issue 40: `--aa trivialaugment` (torchvision's `--auto-augment ta_wide`) is TrivialAugment, not the
+    RandAugment their flag otherwise means."""
+    with pytest.raises(UserError) as error:
+        train_flags(argv)
+    message = str(error.value)
+    assert "\n" not in message and "; use --trivial-augment: TrivialAugment-wide" in message, message
+    with pytest.raises(UserError, match="; use --randaugment-magnitude: .*TrivialAugment-wide is --trivial-augment"):
+        train_flags(["--aa", "rand-m9-mstd0.5"])
+
+
 @pytest.mark.parametrize("flag", ["--momentum", "--weight-decay", "--warmup-epochs", "--label-smoothing",
                                   "--mixup-alpha", "--cutmix-alpha", "--amp", "--channels-last", "--sync-bn",
-                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch"])
+                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch", "--random-erase"])
 def test_their_flags_spelled_as_ours_are_ours(flag):
     value = [] if flag in ("--amp", "--channels-last", "--sync-bn") else ["2" if flag != "--arch" else "resnet18"]
     train_flags([flag, *value])
@@ -395,7 +471,10 @@ def test_a_scaled_down_preset_warns_of_the_parts_beyond_its_epochs():
     ramp = [line for line in lines if re.search(r"warn|scal", line, re.I) and re.search(r"ramp|resolution", line, re.I)]
     assert len(ramp) == 1 and "every epoch trains at 160 px" in ramp[0], lines
     short = epoch_plan(with_fields(epochs=2))  # the 90-epoch recipe cut to 2: warm-up 5, milestones 30, 60, 80
-    assert any(line.startswith("warning: the warm-up (5 epochs) outlasts this run's 2 epochs") for line in short)
+    assert any(line.startswith("warning: the warm-up (5 epochs) outlasts this run's 2 epochs: the LR rises to "
+                               "about 40% of its peak") for line in short)
+    # issue 40: from 0.5 x the peak, 2 of 5 warm-up epochs reach 0.5 + 0.5 x 2/5 of it
+    assert "rises to about 70% of its peak" in epoch_plan(with_fields(epochs=2, warmup_start_factor=0.5))[0]
     assert any(line.startswith("warning: LR milestones at epochs 30, 60, 80 lie beyond") for line in short)
     assert epoch_plan(Recipe()) == []  # the full recipe holds every part
     assert epoch_plan(with_fields(epochs=90, lr_milestones=(30.0, 60.0, 90.0)))[0].startswith(

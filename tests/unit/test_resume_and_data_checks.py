@@ -166,6 +166,13 @@ def test_the_lr_schedule_may_change_on_resume_with_one_line_and_the_rest_is_stil
     assert "\n" not in line and line.startswith("changed on resume: base_lr 0.1 -> 0.05, epochs 1 -> 2, ")
     assert "warmup_epochs 5.0 -> 1.0" in line and "lr_milestones (30.0, 60.0, 80.0) -> (1.5,)" in line
     assert schedule_changes(saved, saved, epochs_done=1) is None
+    # issue 40: the warm-up's start and the LR scaling rule are numbers of the schedule too
+    scaled = with_fields(saved, warmup_start_factor=0.01, lr_scaling="sqrt")
+    assert guard_resume(saved, scaled, None) == []
+    assert schedule_changes(saved, scaled, epochs_done=1) == ("changed on resume: lr_scaling 'linear' -> 'sqrt', "
+                                                              "warmup_start_factor 0.0 -> 0.01 (the LR of the steps "
+                                                              "to come; the steps done and the data stream stay as "
+                                                              "they were)")
     with pytest.raises(UserError, match="3 epochs done but this run asks for --epochs 2; pass --epochs 3 or more"):
         schedule_changes(saved, now, epochs_done=3)  # epochs done cannot be undone
     for field, value in (("batch_size", 8), ("image_size", 64), ("schedule", "cosine"), ("label_smoothing", 0.0)):
