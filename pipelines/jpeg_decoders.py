@@ -32,8 +32,8 @@ JPEG_MAGIC = b"\xff\xd8"
 ORIENTATION = 0x0112  # the EXIF tag
 
 # torchvision 0.29.1 warns once per call of any of its decoders: a DeprecationWarning from torchvision/io/image.py
-# with this message (seen by running it). One warning per image that no user of ours can act on: they are
-# dropped where they are shown, this message only, and only while our calls run (_quiet_torchvision).
+# with this message (seen by running it). One warning per image that no user of ours can act on: filtered out,
+# this message only, and only while our calls run (_quiet_torchvision).
 _TORCHVISION_DEPRECATION = re.compile(r"The image decoding and encoding capabilities of TorchVision are deprecated")
 
 
@@ -121,34 +121,31 @@ def exif_orientation(raw: bytes) -> int:
     return tag if tag in range(1, 9) else 1
 
 
-# --- torchvision's deprecation warning, dropped where it is shown ----------------------------------------
-# warnings.catch_warnings saves and restores the process's filters and handler: not safe where several threads
-# decode at once (the torchvision-gpu loader's readers). So the first caller in puts a handler in front of the
-# one in place (a test's recorder, pytest's, Python's own) and the last one out puts it back; every other
-# warning, from any thread, passes through to it. The filters are not touched.
+# --- torchvision's deprecation warning, filtered while our calls run -----------------------------------------
+# warnings.catch_warnings saves and restores all of the process's filters: not safe where several threads decode at
+# once (the torchvision-gpu loader's readers), and it would undo a filter another thread set meanwhile. So the first
+# caller in puts one filter in front of all others (this message, from torchvision's module, ignored: also under
+# `-W error` and a test's `simplefilter("always")`) and the last one out takes that one out again. Python searches
+# the filters anew for each warning, and an ignored one leaves no trace in a module's warning registry.
 
 _lock = threading.Lock()
 _callers = 0
-_shown = None  # the handler ours stands in front of
-
-
-def _drop_torchvision_deprecation(message, category, filename, lineno, file=None, line=None):
-    if issubclass(category, DeprecationWarning) and _TORCHVISION_DEPRECATION.match(str(message)):
-        return
-    _shown(message, category, filename, lineno, file, line)
+_filter = None  # the entry in warnings.filters while callers are in
 
 
 @contextlib.contextmanager
 def _quiet_torchvision():
-    global _callers, _shown
+    global _callers, _filter
     with _lock:
         if _callers == 0:
-            _shown, warnings.showwarning = warnings.showwarning, _drop_torchvision_deprecation
+            warnings.filterwarnings("ignore", message=_TORCHVISION_DEPRECATION.pattern, category=DeprecationWarning,
+                                    module=r"torchvision\.io\.")
+            _filter = warnings.filters[0]
         _callers += 1
     try:
         yield
     finally:
         with _lock:
             _callers -= 1
-            if _callers == 0 and warnings.showwarning is _drop_torchvision_deprecation:
-                warnings.showwarning = _shown
+            if _callers == 0 and _filter in warnings.filters:  # a test's catch_warnings may have taken it out
+                warnings.filters.remove(_filter)
