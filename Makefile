@@ -15,7 +15,7 @@ ifeq ($(NGPU),0)
   NPROC ?= 2
   RUN_FLAGS ?= --loader dali-cpu --image-size 64 --batch-size 16 --dali-threads 1
   RUN_ENV := OMP_NUM_THREADS=1
-  # the harness in one process, every loader that runs on the CPU (its default here), on the same cores
+  # the harness in one process, its CPU loader set (dali-cpu, torchvision: benchmarks/plan.py), on the same cores
   BENCH_NPROC ?= 1
   BENCH_FLAGS ?= --image-size 64 --batch-size 16
 else

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import levers as levers_mod
 from benchmarks.threads import ThreadBudget, this_machine
-from pipelines.registry import KINDS, concrete_kind, kinds
+from pipelines.registry import KINDS, REGISTRY, concrete_kind, kinds
 from rn50.config.errors import UserError
 from rn50.config.machine import Machine
 from rn50.config.recipe import Recipe, resolve
@@ -25,9 +25,13 @@ LOADERS = kinds(reads_images=True)  # synthetic data is the 'synthetic' mode
 WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column (torchvision-gpu is the longest)
 
 
+CPU_LOADERS = kinds(reads_images=True, needs_cuda=False)  # those that run without CUDA
+
+
 def default_loaders(gpu: bool) -> tuple[str, ...]:
-    """Every loader this machine can run: all of them with CUDA, those that run on the CPU without it."""
-    return LOADERS if gpu else kinds(reads_images=True, needs_cuda=False)
+    """The loaders measured when --loaders is left out: all of them with CUDA; without it, those that run on the
+    CPU less the GPU loaders built for batches on a GPU (their registry record's `not_a_cpu_default` says why)."""
+    return LOADERS if gpu else tuple(name for name in CPU_LOADERS if not REGISTRY[name].not_a_cpu_default)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from pathlib import Path
 # What reading the flags needs, and nothing heavier: `python -m benchmarks.run` reads them before the imports
 # below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
 from benchmarks import levers as levers_mod
-from benchmarks.plan import LOADERS, MODES, READ_MODE, WIDTH, BenchConfig, bench_config, default_loaders
+from benchmarks.plan import (CPU_LOADERS, LOADERS, MODES, READ_MODE, WIDTH, BenchConfig, bench_config,
+                             default_loaders)
 from benchmarks.text import count
 from pipelines.registry import REGISTRY
 from pipelines.storage import display
@@ -44,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="subset of synthetic,loader,train (default all)")
     parser.add_argument("--loaders", default=None,
                         help=f"subset of {','.join(LOADERS)}, or auto (dali on a GPU machine, dali-cpu without) "
-                             f"(default: every one this machine can run: all on a "
-                             f"GPU machine, {','.join(default_loaders(False))} without one)")
+                             f"(default: all on a GPU machine; {','.join(default_loaders(False))} without one, "
+                             f"where {','.join(sorted(set(CPU_LOADERS) - set(default_loaders(False))))} runs "
+                             "only when named: docs/loaders.md)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="excluded from timing (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per window (default 100 on a GPU, 6 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -147,7 +149,7 @@ def check_before_measuring(config: BenchConfig, env) -> list[dict]:
     needs_cuda = [name for name in plan.loaders if REGISTRY[name].needs_cuda]
     if env.device.type != "cuda" and needs_cuda:
         raise UserError(f"{' and '.join(needs_cuda)} need{'s' if len(needs_cuda) == 1 else ''} a CUDA GPU; "
-                        f"benchmark --loaders {','.join(default_loaders(False))} here")
+                        f"benchmark --loaders {','.join(CPU_LOADERS)} here")
     accuracy_rows = time_to_accuracy(config.training_runs)
     if config.compare_data is not None:
         read_mod.check_source(config.compare_data)  # listed now: a wrong path is one line

@@ -1,8 +1,9 @@
 """The `torchvision-gpu` loader: torchvision alone, decoding and augmenting on the training device.
 
-Training:   file bytes read by a pool of threads -> `torchvision.io.decode_jpeg(list, device)` (one batched
-            nvJPEG call on CUDA) -> per-sample RandomResizedCrop as batched matmuls (pipelines.resample) ->
-            flip, colour jitter, normalisation as whole-batch tensor ops -> dtype, channels_last.
+Training:   file bytes read by a pool of threads -> `decode_jpeg(list, device)` (one batched nvJPEG call on
+            CUDA; TorchCodec's where it is installed, else torchvision.io's: pipelines.jpeg_decoders) ->
+            per-sample RandomResizedCrop as batched matmuls (pipelines.resample) -> flip, colour jitter,
+            normalisation as whole-batch tensor ops -> dtype, channels_last.
 Validation: libjpeg-turbo (`decode_jpeg` on the CPU, in the threads) -> resize and centre crop batched on
             the device. torchvision's nvJPEG path has no interpolated chroma upsampling, which costs the
             validation pixels their equivalence with PIL's (docs/loaders.md); validation is 4% of the images
@@ -18,9 +19,7 @@ DistributedSampler order, every rank the same number of full training batches, e
 from __future__ import annotations
 
 import contextlib
-import io
 import math
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,61 +27,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.v2.functional import pil_to_tensor, rgb_to_grayscale
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
+from pipelines import jpeg_decoders
 from pipelines.augmentation import Augmentation
 from pipelines.erasing import erase, erase_boxes
-from pipelines.errors import UserError
-from pipelines.images import to_rgb
 from pipelines.loader import EpochPosition
 from pipelines.order import GlobalOrder, ValidationShard
 from pipelines.profiler_ranges import named_range
 from pipelines.resample import resized_crops
 from pipelines.shards import ShardList, describe_source
 
-try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; a later release drops them
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # reported when this loader is asked for
-    decode_jpeg = None
-# One warning per decoded batch that no user of ours can act on (docs/loaders.md says what replaces them).
-# A process-wide filter for this message only: warnings.catch_warnings is not thread-safe, and the
-# decoders run in threads.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
 
-JPEG_MAGIC = b"\xff\xd8"
-
-
-def read_image(raw: bytes, decode: bool) -> tuple[torch.Tensor, int]:
-    """(an image file's bytes (uint8 [size]) when it is a JPEG and `decode` is False, else its pixels, uint8
-    CHW RGB; the EXIF orientation still to apply to them, 1 when none). JPEGs decode by libjpeg-turbo
-    (`decode_jpeg`, the pixels PIL gives, orientation applied), other formats by PIL as the torchvision
-    baseline reads them (PNG, BMP, TIFF, WebP, also behind a .JPEG name; orientation applied by to_rgb).
-    Bytes, not a path: a file of a class folder and a tar member of a shard read alike."""
-    if raw[:2] != JPEG_MAGIC:
-        with Image.open(io.BytesIO(raw)) as image:
-            return pil_to_tensor(to_rgb(image)), 1
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    if decode:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True), 1
-    return data, exif_orientation(raw)  # CUDA's batched decode_jpeg ignores the tag: orient() after it
-
-
-def exif_orientation(raw: bytes) -> int:
-    """A JPEG's EXIF orientation tag (1-8; 1 without one), read from its header by PIL (no decode)."""
-    with Image.open(io.BytesIO(raw)) as image:
-        tag = image.getexif().get(0x0112, 1)
-    return tag if tag in range(1, 9) else 1
-
-
-def orient(image: torch.Tensor, tag: int) -> torch.Tensor:
-    """A CHW image as EXIF orientation `tag` says it is to be shown, as PIL's ImageOps.exif_transpose turns it
-    (tags 5-8 swap height and width)."""
-    if tag in (5, 6, 7, 8):
-        image = image.transpose(1, 2)  # 5: a transpose; 6, 7, 8 follow from it with a flip
-    flips = {2: [2], 3: [1, 2], 4: [1], 6: [2], 7: [1, 2], 8: [1]}.get(tag)
-    return image.flip(flips) if flips else image
+def read_image(raw: bytes, decoder: str, decode: bool) -> torch.Tensor:
+    """An image file's bytes (uint8 [size]) when it is a JPEG to decode in the batch (`decode` False: on CUDA),
+    else its pixels, uint8 CHW RGB, upright (pipelines.jpeg_decoders: a JPEG by `decoder`, another format by PIL
+    as the torchvision baseline reads it). A JPEG with an EXIF orientation decodes here too, on the CPU, where
+    both decoders apply the tag: the batched CUDA decode of torchvision ignores it. Bytes, not a path: a file of
+    a class folder and a tar member of a shard read alike."""
+    if decode or raw[:2] != jpeg_decoders.JPEG_MAGIC or jpeg_decoders.exif_orientation(raw) != 1:
+        return jpeg_decoders.read_pixels(raw, decoder)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -186,12 +151,7 @@ class TorchvisionGpuLoader(EpochPosition):
 
     def __init__(self, split, *, image_list, batch_size, aug: Augmentation, rank, world_size, seed, device, dtype,
                  threads, prefetch):
-        if decode_jpeg is None:
-            import torchvision
-
-            raise UserError(f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg (its image "
-                            "decoders moved to TorchCodec); install torchvision<0.29 beside a matching torch for "
-                            "--loader torchvision-gpu, or choose --loader dali or torchvision")
+        self._decoder = jpeg_decoders.jpeg_decoder(batched=True)  # TorchCodec's, else torchvision's
         self._begin(split, aug)
         # class folders or shards: only where the bytes come from differs
         self._shards = isinstance(image_list, ShardList)
@@ -216,11 +176,12 @@ class TorchvisionGpuLoader(EpochPosition):
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._decode_in_threads = not (cuda and self.training)
+        name = "TorchCodec's decode_jpeg" if self._decoder == "torchcodec" else "torchvision.io.decode_jpeg"
         where = "nvJPEG on the GPU" if cuda else "libjpeg-turbo on the CPU"
-        self.decode = (f"torchvision.io.decode_jpeg batched ({where}), file bytes read by {threads} threads; "
+        self.decode = (f"{name} batched ({where}), file bytes read by {threads} threads; "
                        f"RandomResizedCrop, flip, jitter and normalisation batched on {self.device.type}"
                        if self.training else
-                       f"torchvision.io.decode_jpeg (libjpeg-turbo) on {threads} CPU threads, then resize and "
+                       f"{name} (libjpeg-turbo) on {threads} CPU threads, then resize and "
                        f"centre crop batched on {self.device.type}") + describe_source(image_list)
 
     def __len__(self) -> int:
@@ -235,12 +196,12 @@ class TorchvisionGpuLoader(EpochPosition):
         state = np.random.SeedSequence([self._seed, self._rank, epoch, number]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(state))
 
-    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+    def _read(self, index: int) -> torch.Tensor:
         """In a reading thread: one image's bytes (a file, or a tar member of a shard), decoded there unless
         the batched GPU decode takes it (read_image). A file that cannot be read says which."""
         raw = self._list.read(index) if self._shards else Path(self._list.files[index]).read_bytes()
         try:
-            return read_image(raw, self._decode_in_threads)
+            return read_image(raw, self._decoder, self._decode_in_threads)
         except Exception as exc:
             name = "{} (the tar member at byte {})".format(*self._list.member(index)[:2]) \
                 if self._shards else self._list.files[index]
@@ -248,18 +209,18 @@ class TorchvisionGpuLoader(EpochPosition):
 
     def _decode(self, ids: list[int]) -> list[torch.Tensor]:
         """uint8 CHW images on the device: JPEGs decoded there in one batched call (training on CUDA),
-        everything else (and everything on the CPU, and validation) decoded by the threads."""
-        items, tags = zip(*self._readers.map(self._read, ids))
+        everything else (and everything on the CPU, validation, and JPEGs with an EXIF orientation) decoded by
+        the threads."""
+        items = list(self._readers.map(self._read, ids))
         encoded = [i for i, item in enumerate(items) if item.dim() == 1]
         images = to_device([item for item in items if item.dim() == 3], self.device)
         if encoded and self.device.type == "cuda":
             # torchvision's CUDA decode_jpeg allocates its outputs on the current stream (ours) but nvJPEG
-            # writes them on a stream of its own: a block freed by kernels still queued on ours could be handed
+            # writes them on a stream of its own (TorchCodec's is not known to differ: the same wait for it): a block freed by kernels still queued on ours could be handed
             # out and overwritten while they run. Waiting for our stream first closes that window.
             torch.cuda.current_stream(self.device).synchronize()
-        decoded = decode_jpeg([items[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device) \
+        decoded = jpeg_decoders.decode_jpegs([items[i] for i in encoded], self._decoder, self.device) \
             if encoded else []
-        decoded = [orient(image, tags[i]) for i, image in zip(encoded, decoded)]  # as the CPU decode does
         ordered, rest = dict(zip(encoded, decoded)), iter(images)
         return [ordered[i] if i in ordered else next(rest) for i in range(len(items))]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -209,11 +210,13 @@ def test_dali_hybrid_without_cuda_is_one_line(data_dir):
     check_device("torchvision-gpu", "cpu")  # runs on the CPU: no error
 
 
-def test_a_torchvision_without_its_jpeg_decoder_is_one_clear_error(data_dir, monkeypatch):
-    import pipelines.torchvision_gpu as module
+def test_a_torchvision_without_its_jpeg_decoder_and_no_torchcodec_is_one_clear_error(data_dir, monkeypatch):
+    import torchvision.io
 
-    monkeypatch.setattr(module, "decode_jpeg", None)  # as in a torchvision that dropped torchvision.io's decoders
-    with pytest.raises(UserError, match="has no torchvision.io.decode_jpeg.*--loader dali or torchvision"):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # not installed
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")  # as in a torchvision that dropped its decoders
+    with pytest.raises(UserError, match="has no torchvision.io.decode_jpeg.*pip install torchcodec.*--loader dali or "
+                                        "torchvision"):
         loader("torchvision-gpu", "train", data_dir)
 
 

@@ -102,7 +102,8 @@ def test_the_registry_is_what_the_recipe_the_harness_and_the_errors_read():
     assert KINDS == tuple(REGISTRY)
     assert choices_help() in Machine.__dataclass_fields__["loader"].metadata["help"]  # --loader's help
     assert LOADERS == tuple(k for k in KINDS if REGISTRY[k].reads_images)
-    assert default_loaders(False) == tuple(k for k in LOADERS if not REGISTRY[k].needs_cuda)
+    assert default_loaders(False) == tuple(k for k in LOADERS if not REGISTRY[k].needs_cuda
+                                           and not REGISTRY[k].not_a_cpu_default)
     assert set(kinds(dali=True)) == {"dali", "dali-hybrid", "dali-cpu"}
     for name, record in REGISTRY.items():
         assert record.name == name and record.description

@@ -96,7 +96,7 @@ def test_the_validation_resize_is_one_number_for_report_and_loaders(size, resize
     """5.3: eval.json said 37 (round) where the loaders resize to 36 (int)."""
     aug = Augmentation(image_size=size)
     assert aug.val_resize_to == resize_to
-    resize = next(t for t in validation_transform(aug).transforms if type(t).__name__ == "Resize")
+    resize = next(t for t in validation_transform(aug, torch.float32).transforms if type(t).__name__ == "Resize")
     assert resize.size == [resize_to]
 
 
