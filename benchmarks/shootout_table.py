@@ -62,11 +62,11 @@ def markdown(report: dict) -> str:
     """The table, rows by CPU time per image (failed rows after), and the run's provenance under it."""
     ok = sorted((r for r in report["rows"] if r["status"] == "ok"), key=lambda r: r["cpu_ms_per_img"])
     lines = ["| row | CPU ms per image (median) | CPU ms min-max | x bound:decode | img/s median | img/s min-max "
-             "| rounds |", "|---|---|---|---|---|---|---|"]
+             "| images x rounds |", "|---|---|---|---|---|---|---|"]
     for r in ok:
         lines.append(f"| `{r['name']}` | {r['cpu_ms_per_img']:.2f} | {r['cpu_ms_per_img_min']:.2f}-"
                      f"{r['cpu_ms_per_img_max']:.2f} | {num(r.get('cpu_vs_decode'), '{:.2f}x')} | "
-                     f"{r['median_img_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {r['rounds']} |")
+                     f"{r['median_img_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {r['images_per_round']} x {r['rounds']} |")
     lines += [f"| `{r['name']}` | failed: {r['reason']} | | | | | |" for r in report["rows"] if r["status"] != "ok"]
     env, data, settings = report["environment"], report["data"], report["settings"]
     bound = next((r for r in ok if r.get("decoder")), None)
