@@ -166,13 +166,14 @@ def main(argv=None) -> None:
     started = time.time()
     try:
         rows = check(args)
+        env = environment()  # the commit and versions measured, read before a long run, not after it
         data = args.data or made_data(args.cache, args.images, tuple(args.image_side))
         print(f"shootout: {len(rows)} rows x {args.rounds} rounds over {data}", flush=True)
         results = measure(rows, args, data)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    report = {"rows": results, "environment": environment(),
+    report = {"rows": results, "environment": {**env, "load_average": list(os.getloadavg())},
               "settings": {"rounds": args.rounds, "images": args.images, "batch_size": args.batch_size,
                            "workers": args.workers, "image_size": 224, "warmup_batches": 2,
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

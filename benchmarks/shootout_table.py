@@ -35,8 +35,7 @@ def environment() -> dict:
         cores = os.cpu_count()
     return {"torch": env["torch"], "torchvision": env["torchvision"], "dali": env["dali"], "pillow": PIL.__version__,
             "numpy": numpy.__version__, "python": env["python"], "cpu_model": cpu_model(), "cores": cores,
-            "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "hostname": env["hostname"],
-            "load_average": list(os.getloadavg())}
+            "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "hostname": env["hostname"]}
 
 
 def describe_data(data: Path, made: bool) -> dict:

@@ -15,7 +15,7 @@ vectorised (numpy FFTs, PIL's drawing and filters), tens of milliseconds an imag
 
 Sizes are ImageNet's (mostly Flickr's 500 px long side at 4:3 or 3:2, some portraits, square and wider
 pictures, the shorter side kept in [min_side, max_side]); the JPEG quality 85-95 with 4:2:0 chroma is drawn
-per image by make_dataset. docs/benchmarks.md (The loader shootout) gives the bytes per pixel and the decode
+per image by make_dataset. docs/benchmarks.md (The loader shootout: CPU time per image) gives the bytes per pixel and the decode
 time measured against real photos.
 """
 
