@@ -104,7 +104,7 @@ def loader_pass(row: str, data: Path, images: int, batch_size: int, workers: int
     for _ in range(WARMUP_BATCHES):
         next(batches)
     tree = Tree()  # the workers exist now
-    settle(tree)
+    _, ready = settle(tree)
     cpu0, start = tree.read(), time.perf_counter()
     count = 0
     for _ in range(max(2, int(images * PASS_SHARE.get(row, 1.0)) // batch_size)):
@@ -116,7 +116,7 @@ def loader_pass(row: str, data: Path, images: int, batch_size: int, workers: int
     ended, settled = settle(tree)
     cpu = tree.read() - (time.thread_time() - polls) - cpu0  # settle's polls are not the loader's work
     channels_last = batch.is_contiguous(memory_format=torch.channels_last)
-    return {"images": count, "wall_s": max(ended, delivered) - start, "cpu_s": cpu, "settled": settled,
+    return {"images": count, "wall_s": max(ended, delivered) - start, "cpu_s": cpu, "settled": ready and settled,
             "decode": decode, "delivered": f"{str(batch.dtype).removeprefix('torch.')} {list(batch.shape)}"
                                             f"{' channels_last' if channels_last else ''}"}
 
