@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.noise import spread
+from benchmarks.noise import round_order, spread
 from benchmarks.plan import WIDTH, Plan
 from benchmarks.stall import StepTimer, Window
 from benchmarks.threads import ThreadBudget, check_model_threads
@@ -269,7 +269,7 @@ def measure_rounds(bench: "Bench", jobs: list[tuple[str, str]], rounds: int, say
     profile = bench.profile
     for number in range(rounds):
         bench.profile = profile if number == 0 else None  # --profile-steps: one trace per row, the first round's
-        for mode, name in jobs if number % 2 == 0 else jobs[::-1]:
+        for mode, name in round_order(jobs, number):
             part = bench.measure(mode, name, repeats=1)
             parts[(mode, name)].append(part)
             say(f"  round {number + 1}/{rounds} {mode:9s} {name:{WIDTH}s} {part['img_per_s']:10.1f} img/s"

@@ -30,6 +30,13 @@ NOISE_FLOOR = 0.03
 FASTER, SLOWER, WITHIN = "faster", "slower", "within noise"
 
 
+def round_order(jobs: Sequence, number: int) -> list:
+    """The order of round `number` (0-based): forward in even rounds, backward in odd ones, so a steady drift of
+    the machine (a neighbour's job, clocks, heat) reaches every job alike over each pair of rounds, and no job is
+    always first (benchmarks.measure.measure_rounds, benchmarks.shootout)."""
+    return list(jobs) if number % 2 == 0 else list(jobs)[::-1]
+
+
 def spread(values: Sequence[float]) -> float | None:
     """(max - min) / mean; None with fewer than two values (the spread is unknown)."""
     return (max(values) - min(values)) / statistics.fmean(values) if len(values) > 1 else None

@@ -13,11 +13,16 @@ The images are built to stand in for ImageNet in throughput work and smoke train
   Hue is stored in 8 bits, so it separates classes cleanly only up to ~100 classes;
   beyond that neighbouring classes differ by stripes alone (24 combinations).
 
+--photo-like renders photographs' statistics instead (tools/photo_like.py: occluding
+shapes, 1/f colour noise, textures, sensor grain, ImageNet's frame sizes), so that JPEG
+decoding costs what it costs on real photos: the loader shootout's data
+(benchmarks/shootout.py). Its classes lean to a hue, but learning is not its purpose.
+
 Every image's RNG is derived from (seed, split, class, index), so output is
 byte-identical for the same arguments whatever the worker count or order.
 
     python -m tools.make_dataset --out DIR --classes C --train-per-class N \
-        --val-per-class M --seed S [--min-side 300 --max-side 500] [--workers K]
+        --val-per-class M --seed S [--min-side 300 --max-side 500] [--workers K] [--photo-like]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from rn50.config.errors import UserError
+from tools.photo_like import photo_size, render_photo
 from tools.progress import bar as progress_bar
 
 # Texture strengths, tuned so default-size images average ~100-110 KB (~4 bits/pixel),
@@ -159,10 +165,14 @@ def render(rng: np.random.Generator, cls: int, classes: int, w: int, h: int) -> 
 
 def make_one(task: tuple) -> int:
     """Render and write one image; returns its size in bytes. Runs in a worker."""
-    out, split, cls, idx, classes, seed, min_side, max_side = task
+    out, split, cls, idx, classes, seed, min_side, max_side, photo_like = task
     rng = np.random.default_rng([seed, SPLITS[split], cls, idx])
-    w, h = image_size(rng, min_side, max_side)
-    img = render(rng, cls, classes, w, h)
+    if photo_like:
+        w, h = photo_size(rng, min_side, max_side)
+        img = render_photo(rng, cls, classes, w, h)
+    else:
+        w, h = image_size(rng, min_side, max_side)
+        img = render(rng, cls, classes, w, h)
     path = Path(out) / split / class_name(cls) / file_name(split, cls, idx)
     # Baseline (not progressive) 4:2:0 like most ImageNet files; no EXIF, so bytes are reproducible.
     img.save(path, "JPEG", quality=int(rng.integers(85, 96)), subsampling=2, progressive=False)
@@ -202,8 +212,9 @@ def bar_iter(items, bar):
 
 def make_dataset(out, classes: int, train_per_class: int, val_per_class: int, seed: int,
                  min_side: int = 300, max_side: int = 500, workers: int | None = None,
-                 progress: bool = True) -> dict:
-    """Write the data set under `out`; returns {"classes", "train", "val", "bytes"}."""
+                 progress: bool = True, photo_like: bool = False) -> dict:
+    """Write the data set under `out`; returns {"classes", "train", "val", "bytes"}. photo_like: photographs'
+    statistics (tools/photo_like.py) instead of the learnable stripes and hues."""
     out = Path(out)
     check_args(out, classes, train_per_class, val_per_class, seed, min_side, max_side, workers)
     counts = {"train": train_per_class, "val": val_per_class}
@@ -211,7 +222,7 @@ def make_dataset(out, classes: int, train_per_class: int, val_per_class: int, se
         for cls in range(classes):
             (out / split / class_name(cls)).mkdir(parents=True, exist_ok=True)
 
-    tasks = [(str(out), split, cls, idx, classes, seed, min_side, max_side)
+    tasks = [(str(out), split, cls, idx, classes, seed, min_side, max_side, photo_like)
              for split in SPLITS for cls in range(classes) for idx in range(counts[split])]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     with progress_bar(len(tasks), "make_dataset", unit="images", enabled=progress) as bar:
@@ -236,6 +247,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-side", type=int, default=300, help="shorter side lower bound, px (default 300)")
     p.add_argument("--max-side", type=int, default=500, help="shorter side upper bound, px (default 500)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
+    p.add_argument("--photo-like", action="store_true",
+                   help="photographs' statistics (shapes, 1/f colour noise, textures, grain; ImageNet's frame "
+                        "sizes), so that decoding costs what it costs on real photos (default: learnable stripes)")
     return p.parse_args(argv)
 
 
@@ -244,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         counts = make_dataset(args.out, args.classes, args.train_per_class, args.val_per_class,
-                              args.seed, args.min_side, args.max_side, args.workers)
+                              args.seed, args.min_side, args.max_side, args.workers,
+                              photo_like=args.photo_like)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

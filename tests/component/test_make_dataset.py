@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image, JpegImagePlugin
 
 from rn50.config.errors import UserError
 from tools.make_dataset import main, make_dataset
+from tools.photo_like import ASPECTS
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(min_side=48, max_side=64)  # decode-cost realism is not under test here: keep it quick
@@ -140,3 +142,39 @@ def test_classes_separate_by_hue_after_training_style_augmentation(tmp_path):
     centroids = np.stack([x_train[y_train == k].mean(axis=0) for k in range(classes)])
     predicted = np.argmax(x_val @ centroids.T, axis=1)
     assert (predicted == y_val).mean() > 0.9
+
+
+def quality_of(im: Image.Image) -> int | None:
+    """The PIL quality whose quantisation tables the file carries (None: none of 1..100)."""
+    for quality in range(1, 101):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality, subsampling=2)
+        if Image.open(buf).quantization == im.quantization:
+            return quality
+    return None
+
+
+def test_photo_like_mode_has_imagenets_sizes_qualities_and_bytes_per_pixel_and_is_seeded(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    make_dataset(a, 2, 6, 1, seed=3, workers=2, photo_like=True)
+    make_dataset(b, 2, 6, 1, seed=3, workers=1, photo_like=True)
+    make_dataset(c, 2, 6, 1, seed=4, workers=2, photo_like=True)
+    fa, fb, fc = files(a), files(b), files(c)
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb)) and len(fa) == 14
+    assert not any(x.read_bytes() == z.read_bytes() for x, z in zip(fa, fc))
+    per_pixel, portrait, framed = [], 0, 0
+    for path in fa:
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
+            assert JpegImagePlugin.get_sampling(im) == 2  # 4:2:0, as most ImageNet files
+            assert 85 <= quality_of(im) <= 95
+            assert 300 <= min(im.size) <= 500 and max(im.size) / min(im.size) <= 2.0 + 1e-2
+            per_pixel.append(path.stat().st_size / (im.width * im.height))
+            portrait += im.height > im.width
+            # a camera's frame (4:3, 3:2, 16:9, ...) to the pixel, not any ratio
+            framed += any(abs(max(im.size) - min(im.size) * ratio) <= 1 for ratio, _ in ASPECTS)
+    # ImageNet's photos: ~110 KB at ~470x390, about 0.6 B/px. Measured over 200 of these images: 0.42-0.90 B/px
+    # each, mean 0.62; the mean of 14 lies within about +-0.05 of it, so the bounds leave room on both sides.
+    assert all(0.3 <= v <= 1.1 for v in per_pixel), per_pixel
+    assert 0.5 <= float(np.mean(per_pixel)) <= 0.75, np.mean(per_pixel)
+    assert portrait < len(fa) / 2 and framed >= len(fa) * 3 / 4  # mostly landscape; frames clipped at 300 px aside
