@@ -91,11 +91,15 @@ def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
     )
 
 
-def _normalize_on_host(images, dtype, normalize, jitter_factors=()):
-    """_normalize's work on the CPU pipeline's uint8 HWC images, by torch (pipelines.dali_host: 6x cheaper), after
-    the colour jitter where its per-sample factors are given."""
+def _normalize_on_host(images, dtype, normalize, jitter_factors=(), size=0, mirror=None):
+    """_normalize's work on the CPU pipeline's uint8 HWC images, by torch (pipelines.dali_host: 6x cheaper); before
+    it, where given, the resize to `size` with the flip, and the colour jitter with its per-sample factors."""
+    options = dict(normalize=normalize, dtype=dtype)
+    if size:
+        return fn.python_function(images, mirror, *jitter_factors, batch_processing=True, output_layouts="HWC",
+                                  function=partial(dali_host.resize_normalize_batch, size=size, **options))
     return fn.python_function(images, *jitter_factors, batch_processing=True, output_layouts="HWC",
-                              function=partial(dali_host.normalize_batch, normalize=normalize, dtype=dtype))
+                              function=partial(dali_host.normalize_batch, **options))
 
 
 def _reader(files, labels, shard_id, num_shards, training):
@@ -177,12 +181,18 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
     size = aug.image_size
     on_host = placement == "cpu"  # DALI's CPU resize, colour and normalisation are its slow part: pipelines.dali_host
     mirror = fn.random.coin_flip(probability=aug.hflip)
+    factors = []
+    if aug.color_jitter > 0:
+        strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
+        factors = [fn.random.uniform(range=strength) for _ in ("brightness", "contrast", "saturation")]
     if fused_decode:
         # Decodes only the crop's region: less work than decoding the whole JPEG, then cropping.
         images = fn.decoders.image_random_crop(
             jpegs, **decoder, output_type=types.RGB,
             random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio), num_attempts=100,
         )
+        if on_host and aug.randaugment_magnitude == 0:  # resize, flip, jitter, normalise: one pass
+            return _normalize_on_host(images, dtype, aug.normalize, factors, size, mirror), _labels(labels, placement)
         if on_host:  # resized and flipped by torch, as torchvision's RandomResizedCrop and RandomHorizontalFlip
             images = fn.python_function(images, mirror, function=partial(dali_host.resize_batch, size=size),
                                         batch_processing=True, output_layouts="HWC")
@@ -199,14 +209,10 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
     if aug.randaugment_magnitude > 0:
         images = _rand_augment(images, aug.randaugment_layers, aug.randaugment_magnitude,
                                aug.randaugment_magnitude_std)
-    factors = []
-    if aug.color_jitter > 0:
-        strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
-        factors = [fn.random.uniform(range=strength) for _ in ("brightness", "contrast", "saturation")]
-        if not on_host:  # on the host, the same map as color_twist's in the normalisation's pass, a fifth of its cost
-            images = fn.color_twist(images, brightness=factors[0], contrast=factors[1], saturation=factors[2])
-    if on_host:
+    if on_host:  # the colour jitter (color_twist's map, a fifth of its cost) in the normalisation's pass
         return _normalize_on_host(images, dtype, aug.normalize, factors), _labels(labels, placement)
+    if factors:
+        images = fn.color_twist(images, brightness=factors[0], contrast=factors[1], saturation=factors[2])
     images = _normalize(images, dtype, mirror=mirror, normalize=aug.normalize)
     return images, _labels(labels, placement)
 
