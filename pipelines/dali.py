@@ -21,10 +21,12 @@ import os
 import re
 import warnings
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
 
+from pipelines import dali_host
 from pipelines.augmentation import MEAN, RANDAUGMENT_MAX, STD, Augmentation
 from pipelines.decode_probe import probe_fused_decode, probe_images
 from pipelines.erasing import dali_erase
@@ -88,6 +90,17 @@ def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
         std=[s * 255 for s in normalize[3:]],
         mirror=mirror if mirror is not None else 0,
     )
+
+
+def _normalize_on_host(images, dtype, normalize, jitter_factors=(), size=0, mirror=None):
+    """_normalize's work on the CPU pipeline's uint8 HWC images, by torch (pipelines.dali_host: 6x cheaper); before
+    it, where given, the resize to `size` with the flip, and the colour jitter with its per-sample factors."""
+    options = dict(normalize=normalize, dtype=dtype)
+    if size:
+        return fn.python_function(images, mirror, *jitter_factors, batch_processing=True, output_layouts="HWC",
+                                  function=partial(dali_host.resize_normalize_batch, size=size, **options))
+    return fn.python_function(images, *jitter_factors, batch_processing=True, output_layouts="HWC",
+                              function=partial(dali_host.normalize_batch, **options))
 
 
 def _reader(files, labels, shard_id, num_shards, training):
@@ -175,33 +188,46 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
     jpegs, labels = _reader(files, labels, shard_id, num_shards, training=True)
     decoder = _decoder_args(placement, hw_decoder_load)
     size = aug.image_size
+    on_host = placement == "cpu"  # DALI's CPU resize, colour and normalisation are its slow part: pipelines.dali_host
+    mirror = fn.random.coin_flip(probability=aug.hflip)
+    uint8_steps = aug.randaugment_magnitude > 0 or aug.trivial_augment  # operators between the resize and the rest
+    normalized = False
+    factors = []
+    if aug.color_jitter > 0:
+        strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
+        factors = [fn.random.uniform(range=strength) for _ in ("brightness", "contrast", "saturation")]
     if fused_decode:
         # Decodes only the crop's region: less work than decoding the whole JPEG, then cropping.
         images = fn.decoders.image_random_crop(
             jpegs, **decoder, output_type=types.RGB,
             random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio), num_attempts=100,
         )
-        images = fn.resize(_after_decode(images, placement), resize_x=size, resize_y=size)
+        if on_host and not uint8_steps:  # resize, flip, jitter, normalise: one pass
+            images, normalized = _normalize_on_host(images, dtype, aug.normalize, factors, size, mirror), True
+        elif on_host:  # resized and flipped by torch, as torchvision's RandomResizedCrop and RandomHorizontalFlip
+            images = fn.python_function(images, mirror, function=partial(dali_host.resize_batch, size=size),
+                                        batch_processing=True, output_layouts="HWC")
+        else:
+            images = fn.resize(_after_decode(images, placement), resize_x=size, resize_y=size)
     else:
         # The way out where the fused ROI decode misbehaves (nvImageCodec #55; docs/usage.md, Troubleshooting
         # the GPU path)
         images = _after_decode(fn.decoders.image(jpegs, **decoder, output_type=types.RGB), placement)
         images = fn.random_resized_crop(images, size=[size, size],
                                         random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio))
+        if on_host:
+            images = fn.flip(images, horizontal=mirror)
     if aug.randaugment_magnitude > 0:
         images = _rand_augment(images, aug.randaugment_layers, aug.randaugment_magnitude,
                                aug.randaugment_magnitude_std)
     if aug.trivial_augment:
         images = _trivial_augment(images)
-    if aug.color_jitter > 0:
-        strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
-        images = fn.color_twist(
-            images,
-            brightness=fn.random.uniform(range=strength),
-            contrast=fn.random.uniform(range=strength),
-            saturation=fn.random.uniform(range=strength),
-        )
-    images = _normalize(images, dtype, mirror=fn.random.coin_flip(probability=aug.hflip), normalize=aug.normalize)
+    if not normalized and on_host:  # the colour jitter (color_twist's map, a fifth of its cost) in this pass
+        images = _normalize_on_host(images, dtype, aug.normalize, factors)
+    elif not normalized:
+        if factors:
+            images = fn.color_twist(images, brightness=factors[0], contrast=factors[1], saturation=factors[2])
+        images = _normalize(images, dtype, mirror=mirror, normalize=aug.normalize)
     if aug.random_erase > 0:  # last, on the normalised pixels, as torchvision's RandomErasing (pipelines.erasing)
         images = dali_erase(images, aug.random_erase, size)
     return images, _labels(labels, placement)
@@ -241,6 +267,8 @@ def validation_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentatio
     # the host and synchronises every batch. A plain list would become a constant on the images' device.
     shape = types.Constant(np.array([image_size, image_size], dtype=np.int32), device="cpu")
     images = fn.slice(images, fn.cast(anchor, dtype=types.INT32), shape, axes=[0, 1], out_of_bounds_policy="pad")
+    if placement == "cpu":
+        return _normalize_on_host(images, dtype, aug.normalize), _labels(labels, placement)
     return _normalize(images, dtype, normalize=aug.normalize), _labels(labels, placement)
 
 
@@ -301,6 +329,8 @@ class DaliBase(DaliCheckpoint):
         self.batch_size = batch_size
         self.device = torch.device(device)
         self._host_batches = placement == "cpu"  # the CPU pipeline's batches live in host memory
+        if self._host_batches:
+            torch.get_num_threads()  # fixes this thread's count before DALI's thread sets its own (dali_host)
         self._build_args = dict(
             batch_size=batch_size,
             num_threads=threads,

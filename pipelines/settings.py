@@ -52,3 +52,18 @@ def default_workers() -> int:
         cores = os.cpu_count() or 1
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks))
+
+
+def one_torch_thread() -> None:
+    """Run in each of the loader's threads as it starts: its torch ops on that thread alone, as torch's own
+    DataLoader pin-memory thread does (torch.set_num_threads sets the calling thread's OpenMP and MKL threads;
+    a training thread that has run a torch op keeps its own; torch takes a thread's count at its first op,
+    from the last set_num_threads of any thread, so the harness fixes its own first). Otherwise the batch
+    thread's batched ops open an OpenMP team of their own, as many threads as the training step's; one libgomp
+    thread more than the cores switches libgomp's spin-wait throttle on for the whole process, and the
+    training step then ran faster beside this loader than on synthetic data (issue 37: 628% of the ceiling on
+    2 busy cores). The loader's CPU parallelism is its reading threads (`workers`), the count the benchmark
+    harness budgets for."""
+    import torch  # here: the settings stay importable without torch (rn50.config reads them)
+
+    torch.set_num_threads(1)

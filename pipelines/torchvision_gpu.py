@@ -36,6 +36,7 @@ from pipelines.loader import EpochPosition
 from pipelines.order import GlobalOrder, ValidationShard
 from pipelines.profiler_ranges import named_range
 from pipelines.resample import resized_crops
+from pipelines.settings import one_torch_thread
 from pipelines.shards import ShardList, describe_source
 
 
@@ -126,19 +127,6 @@ def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     mean = rgb_to_grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
     images = (images * contrast + mean * (1 - contrast)).clamp_(0, 255)
     return (images * saturation + rgb_to_grayscale(images) * (1 - saturation)).clamp_(0, 255)
-
-
-def one_torch_thread() -> None:
-    """Run in each of the loader's threads as it starts: its torch ops on that thread alone, as torch's own
-    DataLoader pin-memory thread does (torch.set_num_threads sets the calling thread's OpenMP and MKL threads;
-    a training thread that has run a torch op keeps its own; torch takes a thread's count at its first op,
-    from the last set_num_threads of any thread, so the harness fixes its own first). Otherwise the batch
-    thread's batched ops open an OpenMP team of their own, as many threads as the training step's; one libgomp
-    thread more than the cores switches libgomp's spin-wait throttle on for the whole process, and the
-    training step then ran faster beside this loader than on synthetic data (issue 37: 628% of the ceiling on
-    2 busy cores). The loader's CPU parallelism is its reading threads (`workers`), the count the benchmark
-    harness budgets for."""
-    torch.set_num_threads(1)
 
 
 class TorchvisionGpuLoader(EpochPosition):

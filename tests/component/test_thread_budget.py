@@ -93,7 +93,7 @@ def test_a_loader_thread_cannot_change_the_harness_main_thread_once_applied():
     script = (
         "import threading, torch\n"
         "from benchmarks.threads import ThreadBudget, apply_model_threads, check_model_threads\n"
-        "from pipelines.torchvision_gpu import one_torch_thread\n"
+        "from pipelines.settings import one_torch_thread\n"
         "budget = ThreadBudget(6, 'cpu', 3, 3, '')\n"
         "apply_model_threads(budget)\n"
         "loader = threading.Thread(target=one_torch_thread); loader.start(); loader.join()\n"
