@@ -145,8 +145,8 @@ _KINDS = (
                            "add DALI threads (--dali-threads) up to the free cores per GPU: decoding and cropping "
                            "run on them",
                            _SMALLER_JPEGS)),
-    LoaderKind("dali-cpu", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop, and every "
-                           "other operator on the CPU too, then one copy to the device",
+    LoaderKind("dali-cpu", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop; resize, flip, "
+                           "jitter and normalise by torch and Pillow inside the pipeline, then one copy to the device",
                "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="cpu",
                trivial_augment=True,
                decodes_by_content=True, auto_on="cpu",
