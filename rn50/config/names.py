@@ -25,8 +25,10 @@ _RANDAUG = ("--randaugment-magnitude", "RandAugment inside the DALI pipelines (e
 _REPEATED = ("--repeated-aug", "each image k times per epoch, augmented independently (DALI loaders), e.g. 3")
 _FINETUNE = ("--finetune-from", "start from these weights (a torchvision .pth or our checkpoint; a classifier "
                                 "of another size is replaced); to evaluate weights: python -m rn50.evaluate --weights")
-_CLIP = (None, "gradient clipping; against an unstable start, a longer --warmup-epochs or a lower --base-lr")
-_ACCUM = (None, "gradient accumulation; the global batch is --batch-size x the processes, and the LR follows it")
+_CLIP = ("--clip-grad-norm", "clips the global L2 norm of all gradients (after AMP's unscale, on the accumulated "
+                             "gradient), once per optimizer step; 0 turns it off")
+_ACCUM = ("--accum-steps", "micro-batches of --batch-size per optimizer step: the global batch is --batch-size x "
+                           "the processes x --accum-steps, and the LR and the schedule follow it")
 _ERASE = (None, "random erasing; the regularisers we have are --mixup-alpha, --cutmix-alpha and "
                 "--randaugment-magnitude")
 _INTERP = (None, "every loader resizes with antialiased bilinear interpolation (torchvision's default)")
@@ -63,9 +65,9 @@ FOREIGN = {
     "--model-ema-decay": (BOTH, *_EMA),
     "--model-ema-steps": (TV, None, "the EMA (--ema-decay) is updated after every optimizer step"),
     "--model-ema-force-cpu": (TIMM, None, "the EMA (--ema-decay) stays on the training device"),
-    "--clip-grad-norm": (TV, *_CLIP),
     "--clip-grad": (TIMM, *_CLIP),
-    "--clip-mode": (TIMM, *_CLIP),
+    "--clip-mode": (TIMM, "--clip-grad-norm", "clipping by the global norm (timm's `norm`) is the one we have; "
+                                             "`value` and `agc` are not available"),
     "--auto-augment": (TV, *_RANDAUG),
     "--aa": (TIMM, *_RANDAUG),
     "--ra-magnitude": (TV, "--randaugment-magnitude", "0..30 inside the DALI pipelines"),
@@ -153,6 +155,10 @@ USER_NAMES = {
     **dict.fromkeys(("smoothing", "ls"), ("--label-smoothing", "")),
     **dict.fromkeys(("fp16", "halfprecision", "mixedprecision", "autocast"),
                     ("--amp", "on by default; --amp-dtype float16|bfloat16")),
+    **dict.fromkeys(("gradientaccumulationsteps", "gradaccum", "accumulategradbatches", "updatefreq"),
+                    ("--accum-steps", "micro-batches of --batch-size per optimizer step")),
+    **dict.fromkeys(("maxgradnorm", "gradclip", "gradientclipping", "clipnorm"),
+                    ("--clip-grad-norm", "the global L2 norm of all gradients; 0: off")),
 }
 
 
