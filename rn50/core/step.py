@@ -261,18 +261,20 @@ def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor,
         parts.optimizer.zero_grad(set_to_none=True)
     if parts.mix is not None:
         images, labels = parts.mix(images, labels)  # labels become class probabilities
-    with named_range("forward"), \
-            torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
-        logits = parts.model(images)
-        loss = parts.criterion(logits, labels)
-        if parts.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = parts.teacher(images)
-            loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
-    # DDP all-reduces in the backward pass: not until the step's last micro-batch, whose backward reduces the sum
+    # DDP all-reduces in the backward pass, if the forward pass prepared it (no_sync must hold both): only on the
+    # step's last micro-batch, whose backward reduces the sum of all K
     syncing = last or not isinstance(parts.model, DistributedDataParallel)
-    with named_range("backward"), (nullcontext() if syncing else parts.model.no_sync()):
-        parts.scaler.scale(loss / accum if accum > 1 else loss).backward()
+    with nullcontext() if syncing else parts.model.no_sync():
+        with named_range("forward"), \
+                torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+            logits = parts.model(images)
+            loss = parts.criterion(logits, labels)
+            if parts.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = parts.teacher(images)
+                loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
+        with named_range("backward"):
+            parts.scaler.scale(loss / accum if accum > 1 else loss).backward()
     if not last:
         return loss.detach()
     with named_range("optimizer step"):
