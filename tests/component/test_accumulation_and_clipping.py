@@ -215,8 +215,8 @@ SMALL = ["--loader", "dali-cpu", "--arch", "resnet18", "--image-size", "32", "--
 
 class StopsBetweenMicroBatches:
     """The real training loader, which sends this process SIGUSR1 (a real stop signal, to the run's own handler)
-    just before it delivers its batch number `before` of the run (from 0): with K=2 and an odd number, between the
-    two micro-batches of a step."""
+    as it delivers its batch number `before` of the run (from 0): with K=2 and an even number, a step's first
+    micro-batch, so the stop is pending when that micro-batch is done and the step's second is still to come."""
 
     def __init__(self, loader, before: int):
         self._loader, self._before, self._delivered = loader, before, 0
@@ -246,7 +246,7 @@ def test_a_stop_between_micro_batches_checkpoints_the_step_and_resumes_bit_for_b
 
     def stopping(*args, **kwargs):
         train, val = real(*args, **kwargs)
-        return StopsBetweenMicroBatches(train, before=3), val  # between step 2's micro-batches (batches 2 and 3)
+        return StopsBetweenMicroBatches(train, before=2), val  # step 2's first micro-batch (batches 2 and 3)
 
     monkeypatch.setattr(rn50.train, "build_loaders", stopping)
     args = ["--data", str(data_dir), "--out", str(tmp_path / "stopped"), *SMALL]
