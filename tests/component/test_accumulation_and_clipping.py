@@ -29,6 +29,7 @@ from rn50.reliability.exits import EXIT_PREEMPTED
 from rn50.reliability.lifecycle import resume_point
 from rn50.system.dist import DistEnv
 from test_graphs import as_on_a_gpu
+from test_profiling import annotations
 
 from conftest import CLASSES
 
@@ -261,6 +262,18 @@ def test_a_stop_between_micro_batches_checkpoints_the_step_and_resumes_bit_for_b
     whole, resumed = (load_checkpoint(regular_checkpoints(tmp_path / run)[-1]) for run in ("whole", "stopped"))
     assert resumed["step"] == whole["step"] == 12 and resumed["steps_per_epoch"] == 6
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+def test_the_profile_window_and_the_step_lines_count_optimizer_steps(data_dir, tmp_path, capsys):
+    """--profile-steps 2:3 with K=2: optimizer steps 2 and 3, each one ProfilerStep range holding its two
+    micro-batches' forward and backward passes and one optimizer step; the step lines say 6 steps an epoch."""
+    out = tmp_path / "run"
+    rn50.train.main(["--data", str(data_dir), "--out", str(out), *SMALL, "--epochs", "1", "--profile-steps", "2:3"])
+    names = annotations(out / "profile" / "rank0.pt.trace.json")
+    assert names["ProfilerStep#2"] == names["ProfilerStep#3"] == 1 and "ProfilerStep#4" not in names
+    assert (names["input wait"], names["forward"], names["backward"], names["optimizer step"]) == (4, 4, 4, 2)
+    printed = capsys.readouterr().out
+    assert "(6 steps/epoch x 1 rank x 2 micro-batches x 4)" in printed and "epoch 1 step 6/6 " in printed
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
