@@ -155,9 +155,8 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch: int, first: int) -> dict:
-        """Optimizer steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch), each of accum_steps
-        micro-batches (rn50.core.accumulation); everything below counts optimizer steps."""
-        spe, accum = self.steps_per_epoch, self.accum_steps
+        """Optimizer steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch), K micro-batches each."""
+        spe, accum, micro_losses = self.steps_per_epoch, self.accum_steps, []
         self.begin_epoch(epoch)
         losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
         self.resumed_losses = None
@@ -165,7 +164,6 @@ class Trainer:
         lr = self.set_lr(epoch * spe + first)  # (an elastic change can leave an epoch no whole global batch)
         # global steps from 1: the --profile-steps window, and an "input wait" range around each batch in it
         batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe, accum)
-        micro_losses = []
         for i, micro, (images, labels) in accumulation.in_steps(meter.batches(batches), accum, first, spe):
             where = f"epoch {epoch + 1} step {i + 1}/{spe}: training step" + (
                 f" (micro-batch {micro + 1}/{accum})" if accum > 1 else "")
@@ -396,7 +394,8 @@ def run_with(config: Config, resume: lifecycle.Resume, env: DistEnv, watchdog: W
     train_loader, val_loader = build_loaders(recipe, machine, settings.data, env, settings.manifest)
     watchdog.progress("starting: building the model")
     spe = accumulation.steps_per_epoch(len(train_loader), recipe.optimisation.accum_steps)  # optimizer steps
-    check_window(settings.profile_steps, recipe.schedule.epochs * spe, f"this run ({recipe.schedule.epochs} epochs x {spe} steps)")
+    check_window(settings.profile_steps, recipe.schedule.epochs * spe,
+                 f"this run ({recipe.schedule.epochs} epochs x {spe} steps)")
     parts = build_training(recipe, train_loader.num_classes, env, machine,
                            profiling=settings.profile_steps is not None, class_counts=train_loader.class_counts)
     trainer = Trainer(config, parts, train_loader, val_loader, env, watchdog, stop, start.identity)
