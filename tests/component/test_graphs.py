@@ -371,6 +371,7 @@ def test_the_one_step_comparison_passes_the_graphed_orchestration_and_catches_a_
     ({"amp_dtype": "bfloat16"}, 0.01, 5e-2, None),
     ({"optimizer": "adamw"}, 0.0005, 1e-2, 0.1),
     ({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "ema_decay": 0.9}, 0.01, 1e-2, None),  # both outside the graph
+    ({"clip_grad_norm": 0.5}, 0.01, 1e-2, None),  # GradScaler's unscale_ and the clipping inside the graph
 ])
 def test_graphed_step_follows_the_eager_step_on_the_gpu(fields, lr, tol, update_tol):
     """Every call of the graphed step (the eager warm-up, the capture, the replays, and again at a new image
