@@ -264,6 +264,15 @@ def test_a_stop_between_micro_batches_checkpoints_the_step_and_resumes_bit_for_b
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
 
 
+def test_more_micro_batches_than_an_epoch_holds_is_one_line_and_leaves_no_run_folder(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:  # 48 images in batches of 4: 12 a process
+        rn50.train.main(["--data", str(data_dir), "--out", str(out), *SMALL, "--accum-steps", "20"])
+    assert stopped.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == ("error: --accum-steps 20 needs 20 batches per epoch on each process, "
+                                               "but the training data gives 12; lower --accum-steps or --batch-size")
+
+
 def test_the_profile_window_and_the_step_lines_count_optimizer_steps(data_dir, tmp_path, capsys):
     """--profile-steps 2:3 with K=2: optimizer steps 2 and 3, each one ProfilerStep range holding its two
     micro-batches' forward and backward passes and one optimizer step; the step lines say 6 steps an epoch."""
