@@ -125,7 +125,11 @@ class Bench:
         # the LR a step of the recipe has after warm-up: updates as large as training's (and an LR-scaled
         # larger batch, when a lever asks for one)
         set_lr(parts.optimizer, self.recipe.optimisation.peak_lr(env.world_size))
-        return self.windows(loader, lambda images, labels: train_step(parts, images, labels), repeats)
+        # --accum-steps K: each batch is the next micro-batch of an optimizer step (a step every K batches), so
+        # the windows time accumulation as training runs it; img/s counts every micro-batch's images
+        micros = itertools.count()
+        return self.windows(loader, lambda images, labels: train_step(parts, images, labels,
+                                                                      next(micros) % parts.accum_steps), repeats)
 
     def measure(self, mode: str, loader_name: str, repeats: int | None = None) -> dict:
         """One row: `mode` through `loader_name` ("synthetic" in synthetic mode), over `repeats` timed windows

@@ -18,8 +18,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# What reading the flags needs, and nothing heavier: `python -m rn50.train` reads them before the imports
-# below parse_args load torch and DALI (seconds), so a mistyped flag is reported at once
+# Only what reading the flags needs: torch and DALI load (seconds) below parse_args, so a typo is reported at once
 from rn50.config.errors import NodeWideError, UserError, check_flags_first
 from rn50.config.profile_flags import TRACE_DIR
 from rn50.config.recipe import Config, available_presets, resolve
@@ -52,6 +51,7 @@ from rn50.reliability import lifecycle  # noqa: E402
 from rn50.reliability.checkpoint import CheckpointStore, checkpoint_name, restore_training, training_state  # noqa: E402
 from rn50.system.dist import DistEnv, all_gather_objects, any_rank, broadcast_buffers, init_distributed, shutdown  # noqa: E402
 from rn50.core.loaders import build_loaders  # noqa: E402
+from rn50.core import accumulation  # noqa: E402
 from rn50.observe.meter import LossTracker, Meter  # noqa: E402
 from rn50.observe.metrics import MetricsLog  # noqa: E402
 from rn50.reliability.exits import exit_code_of  # noqa: E402
@@ -77,7 +77,8 @@ class Trainer:
         self.parts, self.env, self.out = parts, env, settings.out
         self.watchdog, self.stop = watchdog, stop
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.steps_per_epoch = len(train_loader)
+        self.accum_steps = self.recipe.optimisation.accum_steps  # micro-batches (loader batches) per optimizer step
+        self.steps_per_epoch = accumulation.steps_per_epoch(len(train_loader), self.accum_steps)  # optimizer steps
         self.lr_world = env.world_size  # the world size whose peak LR this run uses (--elastic-lr keep: the first)
         self.peak_lr = self.recipe.optimisation.peak_lr(env.world_size)
         self.peak_lr_reached = peak_reached(self.recipe.schedule, self.peak_lr, self.steps_per_epoch)  # < peak: a long warm-up
@@ -86,8 +87,9 @@ class Trainer:
         # steps or a time
         self.checkpoint_every = restart.CheckpointCadence(settings.checkpoint_every, 1 if env.world_size == 1 else 10)
         self.max_nonfinite = settings.max_nonfinite_steps
-        self.meter = Meter(env.device, self.recipe.optimisation.batch_size * env.world_size, env.world_size,
-                           self.steps_per_epoch, self.recipe.schedule.epochs, self.machine.compile, self.say)
+        self.meter = Meter(env.device, self.recipe.optimisation.global_batch(env.world_size), env.world_size,
+                           self.steps_per_epoch, self.recipe.schedule.epochs, self.machine.compile, self.say,
+                           self.accum_steps)
         self.validated_compiled = False  # --compile: whether validation has compiled its graphs in this process
         self.profiler = StepProfiler(settings.profile_steps, self.out / TRACE_DIR, env.rank, env.device,
                                      settings.profiler, self.say)
@@ -110,8 +112,9 @@ class Trainer:
 
     def run(self) -> dict:
         recipe, epochs = self.recipe, self.recipe.schedule.epochs
+        accum = f" x {self.accum_steps} micro-batches" if self.accum_steps > 1 else ""
         self.say(f"training {recipe.model.arch} on {self.train_loader.num_samples} images ({self.steps_per_epoch} "
-                 f"steps/epoch x {self.env.world_size} rank{'s' if self.env.world_size != 1 else ''} x "
+                 f"steps/epoch x {self.env.world_size} rank{'s' if self.env.world_size != 1 else ''}{accum} x "
                  f"{recipe.optimisation.batch_size}), validating on "
                  f"{self.val_loader.num_samples}; loader {self.machine.loader}, device {self.env.device}, "
                  f"peak LR {self.peak_lr:.4g}" + lifecycle.reached(self.peak_lr, self.peak_lr_reached))
@@ -120,8 +123,9 @@ class Trainer:
             try:
                 record.update(self.train_epoch(epoch, self.start_offset if epoch == self.start_epoch else 0))
             except StorageLost as lost:  # shard reads failed after every retry: a checkpoint, exit 75, no skipped data
-                raise DataLost(str(lost), self.save(epoch, self.train_loader.position, epoch_end=False)
-                               if self.env.world_size == 1 else None) from None
+                done = accumulation.checkpoint_step(self.train_loader.position, self.accum_steps, self.steps_per_epoch)
+                raise DataLost(str(lost), self.save(epoch, done, epoch_end=False)
+                               if self.env.world_size == 1 and done is not None else None) from None
             record.update(self.validate(epoch))
             record["time_s"] = self.elapsed()
             verdict, warnings = judge(self.history + [record], recipe.stopping,
@@ -151,23 +155,27 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch: int, first: int) -> dict:
-        """Steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch)."""
-        spe = self.steps_per_epoch
+        """Optimizer steps `first`..end of epoch `epoch` (first > 0 when resuming mid-epoch), K micro-batches each."""
+        spe, accum, micro_losses = self.steps_per_epoch, self.accum_steps, []
         self.begin_epoch(epoch)
         losses = self.losses = LossTracker(self.env.device, self.resumed_losses if first else None)
         self.resumed_losses = None
         meter = self.meter.epoch(epoch, first)
         lr = self.set_lr(epoch * spe + first)  # (an elastic change can leave an epoch no whole global batch)
         # global steps from 1: the --profile-steps window, and an "input wait" range around each batch in it
-        batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe)
-        for i, (images, labels) in enumerate(meter.batches(batches), start=first):
-            where = f"epoch {epoch + 1} step {i + 1}/{spe}: training step"
+        batches = self.profiler.batches(self.train_loader, epoch * spe + first + 1, (epoch + 1) * spe, accum)
+        for i, micro, (images, labels) in accumulation.in_steps(meter.batches(batches), accum, first, spe):
+            where = f"epoch {epoch + 1} step {i + 1}/{spe}: training step" + (
+                f" (micro-batch {micro + 1}/{accum})" if accum > 1 else "")
             self.watchdog.progress(where)
             step = epoch * spe + i
-            lr = self.set_lr(step)
-            if i == first:  # what the model sees, once an epoch
+            lr = self.set_lr(step) if micro == 0 else lr
+            if i == first and micro == 0:  # what the model sees, once an epoch
                 self.log.images("train/inputs", images, step, normalize=self.recipe.augmentation.normalize)
-            loss = self.train_step(images, labels, meter, where)
+            micro_losses.append(self.train_step(images, labels, micro, meter, where))
+            if micro + 1 < accum:  # the step goes on; stop signals and checkpoints wait for its end
+                continue
+            loss, micro_losses = accumulation.step_loss(micro_losses), []
             losses.add(loss)
             # the only per-step host sync: at log intervals, and at the epoch's last step (an epoch shorter
             # than --log-every still gets its line)
@@ -198,13 +206,13 @@ class Trainer:
         set_lr(self.parts.optimizer, lr, frozen=step < self.recipe.model.freeze_backbone_epochs * spe)
         return lr
 
-    def train_step(self, images, labels, meter, where: str) -> torch.Tensor:
-        """rn50.core.step.train_step; a step that compiles (--compile) is timed apart, and the watchdog allows it
-        its own, longer limit (max-autotune can take many minutes)."""
+    def train_step(self, images, labels, micro: int, meter, where: str) -> torch.Tensor:
+        """rn50.core.step.train_step on micro-batch `micro` of a step; a call that compiles (--compile) is timed
+        apart, and the watchdog allows it its own, longer limit (max-autotune can take many minutes)."""
         if not meter.compiles(images.shape):
-            return train_step(self.parts, images, labels)
+            return train_step(self.parts, images, labels, micro)
         with self.watchdog.compiling(where), meter.compiling(images.shape):
-            return train_step(self.parts, images, labels)
+            return train_step(self.parts, images, labels, micro)
 
     def log_step(self, epoch: int, done: int, lr: float, loss: torch.Tensor, losses: LossTracker, meter) -> None:
         """A metrics.jsonl line and a console line after `done` steps of the epoch: the one host sync."""
@@ -385,8 +393,9 @@ def run_with(config: Config, resume: lifecycle.Resume, env: DistEnv, watchdog: W
     watchdog.progress("starting: listing and checking the data, building the loaders")
     train_loader, val_loader = build_loaders(recipe, machine, settings.data, env, settings.manifest)
     watchdog.progress("starting: building the model")
-    check_window(settings.profile_steps, recipe.schedule.epochs * len(train_loader),
-                 f"this run ({recipe.schedule.epochs} epochs x {len(train_loader)} steps)")
+    spe = accumulation.steps_per_epoch(len(train_loader), recipe.optimisation.accum_steps)  # optimizer steps
+    check_window(settings.profile_steps, recipe.schedule.epochs * spe,
+                 f"this run ({recipe.schedule.epochs} epochs x {spe} steps)")
     parts = build_training(recipe, train_loader.num_classes, env, machine,
                            profiling=settings.profile_steps is not None, class_counts=train_loader.class_counts,
                            start_weights=start.checkpoint is None)
@@ -396,7 +405,7 @@ def run_with(config: Config, resume: lifecycle.Resume, env: DistEnv, watchdog: W
         notes.append(trainer.restore(start.checkpoint, start.saved, start.exact))
     for line in notes + lifecycle.startup_summary(config, start.machine_given, train_loader.num_classes):
         say(line)
-    restart.started(settings.out, resume.job, start.checkpoint, env, len(train_loader), say)  # the fault, steps lost
+    restart.started(settings.out, resume.job, start.checkpoint, env, spe, say)  # the fault, steps lost
     lifecycle.write_run_files(config, env, parts.amp_dtype, start.weights)
     # --tracker: rank 0's tracker run (the same one again on resume); every metrics.jsonl line goes to it too
     trainer.log.tracker = tracking.for_training(recipe, machine, settings.out, env,

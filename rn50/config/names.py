@@ -25,8 +25,10 @@ _RANDAUG = ("--randaugment-magnitude", "RandAugment inside the DALI pipelines (e
                                        "AutoAugment's other policies are not available")
 _TRIVIAL = ("--trivial-augment", "TrivialAugment-wide per image (the DALI loaders and --loader torchvision)")
 _REPEATED = ("--repeated-aug", "each image k times per epoch, augmented independently (DALI loaders), e.g. 3")
-_CLIP = (None, "gradient clipping; against an unstable start, a longer --warmup-epochs or a lower --base-lr")
-_ACCUM = (None, "gradient accumulation; the global batch is --batch-size x the processes, and the LR follows it")
+_CLIP = ("--clip-grad-norm", "clips the global L2 norm of all gradients (after AMP's unscale, on the accumulated "
+                             "gradient), once per optimizer step; 0 turns it off")
+_ACCUM = ("--accum-steps", "micro-batches of --batch-size per optimizer step: the global batch is --batch-size x "
+                           "the processes x --accum-steps, and the LR and the schedule follow it")
 _INTERP = (None, "every loader resizes with antialiased bilinear interpolation (torchvision's default)")
 _NO_DECAY = (None, "BN parameters and biases never get weight decay here; --weight-decay sets that of the "
                    "conv and linear weights")
@@ -65,9 +67,9 @@ FOREIGN = {
     "--model-ema-decay": (BOTH, *_EMA),
     "--model-ema-steps": (TV, None, "the EMA (--ema-decay) is updated after every optimizer step"),
     "--model-ema-force-cpu": (TIMM, None, "the EMA (--ema-decay) stays on the training device"),
-    "--clip-grad-norm": (TV, *_CLIP),
     "--clip-grad": (TIMM, *_CLIP),
-    "--clip-mode": (TIMM, *_CLIP),
+    "--clip-mode": (TIMM, "--clip-grad-norm", "clipping by the global norm (timm's `norm`) is the one we have; "
+                                             "`value` and `agc` are not available"),
     "--auto-augment": (TV, *_RANDAUG),
     "--aa": (TIMM, *_RANDAUG),
     "--ra-magnitude": (TV, "--randaugment-magnitude", "0..30 inside the DALI pipelines"),
@@ -168,6 +170,10 @@ USER_NAMES = {
     # timm's `pretrained: true` in a config file; rn50.train's --pretrained is a flag, a preset sets `weights`
     **dict.fromkeys(("pretrained", "usepretrained"),
                     ("--weights", "weights = \"DEFAULT\": torchvision's default weights of the arch")),
+    **dict.fromkeys(("gradientaccumulationsteps", "gradaccum", "accumulategradbatches", "updatefreq"),
+                    ("--accum-steps", "micro-batches of --batch-size per optimizer step")),
+    **dict.fromkeys(("maxgradnorm", "gradclip", "gradientclipping", "clipnorm"),
+                    ("--clip-grad-norm", "the global L2 norm of all gradients; 0: off")),
 }
 
 

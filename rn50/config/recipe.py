@@ -54,8 +54,12 @@ class Model:
 
 @dataclass(frozen=True)
 class Optimisation:
-    """batch_size is per GPU (per process); the LR scales with the global batch."""
-    batch_size: int = opt(256, "images per GPU (per process)")
+    """batch_size is per GPU (per process) and per micro-batch; the LR scales with the global batch."""
+    batch_size: int = opt(256, "images per GPU (per process) in each forward and backward pass (a micro-batch)")
+    accum_steps: int = opt(1, "gradient accumulation: micro-batches of batch_size per optimizer step, so the "
+                              "global batch is batch_size x processes x accum_steps; the LR scaling, warm-up, "
+                              "schedule and step counts count optimizer steps; BatchNorm statistics stay per "
+                              "micro-batch")
     optimizer: str = opt("sgd", listed(OPTIMIZERS))
     base_lr: float = opt(0.1, "the peak LR at base_batch; other global batches scale it by lr_scaling")
     base_batch: int = opt(256, "the global batch at which base_lr applies")
@@ -63,10 +67,12 @@ class Optimisation:
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "SGD with Nesterov momentum")
     weight_decay: float = opt(1e-4, "on conv and linear weights only (none on BN parameters and biases)")
+    clip_grad_norm: float = opt(0.0, "clip the gradients' global L2 norm to this before each optimizer step "
+                                     "(unscaled from AMP's loss scale first; the accumulated gradient); 0: off")
 
     def global_batch(self, world_size: int) -> int:
         """The images of one optimizer step over all processes: the one place the global batch is computed."""
-        return self.batch_size * world_size
+        return self.batch_size * world_size * self.accum_steps
 
     def peak_lr(self, world_size: int) -> float:
         """base_lr scaled from base_batch to this run's global batch by the lr_scaling rule (LR_SCALINGS)."""
@@ -157,9 +163,12 @@ class Recipe:
         for arch in (self.model.arch, self.distillation.teacher_arch):  # rn50.core.model.build_model builds these
             if arch not in ARCHS:
                 raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        for name in ("epochs", "batch_size", "base_batch"):  # image_size: Augmentation.validate below
+        for name in ("epochs", "batch_size", "base_batch", "accum_steps"):  # image_size: Augmentation.validate
             if get(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {get(self, name)}")
+        if not self.optimisation.clip_grad_norm >= 0:  # NaN too
+            raise UserError(f"clip_grad_norm must be positive, or 0 for no clipping; got "
+                            f"{self.optimisation.clip_grad_norm}")
         s = self.schedule
         if s.kind == "cosine" and s.warmup_epochs + s.cooldown_epochs >= s.epochs:
             raise UserError(f"cosine needs epochs ({s.epochs}) > warmup_epochs + cooldown_epochs "

@@ -17,6 +17,9 @@ semantics notes ("Whole-network capture", "Usage with DistributedDataParallel") 
   hands the optimizer the scale and the found-inf flag as tensors and the kernel skips the update on an
   overflow; `scaler.update` is `_amp_update_scale_`, on the device. The unfused path reads found_inf with
   `.item()`, so --cuda-graphs needs the fused optimizer. bf16 and fp32 steps have no scaler at all.
+  --clip-grad-norm is captured too: `scaler.unscale_` (an on-device inf check and multiply) and torch's
+  `clip_grad_norm_` (foreach norms, a clamped coefficient, a foreach multiply; error_if_nonfinite=False reads
+  nothing back). --accum-steps above 1 is refused: the graph holds one batch per optimizer step.
 - **Warm-up, then capture.** The first `warmup_steps` calls are real, eager training steps on a side stream
   (lazy state: momentum buffers, the scaler's tensors, cuDNN's choice of kernels, DDP's bucket rebuild).
   DDP needs at least 11 of them and must be built on the same stream (`build_training` does); the capture
@@ -61,6 +64,9 @@ def check_capturable(recipe, machine) -> None:
     if not machine.fused_optimizer:
         raise UserError("--cuda-graphs needs the fused optimizer (it takes the LR as a device tensor and the "
                         "scaler's inf check without a host sync); drop --no-fused-optimizer or --cuda-graphs")
+    if recipe.optimisation.accum_steps > 1:  # the graph holds one batch's forward, backward and optimizer step
+        raise UserError(f"--cuda-graphs captures one batch per optimizer step, not --accum-steps "
+                        f"{recipe.optimisation.accum_steps} micro-batches; use --accum-steps 1 or drop --cuda-graphs")
     if machine.compile and machine.compile_mode != "default":
         raise UserError(f"--compile-mode {machine.compile_mode} captures CUDA graphs of its own, which cannot nest "
                         "inside --cuda-graphs' capture; use --compile-mode default with --cuda-graphs, or drop "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,8 @@ class TrainingParts:
     ema: AveragedModel | None = None  # EMA of the weights (and BN buffers): WeightEma
     notes: list[str] = field(default_factory=list)  # what building them did that the user should hear
     graphed: object = None  # --cuda-graphs: the captured step (rn50.core.graphs.GraphedStep), run by train_step
+    accum_steps: int = 1  # micro-batches per optimizer step (--accum-steps; rn50.core.accumulation)
+    clip_grad_norm: float = 0.0  # the gradients' global norm is clipped to this before each optimizer step; 0: off
 
     @property
     def raw_model(self) -> nn.Module:
@@ -219,6 +222,7 @@ def build_training(recipe: Recipe, num_classes: int, env: DistEnv, machine: Mach
         mix=batch_mixing(reg.mixup_alpha, reg.cutmix_alpha, num_classes),
         teacher=_teacher(kd, num_classes, env, layout) if kd.teacher else None,
         kd_alpha=kd.alpha, kd_temperature=kd.temperature, ema=ema, notes=notes,
+        accum_steps=recipe.optimisation.accum_steps, clip_grad_norm=recipe.optimisation.clip_grad_norm,
     )
     if machine.cuda_graphs:
         parts.graphed = GraphedStep(parts, train_step, stream, WARMUP_STEPS_DDP if env.distributed else WARMUP_STEPS)
@@ -239,30 +243,63 @@ def replicas_identical(model: nn.Module) -> bool:
     return len(set(all_gather_objects(state_digest(model)))) == 1
 
 
-def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Forward under autocast, loss, scaled backward, optimizer and scaler step.
+def train_step(parts: TrainingParts, images: torch.Tensor, labels: torch.Tensor, micro: int = 0) -> torch.Tensor:
+    """One micro-batch of an optimizer step: forward under autocast, loss, scaled backward; after the step's last
+    micro-batch also the optimizer and scaler step (clipped first where the recipe says) and the EMA update.
 
-    Returns the detached loss tensor without synchronising with the device: callers read it with
-    .item() only at log intervals.
+    `micro`: this batch's place among the step's `parts.accum_steps` micro-batches (rn50.core.accumulation.in_steps
+    numbers them); without accumulation every call is a whole step. The first micro-batch zeroes the gradients,
+    each adds its loss / K to them (so the step's gradient is that of the mean over its K x batch images), and
+    under DDP only the last one all-reduces them (no_sync before). BatchNorm normalises each micro-batch with its
+    own statistics and updates its running statistics once per micro-batch.
+
+    Returns this micro-batch's detached loss (not divided by K) without synchronising with the device: callers
+    read it with .item() only at log intervals.
     """
     if parts.graphed is not None:  # --cuda-graphs: this body, captured once and replayed (rn50/core/graphs.py)
         return parts.graphed(images, labels)
-    parts.optimizer.zero_grad(set_to_none=True)
+    accum, last = parts.accum_steps, micro == parts.accum_steps - 1
+    if not 0 <= micro < accum:
+        raise ValueError(f"micro-batch {micro} of a step of {accum}")
+    if micro == 0:
+        parts.optimizer.zero_grad(set_to_none=True)
     if parts.mix is not None:
         images, labels = parts.mix(images, labels)  # labels become class probabilities
-    with named_range("forward"), \
-            torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
-        logits = parts.model(images)
-        loss = parts.criterion(logits, labels)
-        if parts.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = parts.teacher(images)
-            loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
-    with named_range("backward"):
-        parts.scaler.scale(loss).backward()
+    # DDP all-reduces in the backward pass, if the forward pass prepared it (no_sync must hold both): only on the
+    # step's last micro-batch, whose backward reduces the sum of all K
+    syncing = last or not isinstance(parts.model, DistributedDataParallel)
+    with nullcontext() if syncing else parts.model.no_sync():
+        with named_range("forward"), \
+                torch.autocast(images.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+            logits = parts.model(images)
+            loss = parts.criterion(logits, labels)
+            if parts.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = parts.teacher(images)
+                loss = distillation_loss(logits, teacher_logits, loss, parts.kd_alpha, parts.kd_temperature)
+        with named_range("backward"):
+            parts.scaler.scale(loss / accum if accum > 1 else loss).backward()
+    if not last:
+        return loss.detach()
     with named_range("optimizer step"):
+        if parts.clip_grad_norm > 0:
+            clip_gradients(parts)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         if parts.ema is not None:
             parts.ema.update_parameters(parts.raw_model)
     return loss.detach()
+
+
+def clip_gradients(parts: TrainingParts) -> torch.Tensor:
+    """Clip the step's gradients (accumulated over its micro-batches) to a global L2 norm of parts.clip_grad_norm.
+
+    Under GradScaler (fp16) the gradients are first unscaled in place (scaler.unscale_), so the norm is that of
+    the true gradients; scaler.step then sees the optimizer unscaled and does not unscale again, and skips the
+    step, as always, when the unscale found an inf or NaN (its norm is then inf or NaN too, and the clipped
+    gradients NaN, which the skipped step never applies). Nothing here waits for the device: the norm stays a
+    device tensor (foreach norms, error_if_nonfinite=False reads nothing back), so the step stays capturable
+    under --cuda-graphs. Returns the norm before clipping (a device tensor)."""
+    parts.scaler.unscale_(parts.optimizer)
+    return torch.nn.utils.clip_grad_norm_(parts.raw_model.parameters(), parts.clip_grad_norm, foreach=True,
+                                          error_if_nonfinite=False)

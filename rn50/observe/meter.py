@@ -51,13 +51,14 @@ def clock(seconds: float) -> str:
 
 
 class Meter:
-    """The run's clocks. `images_per_step`: over all ranks; `compile`: --compile, whose first step at each
-    batch shape (the run's first; progressive resizing's first at each size) is synchronised, timed alone
-    and kept out of img/s."""
+    """The run's clocks. `images_per_step`: of an optimizer step, over all ranks; `compile`: --compile, whose
+    first micro-batch at each batch shape (the run's first; progressive resizing's first at each size) is
+    synchronised, timed alone and kept out of img/s; `accum_steps`: micro-batches per optimizer step."""
 
     def __init__(self, device: torch.device, images_per_step: int, world_size: int, steps_per_epoch: int,
-                 epochs: int, compile: bool, say):
+                 epochs: int, compile: bool, say, accum_steps: int = 1):
         self.device, self.images_per_step, self.world_size = device, images_per_step, world_size
+        self.accum_steps = accum_steps
         self.steps_per_epoch, self.epochs, self.compile, self.say = steps_per_epoch, epochs, compile, say
         self.compiled_shape: torch.Size | None = None
         self.telemetry = Telemetry(device.index if device.type == "cuda" else None)
@@ -76,7 +77,7 @@ class EpochMeter:
     def __init__(self, run: Meter, epoch: int, first: int):
         self.run, self.epoch, self.first = run, epoch, first
         self.host_wait = 0.0
-        self.compiled, self.compiled_steps = None, 0  # seconds and number of this epoch's compiling steps
+        self.compiled, self.compiled_steps = None, 0  # seconds and steps of this epoch that compiled
         run.sync()
         run.telemetry.start()
         self.begin = time.perf_counter()
@@ -102,7 +103,9 @@ class EpochMeter:
         yield
         self.run.sync()
         took = time.perf_counter() - began
-        self.compiled, self.compiled_steps = (self.compiled or 0.0) + took, self.compiled_steps + 1
+        # the micro-batch that compiled: 1/K of a step's images left out of img/s with its time
+        self.compiled = (self.compiled or 0.0) + took
+        self.compiled_steps += 1 / self.run.accum_steps
         at = f" at {shape[-1]} px" if self.run.compiled_shape else ""  # a new size: compiled again
         self.run.say(f"compiled in {took:.1f} s (the first step{at}, timed apart; not counted in img/s)")
         self.run.compiled_shape = shape

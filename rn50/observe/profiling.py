@@ -114,24 +114,26 @@ class StepProfiler:
             self._step.__exit__(None, None, None)
             self._step = None
 
-    def batches(self, loader, first: int, last: int):
-        """The loader's batches for steps first..last (this epoch's), each wait inside an "input wait" range
-        and each step between begin() and end(). The loader runs to its own end, as a plain for loop would.
-        Without a window: the loader itself, untouched."""
-        return loader if self._state == "off" else self._batches(loader, first, last)
+    def batches(self, loader, first: int, last: int, per_step: int = 1):
+        """The loader's batches for steps first..last (this epoch's), `per_step` batches a step (--accum-steps'
+        micro-batches), each wait inside an "input wait" range and each step between begin() and end(). The
+        loader runs to its own end, as a plain for loop would. Without a window: the loader itself, untouched."""
+        return loader if self._state == "off" else self._batches(loader, first, last, per_step)
 
-    def _batches(self, loader, first: int, last: int):
-        batches, step = iter(loader), first
+    def _batches(self, loader, first: int, last: int, per_step: int):
+        batches, step, micro = iter(loader), first, 0
         while True:
-            if step <= last:
+            if step <= last and micro == 0:
                 self.begin(step)
             with named_range("input wait"):
                 batch = next(batches, None)
             if batch is None:
                 return
             yield batch
-            self.end(step)
-            step += 1
+            micro += 1
+            if micro == per_step:
+                self.end(step)
+                step, micro = step + 1, 0
 
     def close(self) -> Path | None:
         """Ends a window the run cut short (it stopped or failed inside it) and says what was recorded."""

@@ -45,24 +45,32 @@ SAFE_ON_RESUME = ("early_stop_patience", "target_top1")
 # Not `schedule` (the kind): the plateau multiplier's state carries over and means nothing to another kind.
 SCHEDULE_ON_RESUME = ("base_lr", "base_batch", "lr_scaling", "epochs", "warmup_epochs", "warmup_start_factor",
                       "lr_milestones", "lr_decay", "min_lr", "cooldown_epochs", "plateau_factor", "plateau_patience")
+# The clipping threshold, likewise: it bounds the updates of the steps to come and changes neither a step done nor
+# the data stream (turning clipping on or lowering it after a loss spike is a fix, as lowering the LR is).
+# Not accum_steps: like batch_size it changes the global batch, so the data stream and the peak LR; refused unless
+# --allow-change names it (then the interrupted epoch restarts).
+CLIPPING_ON_RESUME = ("clip_grad_norm",)
 
 
 def changes_on_resume(saved: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
     """Fields that differ between the checkpoint's recipe and this run's, except the safe ones and the
     schedule's (schedule_changes)."""
+    accepted = SAFE_ON_RESUME + SCHEDULE_ON_RESUME + CLIPPING_ON_RESUME
     return [(flat, get(saved, flat), get(now, flat)) for flat in RECIPE_FIELDS
-            if get(saved, flat) != get(now, flat) and flat not in SAFE_ON_RESUME + SCHEDULE_ON_RESUME]
+            if get(saved, flat) != get(now, flat) and flat not in accepted]
 
 
 def schedule_changes(saved: Recipe, now: Recipe, epochs_done: int) -> str | None:
-    """The one start-up line naming the LR schedule's changes (old -> new), or None. Fewer epochs than the
-    checkpoint has done cannot be undone: one line."""
+    """The one start-up line naming the LR schedule's and the clipping's changes (old -> new), or None. Fewer
+    epochs than the checkpoint has done cannot be undone: one line."""
     if now.schedule.epochs < epochs_done:
         raise UserError(f"the checkpoint has {epochs_done} epochs done but this run asks for --epochs "
                         f"{now.schedule.epochs}; pass --epochs {epochs_done} or more")
-    changed = [f"{flat} {get(saved, flat)!r} -> {get(now, flat)!r}" for flat in SCHEDULE_ON_RESUME
-               if get(saved, flat) != get(now, flat)]
-    return (f"changed on resume: {', '.join(changed)} (the LR of the steps to come; the steps done and the data "
+    differ = [flat for flat in SCHEDULE_ON_RESUME + CLIPPING_ON_RESUME if get(saved, flat) != get(now, flat)]
+    changed = [f"{flat} {get(saved, flat)!r} -> {get(now, flat)!r}" for flat in differ]
+    what = " and ".join(name for name, group in (("the LR", SCHEDULE_ON_RESUME), ("the clipping", CLIPPING_ON_RESUME))
+                        if set(differ) & set(group))
+    return (f"changed on resume: {', '.join(changed)} ({what} of the steps to come; the steps done and the data "
             "stream stay as they were)") if changed else None
 
 
@@ -175,11 +183,15 @@ def resume_point(checkpoint: dict, saved: Recipe, recipe: Recipe, loader: str, e
         loader_state = checkpoint["loader"][env.rank]
         losses = (checkpoint.get("epoch_losses") or [None] * env.world_size)[env.rank]
     elif elastic and old_offset > 0:
-        old, batch = checkpoint["loader"][0], recipe.optimisation.batch_size
-        consumed = old.get("start", 0) + (old_offset - old.get("first", 0)) * batch * before
+        old, accum = checkpoint["loader"][0], recipe.optimisation.accum_steps
+        batch = recipe.optimisation.batch_size * accum  # an optimizer step's images on each process
+        # offsets count optimizer steps, the loader's position and `first` its batches, accum_steps to a step (the
+        # same K before and after: an exact resume changed no recipe field)
+        consumed = old.get("start", 0) + (old_offset - old.get("first", 0) // accum) * batch * before
         rest = max(0, train_images - consumed) // (batch * env.world_size)
         offset = steps_per_epoch - rest
-        loader_state = {"epoch": checkpoint["epoch"], "position": offset, "start": consumed, "first": offset}
+        loader_state = {"epoch": checkpoint["epoch"], "position": offset * accum, "start": consumed,
+                        "first": offset * accum}
         moved = (f"; {consumed} of {train_images} images of the epoch done, the other "
                  f"{train_images - consumed} over {env.world_size} process{'es' if env.world_size != 1 else ''}: "
                  f"{rest} step{'s' if rest != 1 else ''}"

@@ -41,6 +41,7 @@ CUDA = torch.device("cuda", 0)  # a device object only: nothing touches CUDA in 
     ({}, {"compile": True, "compile_mode": "reduce-overhead"},
      ("--compile-mode reduce-overhead", "--compile-mode default")),
     ({}, {"compile": True, "compile_mode": "max-autotune"}, ("--compile-mode max-autotune", "drop --cuda-graphs")),
+    ({"accum_steps": 2}, {}, ("not --accum-steps 2 micro-batches", "use --accum-steps 1 or drop --cuda-graphs")),
 ])
 def test_cuda_graphs_refuses_at_start_up_what_it_cannot_capture(fields, machine, words):
     with pytest.raises(UserError) as caught:
@@ -54,6 +55,7 @@ def test_cuda_graphs_refuses_at_start_up_what_it_cannot_capture(fields, machine,
     ({"optimizer": "adamw", "amp_dtype": "bfloat16"}, {}),
     ({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "ema_decay": 0.99, "label_smoothing": 0.1}, {}),
     ({"sync_bn": True}, {"compile": True, "ddp_fp16_compress": True}),
+    ({"clip_grad_norm": 1.0}, {}),
 ])
 def test_cuda_graphs_accepts_what_it_captures(fields, machine):
     check_cuda_only_settings(with_fields(**fields), Machine(cuda_graphs=True, **machine), CUDA)
@@ -207,7 +209,11 @@ class CheckedCapture(EagerStandIns):
 
 CAPTURED_RECIPES = {"sgd fp16": {}, "adamw": {"optimizer": "adamw"}, "bf16": {"amp_dtype": "bfloat16"},
                     "mixup + ema": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "ema_decay": 0.9, "label_smoothing": 0.1},
-                    "sync-bn": {"sync_bn": True}}
+                    "sync-bn": {"sync_bn": True},
+                    # GradScaler's unscale_ and torch's clip_grad_norm_ (foreach norms, error_if_nonfinite=False)
+                    "clipped sgd fp16": {"clip_grad_norm": 0.5}, "clipped adamw bf16": {"optimizer": "adamw",
+                                                                                       "amp_dtype": "bfloat16",
+                                                                                       "clip_grad_norm": 0.5}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -365,6 +371,7 @@ def test_the_one_step_comparison_passes_the_graphed_orchestration_and_catches_a_
     ({"amp_dtype": "bfloat16"}, 0.01, 5e-2, None),
     ({"optimizer": "adamw"}, 0.0005, 1e-2, 0.1),
     ({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "ema_decay": 0.9}, 0.01, 1e-2, None),  # both outside the graph
+    ({"clip_grad_norm": 0.5}, 0.01, 1e-2, None),  # GradScaler's unscale_ and the clipping inside the graph
 ])
 def test_graphed_step_follows_the_eager_step_on_the_gpu(fields, lr, tol, update_tol):
     """Every call of the graphed step (the eager warm-up, the capture, the replays, and again at a new image

@@ -386,10 +386,11 @@ FOREIGN_CASES = {
     "--opt": "--optimizer", "--lr": "--base-lr", "--wd": "--weight-decay", "--lr-scheduler": "--schedule",
     "--sched": "--schedule", "--lr-warmup-epochs": "--warmup-epochs", "--smoothing": "--label-smoothing",
     "--mixup": "--mixup-alpha", "--cutmix": "--cutmix-alpha", "--model-ema": "--ema-decay",
-    "--model-ema-decay": "--ema-decay", "--clip-grad-norm": None, "--clip-grad": None,
+    "--model-ema-decay": "--ema-decay", "--clip-grad": "--clip-grad-norm", "--clip-mode": "--clip-grad-norm",
     "--auto-augment": "--randaugment-magnitude", "--aa": "--randaugment-magnitude", "--ra-sampler": "--repeated-aug",
     "--ra-reps": "--repeated-aug", "--reprob": "--random-erase", "--remode": None,
-    "--initial-checkpoint": "--finetune-from", "--accum-iter": None, "--grad-accum-steps": None, "-j": "--workers",
+    "--initial-checkpoint": "--finetune-from", "--accum-iter": "--accum-steps", "--accum_iter": "--accum-steps",
+    "--grad-accum-steps": "--accum-steps", "-j": "--workers",
     "-b": "--batch-size", "--output-dir": "--out", "--output": "--out", "--model": "--arch",
     "--train-crop-size": "--image-size", "--val-resize-size": "--val-resize-ratio", "--val-crop-size": "--val-image-size",
     "--interpolation": None, "--norm-weight-decay": None, "--bias-weight-decay": None,
@@ -430,7 +431,8 @@ def test_trivial_augment_by_their_value_names_ours(argv):
 
 @pytest.mark.parametrize("flag", ["--momentum", "--weight-decay", "--warmup-epochs", "--label-smoothing",
                                   "--mixup-alpha", "--cutmix-alpha", "--amp", "--channels-last", "--sync-bn",
-                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch", "--random-erase"])
+                                  "--workers", "--epochs", "--batch-size", "--resume", "--arch", "--random-erase",
+                                  "--clip-grad-norm", "--accum-steps"])
 def test_their_flags_spelled_as_ours_are_ours(flag):
     value = [] if flag in ("--amp", "--channels-last", "--sync-bn") else ["2" if flag != "--arch" else "resnet18"]
     train_flags([flag, *value])
@@ -447,7 +449,8 @@ def test_an_unknown_flag_far_from_every_name_gets_no_guess(flag):
 @pytest.mark.parametrize("body, hint", [
     ("lr = 0.8\n", "use 'base_lr'"), ("[optimisation]\nlr = 0.8\n", "use 'base_lr'"),
     ('opt = "adamw"\n', "use 'optimizer'"), ("model_ema_decay = 0.9998\n", "use 'ema_decay'"),
-    ("clip_grad_norm = 1.0\n", "not available here (yet)"), ('output_dir = "x"\n', "not a recipe setting: use --out"),
+    ("clip_grad = 1.0\n", "use 'clip_grad_norm'"), ("grad_accum_steps = 2\n", "use 'accum_steps'"),
+    ("bn_momentum = 0.01\n", "not available here (yet)"), ('output_dir = "x"\n', "not a recipe setting: use --out"),
     ("epochs_ = 3\n", "did you mean 'epochs'?"), ("pretrained = true\n", "did you mean 'weights'?")])
 def test_preset_keys_of_other_scripts_name_ours(tmp_path, body, hint):
     """Issue 38, 6: a preset key `lr` suggested `min_lr`."""
