@@ -28,6 +28,12 @@ WIDTH = max(map(len, KINDS))  # console rows: every loader's name in one column 
 CPU_LOADERS = kinds(reads_images=True, needs_cuda=False)  # those that run without CUDA
 
 
+def left_out_by_default(gpu: bool) -> tuple[tuple[str, str], ...]:
+    """The loaders this machine could run that the default set leaves out, each with its record's reason."""
+    return () if gpu else tuple((name, REGISTRY[name].not_a_cpu_default) for name in CPU_LOADERS
+                                if REGISTRY[name].not_a_cpu_default)
+
+
 def default_loaders(gpu: bool) -> tuple[str, ...]:
     """The loaders measured when --loaders is left out: all of them with CUDA; without it, those that run on the
     CPU less the GPU loaders built for batches on a GPU (their registry record's `not_a_cpu_default` says why)."""
@@ -43,6 +49,7 @@ class Plan:
     steps: int
     repeats: int
     levers: tuple = ()  # benchmarks.levers.Lever, measured after the main table
+    left_out: tuple[tuple[str, str], ...] = ()  # (loader, why): the defaults' exclusions here, which the report names
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,8 @@ def make_plan(flags: argparse.Namespace, device_type: str) -> Plan:
     levers = levers_mod.parse_levers(flags.levers) if flags.levers is not None else ()
     if levers and not {"synthetic", "train"} & set(modes):
         raise UserError("--levers measures training steps: include synthetic or train in --modes")
-    return Plan(modes, loaders, warmup_steps, steps, repeats, tuple(levers))
+    left_out = left_out_by_default(gpu) if flags.loaders is None else ()
+    return Plan(modes, loaders, warmup_steps, steps, repeats, tuple(levers), left_out)
 
 
 def bench_config(flags: argparse.Namespace, device_type: str) -> BenchConfig:

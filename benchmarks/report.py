@@ -38,6 +38,8 @@ def markdown(report: dict) -> str:
         )
     decode = {r["loader"]: r["decode"] for r in report["results"] if r.get("decode")}
     lines += ["", "Decode path measured: " + "; ".join(f"{name}: {text}" for name, text in decode.items()) + "."]
+    for name, why in config.get("left_out", {}).items():  # the default set's exclusions on this machine
+        lines += ["", f"Not measured by default here: {name}, {why}; `--loaders {name}` measures it."]
     lines += ["", f"MFU: {flops['per_image_train'] / 1e9:.2f} GFLOPs per image (forward+backward, "
               f"{flops['counted_with']}) over a peak of {_num(flops['peak_tflops'], '{:g}')} TFLOP/s "
               f"({flops['peak_source']}).", ""]

@@ -197,6 +197,9 @@ def test_report_from_a_real_run(data_dir, tmp_path):
     assert report["config"]["dataset"]["train_images"] == N_TRAIN_IMAGES
     markdown = (out / "report.md").read_text()
     assert "## Verdicts" in markdown and "## Each loader against dali-cpu" in markdown
+    # the default set's exclusion is named with its reason (issue 39: a GPU loader, slow on the CPU)
+    assert list(report["config"]["left_out"]) == ["torchvision-gpu"]
+    assert "Not measured by default here: torchvision-gpu, a GPU loader" in markdown
     assert f"## Which loader should I use here\n\n{choice['text']}" in markdown
     assert (out / "throughput.png").stat().st_size > 1000 and (out / "timeline.png").stat().st_size > 1000
 
@@ -386,9 +389,14 @@ def test_cpu_machines_default_to_the_loaders_made_for_the_cpu(data_dir, tmp_path
     # torchvision-gpu, built for batches on a GPU, runs at 1/6 of the others on the CPU (issue 39): named only
     assert default_loaders(False) == ("dali-cpu", "torchvision")
     assert default_loaders(True) == ("dali", "dali-hybrid", "dali-cpu", "torchvision-gpu", "torchvision")
-    assert make_plan(parse(["--data", "d", "--out", "o"]), "cpu").loaders == ("dali-cpu", "torchvision")
+    plan = make_plan(parse(["--data", "d", "--out", "o"]), "cpu")
+    assert plan.loaders == ("dali-cpu", "torchvision")
+    (left_out, why), = plan.left_out  # the report names what the defaults leave out, and why
+    assert left_out == "torchvision-gpu" and "a GPU loader" in why
     named = parse(["--data", "d", "--out", "o", "--loaders", "torchvision-gpu"])
     assert make_plan(named, "cpu").loaders == ("torchvision-gpu",)  # still runs when asked for
+    assert make_plan(named, "cpu").left_out == ()
+    assert make_plan(parse(["--data", "d", "--out", "o"]), "cuda").left_out == ()
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(data_dir), "--out", str(tmp_path / "b"), "--loaders", "dali-hybrid,torchvision"])
     err = capsys.readouterr().err
