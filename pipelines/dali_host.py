@@ -48,7 +48,7 @@ def resize(image: np.ndarray, size: int, mirror: bool = False) -> np.ndarray:
     out = torch.empty((size, size, 3), dtype=torch.uint8)
     torch.ops.aten._upsample_bilinear2d_aa.out(pixels, [size, size], False, None, None,
                                                out=out.permute(2, 0, 1).unsqueeze(0))
-    return np.ascontiguousarray(out.numpy()[:, ::-1]) if mirror else out.numpy()
+    return (torch.flip(out, [1]) if mirror else out).numpy()  # numpy's reversed copy of 3-byte pixels: 15x slower
 
 
 def jitter_matrix(brightness: float, contrast: float, saturation: float) -> tuple[float, ...]:
