@@ -19,7 +19,7 @@ from benchmarks.noise import round_order, spread
 from benchmarks.plan import WIDTH, Plan
 from benchmarks.stall import StepTimer, Window
 from benchmarks.threads import ThreadBudget, check_model_threads
-from rn50.config.errors import UserError
+from pipelines.loader import endless
 from rn50.config.machine import Machine
 from rn50.config.profile_flags import TRACE_DIR
 from rn50.config.recipe import Recipe
@@ -30,20 +30,6 @@ from rn50.observe.profiling import StepProfiler, named_range
 from rn50.system.dist import DistEnv, all_gather_objects, barrier
 from rn50.system.load import LoadMonitor, merge as merge_load
 from rn50.system.telemetry import Telemetry
-
-
-def endless(loader):
-    """Batches across epoch boundaries, so a window may be longer than one epoch of a small dataset."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        delivered = 0
-        for batch in loader:
-            delivered += 1
-            yield batch
-        if not delivered:  # build_loader refuses a share smaller than a batch; never spin on an empty loader
-            raise UserError(f"the loader delivered no batch in epoch {epoch}; lower --batch-size")
-        epoch += 1
 
 
 class Bench:

@@ -80,19 +80,11 @@ def reference_batches(data: Path, batch_size: int, workers: int, seed: int):
             yield images.to(torch.float16).contiguous(memory_format=torch.channels_last), labels
 
 
-def endless(loader):
-    """Batches across epoch boundaries, as benchmarks.measure.endless: not imported from there, since importing
-    the harness (the training step, the model, telemetry) costs each row's fresh process 3 s of CPU."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def loader_pass(row: str, data: Path, images: int, batch_size: int, workers: int, seed: int) -> dict:
     """One timed pass of a loader row (ours or the reference)."""
     import torch
+
+    from pipelines.loader import endless
 
     torch.manual_seed(seed)
     if row == REFERENCE:

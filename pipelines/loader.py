@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
+from pipelines.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -137,3 +139,19 @@ class DaliCheckpoint(EpochLoader):
         self.epoch = state["epoch"]
         self.image_size = self.size_at(self.epoch)  # the resolution of the checkpoint's epoch
         self._build(checkpoint=state["dali"])
+
+
+def endless(loader: "Loader") -> Iterator:
+    """Batches across epoch boundaries (set_epoch 0, 1, ...), so a timed window may be longer than one epoch of a
+    small dataset: the benchmark harness's and the shootout's. A loader with no batch in an epoch is an error,
+    never an endless spin."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        delivered = 0
+        for batch in loader:
+            delivered += 1
+            yield batch
+        if not delivered:  # build_loader refuses a share smaller than a batch; never spin on an empty loader
+            raise UserError(f"the loader delivered no batch in epoch {epoch}; lower --batch-size")
+        epoch += 1

@@ -469,8 +469,8 @@ def test_a_batch_larger_than_the_data_is_one_line_before_measuring(data_dir, tmp
 
 
 def test_endless_refuses_a_loader_without_batches():
-    from benchmarks.measure import endless
     from pipelines.augmentation import Augmentation
+    from pipelines.loader import endless
     from pipelines.synthetic import SyntheticLoader
     from rn50.config.errors import UserError
 
