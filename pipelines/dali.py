@@ -190,8 +190,9 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
     size = aug.image_size
     on_host = placement == "cpu"  # DALI's CPU resize, colour and normalisation are its slow part: pipelines.dali_host
     mirror = fn.random.coin_flip(probability=aug.hflip)
-    uint8_steps = aug.randaugment_magnitude > 0 or aug.trivial_augment  # operators between the resize and the rest
-    normalized = False
+    # on the host without uint8 operators after the resize (RandAugment, TrivialAugment: aug.auto_augment): resize,
+    # flip, jitter and normalisation in one python step, right after the fused decode
+    one_pass = on_host and fused_decode and not aug.auto_augment
     factors = []
     if aug.color_jitter > 0:
         strength = list(aug.jitter_range)  # clamped at 0 as torchvision's (a strength above 1)
@@ -202,8 +203,8 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
             jpegs, **decoder, output_type=types.RGB,
             random_area=list(aug.crop_area), random_aspect_ratio=list(aug.crop_ratio), num_attempts=100,
         )
-        if on_host and not uint8_steps:  # resize, flip, jitter, normalise: one pass
-            images, normalized = _normalize_on_host(images, dtype, aug.normalize, factors, size, mirror), True
+        if one_pass:
+            images = _normalize_on_host(images, dtype, aug.normalize, factors, size, mirror)
         elif on_host:  # resized and flipped by torch, as torchvision's RandomResizedCrop and RandomHorizontalFlip
             images = fn.python_function(images, mirror, function=partial(dali_host.resize_batch, size=size),
                                         batch_processing=True, output_layouts="HWC")
@@ -222,9 +223,9 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
                                aug.randaugment_magnitude_std)
     if aug.trivial_augment:
         images = _trivial_augment(images)
-    if not normalized and on_host:  # the colour jitter (color_twist's map, a fifth of its cost) in this pass
+    if on_host and not one_pass:  # the colour jitter (color_twist's map, a fifth of its cost) in this pass
         images = _normalize_on_host(images, dtype, aug.normalize, factors)
-    elif not normalized:
+    elif not on_host:
         if factors:
             images = fn.color_twist(images, brightness=factors[0], contrast=factors[1], saturation=factors[2])
         images = _normalize(images, dtype, mirror=mirror, normalize=aug.normalize)

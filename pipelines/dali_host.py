@@ -79,11 +79,15 @@ class Normalize:
         mean, std = np.array(normalize[:3]), np.array(normalize[3:])
         self.scale, self.shift = torch.from_numpy(1 / (255 * std)).float(), torch.from_numpy(-mean / std).float()
         self.dtype = dtype
+        self._rows = {}  # width -> (shift, scale) repeated along a row: one pair per batch's width, not per image
 
     def __call__(self, image: np.ndarray, into: torch.Tensor) -> None:
         height, width, channels = image.shape
+        if width not in self._rows:
+            self._rows[width] = self.shift.repeat(width), self.scale.repeat(width)
+        shift, scale = self._rows[width]
         rows = torch.from_numpy(image).view(height, width * channels).float()
-        torch.addcmul(self.shift.repeat(width), rows, self.scale.repeat(width), out=into.view(height, -1))
+        torch.addcmul(shift, rows, scale, out=into.view(height, -1))
 
 
 def resize_batch(images, mirror, *, size: int) -> list[np.ndarray]:
