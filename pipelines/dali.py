@@ -21,7 +21,6 @@ import os
 import re
 import warnings
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import torch
@@ -95,12 +94,10 @@ def _normalize(images, dtype, mirror=None, normalize=MEAN + STD):
 def _normalize_on_host(images, dtype, normalize, jitter_factors=(), size=0, mirror=None):
     """_normalize's work on the CPU pipeline's uint8 HWC images, by torch (pipelines.dali_host: 6x cheaper); before
     it, where given, the resize to `size` with the flip, and the colour jitter with its per-sample factors."""
-    options = dict(normalize=normalize, dtype=dtype)
-    if size:
-        return fn.python_function(images, mirror, *jitter_factors, batch_processing=True, output_layouts="HWC",
-                                  function=partial(dali_host.resize_normalize_batch, size=size, **options))
-    return fn.python_function(images, *jitter_factors, batch_processing=True, output_layouts="HWC",
-                              function=partial(dali_host.normalize_batch, **options))
+    steps = dali_host.HostSteps(size=size, normalize=normalize, dtype=dtype)
+    flips = [mirror] if size else []
+    return fn.python_function(images, *flips, *jitter_factors, function=steps, batch_processing=True,
+                              output_layouts="HWC")
 
 
 def _reader(files, labels, shard_id, num_shards, training):
@@ -117,6 +114,9 @@ def _reader(files, labels, shard_id, num_shards, training):
         shuffle_after_epoch=training,
         pad_last_batch=not training,
         name=_READER,
+        # read(), not mmap: each file's munmap flushed the TLB of every core the process ran on (DALI's reader
+        # maps, copies and unmaps one file per sample); 3% of dali-cpu's CPU time per image (docs/loaders.md)
+        dont_use_mmap=True,
     )
 
 
@@ -206,7 +206,7 @@ def training_pipeline(files, labels, *, shard_id, num_shards, aug: Augmentation,
         if one_pass:
             images = _normalize_on_host(images, dtype, aug.normalize, factors, size, mirror)
         elif on_host:  # resized and flipped by torch, as torchvision's RandomResizedCrop and RandomHorizontalFlip
-            images = fn.python_function(images, mirror, function=partial(dali_host.resize_batch, size=size),
+            images = fn.python_function(images, mirror, function=dali_host.HostSteps(size=size),
                                         batch_processing=True, output_layouts="HWC")
         else:
             images = fn.resize(_after_decode(images, placement), resize_x=size, resize_y=size)

@@ -40,15 +40,24 @@ MID_GREY = 128.0  # the centre fn.color_twist's contrast scales around
 
 def resize(image: np.ndarray, size: int, mirror: bool = False) -> np.ndarray:
     """One HWC uint8 image to size x size, torch's antialiased bilinear (torchvision's RandomResizedCrop's),
-    flipped left to right where `mirror`.
+    flipped left to right where `mirror`: HostSteps' resize, on its own."""
+    out = torch.empty((size, size, 3), dtype=torch.uint8)
+    return _resize_into(torch.from_numpy(image), out, torch.empty_like(out) if mirror else None).numpy()
+
+
+def _resize_into(pixels: torch.Tensor, out: torch.Tensor, flip_via: torch.Tensor | None) -> torch.Tensor:
+    """`pixels` (HWC uint8) resized into `out` (size x size x 3); flipped where given `flip_via`, a buffer like
+    `out` the resize then writes into (the flip cannot run in place). Returns the tensor that holds the result.
 
     Through the op's `out=` form into an HWC buffer: F.interpolate returns NCHW, and its copy back to HWC took as
     long as the resize (its uint8 kernel writes channels-last output directly: 0.10 ms per image against 0.22)."""
-    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # NCHW view of HWC: channels_last, no copy
-    out = torch.empty((size, size, 3), dtype=torch.uint8)
-    torch.ops.aten._upsample_bilinear2d_aa.out(pixels, [size, size], False, None, None,
-                                               out=out.permute(2, 0, 1).unsqueeze(0))
-    return (torch.flip(out, [1]) if mirror else out).numpy()  # numpy's reversed copy of 3-byte pixels: 15x slower
+    size = out.shape[0]
+    into = flip_via if flip_via is not None else out
+    torch.ops.aten._upsample_bilinear2d_aa.out(pixels.permute(2, 0, 1).unsqueeze(0), [size, size], False, None,
+                                               None, out=into.permute(2, 0, 1).unsqueeze(0))
+    if flip_via is not None:  # torch's flip: numpy's reversed copy of 3-byte pixels took 15x as long
+        torch.ops.aten.flip.out(flip_via, [1], out=out)
+    return out
 
 
 def jitter_matrix(brightness: float, contrast: float, saturation: float) -> tuple[float, ...]:
@@ -79,48 +88,60 @@ class Normalize:
         mean, std = np.array(normalize[:3]), np.array(normalize[3:])
         self.scale, self.shift = torch.from_numpy(1 / (255 * std)).float(), torch.from_numpy(-mean / std).float()
         self.dtype = dtype
-        self._rows = {}  # width -> (shift, scale) repeated along a row: one pair per batch's width, not per image
+        self._rows = {}  # width -> (shift, scale) repeated along a row: built once per width, not per image
 
-    def __call__(self, image: np.ndarray, into: torch.Tensor) -> None:
-        height, width, channels = image.shape
+    def __call__(self, pixels: torch.Tensor, into: torch.Tensor) -> None:
+        height, width, channels = pixels.shape
         if width not in self._rows:
             self._rows[width] = self.shift.repeat(width), self.scale.repeat(width)
         shift, scale = self._rows[width]
-        rows = torch.from_numpy(image).view(height, width * channels).float()
-        torch.addcmul(shift, rows, scale, out=into.view(height, -1))
+        torch.addcmul(shift, pixels.view(height, width * channels), scale, out=into.view(height, -1))
 
 
-def resize_batch(images, mirror, *, size: int) -> list[np.ndarray]:
-    """Each image of the batch resized, and flipped where its coin (DALI's per-sample draw) says so."""
-    one_torch_thread()  # DALI's thread: one small image at a time, no OpenMP team (one_torch_thread says why)
-    return [resize(image, size, bool(flip)) for image, flip in zip(images, mirror)]
+class HostSteps:
+    """The CPU pipeline's host work on a batch, one DALI python_function (batch_processing) called with the
+    images, then each image's flip coin where it resizes (`size`), then the jitter's three per-sample factors
+    (brightness, contrast, saturation) where the pipeline jitters. Per image, back to back: the resize to `size`
+    and the flip, the colour jitter, the normalisation to `dtype` (`normalize` None: the uint8 images out).
+    A DALI step per job cost a third more (DALI copies every step's output).
 
+    One object per graph, its buffers reused from batch to batch: DALI copies a python step's outputs into its own
+    buffers before it calls the step again (tests/component/test_dali_host.py holds a batch across later ones), and
+    a fresh 19 MB output block per batch cost its page faults. The images out are views of one block where they
+    share a shape: one allocation, not N."""
 
-def normalize_batch(images, *jitter_factors, normalize: tuple[float, ...], dtype: torch.dtype) -> list[np.ndarray]:
-    """Each uint8 HWC image normalised to `dtype` (Normalize), colour-jittered first where the pipeline passes the
-    factors (three per-sample inputs: brightness, contrast, saturation)."""
-    return _finish(images, [False] * len(images), jitter_factors, 0, Normalize(normalize, dtype))
+    def __init__(self, *, size: int = 0, normalize: tuple[float, ...] | None = None,
+                 dtype: torch.dtype = torch.uint8):
+        self.size = size
+        self.to_dtype = Normalize(normalize, dtype) if normalize is not None else None
+        self.dtype = dtype if normalize is not None else torch.uint8
+        self._block = torch.empty(0, dtype=self.dtype)
+        self._work = torch.empty((2, size, size, 3), dtype=torch.uint8)  # resize, then flip, targets
 
+    def __call__(self, images, *inputs) -> list[np.ndarray]:
+        one_torch_thread()  # DALI's thread: one small image at a time, no OpenMP team (one_torch_thread says why)
+        mirror, factors = (inputs[0], inputs[1:]) if self.size else ([False] * len(images), inputs)
+        out = self._outputs(images)
+        resized, flip_via = self._work
+        for image, into, flip, *jitter_factors in zip(images, out, mirror, *factors):
+            pixels = torch.from_numpy(image)
+            if self.size:  # into `into` itself where nothing follows (uint8 out, no jitter)
+                last = self.to_dtype is None and not jitter_factors
+                pixels = _resize_into(pixels, into if last else resized, flip_via if flip else None)
+            if jitter_factors:
+                pixels = torch.from_numpy(jitter(pixels.numpy(), *(float(f) for f in jitter_factors)))
+            if self.to_dtype is not None:
+                self.to_dtype(pixels, into)
+            elif pixels.data_ptr() != into.data_ptr():
+                into.copy_(pixels)
+        return list(out.numpy()) if isinstance(out, torch.Tensor) else [into.numpy() for into in out]
 
-def resize_normalize_batch(images, mirror, *jitter_factors, size: int, normalize: tuple[float, ...],
-                           dtype: torch.dtype) -> list[np.ndarray]:
-    """normalize_batch after the resize to `size` and the flip where `mirror` says (resize): the training
-    pipeline's whole host part, each image's steps back to back. A DALI step per job cost a third more (DALI
-    copies every step's output)."""
-    return _finish(images, mirror, jitter_factors, size, Normalize(normalize, dtype))
-
-
-def _finish(images, mirror, jitter_factors, size: int, to_dtype: Normalize) -> list[np.ndarray]:
-    one_torch_thread()  # DALI's thread: one small image at a time, no OpenMP team (one_torch_thread says why)
-    shapes = {(size, size, 3)} if size else {image.shape for image in images}
-    if len(shapes) == 1:  # one block for the batch, handed out as per-image views: one allocation, not N
-        out = torch.empty((len(images), *shapes.pop()), dtype=to_dtype.dtype)
-    else:
-        out = [torch.empty(image.shape, dtype=to_dtype.dtype) for image in images]
-    for i, (image, flip, *factors) in enumerate(zip(images, mirror, *jitter_factors)):
-        if size:
-            image = resize(image, size, bool(flip))
-        if factors:
-            image = jitter(image, *(float(f) for f in factors))
-        to_dtype(image, out[i])
-    return [into.numpy() for into in out]
+    def _outputs(self, images):
+        """The batch's output: views of the reused block where every image has one shape, else one per image."""
+        shapes = {(self.size, self.size, 3)} if self.size else {image.shape for image in images}
+        if len(shapes) > 1:
+            return [torch.empty(image.shape, dtype=self.dtype) for image in images]
+        shape = (len(images), *shapes.pop())
+        if self._block.shape != shape:
+            self._block = torch.empty(shape, dtype=self.dtype)
+        return self._block

@@ -83,7 +83,7 @@ def test_host_resize_is_torchvisions_resize_and_flip(mirror):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_host_normalisation_is_crop_mirror_normalizes(dtype):
     normalize = (0.5, 0.4, 0.3, 0.2, 0.25, 0.3)
-    ours = dali_host.normalize_batch(IMAGES[:4], normalize=normalize, dtype=dtype)
+    ours = dali_host.HostSteps(normalize=normalize, dtype=dtype)(IMAGES[:4])
 
     def graph(images):
         return fn.crop_mirror_normalize(fn.reshape(images, layout="HWC"), output_layout="HWC",
@@ -99,12 +99,23 @@ def test_host_normalisation_is_crop_mirror_normalizes(dtype):
 
 def test_host_normalisation_jitters_first_where_given_factors():
     drawn = factors(4)
-    ours = dali_host.normalize_batch(IMAGES[:4], *(drawn[:, i] for i in range(3)), normalize=MEAN + STD,
-                                     dtype=torch.float32)
+    ours = dali_host.HostSteps(normalize=MEAN + STD, dtype=torch.float32)(IMAGES[:4], *drawn[:4].T)
     jittered = [dali_host.jitter(image, *map(float, f)) for image, f in zip(IMAGES, drawn)]
-    expected = dali_host.normalize_batch(jittered, normalize=MEAN + STD, dtype=torch.float32)
+    expected = dali_host.HostSteps(normalize=MEAN + STD, dtype=torch.float32)(jittered)
     for a, b in zip(ours, expected):
         assert np.array_equal(a, b)
+
+
+def test_the_host_steps_resize_flip_jitter_and_normalise_each_image_as_the_steps_alone():
+    """HostSteps' one pass (resize straight into its output where nothing follows, else through its reused
+    buffers) gives each image what resize, jitter and the normalisation give one after another."""
+    images, mirror, drawn = IMAGES[:6], [np.array(m) for m in (0, 1, 1, 0, 1, 0)], factors(6)
+    resized = [dali_host.resize(image, 24, bool(m)) for image, m in zip(images, mirror)]
+    assert all(np.array_equal(a, b) for a, b in zip(dali_host.HostSteps(size=24)(images, mirror), resized))
+    jittered = [dali_host.jitter(image, *map(float, f)) for image, f in zip(resized, drawn)]
+    expected = dali_host.HostSteps(normalize=MEAN + STD, dtype=torch.float16)(jittered)
+    ours = dali_host.HostSteps(size=24, normalize=MEAN + STD, dtype=torch.float16)(images, mirror, *drawn.T)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, expected))
 
 
 def test_the_cpu_pipeline_draws_each_images_jitter_from_the_recipes_range(tmp_path):

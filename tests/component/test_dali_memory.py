@@ -1,6 +1,6 @@
 """DALI's memory in the figures (issue 36.2): a DALI batch is DALI's own buffer, which torch's allocator neither
-made nor counts; the harness hands DALI's free pool blocks back after each row, once the row's pipeline is
-garbage; the NVML telemetry keeps the device memory's peak beside its mean."""
+made nor counts, and which later batches leave alone; the harness hands DALI's free pool blocks back after each
+row, once the row's pipeline is garbage; the NVML telemetry keeps the device memory's peak beside its mean."""
 
 from __future__ import annotations
 
@@ -33,10 +33,16 @@ def test_a_dali_batch_is_a_view_of_dalis_own_buffer_not_a_copy_torch_allocated(d
         return from_dlpack(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch, "from_dlpack", spy)
-    images, _ = next(iter(build_split(RECIPE, Machine(dali_threads=1), "dali-cpu", "train", data_dir, CPU)))
+    batches = iter(build_split(RECIPE, Machine(dali_threads=1), "dali-cpu", "train", data_dir, CPU))
+    images, _ = next(batches)
     assert images.data_ptr() in handed_over  # the NHWC -> NCHW permute is a view of DALI's buffer
     # and torch did not allocate that storage: its allocator's storages are resizable, a DLPack import's is not
     assert torch.empty(1).untyped_storage().resizable() and not images.untyped_storage().resizable()
+    # A held batch stays as delivered while later ones are made: DALI copies its python step's output before the
+    # step runs again, so pipelines.dali_host.HostSteps reuses one output block from batch to batch
+    held = images.clone()
+    later = [next(batches)[0] for _ in range(3)]
+    assert torch.equal(images, held) and not any(torch.equal(images, batch) for batch in later)
 
 
 def test_the_harness_releases_dalis_free_memory_after_a_row_once_the_rows_pipeline_is_garbage(data_dir,
