@@ -32,6 +32,7 @@ from pipelines.erasing import dali_erase
 from pipelines.errors import UserError
 from pipelines.loader import DaliCheckpoint
 from pipelines.profiler_ranges import named_range
+from pipelines.settings import keep_freed_memory
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -332,6 +333,7 @@ class DaliBase(DaliCheckpoint):
         self._host_batches = placement == "cpu"  # the CPU pipeline's batches live in host memory
         if self._host_batches:
             torch.get_num_threads()  # fixes this thread's count before DALI's thread sets its own (dali_host)
+            keep_freed_memory()  # before the pipeline's threads take their malloc arenas
         self._build_args = dict(
             batch_size=batch_size,
             num_threads=threads,
