@@ -4,7 +4,8 @@ Why: on the CPU, DALI's own resampler and colour operators cost more than decodi
 2-core machine (photo-like JPEGs, crop to 224, per image): the fused ROI decode 0.67 ms, DALI's antialiased
 linear resize 0.63 ms (torch's uint8 antialiased bilinear, AVX2: 0.10 ms), fn.color_twist 0.95 ms (most of it
 rounding floats back to uint8; torch's jitter here 0.10 ms), crop_mirror_normalize 0.24-0.36 ms (torch's 0.04).
-docs/loaders.md has the whole table. The GPU and hybrid pipelines keep DALI's operators: on a GPU they cost next to nothing.
+docs/loaders.md has the whole table. The GPU and hybrid pipelines keep DALI's operators: on a GPU they cost next
+to nothing.
 
 Both steps keep their meaning:
 - resize: torchvision's RandomResizedCrop resizes with torch's antialiased bilinear interpolation, the function

@@ -146,7 +146,7 @@ _KINDS = (
                            "run on them",
                            _SMALLER_JPEGS)),
     LoaderKind("dali-cpu", "libjpeg-turbo on `dali_threads` CPU threads, fused with the random crop; resize, flip, "
-                           "jitter and normalise by torch and Pillow inside the pipeline, then one copy to the device",
+                           "jitter and normalise by torch inside the pipeline, then one copy to the device",
                "pipelines.dali:DaliLoader", "pipelines.dali_shards:ShardDaliLoader", placement="cpu",
                trivial_augment=True,
                decodes_by_content=True, auto_on="cpu",
