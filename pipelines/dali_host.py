@@ -124,11 +124,12 @@ class HostSteps:
     a fresh 19 MB output block per batch cost its page faults. The images out are views of one block where they
     share a shape: one allocation, not N."""
 
-    def __init__(self, *, size: int = 0, normalize: tuple[float, ...] | None = None,
-                 dtype: torch.dtype = torch.uint8):
+    def __init__(self, *, size: int = 0, normalize: tuple[float, ...] | None = None, dtype: torch.dtype | None = None):
+        if (normalize is None) != (dtype is None):
+            raise ValueError("HostSteps normalises to `dtype` by `normalize`: give both, or neither for uint8 out")
         self.size = size
         self.to_dtype = Normalize(normalize, dtype) if normalize is not None else None
-        self.dtype = dtype if normalize is not None else torch.uint8
+        self.dtype = dtype if dtype is not None else torch.uint8
         self._block = torch.empty(0, dtype=self.dtype)
         self._work = torch.empty((2, size, size, 3), dtype=torch.uint8)  # resize, then flip, targets
         self._jitter_work = {}  # image shape -> jitter's buffers

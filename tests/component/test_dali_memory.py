@@ -1,6 +1,7 @@
 """DALI's memory in the figures (issue 36.2): a DALI batch is DALI's own buffer, which torch's allocator neither
 made nor counts, and which later batches leave alone; the harness hands DALI's free pool blocks back after each
-row, once the row's pipeline is garbage; the NVML telemetry keeps the device memory's peak beside its mean."""
+row, once the row's pipeline is garbage; the NVML telemetry keeps the device memory's peak beside its mean; the
+CPU pipeline has glibc keep the buffers DALI frees each batch (keep_freed_memory)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 import pipelines.dali
-from pipelines.settings import keep_freed_memory
 from benchmarks.measure import Bench
 from benchmarks.plan import Plan
+from pipelines.settings import keep_freed_memory
 from rn50.config.machine import Machine
 from rn50.config.recipe import with_fields
 from rn50.core.loaders import build_split
@@ -87,8 +88,8 @@ def test_the_telemetry_keeps_the_device_memorys_peak_beside_its_mean():
 
 def test_keep_freed_memory_hands_a_freed_batch_sized_block_back_without_page_faults():
     """pipelines.settings.keep_freed_memory: a 40 MB block freed and allocated again comes back from malloc's heap,
-    its pages still there. glibc's default maps a block that large afresh each time (10,240 page faults to touch
-    it; measured so with the call left out) and unmaps it on free."""
+    its pages still there. glibc's default maps a block that large afresh each time and unmaps it on free (10,241
+    page faults to touch it, measured with the setting broken)."""
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -107,8 +108,8 @@ def test_keep_freed_memory_hands_a_freed_batch_sized_block_back_without_page_fau
 
 
 def test_the_cpu_pipeline_keeps_freed_memory_before_its_threads_start(data_dir, monkeypatch):
-    """The dali-cpu loader sets keep_freed_memory before it builds its pipeline (whose threads take their malloc
-    arenas at their first allocation); the GPU pipelines' host buffers are DALI's pinned pool, untouched."""
+    """The dali-cpu loader sets keep_freed_memory before it builds its pipeline, whose threads take their malloc
+    arenas at their first allocation."""
     calls = []
     real_build = pipelines.dali.DaliLoader._build
     monkeypatch.setattr(pipelines.dali, "keep_freed_memory", lambda: calls.append("keep"))
