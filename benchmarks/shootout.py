@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.noise import round_order, spread
-from benchmarks.shootout_rows import BOUND, ROWS
+from benchmarks.shootout_rows import BOUND, IMAGE_SIZE, ROWS, WARMUP_BATCHES
 from benchmarks.shootout_table import describe_data, environment, markdown
 from rn50.config.errors import UserError
 
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     report = {"rows": results, "environment": {**env, "load_average": list(os.getloadavg())},
               "settings": {"rounds": args.rounds, "images": args.images, "batch_size": args.batch_size,
-                           "workers": args.workers, "image_size": 224, "warmup_batches": 2,
+                           "workers": args.workers, "image_size": IMAGE_SIZE, "warmup_batches": WARMUP_BATCHES,
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                            "command": "python -m benchmarks.shootout " + " ".join(sys.argv[1:] if argv is None
                                                                                     else argv)},

@@ -151,8 +151,8 @@ def faster_decoder(raws: list[bytearray]) -> str:
 
 
 def decode_worker(name: str, files: list[str], ready, go, done, leave) -> None:
-    """One process of the bound: its files read into memory, two decoded to warm up, then the rest timed."""
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+    """One process of the bound: its files read into memory, two decoded to warm up, then the rest timed (the
+    deprecation filter above holds here too: the process imports this module to run this function)."""
     decode = decoder(name)
     raws = read_files(files)
     for raw in raws[:2]:

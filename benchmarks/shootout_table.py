@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.text import count, num
+from benchmarks.threads import machine_cores
 
 
 def cpu_model() -> str | None:
@@ -29,12 +30,8 @@ def environment() -> dict:
     from rn50.system.provenance import environment as provenance
 
     env = provenance()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     return {"torch": env["torch"], "torchvision": env["torchvision"], "dali": env["dali"], "pillow": PIL.__version__,
-            "numpy": numpy.__version__, "python": env["python"], "cpu_model": cpu_model(), "cores": cores,
+            "numpy": numpy.__version__, "python": env["python"], "cpu_model": cpu_model(), "cores": machine_cores(),
             "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "hostname": env["hostname"]}
 
 
