@@ -78,10 +78,10 @@ def keep_freed_memory() -> bool:
     """glibc's malloc keeps the memory the CPU pipeline frees for its next batch, instead of handing it back to
     the kernel and page-faulting it in again. DALI's CPU buffers are a batch each (19 MB: 64 images, 224 px,
     fp16), allocated and freed every batch by its threads; a thread's own malloc arena grows in heaps of at most
-    64 MB, unmapped when they empty, and blocks above 32 MB are always mmap'd: 30-60 page faults per image, 6% of
-    dali-cpu's CPU time (1.07 -> 1.01 ms per image, 4 interleaved runs each). So: one arena for every thread
-    created from now on, large blocks from the heap too (no mmap), and the top of the heap trimmed only past
-    KEPT_FREE_BYTES. 3 page faults per image then, once the heap has grown to the pipeline's working set.
+    64 MB, unmapped when they empty, and blocks above 32 MB are always mmap'd: 30-60 page faults per image (3-6%
+    of dali-cpu's CPU time by the medians of three A/B sets, whose run-to-run ranges overlap). So: one arena for
+    every thread created from now on, large blocks from the heap too (no mmap), and the top of the heap trimmed
+    only past KEPT_FREE_BYTES. 3 page faults per image then, once the heap has grown to the pipeline's working set.
 
     Process-wide, for the process's life: the dali-cpu loader sets it before its pipeline starts its threads
     (a thread takes its arena at its first allocation; threads made earlier keep theirs, and later ones may share
